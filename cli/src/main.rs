@@ -1,0 +1,4 @@
+//! The `tether` command.
+fn main() {
+    println!("tether: not yet");
+}

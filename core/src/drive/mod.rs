@@ -1,0 +1,184 @@
+//! The executor-agnostic driver: runs the [lifecycle machine](crate::lifecycle) over an
+//! engine's stream on any [`Runtime`].
+//!
+//! This module owns the glue between events and actions, and no policy: every decision
+//! (forward, abort, synthesize, finish) comes out of [`crate::lifecycle::step`]. What it
+//! adds is where events come from (the engine stream, the [`Context`] listener, `Drop`,
+//! the first-token hint, timers) and how actions are carried out (yield an item, spawn
+//! the abort, record the outcome).
+//!
+//! ## Costs
+//! No task is spawned per request on the happy path: cancellation is noticed by a
+//! synchronous [`Context`] listener, not by a monitor task. The abort future is spawned
+//! only when an abort is due. A timer is created only when a deadline is configured and
+//! needed (a time-to-first-token or inter-token timeout, a stop's cancel grace, a
+//! deferred abort), once per request, and re-armed in place.
+
+mod probe;
+mod span;
+mod stats;
+mod stream;
+mod timers;
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+pub use probe::{ProbeAdapter, ProbeError};
+pub use span::TARGET as SPAN_TARGET;
+pub use stats::{itl_stats, ItlStats, Observer, Outcome, RequestRecord};
+pub use stream::ResponseStream;
+pub(crate) use stream::Shared;
+
+use crate::context::Context;
+use crate::engine::LlmEngine;
+use crate::error::EngineError;
+use crate::protocol::{Mode, Request};
+use crate::sync::Arc;
+
+/// A boxed `Send` future with no output: what [`Runtime::spawn`] runs.
+pub type SpawnFuture = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A timer that can be moved to a new deadline in place (quinn's `AsyncTimer`), so a
+/// request re-arms one timer instead of allocating one per deadline.
+pub trait AsyncTimer: Send + fmt::Debug + 'static {
+    /// Move the deadline (earlier or later); the next poll waits for the new one.
+    fn reset(self: Pin<&mut Self>, deadline: Instant);
+    /// Ready once the deadline passed (and stays ready until reset). A timer must never
+    /// fire before [`Runtime::now`] reaches its deadline.
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()>;
+}
+
+/// What the driver needs from an async runtime. Implemented by `tether-tokio` and
+/// `tether-smol` in a few lines; any executor with a timer can implement it.
+pub trait Runtime: Send + Sync + fmt::Debug + 'static {
+    /// Run `future` to completion in the background, detached: dropping the handle
+    /// must not cancel it (smol's `Task::detach`, tokio's `JoinHandle` dropped).
+    fn spawn(&self, future: SpawnFuture);
+    /// A timer that fires at `deadline`.
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>>;
+    /// The runtime's clock (a paused test clock where the runtime has one).
+    fn now(&self) -> Instant;
+}
+
+impl<R: Runtime + ?Sized> Runtime for Arc<R> {
+    fn spawn(&self, future: SpawnFuture) {
+        (**self).spawn(future);
+    }
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
+        (**self).sleep_until(deadline)
+    }
+    fn now(&self) -> Instant {
+        (**self).now()
+    }
+}
+
+/// How an [`Adapter`] runs its requests. Every field has a sensible default.
+#[derive(Clone)]
+pub struct AdapterConfig {
+    /// The disaggregation role: in [`Mode::Decode`], aborts before the first token are deferred.
+    pub mode: Mode,
+    /// How long a deferred abort waits for the first token before it is sent anyway.
+    pub deferral_deadline: Duration,
+    /// How long a stopped request may take to end before it is killed (`None`: forever).
+    pub cancel_grace: Option<Duration>,
+    /// Kill the request if no token arrives within this long (`None`: no limit).
+    pub first_token_timeout: Option<Duration>,
+    /// Kill the request if no token arrives within this long of the previous one.
+    pub inter_token_timeout: Option<Duration>,
+    /// Receives one record per request and each abort.
+    pub observer: Option<Arc<dyn Observer>>,
+    /// Create the `engine.generate` tracing span (it costs nothing when no subscriber
+    /// listens to target `request_span`).
+    pub spans: bool,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        AdapterConfig {
+            mode: Mode::Aggregated,
+            deferral_deadline: Duration::from_secs(30),
+            cancel_grace: Some(Duration::from_secs(5)),
+            first_token_timeout: None,
+            inter_token_timeout: None,
+            observer: None,
+            spans: true,
+        }
+    }
+}
+
+impl fmt::Debug for AdapterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdapterConfig")
+            .field("mode", &self.mode)
+            .field("deferral_deadline", &self.deferral_deadline)
+            .field("cancel_grace", &self.cancel_grace)
+            .field("first_token_timeout", &self.first_token_timeout)
+            .field("inter_token_timeout", &self.inter_token_timeout)
+            .field("observer", &self.observer.is_some())
+            .field("spans", &self.spans)
+            .finish()
+    }
+}
+
+/// What every request of an adapter shares (one allocation per adapter).
+pub(crate) struct AdapterInner {
+    pub(crate) engine: Arc<dyn LlmEngine>,
+    pub(crate) runtime: Box<dyn Runtime>,
+    pub(crate) config: AdapterConfig,
+}
+
+/// Runs requests against one engine on one runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct Adapter {
+    inner: Arc<AdapterInner>,
+}
+
+impl fmt::Debug for Adapter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Adapter")
+            .field("runtime", &self.inner.runtime)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Adapter {
+    /// An adapter for `engine` on `runtime`.
+    pub fn new(
+        engine: Arc<dyn LlmEngine>,
+        runtime: impl Runtime,
+        config: AdapterConfig,
+    ) -> Adapter {
+        Adapter {
+            inner: Arc::new(AdapterInner {
+                engine,
+                runtime: Box::new(runtime),
+                config,
+            }),
+        }
+    }
+
+    /// The engine this adapter drives.
+    pub fn engine(&self) -> &Arc<dyn LlmEngine> {
+        &self.inner.engine
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AdapterConfig {
+        &self.inner.config
+    }
+
+    /// Start `request` under `context`. A setup error from the engine comes back here,
+    /// typed, and nothing is aborted (rule 7); otherwise the stream carries everything,
+    /// ending with exactly one terminal.
+    pub async fn generate(
+        &self,
+        request: Request,
+        context: Context,
+    ) -> Result<ResponseStream, EngineError> {
+        ResponseStream::start(self.inner.clone(), request, context).await
+    }
+}

@@ -1,0 +1,207 @@
+//! Per-request timing and outcome: what the driver measures while a stream runs
+//! ([`StatsRecorder`]) and what it reports once the request is over ([`RequestRecord`]
+//! to an [`Observer`]). Pure bookkeeping over instants handed in; no clock here.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::error::ErrorKind;
+use crate::lifecycle::Abort;
+use crate::protocol::FinishReason;
+
+/// How a request ended. Exactly one per request reaches the [`Observer`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// The engine finished with this reason (anything but `Cancelled`).
+    Finished(FinishReason),
+    /// Stopped or killed; the consumer got a `Cancelled` terminal.
+    Cancelled,
+    /// An engine error (or a stream that ended without a terminal) reached the consumer.
+    Failed(ErrorKind),
+    /// The consumer dropped the stream before a terminal.
+    Dropped,
+    /// A first-token or inter-token timeout ended it.
+    TimedOut,
+}
+
+impl Outcome {
+    /// A short lowercase label (`finished`, `cancelled`, `failed`, `dropped`, `timed_out`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Finished(_) => "finished",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Failed(_) => "failed",
+            Outcome::Dropped => "dropped",
+            Outcome::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// Inter-token latency summary in milliseconds; percentiles are nearest-rank with
+/// `idx = round((n - 1) * q)` over the per-token gaps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ItlStats {
+    /// How many gaps were measured.
+    pub count: u32,
+    /// Mean gap.
+    pub avg_ms: f64,
+    /// Median gap.
+    pub p50_ms: f64,
+    /// 99th percentile gap.
+    pub p99_ms: f64,
+    /// Largest gap.
+    pub max_ms: f64,
+}
+
+/// Everything the driver knows about a request once it is over.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestRecord {
+    /// The request id.
+    pub id: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Time to the first non-empty chunk, if one arrived.
+    pub ttft: Option<Duration>,
+    /// Inter-token latencies.
+    pub itl: ItlStats,
+    /// Tokens forwarded to the consumer.
+    pub output_tokens: u32,
+    /// The engine abort as it stood when the outcome was recorded (a deferred abort
+    /// may still be released later by the first-token hint or the deadline; the
+    /// observer hears of it through [`Observer::on_abort`]).
+    pub abort: Abort,
+}
+
+/// Receives one [`RequestRecord`] per request, however it ends, and each abort sent.
+/// Called inline on the thread that ended the request: keep it cheap.
+pub trait Observer: Send + Sync + 'static {
+    /// The request is over.
+    fn on_record(&self, record: &RequestRecord);
+    /// An abort for `request_id` was handed to the runtime.
+    fn on_abort(&self, request_id: &str) {
+        let _ = request_id;
+    }
+}
+
+impl fmt::Debug for dyn Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dyn Observer")
+    }
+}
+
+/// Measures one stream: first token time, per-token gaps, token count.
+#[derive(Debug)]
+pub(crate) struct StatsRecorder {
+    start: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    tokens: u32,
+    /// Per-token gaps in microseconds (a multi-token chunk spreads its gap).
+    gaps_us: Vec<u32>,
+}
+
+impl StatsRecorder {
+    pub(crate) fn new(start: Instant) -> StatsRecorder {
+        StatsRecorder {
+            start,
+            first: None,
+            last: None,
+            tokens: 0,
+            gaps_us: Vec::new(),
+        }
+    }
+
+    /// A chunk with `n > 0` tokens arrived at `now`.
+    pub(crate) fn tokens(&mut self, n: u32, now: Instant) {
+        match self.last {
+            None => self.first = Some(now),
+            Some(last) => {
+                let gap = now.saturating_duration_since(last).as_micros();
+                let per = u32::try_from(gap / u128::from(n)).unwrap_or(u32::MAX);
+                for _ in 0..n {
+                    self.gaps_us.push(per);
+                }
+            }
+        }
+        self.last = Some(now);
+        self.tokens = self.tokens.saturating_add(n);
+    }
+
+    pub(crate) fn output_tokens(&self) -> u32 {
+        self.tokens
+    }
+
+    pub(crate) fn ttft(&self) -> Option<Duration> {
+        self.first.map(|f| f.saturating_duration_since(self.start))
+    }
+
+    /// Summarize the gaps (reorders them in place).
+    pub(crate) fn itl(&mut self) -> ItlStats {
+        itl_stats(&mut self.gaps_us)
+    }
+}
+
+/// Summarize per-token gaps given in microseconds; reorders `gaps_us`.
+pub fn itl_stats(gaps_us: &mut [u32]) -> ItlStats {
+    let n = gaps_us.len();
+    if n == 0 {
+        return ItlStats::default();
+    }
+    let ms = |us: u32| f64::from(us) / 1000.0;
+    let sum: u64 = gaps_us.iter().map(|&g| u64::from(g)).sum();
+    let rank = |q: f64| ((n - 1) as f64 * q).round() as usize;
+    // Selection, not a sort: O(n) per percentile, and p99 of a long stream is the tail.
+    let p50 = *gaps_us.select_nth_unstable(rank(0.5)).1;
+    let p99 = *gaps_us.select_nth_unstable(rank(0.99)).1;
+    let max = gaps_us.iter().copied().max().unwrap_or(0);
+    ItlStats {
+        count: u32::try_from(n).unwrap_or(u32::MAX),
+        avg_ms: sum as f64 / n as f64 / 1000.0,
+        p50_ms: ms(p50),
+        p99_ms: ms(p99),
+        max_ms: ms(max),
+    }
+}
+
+#[cfg(all(test, not(tether_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut gaps: Vec<u32> = (1..=100).map(|i| i * 1000).collect();
+        gaps.reverse();
+        let s = itl_stats(&mut gaps);
+        assert_eq!(s.count, 100);
+        // idx = round(99 * 0.5) = 50 (0-based) -> 51 ms; round(99 * 0.99) = 98 -> 99 ms
+        assert_eq!(s.p50_ms, 51.0);
+        assert_eq!(s.p99_ms, 99.0);
+        assert_eq!(s.max_ms, 100.0);
+        assert_eq!(s.avg_ms, 50.5);
+    }
+
+    #[test]
+    fn empty_gaps_are_zero() {
+        assert_eq!(itl_stats(&mut []), ItlStats::default());
+    }
+
+    #[test]
+    fn multi_token_chunk_spreads_its_gap() {
+        let t0 = Instant::now();
+        let mut r = StatsRecorder::new(t0);
+        r.tokens(1, t0 + Duration::from_millis(10));
+        r.tokens(4, t0 + Duration::from_millis(18));
+        assert_eq!(r.ttft(), Some(Duration::from_millis(10)));
+        assert_eq!(r.output_tokens(), 5);
+        let s = r.itl();
+        assert_eq!(s.count, 4);
+        assert_eq!((s.p50_ms, s.max_ms, s.avg_ms), (2.0, 2.0, 2.0));
+    }
+
+    #[test]
+    fn outcome_labels() {
+        assert_eq!(Outcome::Finished(FinishReason::Eos).label(), "finished");
+        assert_eq!(Outcome::Failed(ErrorKind::Unknown).label(), "failed");
+        assert_eq!(Outcome::TimedOut.label(), "timed_out");
+    }
+}

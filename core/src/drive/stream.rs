@@ -1,0 +1,490 @@
+//! [`ResponseStream`]: the consumer's side of one request, and [`Shared`], the part of
+//! it that the context listener, the first-token hint and the abort task also reach.
+//!
+//! The driver loop in `poll_next` is "feed events, then carry out actions until there
+//! is an item to yield or nothing left to do": the owed terminal first, then the
+//! timers, then the engine. Every decision comes from [`Cell::apply`], so the poller,
+//! the listener (on whatever thread calls `stop`/`kill`), the hint and `Drop` never
+//! decide the same thing twice.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Instant;
+
+use futures_core::Stream;
+use pin_project::{pin_project, pinned_drop};
+use tracing::Span;
+
+use super::span;
+use super::stats::{Outcome, RequestRecord, StatsRecorder};
+use super::timers::{Due, Timers};
+use super::{AdapterInner, AsyncTimer};
+use crate::context::{Context, ListenerId, Signal};
+use crate::engine::{ChunkStream, GenerateContext};
+use crate::error::{BackendError, EngineError, ErrorKind};
+use crate::lifecycle::{Actions, Cancel, Cell, Event, OutcomeKind, State, Synth};
+use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
+use crate::sync::{downgrade, lock, upgrade, Arc, Mutex};
+
+/// The part of a request reachable from other threads.
+pub(crate) struct Shared {
+    cell: Cell,
+    /// The poller's waker (after the stream ends: the deferred-abort waiter's).
+    waker: Mutex<Option<Waker>>,
+    adapter: Arc<AdapterInner>,
+    context: Context,
+    request_id: std::sync::Arc<str>,
+}
+
+impl Shared {
+    /// The engine's out-of-band first-token hint.
+    pub(crate) fn first_token_hint(this: &Arc<Self>) {
+        let (_, acts) = this.cell.apply(Event::FirstTokenHint);
+        Shared::act_off_poller(this, acts);
+    }
+
+    fn signal(this: &Arc<Self>, signal: Signal) {
+        let event = match signal {
+            Signal::Stop => Event::Stop,
+            Signal::Kill => Event::Kill,
+        };
+        let (_, acts) = this.cell.apply(event);
+        Shared::act_off_poller(this, acts);
+    }
+
+    /// Carry out actions decided away from the poller (listener, hint, deadline
+    /// waiter). Those events never forward, emit or finish: that is the poller's.
+    fn act_off_poller(this: &Arc<Self>, acts: Actions) {
+        debug_assert!(!acts.forward && acts.emit.is_none() && acts.finish.is_none());
+        if acts.abort {
+            Shared::spawn_abort(this);
+        }
+        if acts.wake || acts.abort {
+            if let Some(w) = lock(&this.waker).as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    fn spawn_abort(this: &Arc<Self>) {
+        if let Some(obs) = &this.adapter.config.observer {
+            obs.on_abort(&this.request_id);
+        }
+        let ctx = Shared::generate_context(this);
+        let adapter = this.adapter.clone();
+        this.adapter
+            .runtime
+            .spawn(Box::pin(async move { adapter.engine.abort(ctx).await }));
+    }
+
+    fn generate_context(this: &Arc<Self>) -> GenerateContext {
+        GenerateContext::with_hint(
+            this.context.clone(),
+            this.request_id.clone(),
+            downgrade(this),
+        )
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut slot = lock(&self.waker);
+        match &*slot {
+            Some(old) if old.will_wake(waker) => {}
+            _ => *slot = Some(waker.clone()),
+        }
+    }
+}
+
+/// What the engine's poll produced, kept until the machine decides about it.
+enum Item {
+    Chunk(Chunk),
+    Error(EngineError),
+    None,
+}
+
+/// The consumer's stream for one request: engine chunks as [`Annotated`] items, ending
+/// with exactly one terminal (a chunk with a finish reason, or an error item).
+///
+/// Dropping it before its terminal aborts the engine (see the lifecycle rules) and
+/// records [`Outcome::Dropped`]. `Send + 'static`: return it from a handler or move it
+/// to a task.
+#[pin_project(PinnedDrop, project = Proj)]
+pub struct ResponseStream {
+    shared: Arc<Shared>,
+    engine: Option<ChunkStream>,
+    timers: Timers,
+    stats: StatsRecorder,
+    span: Span,
+    listener: Option<ListenerId>,
+    /// The waker last registered in `shared.waker` (skips the lock on repeat polls).
+    registered: Option<Waker>,
+    migration_link: Option<TraceLink>,
+    stamped: bool,
+    done: bool,
+}
+
+impl fmt::Debug for ResponseStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseStream")
+            .field("request_id", &self.shared.request_id)
+            .field("state", &self.shared.cell.load())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResponseStream {
+    pub(super) async fn start(
+        adapter: Arc<AdapterInner>,
+        request: Request,
+        context: Context,
+    ) -> Result<ResponseStream, EngineError> {
+        let cfg = &adapter.config;
+        let start = adapter.runtime.now();
+        let span = if cfg.spans {
+            span::open(&request, cfg.mode)
+        } else {
+            Span::none()
+        };
+        let shared = Arc::new(Shared {
+            cell: Cell::new(State::new(cfg.mode)),
+            waker: Mutex::new(None),
+            adapter: adapter.clone(),
+            context: context.clone(),
+            request_id: std::sync::Arc::from(request.id.as_str()),
+        });
+        let migration_link = request.migration_link;
+        let engine = match adapter
+            .engine
+            .generate(request, Shared::generate_context(&shared))
+            .await
+        {
+            Ok(engine) => engine,
+            Err(err) => {
+                // Rule 7: a setup error is returned typed; no abort, no stream. It is
+                // still a request that ended, so it gets its one record.
+                let rec = RequestRecord {
+                    id: shared.request_id.to_string(),
+                    outcome: Outcome::Failed(err.kind()),
+                    ttft: None,
+                    itl: Default::default(),
+                    output_tokens: 0,
+                    abort: crate::lifecycle::Abort::None,
+                };
+                span::record(&span, &rec, None);
+                if let Some(obs) = &cfg.observer {
+                    obs.on_record(&rec);
+                }
+                return Err(err);
+            }
+        };
+        let weak = downgrade(&shared);
+        // Registered after `generate` so a setup error leaves nothing behind; a context
+        // already stopped calls it at once.
+        let listener = context.add_listener(move |signal| {
+            if let Some(shared) = upgrade(&weak) {
+                Shared::signal(&shared, signal);
+            }
+        });
+        Ok(ResponseStream {
+            timers: Timers::new(start, cfg.first_token_timeout),
+            stats: StatsRecorder::new(start),
+            shared,
+            engine: Some(engine),
+            span,
+            listener: Some(listener),
+            registered: None,
+            migration_link,
+            stamped: false,
+            done: false,
+        })
+    }
+
+    /// The request's current lifecycle state (for diagnostics and tests).
+    pub fn state(&self) -> State {
+        self.shared.cell.load()
+    }
+
+    /// The id of the request.
+    pub fn request_id(&self) -> &str {
+        &self.shared.request_id
+    }
+}
+
+impl Stream for ResponseStream {
+    type Item = Annotated<Chunk>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        // Register before reading the state: a kill that lands after the read finds
+        // this waker and wakes us (no lost wake-up).
+        if !this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            this.shared.register(cx.waker());
+            *this.registered = Some(cx.waker().clone());
+        }
+        let adapter = this.shared.adapter.clone();
+        let cfg = &adapter.config;
+        let rt = &*adapter.runtime;
+        loop {
+            let state = this.shared.cell.load();
+            if state.is_finished() {
+                *this.done = true;
+                return Poll::Ready(None);
+            }
+            if state.owed().is_some() {
+                let (state, acts) = this.shared.cell.apply(Event::ConsumerPoll);
+                if let Some(item) = carry_out(&mut this, acts, state, Item::None) {
+                    return Poll::Ready(Some(item));
+                }
+                continue;
+            }
+            // Deadlines the state calls for; each armed at most once per request.
+            if state.cancel() == Cancel::Stop && !this.timers.grace_armed() {
+                this.timers.arm_grace(rt.now(), cfg.cancel_grace);
+            }
+            if state.abort_deferred() && !this.timers.deferral_armed() {
+                this.timers.arm_deferral(rt.now(), cfg.deferral_deadline);
+            } else if !state.abort_deferred() {
+                this.timers.disarm_deferral();
+            }
+            if this.timers.any() {
+                if let Some(due) = this.timers.poll_due(cx, rt) {
+                    let event = match due {
+                        Due::Deferral => Event::DeferralDeadline,
+                        Due::Timeout(t) => Event::Timeout(t),
+                    };
+                    let (state, acts) = this.shared.cell.apply(event);
+                    // Timer events never forward; a kill-like timeout owes a terminal
+                    // that the next turn of the loop delivers.
+                    let _ = carry_out(&mut this, acts, state, Item::None);
+                    continue;
+                }
+            }
+            let Some(engine) = this.engine.as_mut() else {
+                // Unreachable by the machine (engine_done implies finished), kept total.
+                let (state, acts) = this.shared.cell.apply(Event::EngineEnded);
+                if let Some(item) = carry_out(&mut this, acts, state, Item::None) {
+                    return Poll::Ready(Some(item));
+                }
+                continue;
+            };
+            let polled = catch_unwind(AssertUnwindSafe(|| engine.as_mut().poll_next(cx)));
+            let (event, item) = match polled {
+                Ok(Poll::Pending) => return Poll::Pending,
+                Ok(Poll::Ready(Some(Ok(chunk)))) => {
+                    let event = if chunk.is_terminal() {
+                        Event::TerminalChunk
+                    } else if chunk.has_tokens() {
+                        Event::Chunk
+                    } else {
+                        Event::TokenlessChunk
+                    };
+                    (event, Item::Chunk(chunk))
+                }
+                Ok(Poll::Ready(Some(Err(err)))) => (Event::EngineError, Item::Error(err)),
+                Ok(Poll::Ready(None)) => (Event::EngineEnded, Item::None),
+                Err(panic) => {
+                    let msg = panic_message(panic.as_ref());
+                    (
+                        Event::EngineError,
+                        Item::Error(EngineError::engine_panicked(msg)),
+                    )
+                }
+            };
+            let (state, acts) = this.shared.cell.apply(event);
+            if state.engine_done() {
+                // Never poll a finished (or panicked) engine stream again.
+                *this.engine = None;
+                this.timers.engine_done();
+            }
+            if let Some(item) = carry_out(&mut this, acts, state, item) {
+                return Poll::Ready(Some(item));
+            }
+        }
+    }
+}
+
+/// The panic payload's text, when it has one (`engine_panicked` adds the prefix).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        String::new()
+    }
+}
+
+/// Carry out the poller's actions; returns the item to yield, if any.
+fn carry_out(
+    this: &mut Proj<'_>,
+    acts: Actions,
+    state: State,
+    item: Item,
+) -> Option<Annotated<Chunk>> {
+    if acts.abort {
+        Shared::spawn_abort(this.shared);
+    }
+    let adapter = &this.shared.adapter;
+    let cfg = &adapter.config;
+    let mut timeout_kind = None;
+    let (out, outcome) = if acts.forward {
+        match item {
+            Item::Chunk(mut chunk) => {
+                let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
+                if n > 0 {
+                    let now = adapter.runtime.now();
+                    this.stats.tokens(n, now);
+                    this.timers.token(now, cfg.inter_token_timeout);
+                }
+                let stamp_here = n > 0 || (chunk.is_terminal() && cfg.mode == Mode::Prefill);
+                if !*this.stamped && stamp_here {
+                    *this.stamped = true;
+                    chunk.worker_trace_link = span::trace_link(this.span, *this.migration_link);
+                }
+                let outcome = match &chunk.finish_reason {
+                    Some(FinishReason::Cancelled) => Some(Outcome::Cancelled),
+                    Some(reason) => Some(Outcome::Finished(reason.clone())),
+                    None => None,
+                };
+                (Some(Annotated::from_data(chunk)), outcome)
+            }
+            Item::Error(err) => {
+                let kind = err.kind();
+                (
+                    Some(Annotated::from_error(err)),
+                    Some(Outcome::Failed(kind)),
+                )
+            }
+            Item::None => (None, None),
+        }
+    } else if let Some(synth) = acts.emit {
+        let (annotated, outcome) = match synth {
+            Synth::Cancelled => (
+                Annotated::from_data(Chunk::terminal(FinishReason::Cancelled)),
+                Outcome::Cancelled,
+            ),
+            Synth::FirstTokenTimeout => {
+                let after = cfg.first_token_timeout.unwrap_or_default();
+                timeout_kind = Some(ErrorKind::FirstTokenTimeout);
+                (
+                    Annotated::from_error(EngineError::first_token_timeout(after)),
+                    Outcome::TimedOut,
+                )
+            }
+            Synth::InterTokenTimeout => {
+                let after = cfg.inter_token_timeout.unwrap_or_default();
+                timeout_kind = Some(ErrorKind::InterTokenTimeout);
+                (
+                    Annotated::from_error(EngineError::inter_token_timeout(after)),
+                    Outcome::TimedOut,
+                )
+            }
+            Synth::Incomplete => (
+                Annotated::from_error(EngineError::stream_incomplete()),
+                Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete)),
+            ),
+        };
+        (Some(annotated), Some(outcome))
+    } else {
+        (None, None)
+    };
+    if let Some(kind) = acts.finish {
+        let outcome = match kind {
+            OutcomeKind::Dropped => Outcome::Dropped,
+            _ => outcome.unwrap_or(Outcome::Failed(ErrorKind::Unknown)),
+        };
+        finish(this, outcome, state, timeout_kind);
+    }
+    out
+}
+
+/// The request is over: record it once, let go of the engine and the context.
+fn finish(this: &mut Proj<'_>, outcome: Outcome, state: State, timeout_kind: Option<ErrorKind>) {
+    *this.done = true;
+    *this.engine = None;
+    if let Some(id) = this.listener.take() {
+        this.shared.context.remove_listener(id);
+    }
+    let rec = RequestRecord {
+        id: this.shared.request_id.to_string(),
+        outcome,
+        ttft: this.stats.ttft(),
+        itl: this.stats.itl(),
+        output_tokens: this.stats.output_tokens(),
+        abort: state.abort(),
+    };
+    span::record(this.span, &rec, timeout_kind);
+    let adapter = &this.shared.adapter;
+    if let Some(obs) = &adapter.config.observer {
+        obs.on_record(&rec);
+    }
+    if state.abort_deferred() {
+        // The consumer has its terminal but the engine still owes an abort (decode
+        // kill before the first token): wait for the hint or the deadline elsewhere,
+        // since nobody may poll this stream again.
+        let now = adapter.runtime.now();
+        let deadline = now
+            .checked_add(adapter.config.deferral_deadline)
+            .unwrap_or(now);
+        adapter.runtime.spawn(Box::pin(DeferredAbort {
+            shared: this.shared.clone(),
+            deadline,
+            timer: None,
+        }));
+    }
+}
+
+/// Releases a deferred abort at its deadline after the stream is over, or ends as soon
+/// as the first-token hint released (or the engine's end discarded) it.
+struct DeferredAbort {
+    shared: Arc<Shared>,
+    deadline: Instant,
+    timer: Option<Pin<Box<dyn AsyncTimer>>>,
+}
+
+impl Future for DeferredAbort {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        this.shared.register(cx.waker());
+        if !this.shared.cell.load().abort_deferred() {
+            return Poll::Ready(());
+        }
+        let rt = &*this.shared.adapter.runtime;
+        let deadline = this.deadline;
+        let timer = this.timer.get_or_insert_with(|| rt.sleep_until(deadline));
+        if timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let (_, acts) = this.shared.cell.apply(Event::DeferralDeadline);
+        Shared::act_off_poller(&this.shared, acts);
+        Poll::Ready(())
+    }
+}
+
+#[pinned_drop]
+impl PinnedDrop for ResponseStream {
+    fn drop(self: Pin<&mut Self>) {
+        let mut this = self.project();
+        if *this.done {
+            return;
+        }
+        let (state, acts) = this.shared.cell.apply(Event::ConsumerDropped);
+        let _ = carry_out(&mut this, acts, state, Item::None);
+        // Leave nothing registered in a context that may outlive this request.
+        if let Some(id) = this.listener.take() {
+            this.shared.context.remove_listener(id);
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! # tether-core
+//!
+//! The request-lifecycle layer between an LLM inference engine and whatever serves
+//! it. This crate owns no runtime, no clock and no I/O:
+//!
+//! - [`protocol`] and [`error`]: the wire types an engine produces and a frontend consumes;
+//! - [`context`]: the cancellation handle ([`Context`]) shared by client, router and engine;
+//! - [`lifecycle`]: the pure transition function that decides, for every event, what
+//!   must happen (forward, abort, synthesize a terminal, record the outcome);
+//! - [`engine`]: the object-safe [`LlmEngine`] trait engines implement;
+//! - [`drive`]: the executor-agnostic [`Adapter`] that runs the machine over an
+//!   engine stream on any [`Runtime`];
+//! - [`conformance`]: a kit that checks any engine against the contract.
+//!
+//! Runtime shims (`tether-tokio`, `tether-smol`) implement [`Runtime`] in a few lines.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod context;
+pub mod drive;
+pub mod engine;
+pub mod error;
+pub mod lifecycle;
+pub mod protocol;
+pub mod sync;
+
+pub use context::Context;
+pub use drive::{
+    Adapter, AdapterConfig, AsyncTimer, Observer, Outcome, RequestRecord, ResponseStream, Runtime,
+};
+pub use engine::{ChunkStream, EngineConfig, GenerateContext, LlmEngine};
+pub use error::{BackendError, EngineError, ErrorKind};
+pub use protocol::{
+    Annotated, Chunk, FinishReason, Mode, Request, SamplingOptions, StopConditions, TraceLink,
+    Usage,
+};

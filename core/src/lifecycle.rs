@@ -1,0 +1,625 @@
+//! The lifecycle machine: a pure transition function over a small `Copy` state.
+//!
+//! This module owns the *decisions* of a request's life (when to forward, when to
+//! abort the engine, when to synthesize a terminal, when to record the outcome) and
+//! nothing else: no I/O, no clock, no runtime, no allocation. [`step`] maps a
+//! [`State`] and an [`Event`] to the next state and the [`Actions`] the caller must
+//! carry out. The driver ([`crate::drive`]) keeps the shared copy of the state in one
+//! atomic word ([`Cell`]) and every actor (the stream poller, the context listener,
+//! `Drop`, the first-token hint) applies `step` with a compare-exchange, so exactly one
+//! of them wins each decision.
+//!
+//! The rules of SPEC.md section 4, as this machine implements them:
+//!
+//! 1. `abort` at most once per request ([`Abort`] moves forward only), never once the
+//!    engine's own terminal, error or end was seen (`engine_done`).
+//! 2. Stop/kill before a terminal aborts at once, except in [`Mode::Decode`] before the
+//!    first token: the abort is [`Abort::Deferred`] until the first non-empty chunk, a
+//!    first-token hint or the deferral deadline. A deferred abort is discarded if the
+//!    consumer drops the stream before a terminal reached it, or if the engine ends by
+//!    itself.
+//! 3. Token-less chunks never count as the first token.
+//! 4. A consumer drop before a terminal records [`OutcomeKind::Dropped`] and aborts
+//!    (with the same deferral rule: in decode mode before the first token the abort is
+//!    deferred and, the stream being gone, discarded).
+//! 5. Kill (and an expired cancel grace after a stop) owes the consumer a synthesized
+//!    `Cancelled` terminal, delivered at its next poll ([`Event::ConsumerPoll`]).
+//! 6. Exactly one terminal reaches the consumer; the phase leaves the live phases once.
+//! 8. Timeouts kill the request and owe a timeout error terminal.
+//! 9. Exactly one [`Actions::finish`] per request.
+//!
+//! A synthesized terminal is not the engine's terminal: after a decode-mode kill before
+//! the first token the consumer gets `Cancelled` at once while the abort stays owed, to
+//! be released by the hint or the deadline even after the stream is gone.
+
+use crate::protocol::Mode;
+use crate::sync::atomic::{AtomicU32, Ordering};
+
+/// Where a request is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Generated, no token seen yet.
+    Pending,
+    /// The first token was seen (a non-empty chunk or the first-token hint).
+    Streaming,
+    /// Stop, kill or a timeout was seen; waiting for the end.
+    Cancelling,
+    /// A terminal was delivered to the consumer. Final.
+    Terminal,
+    /// The consumer went away before a terminal. Final.
+    Dropped,
+}
+
+/// The cancellation requested so far (forward-only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Cancel {
+    /// Nobody asked to cancel.
+    None,
+    /// Graceful: the engine is asked to finish, chunks keep flowing.
+    Stop,
+    /// Immediate: the consumer gets a synthesized terminal at its next poll.
+    Kill,
+}
+
+/// What happened to the engine abort (forward-only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Abort {
+    /// No abort is due.
+    None,
+    /// Due, but held back until the first token (decode mode) or the deadline.
+    Deferred,
+    /// Issued: the caller was told to run `LlmEngine::abort`.
+    Sent,
+    /// Was deferred and will never be sent (the engine ended or the stream was dropped).
+    Discarded,
+}
+
+/// A terminal the driver owes the consumer and has not delivered yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Synth {
+    /// A `FinishReason::Cancelled` terminal chunk.
+    Cancelled,
+    /// An error terminal with [`crate::ErrorKind::FirstTokenTimeout`].
+    FirstTokenTimeout,
+    /// An error terminal with [`crate::ErrorKind::InterTokenTimeout`].
+    InterTokenTimeout,
+    /// An error terminal with `Backend(StreamIncomplete)`: the engine ended without one.
+    Incomplete,
+}
+
+/// Which optional timer fired.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Timeout {
+    /// No token within the time-to-first-token limit.
+    FirstToken,
+    /// No token within the inter-token limit after the previous one.
+    InterToken,
+    /// A stopped request did not end within the cancel grace: force it like a kill.
+    CancelGrace,
+}
+
+/// Everything that can happen to a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// The engine yielded a non-terminal chunk with at least one token.
+    Chunk,
+    /// The engine yielded a non-terminal chunk without tokens (a handshake).
+    TokenlessChunk,
+    /// The engine yielded a terminal chunk (a finish reason).
+    TerminalChunk,
+    /// The engine yielded a typed error, or panicked.
+    EngineError,
+    /// The engine stream ended (`None`) without a terminal.
+    EngineEnded,
+    /// The engine said, out of band, that the first token exists.
+    FirstTokenHint,
+    /// `Context::stop`.
+    Stop,
+    /// `Context::kill`.
+    Kill,
+    /// The consumer dropped the stream.
+    ConsumerDropped,
+    /// The deferral deadline of a deferred abort passed.
+    DeferralDeadline,
+    /// A configured timeout fired.
+    Timeout(Timeout),
+    /// The consumer polls: deliver any terminal that is owed.
+    ConsumerPoll,
+}
+
+impl Event {
+    /// Every event, for exhaustive tests and fuzzers.
+    pub const ALL: [Event; 14] = [
+        Event::Chunk,
+        Event::TokenlessChunk,
+        Event::TerminalChunk,
+        Event::EngineError,
+        Event::EngineEnded,
+        Event::FirstTokenHint,
+        Event::Stop,
+        Event::Kill,
+        Event::ConsumerDropped,
+        Event::DeferralDeadline,
+        Event::Timeout(Timeout::FirstToken),
+        Event::Timeout(Timeout::InterToken),
+        Event::Timeout(Timeout::CancelGrace),
+        Event::ConsumerPoll,
+    ];
+
+    /// Whether this event comes from the engine's stream (only the poller produces it,
+    /// and only while [`State::polls_engine`] holds).
+    pub fn is_engine_event(self) -> bool {
+        matches!(
+            self,
+            Event::Chunk
+                | Event::TokenlessChunk
+                | Event::TerminalChunk
+                | Event::EngineError
+                | Event::EngineEnded
+        )
+    }
+}
+
+/// How a request ended, as the machine decides it (the driver adds the details: the
+/// finish reason, the error kind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutcomeKind {
+    /// The engine's own terminal chunk reached the consumer.
+    Finished,
+    /// A synthesized `Cancelled` terminal reached the consumer.
+    Cancelled,
+    /// An engine error (or a synthesized incomplete-stream error) reached the consumer.
+    Failed,
+    /// The consumer went away before a terminal.
+    Dropped,
+    /// A timeout error terminal reached the consumer.
+    TimedOut,
+}
+
+/// What the caller of [`step`] must do. Plain data; `Default` is "nothing".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[must_use = "actions returned by the lifecycle machine must be carried out"]
+pub struct Actions {
+    /// Pass the engine's item (chunk, terminal or error) to the consumer.
+    pub forward: bool,
+    /// Call `LlmEngine::abort` now (exactly once per request: this is set at most once).
+    pub abort: bool,
+    /// Deliver this synthesized terminal to the consumer instead of any engine item.
+    pub emit: Option<Synth>,
+    /// Record the outcome (exactly once per request). The stream ends after it.
+    pub finish: Option<OutcomeKind>,
+    /// Wake the consumer's poller: something it must act on changed.
+    pub wake: bool,
+}
+
+impl Actions {
+    /// Whether nothing is to be done.
+    pub fn is_empty(&self) -> bool {
+        *self == Actions::default()
+    }
+}
+
+/// The request's lifecycle state. `Copy`, 14 bits: see [`State::pack`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct State {
+    mode: Mode,
+    phase: Phase,
+    cancel: Cancel,
+    abort: Abort,
+    owed: Option<Synth>,
+    first_token: bool,
+    engine_done: bool,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("mode", &self.mode)
+            .field("phase", &self.phase)
+            .field("cancel", &self.cancel)
+            .field("abort", &self.abort)
+            .field("owed", &self.owed)
+            .field("first_token", &self.first_token)
+            .field("engine_done", &self.engine_done)
+            .finish()
+    }
+}
+
+impl State {
+    /// A new request in `mode`, nothing seen yet.
+    pub const fn new(mode: Mode) -> State {
+        State {
+            mode,
+            phase: Phase::Pending,
+            cancel: Cancel::None,
+            abort: Abort::None,
+            owed: None,
+            first_token: false,
+            engine_done: false,
+        }
+    }
+
+    /// The disaggregation role this request runs in.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+    /// The phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    /// The cancellation requested so far.
+    pub fn cancel(&self) -> Cancel {
+        self.cancel
+    }
+    /// The state of the engine abort.
+    pub fn abort(&self) -> Abort {
+        self.abort
+    }
+    /// The synthesized terminal owed to the consumer, if any.
+    pub fn owed(&self) -> Option<Synth> {
+        self.owed
+    }
+    /// Whether the first token was seen (non-empty chunk or hint).
+    pub fn first_token(&self) -> bool {
+        self.first_token
+    }
+    /// Whether the engine's stream is over (its terminal, error or end was seen).
+    pub fn engine_done(&self) -> bool {
+        self.engine_done
+    }
+    /// Whether the outcome was recorded (a terminal delivered, or the consumer gone).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Terminal | Phase::Dropped)
+    }
+    /// Whether a terminal reached the consumer.
+    pub fn is_terminal(&self) -> bool {
+        self.phase == Phase::Terminal
+    }
+    /// Whether stop, kill or a timeout was seen before the end.
+    pub fn is_cancelling(&self) -> bool {
+        self.phase == Phase::Cancelling
+    }
+    /// Whether an abort is deferred and not yet released or discarded.
+    pub fn abort_deferred(&self) -> bool {
+        self.abort == Abort::Deferred
+    }
+    /// Whether the poller should still poll the engine's stream.
+    pub fn polls_engine(&self) -> bool {
+        !self.is_finished() && !self.engine_done && self.owed.is_none()
+    }
+
+    /// Pack into the low 14 bits of a `u32` (the shared atomic word).
+    pub const fn pack(self) -> u32 {
+        let mode = match self.mode {
+            Mode::Aggregated => 0,
+            Mode::Prefill => 1,
+            Mode::Decode => 2,
+        };
+        let phase = match self.phase {
+            Phase::Pending => 0,
+            Phase::Streaming => 1,
+            Phase::Cancelling => 2,
+            Phase::Terminal => 3,
+            Phase::Dropped => 4,
+        };
+        let cancel = match self.cancel {
+            Cancel::None => 0,
+            Cancel::Stop => 1,
+            Cancel::Kill => 2,
+        };
+        let abort = match self.abort {
+            Abort::None => 0,
+            Abort::Deferred => 1,
+            Abort::Sent => 2,
+            Abort::Discarded => 3,
+        };
+        let owed = match self.owed {
+            None => 0,
+            Some(Synth::Cancelled) => 1,
+            Some(Synth::FirstTokenTimeout) => 2,
+            Some(Synth::InterTokenTimeout) => 3,
+            Some(Synth::Incomplete) => 4,
+        };
+        mode | phase << 2
+            | cancel << 5
+            | abort << 7
+            | owed << 9
+            | (self.first_token as u32) << 12
+            | (self.engine_done as u32) << 13
+    }
+
+    /// Unpack a word made by [`State::pack`]. Returns `None` for a word no state packs to.
+    pub const fn unpack(word: u32) -> Option<State> {
+        if word >> 14 != 0 {
+            return None;
+        }
+        let mode = match word & 0b11 {
+            0 => Mode::Aggregated,
+            1 => Mode::Prefill,
+            2 => Mode::Decode,
+            _ => return None,
+        };
+        let phase = match (word >> 2) & 0b111 {
+            0 => Phase::Pending,
+            1 => Phase::Streaming,
+            2 => Phase::Cancelling,
+            3 => Phase::Terminal,
+            4 => Phase::Dropped,
+            _ => return None,
+        };
+        let cancel = match (word >> 5) & 0b11 {
+            0 => Cancel::None,
+            1 => Cancel::Stop,
+            2 => Cancel::Kill,
+            _ => return None,
+        };
+        let abort = match (word >> 7) & 0b11 {
+            0 => Abort::None,
+            1 => Abort::Deferred,
+            2 => Abort::Sent,
+            _ => Abort::Discarded,
+        };
+        let owed = match (word >> 9) & 0b111 {
+            0 => None,
+            1 => Some(Synth::Cancelled),
+            2 => Some(Synth::FirstTokenTimeout),
+            3 => Some(Synth::InterTokenTimeout),
+            4 => Some(Synth::Incomplete),
+            _ => return None,
+        };
+        Some(State {
+            mode,
+            phase,
+            cancel,
+            abort,
+            owed,
+            first_token: (word >> 12) & 1 == 1,
+            engine_done: (word >> 13) & 1 == 1,
+        })
+    }
+
+    /// Ask for the engine abort (rules 1 and 2). Idempotent: an abort already deferred,
+    /// sent or discarded is left as it is.
+    fn request_abort(&mut self, acts: &mut Actions) {
+        if self.abort != Abort::None || self.engine_done {
+            return;
+        }
+        if self.mode == Mode::Decode && !self.first_token {
+            // A decode worker before its first token may be mid KV-cache transfer:
+            // aborting now can corrupt the transfer, so hold the abort back.
+            self.abort = Abort::Deferred;
+            acts.wake = true; // the poller arms the deferral deadline
+        } else {
+            self.abort = Abort::Sent;
+            acts.abort = true;
+        }
+    }
+
+    fn release_deferred(&mut self, acts: &mut Actions) {
+        if self.abort == Abort::Deferred {
+            self.abort = Abort::Sent;
+            acts.abort = true;
+        }
+    }
+
+    fn discard_deferred(&mut self) {
+        if self.abort == Abort::Deferred {
+            self.abort = Abort::Discarded;
+        }
+    }
+
+    fn saw_first_token(&mut self, acts: &mut Actions) {
+        self.first_token = true;
+        if self.phase == Phase::Pending {
+            self.phase = Phase::Streaming;
+        }
+        self.release_deferred(acts);
+    }
+
+    /// Deliver the owed synthesized terminal: the request is over for the consumer.
+    fn deliver_owed(&mut self, acts: &mut Actions) {
+        if let Some(synth) = self.owed.take() {
+            self.phase = Phase::Terminal;
+            acts.emit = Some(synth);
+            acts.finish = Some(outcome_of(synth));
+        }
+    }
+
+    /// Kill-like cancellation: owe `synth`, ask for the abort.
+    fn force(&mut self, synth: Synth, acts: &mut Actions) {
+        self.cancel = Cancel::Kill;
+        self.phase = Phase::Cancelling;
+        self.owed = Some(synth);
+        self.request_abort(acts);
+        acts.wake = true;
+    }
+
+    fn is_live(&self) -> bool {
+        !self.is_finished()
+    }
+}
+
+fn outcome_of(synth: Synth) -> OutcomeKind {
+    match synth {
+        Synth::Cancelled => OutcomeKind::Cancelled,
+        Synth::FirstTokenTimeout | Synth::InterTokenTimeout => OutcomeKind::TimedOut,
+        Synth::Incomplete => OutcomeKind::Failed,
+    }
+}
+
+/// The transition function: the whole lifecycle policy. Pure and total: every
+/// `(state, event)` pair has an answer, events that no longer matter are ignored.
+pub fn step(state: State, event: Event) -> (State, Actions) {
+    let mut s = state;
+    let mut acts = Actions::default();
+    match event {
+        Event::Chunk | Event::TokenlessChunk | Event::TerminalChunk | Event::EngineError
+            if !s.is_live() || s.engine_done =>
+        {
+            // The poller stops polling the engine once the request is over; an item
+            // that still arrives is never forwarded (nothing after a terminal).
+        }
+        Event::EngineEnded if !s.is_live() || s.engine_done => {}
+        Event::Chunk => {
+            s.saw_first_token(&mut acts);
+            if s.owed.is_some() {
+                // A kill (or timeout) won the race against this chunk: the consumer
+                // gets the synthesized terminal instead.
+                s.deliver_owed(&mut acts);
+            } else {
+                acts.forward = true;
+            }
+        }
+        Event::TokenlessChunk => {
+            if s.owed.is_some() {
+                s.deliver_owed(&mut acts);
+            } else {
+                acts.forward = true;
+            }
+        }
+        Event::TerminalChunk | Event::EngineError => {
+            s.engine_done = true;
+            s.discard_deferred();
+            if s.owed.is_some() {
+                s.deliver_owed(&mut acts);
+            } else {
+                s.phase = Phase::Terminal;
+                acts.forward = true;
+                acts.finish = Some(if event == Event::TerminalChunk {
+                    OutcomeKind::Finished
+                } else {
+                    OutcomeKind::Failed
+                });
+            }
+        }
+        Event::EngineEnded => {
+            s.engine_done = true;
+            s.discard_deferred();
+            if s.owed.is_none() {
+                s.owed = Some(if s.cancel == Cancel::None {
+                    Synth::Incomplete
+                } else {
+                    Synth::Cancelled
+                });
+            }
+            s.deliver_owed(&mut acts);
+        }
+        Event::FirstTokenHint => {
+            if !s.first_token {
+                if s.is_live() {
+                    s.saw_first_token(&mut acts);
+                } else {
+                    // After the end the hint can only release an owed abort.
+                    s.first_token = true;
+                    s.release_deferred(&mut acts);
+                }
+            }
+        }
+        Event::Stop => {
+            if s.is_live() && s.cancel == Cancel::None {
+                s.cancel = Cancel::Stop;
+                s.phase = Phase::Cancelling;
+                s.request_abort(&mut acts);
+                acts.wake = true; // the poller arms the cancel grace
+            }
+        }
+        Event::Kill => {
+            if s.is_live() && s.cancel != Cancel::Kill {
+                s.force(Synth::Cancelled, &mut acts);
+            }
+        }
+        Event::ConsumerDropped => {
+            if s.is_live() {
+                s.phase = Phase::Dropped;
+                s.owed = None;
+                acts.finish = Some(OutcomeKind::Dropped);
+                if s.abort == Abort::None && !s.engine_done {
+                    if s.mode == Mode::Decode && !s.first_token {
+                        // Rule 2 deferral, and nobody is left to release it.
+                        s.abort = Abort::Discarded;
+                    } else {
+                        s.abort = Abort::Sent;
+                        acts.abort = true;
+                    }
+                } else {
+                    s.discard_deferred();
+                }
+            }
+        }
+        Event::DeferralDeadline => s.release_deferred(&mut acts),
+        Event::Timeout(Timeout::CancelGrace) => {
+            if s.is_live() && s.cancel == Cancel::Stop && s.owed.is_none() {
+                s.force(Synth::Cancelled, &mut acts);
+            }
+        }
+        Event::Timeout(Timeout::FirstToken) => {
+            if s.is_live() && !s.first_token && s.owed.is_none() && !s.engine_done {
+                s.force(Synth::FirstTokenTimeout, &mut acts);
+            }
+        }
+        Event::Timeout(Timeout::InterToken) => {
+            if s.is_live() && s.first_token && s.owed.is_none() && !s.engine_done {
+                s.force(Synth::InterTokenTimeout, &mut acts);
+            }
+        }
+        Event::ConsumerPoll => {
+            if s.is_live() {
+                s.deliver_owed(&mut acts);
+            }
+        }
+    }
+    (s, acts)
+}
+
+/// The shared copy of a request's [`State`]: one atomic word, updated by
+/// compare-exchange so that of several racing actors exactly one wins each decision.
+#[derive(Debug)]
+pub struct Cell {
+    word: AtomicU32,
+}
+
+impl Cell {
+    /// A cell holding `state`.
+    pub fn new(state: State) -> Cell {
+        Cell {
+            word: AtomicU32::new(state.pack()),
+        }
+    }
+
+    /// The current state.
+    pub fn load(&self) -> State {
+        // Acquire pairs with the AcqRel exchange in `apply`: whoever reads a state sees
+        // everything the actor that wrote it did before.
+        State::unpack(self.word.load(Ordering::Acquire)).expect("cell holds a packed state")
+    }
+
+    /// Apply `event` atomically; returns the state it moved to and the actions that the
+    /// caller, and only the caller, must carry out. Retries on contention; `step` is
+    /// pure, so a retry just recomputes.
+    pub fn apply(&self, event: Event) -> (State, Actions) {
+        // Acquire: see the state the last writer published (pairs with AcqRel below).
+        let mut current = self.word.load(Ordering::Acquire);
+        loop {
+            let old = State::unpack(current).expect("cell holds a packed state");
+            let (new, acts) = step(old, event);
+            if new == old {
+                return (new, acts);
+            }
+            // AcqRel: release this decision to the next actor, acquire the previous one.
+            match self.word.compare_exchange_weak(
+                current,
+                new.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return (new, acts),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+pub mod oracle;
+
+#[cfg(all(test, not(tether_loom)))]
+mod tests;

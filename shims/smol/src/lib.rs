@@ -1,0 +1,77 @@
+//! # tether-smol
+//!
+//! [`SmolRuntime`]: tether's [`Runtime`] for smol and async-io. Nothing else of
+//! substance lives here; the driver is in `tether-core`.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tether_core::drive::{AsyncTimer, SpawnFuture};
+use tether_core::LlmEngine;
+pub use tether_core::{Adapter, AdapterConfig, Runtime};
+
+/// tether's [`Runtime`] on smol: tasks go to the given executor (or smol's global
+/// one), timers are async-io's. smol's `Task` cancels on drop, so every spawned task
+/// is detached here: an abort always runs to completion.
+#[derive(Debug, Clone, Default)]
+pub struct SmolRuntime {
+    executor: Option<Arc<smol::Executor<'static>>>,
+}
+
+impl SmolRuntime {
+    /// Spawn onto smol's global executor.
+    pub fn global() -> SmolRuntime {
+        SmolRuntime { executor: None }
+    }
+
+    /// Spawn onto `executor` (which the caller runs).
+    pub fn with_executor(executor: Arc<smol::Executor<'static>>) -> SmolRuntime {
+        SmolRuntime {
+            executor: Some(executor),
+        }
+    }
+}
+
+impl Runtime for SmolRuntime {
+    fn spawn(&self, future: SpawnFuture) {
+        match &self.executor {
+            Some(ex) => ex.spawn(future).detach(),
+            None => smol::spawn(future).detach(),
+        }
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
+        Box::pin(SmolTimer {
+            timer: async_io::Timer::at(deadline),
+        })
+    }
+
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+#[derive(Debug)]
+struct SmolTimer {
+    timer: async_io::Timer,
+}
+
+impl AsyncTimer for SmolTimer {
+    fn reset(self: Pin<&mut Self>, deadline: Instant) {
+        self.get_mut().timer.set_at(deadline);
+    }
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.get_mut().timer).poll(cx).map(|_| ())
+    }
+}
+
+/// An [`Adapter`] for `engine` on smol's global executor.
+pub fn adapter(engine: Arc<dyn LlmEngine>, config: AdapterConfig) -> Adapter {
+    Adapter::new(engine, SmolRuntime::global(), config)
+}
