@@ -110,9 +110,14 @@ enum Item {
 /// Dropping it before its terminal aborts the engine (see the lifecycle rules) and
 /// records [`Outcome::Dropped`]. `Send + 'static`: return it from a handler or move it
 /// to a task.
-#[pin_project(PinnedDrop, project = Proj)]
+#[pin_project(PinnedDrop)]
 pub struct ResponseStream {
     shared: Arc<Shared>,
+    local: Local,
+}
+
+/// What only the poller (and `Drop`) touches.
+struct Local {
     engine: Option<ChunkStream>,
     timers: Timers,
     stats: StatsRecorder,
@@ -130,7 +135,7 @@ impl fmt::Debug for ResponseStream {
         f.debug_struct("ResponseStream")
             .field("request_id", &self.shared.request_id)
             .field("state", &self.shared.cell.load())
-            .field("done", &self.done)
+            .field("done", &self.local.done)
             .finish_non_exhaustive()
     }
 }
@@ -189,16 +194,18 @@ impl ResponseStream {
             }
         });
         Ok(ResponseStream {
-            timers: Timers::new(start, cfg.first_token_timeout),
-            stats: StatsRecorder::new(start),
             shared,
-            engine: Some(engine),
-            span,
-            listener: Some(listener),
-            registered: None,
-            migration_link,
-            stamped: false,
-            done: false,
+            local: Local {
+                timers: Timers::new(start, cfg.first_token_timeout),
+                stats: StatsRecorder::new(start),
+                engine: Some(engine),
+                span,
+                listener: Some(listener),
+                registered: None,
+                migration_link,
+                stamped: false,
+                done: false,
+            },
         })
     }
 
@@ -217,62 +224,63 @@ impl Stream for ResponseStream {
     type Item = Annotated<Chunk>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
-        let mut this = self.project();
-        if *this.done {
+        let this = self.project();
+        let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
+        if local.done {
             return Poll::Ready(None);
         }
         // Register before reading the state: a kill that lands after the read finds
         // this waker and wakes us (no lost wake-up).
-        if !this
+        if !local
             .registered
             .as_ref()
             .is_some_and(|w| w.will_wake(cx.waker()))
         {
-            this.shared.register(cx.waker());
-            *this.registered = Some(cx.waker().clone());
+            shared.register(cx.waker());
+            local.registered = Some(cx.waker().clone());
         }
-        let adapter = this.shared.adapter.clone();
+        let adapter = &*shared.adapter;
         let cfg = &adapter.config;
         let rt = &*adapter.runtime;
         loop {
-            let state = this.shared.cell.load();
+            let state = shared.cell.load();
             if state.is_finished() {
-                *this.done = true;
+                local.done = true;
                 return Poll::Ready(None);
             }
             if state.owed().is_some() {
-                let (state, acts) = this.shared.cell.apply(Event::ConsumerPoll);
-                if let Some(item) = carry_out(&mut this, acts, state, Item::None) {
+                let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
+                if let Some(item) = carry_out(shared, local, acts, state, Item::None) {
                     return Poll::Ready(Some(item));
                 }
                 continue;
             }
             // Deadlines the state calls for; each armed at most once per request.
-            if state.cancel() == Cancel::Stop && !this.timers.grace_armed() {
-                this.timers.arm_grace(rt.now(), cfg.cancel_grace);
+            if state.cancel() == Cancel::Stop && !local.timers.grace_armed() {
+                local.timers.arm_grace(rt.now(), cfg.cancel_grace);
             }
-            if state.abort_deferred() && !this.timers.deferral_armed() {
-                this.timers.arm_deferral(rt.now(), cfg.deferral_deadline);
+            if state.abort_deferred() && !local.timers.deferral_armed() {
+                local.timers.arm_deferral(rt.now(), cfg.deferral_deadline);
             } else if !state.abort_deferred() {
-                this.timers.disarm_deferral();
+                local.timers.disarm_deferral();
             }
-            if this.timers.any() {
-                if let Some(due) = this.timers.poll_due(cx, rt) {
+            if local.timers.any() {
+                if let Some(due) = local.timers.poll_due(cx, rt) {
                     let event = match due {
                         Due::Deferral => Event::DeferralDeadline,
                         Due::Timeout(t) => Event::Timeout(t),
                     };
-                    let (state, acts) = this.shared.cell.apply(event);
+                    let (state, acts) = shared.cell.apply(event);
                     // Timer events never forward; a kill-like timeout owes a terminal
                     // that the next turn of the loop delivers.
-                    let _ = carry_out(&mut this, acts, state, Item::None);
+                    let _ = carry_out(shared, local, acts, state, Item::None);
                     continue;
                 }
             }
-            let Some(engine) = this.engine.as_mut() else {
+            let Some(engine) = local.engine.as_mut() else {
                 // Unreachable by the machine (engine_done implies finished), kept total.
-                let (state, acts) = this.shared.cell.apply(Event::EngineEnded);
-                if let Some(item) = carry_out(&mut this, acts, state, Item::None) {
+                let (state, acts) = shared.cell.apply(Event::EngineEnded);
+                if let Some(item) = carry_out(shared, local, acts, state, Item::None) {
                     return Poll::Ready(Some(item));
                 }
                 continue;
@@ -300,13 +308,13 @@ impl Stream for ResponseStream {
                     )
                 }
             };
-            let (state, acts) = this.shared.cell.apply(event);
+            let (state, acts) = shared.cell.apply(event);
             if state.engine_done() {
                 // Never poll a finished (or panicked) engine stream again.
-                *this.engine = None;
-                this.timers.engine_done();
+                local.engine = None;
+                local.timers.engine_done();
             }
-            if let Some(item) = carry_out(&mut this, acts, state, item) {
+            if let Some(item) = carry_out(shared, local, acts, state, item) {
                 return Poll::Ready(Some(item));
             }
         }
@@ -326,15 +334,16 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Carry out the poller's actions; returns the item to yield, if any.
 fn carry_out(
-    this: &mut Proj<'_>,
+    shared: &Arc<Shared>,
+    local: &mut Local,
     acts: Actions,
     state: State,
     item: Item,
 ) -> Option<Annotated<Chunk>> {
     if acts.abort {
-        Shared::spawn_abort(this.shared);
+        Shared::spawn_abort(shared);
     }
-    let adapter = &this.shared.adapter;
+    let adapter = &shared.adapter;
     let cfg = &adapter.config;
     let mut timeout_kind = None;
     let (out, outcome) = if acts.forward {
@@ -343,13 +352,13 @@ fn carry_out(
                 let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
                 if n > 0 {
                     let now = adapter.runtime.now();
-                    this.stats.tokens(n, now);
-                    this.timers.token(now, cfg.inter_token_timeout);
+                    local.stats.tokens(n, now);
+                    local.timers.token(now, cfg.inter_token_timeout);
                 }
                 let stamp_here = n > 0 || (chunk.is_terminal() && cfg.mode == Mode::Prefill);
-                if !*this.stamped && stamp_here {
-                    *this.stamped = true;
-                    chunk.worker_trace_link = span::trace_link(this.span, *this.migration_link);
+                if !local.stamped && stamp_here {
+                    local.stamped = true;
+                    chunk.worker_trace_link = span::trace_link(&local.span, local.migration_link);
                 }
                 let outcome = match &chunk.finish_reason {
                     Some(FinishReason::Cancelled) => Some(Outcome::Cancelled),
@@ -403,28 +412,34 @@ fn carry_out(
             OutcomeKind::Dropped => Outcome::Dropped,
             _ => outcome.unwrap_or(Outcome::Failed(ErrorKind::Unknown)),
         };
-        finish(this, outcome, state, timeout_kind);
+        finish(shared, local, outcome, state, timeout_kind);
     }
     out
 }
 
 /// The request is over: record it once, let go of the engine and the context.
-fn finish(this: &mut Proj<'_>, outcome: Outcome, state: State, timeout_kind: Option<ErrorKind>) {
-    *this.done = true;
-    *this.engine = None;
-    if let Some(id) = this.listener.take() {
-        this.shared.context.remove_listener(id);
+fn finish(
+    shared: &Arc<Shared>,
+    local: &mut Local,
+    outcome: Outcome,
+    state: State,
+    timeout_kind: Option<ErrorKind>,
+) {
+    local.done = true;
+    local.engine = None;
+    if let Some(id) = local.listener.take() {
+        shared.context.remove_listener(id);
     }
     let rec = RequestRecord {
-        id: this.shared.request_id.to_string(),
+        id: shared.request_id.to_string(),
         outcome,
-        ttft: this.stats.ttft(),
-        itl: this.stats.itl(),
-        output_tokens: this.stats.output_tokens(),
+        ttft: local.stats.ttft(),
+        itl: local.stats.itl(),
+        output_tokens: local.stats.output_tokens(),
         abort: state.abort(),
     };
-    span::record(this.span, &rec, timeout_kind);
-    let adapter = &this.shared.adapter;
+    span::record(&local.span, &rec, timeout_kind);
+    let adapter = &shared.adapter;
     if let Some(obs) = &adapter.config.observer {
         obs.on_record(&rec);
     }
@@ -437,7 +452,7 @@ fn finish(this: &mut Proj<'_>, outcome: Outcome, state: State, timeout_kind: Opt
             .checked_add(adapter.config.deferral_deadline)
             .unwrap_or(now);
         adapter.runtime.spawn(Box::pin(DeferredAbort {
-            shared: this.shared.clone(),
+            shared: shared.clone(),
             deadline,
             timer: None,
         }));
@@ -476,15 +491,14 @@ impl Future for DeferredAbort {
 #[pinned_drop]
 impl PinnedDrop for ResponseStream {
     fn drop(self: Pin<&mut Self>) {
-        let mut this = self.project();
-        if *this.done {
+        let this = self.project();
+        let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
+        if local.done {
             return;
         }
-        let (state, acts) = this.shared.cell.apply(Event::ConsumerDropped);
-        let _ = carry_out(&mut this, acts, state, Item::None);
-        // Leave nothing registered in a context that may outlive this request.
-        if let Some(id) = this.listener.take() {
-            this.shared.context.remove_listener(id);
-        }
+        let (state, acts) = shared.cell.apply(Event::ConsumerDropped);
+        // Finishes (records Dropped, lets go of the engine and the listener) when the
+        // request was live; spawns the abort when one is due.
+        let _ = carry_out(shared, local, acts, state, Item::None);
     }
 }
