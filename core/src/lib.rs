@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod conformance;
 pub mod context;
 pub mod drive;
 pub mod engine;

@@ -75,3 +75,21 @@ impl AsyncTimer for SmolTimer {
 pub fn adapter(engine: Arc<dyn LlmEngine>, config: AdapterConfig) -> Adapter {
     Adapter::new(engine, SmolRuntime::global(), config)
 }
+
+pub use tether_core::conformance::{ConformanceFailure, ConformanceReport};
+
+/// Run tether's conformance kit ([`tether_core::conformance`]) against engines made by
+/// `factory`, with async-io timers (real time: a failing stop check takes its full 2 s).
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use tether_core::LlmEngine;
+/// # fn make_engine() -> Arc<dyn LlmEngine> { unimplemented!() }
+/// let report = smol::block_on(tether_smol::run_conformance(make_engine)).expect("conformant");
+/// assert_eq!(report.checks, tether_core::conformance::CHECKS);
+/// ```
+pub async fn run_conformance(
+    factory: impl Fn() -> Arc<dyn LlmEngine> + Send + Sync,
+) -> Result<ConformanceReport, ConformanceFailure> {
+    tether_core::conformance::run_conformance_on(&SmolRuntime::global(), &factory).await
+}

@@ -86,3 +86,29 @@ impl AsyncTimer for TokioTimer {
 pub fn adapter(engine: Arc<dyn LlmEngine>, config: AdapterConfig) -> Adapter {
     Adapter::new(engine, TokioRuntime::current(), config)
 }
+
+pub use tether_core::conformance::{ConformanceFailure, ConformanceReport};
+
+/// Run tether's conformance kit ([`tether_core::conformance`]) against engines made by
+/// `factory`, on the current tokio runtime. Its 2 s and 30 s limits use tokio's clock,
+/// so under a paused test clock they cost no real time.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # use tether_core::LlmEngine;
+/// # fn make_engine() -> Arc<dyn LlmEngine> { unimplemented!() }
+/// # async fn demo() {
+/// // In an engine crate: #[tokio::test(start_paused = true)]
+/// let report = tether_tokio::run_conformance(make_engine).await.expect("conformant");
+/// assert_eq!(report.checks, tether_core::conformance::CHECKS);
+/// # }
+/// ```
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub async fn run_conformance(
+    factory: impl Fn() -> Arc<dyn LlmEngine> + Send + Sync,
+) -> Result<ConformanceReport, ConformanceFailure> {
+    let runtime = TokioRuntime::current();
+    tether_core::conformance::run_conformance_on(&runtime, &factory).await
+}
