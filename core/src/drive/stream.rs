@@ -37,6 +37,10 @@ pub(crate) struct Shared {
     adapter: Arc<AdapterInner>,
     context: Context,
     request_id: std::sync::Arc<str>,
+    /// When the first stop or kill landed: the cancel grace and the deferral deadline
+    /// count from here, not from the consumer's next poll (a consumer held back by
+    /// backpressure must not stretch them). Written once, on the cancel path only.
+    cancelled_at: Mutex<Option<Instant>>,
 }
 
 impl Shared {
@@ -51,8 +55,19 @@ impl Shared {
             Signal::Stop => Event::Stop,
             Signal::Kill => Event::Kill,
         };
-        let (_, acts) = this.cell.apply(event);
+        let (state, acts) = this.cell.apply(event);
+        if state.is_cancelling() {
+            let mut at = lock(&this.cancelled_at);
+            if at.is_none() {
+                *at = Some(this.adapter.runtime.now());
+            }
+        }
         Shared::act_off_poller(this, acts);
+    }
+
+    /// When the request was first stopped or killed, if it was.
+    fn cancelled_at(&self) -> Option<Instant> {
+        *lock(&self.cancelled_at)
     }
 
     /// Carry out actions decided away from the poller (listener, hint, deadline
@@ -159,6 +174,7 @@ impl ResponseStream {
             adapter: adapter.clone(),
             context: context.clone(),
             request_id: std::sync::Arc::from(request.id.as_str()),
+            cancelled_at: Mutex::new(None),
         });
         let migration_link = request.migration_link;
         let engine = match adapter
@@ -257,10 +273,12 @@ impl Stream for ResponseStream {
             }
             // Deadlines the state calls for; each armed at most once per request.
             if state.cancel() == Cancel::Stop && !local.timers.grace_armed() {
-                local.timers.arm_grace(rt.now(), cfg.cancel_grace);
+                let at = shared.cancelled_at().unwrap_or_else(|| rt.now());
+                local.timers.arm_grace(at, cfg.cancel_grace);
             }
             if state.abort_deferred() && !local.timers.deferral_armed() {
-                local.timers.arm_deferral(rt.now(), cfg.deferral_deadline);
+                let at = shared.cancelled_at().unwrap_or_else(|| rt.now());
+                local.timers.arm_deferral(at, cfg.deferral_deadline);
             } else if !state.abort_deferred() {
                 local.timers.disarm_deferral();
             }

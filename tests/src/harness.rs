@@ -1,0 +1,207 @@
+//! [`Harness`]: a [`ScriptEngine`], a [`RecordingObserver`] and a [`Counting`] runtime
+//! wired to one [`Adapter`], with the guarded waits and end-of-scenario checks every
+//! scenario shares.
+
+use std::future::poll_fn;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_core::Stream;
+use futures_util::future::{select, Either};
+use tether_core::{
+    Adapter, AdapterConfig, Annotated, Chunk, Context, EngineError, ErrorKind, Request,
+    ResponseStream,
+};
+
+use crate::engine::{Script, ScriptEngine};
+use crate::observer::RecordingObserver;
+use crate::runtime::{guarded, next_item, Counting, ScenarioRuntime};
+
+/// The short deadline scenarios configure (deferral, grace, timeouts): instant on the
+/// paused tokio clock, short enough on smol's real one.
+pub const DEADLINE: Duration = Duration::from_millis(20);
+
+/// A data item, as the adapter forwards an engine chunk.
+pub fn data(chunk: Chunk) -> Annotated<Chunk> {
+    Annotated::from_data(chunk)
+}
+
+/// The error kind of an error item (`None` for a data item).
+pub fn error_kind(item: &Annotated<Chunk>) -> Option<ErrorKind> {
+    item.error.as_ref().map(EngineError::kind)
+}
+
+/// Everything one scenario needs, on runtime `R`.
+#[derive(Debug)]
+pub struct Harness<R> {
+    /// The bare runtime (guards and test sleeps use it, so they are not counted).
+    pub rt: R,
+    /// The runtime the adapter runs on: `rt`, counted.
+    pub counting: Counting<R>,
+    /// The engine behind the adapter.
+    pub engine: ScriptEngine,
+    /// The adapter's observer.
+    pub observer: Arc<RecordingObserver>,
+    /// The adapter under test.
+    pub adapter: Adapter,
+}
+
+impl<R: ScenarioRuntime> Harness<R> {
+    /// A harness with the default [`AdapterConfig`].
+    pub fn new(rt: R) -> Harness<R> {
+        Harness::with_config(rt, AdapterConfig::default())
+    }
+
+    /// A harness with `config` (its observer is replaced by the recording one).
+    pub fn with_config(rt: R, mut config: AdapterConfig) -> Harness<R> {
+        let engine = ScriptEngine::new();
+        let observer = Arc::new(RecordingObserver::watching(&engine));
+        config.observer = Some(observer.clone());
+        let counting = Counting::new(rt.clone());
+        let adapter = Adapter::new(Arc::new(engine.clone()), counting.clone(), config);
+        Harness {
+            rt,
+            counting,
+            engine,
+            observer,
+            adapter,
+        }
+    }
+
+    /// The request the scenarios send: model `m`, three prompt tokens.
+    pub fn request(&self, id: &str) -> Request {
+        Request::new(id, "m", vec![1, 2, 3])
+    }
+
+    /// `adapter.generate`, guarded.
+    pub async fn generate(
+        &self,
+        request: Request,
+        context: Context,
+    ) -> Result<ResponseStream, EngineError> {
+        guarded(
+            &self.rt,
+            "generate",
+            self.adapter.generate(request, context),
+        )
+        .await
+    }
+
+    /// Start request `id` under a fresh context; returns its stream, script and context.
+    ///
+    /// # Panics
+    /// If `generate` fails.
+    pub async fn start(&self, id: &str) -> (ResponseStream, Script, Context) {
+        let context = Context::new(id);
+        let stream = self
+            .generate(self.request(id), context.clone())
+            .await
+            .expect("generate succeeds");
+        (stream, self.engine.script(id), context)
+    }
+
+    /// The stream's next item, guarded.
+    pub async fn next(&self, stream: &mut ResponseStream) -> Option<Annotated<Chunk>> {
+        next_item(&self.rt, stream).await
+    }
+
+    /// Every item up to the end of the stream, guarded.
+    pub async fn collect(&self, stream: &mut ResponseStream) -> Vec<Annotated<Chunk>> {
+        let mut items = Vec::new();
+        while let Some(item) = self.next(stream).await {
+            items.push(item);
+        }
+        items
+    }
+
+    /// Wait until `n` aborts of `script`'s request were entered in the engine.
+    pub async fn wait_aborts(&self, script: &Script, n: u32) {
+        guarded(
+            &self.rt,
+            "the engine abort",
+            self.engine.until(|_| script.aborts() >= n),
+        )
+        .await;
+    }
+
+    /// Poll `stream` (collecting what it yields) until the engine's abort for `script`
+    /// was entered: for aborts that only a polled stream's timer can release.
+    pub async fn drive_until_abort(
+        &self,
+        stream: &mut ResponseStream,
+        script: &Script,
+    ) -> Vec<Annotated<Chunk>> {
+        let mut items = Vec::new();
+        let collected = &mut items;
+        let mut ended = false;
+        guarded(&self.rt, "the engine abort while polling", async {
+            loop {
+                let aborted = self.engine.until(|_| script.aborts() >= 1);
+                if ended {
+                    return aborted.await;
+                }
+                let next = poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx));
+                match select(pin!(aborted), pin!(next)).await {
+                    Either::Left(((), _)) => return,
+                    Either::Right((Some(item), _)) => collected.push(item),
+                    Either::Right((None, _)) => ended = true,
+                }
+            }
+        })
+        .await;
+        items
+    }
+
+    /// Wait until every abort tether decided was entered in the engine.
+    pub async fn settle_aborts(&self) {
+        guarded(
+            &self.rt,
+            "every decided abort to reach the engine",
+            self.engine.until(|e| {
+                usize::try_from(e.total_aborts()).is_ok_and(|n| n >= self.observer.total_aborts())
+            }),
+        )
+        .await;
+    }
+
+    /// The end-of-scenario checks: every decided abort reached the engine and matches it,
+    /// no stream leaked, at most one abort per request and none decided or entered after
+    /// the engine's end, no poll after the end, exactly one record per request.
+    pub async fn assert_clean(&self) {
+        self.check(true).await;
+    }
+
+    /// [`Harness::assert_clean`] for a scenario where an abort is decided while the
+    /// engine is inside `poll_next` about to yield its end: the abort task may then enter
+    /// the engine after the end, which is scheduling, not a broken rule. Decisions are
+    /// still checked.
+    pub async fn assert_clean_allowing_late_abort_entry(&self) {
+        self.check(false).await;
+    }
+
+    async fn check(&self, entry_time: bool) {
+        self.settle_aborts().await;
+        assert_eq!(
+            self.engine.total_aborts() as usize,
+            self.observer.total_aborts(),
+            "aborts entered vs decided"
+        );
+        assert_eq!(self.engine.live_streams(), 0, "leaked engine streams");
+        assert_eq!(
+            self.observer.aborts_after_end(),
+            Vec::<String>::new(),
+            "aborts decided after the engine's end"
+        );
+        for id in self.engine.generated_ids() {
+            let script = self.engine.script(&id);
+            assert!(script.aborts() <= 1, "{id}: {} aborts", script.aborts());
+            assert_eq!(self.observer.aborts(&id), script.aborts() as usize, "{id}");
+            if entry_time {
+                assert_eq!(script.aborts_after_end(), 0, "{id}: abort after end");
+            }
+            assert_eq!(script.polls_after_end(), 0, "{id}: polled after end");
+            assert_eq!(self.observer.records_of(&id).len(), 1, "{id}: records");
+        }
+    }
+}
