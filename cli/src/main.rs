@@ -1,4 +1,80 @@
-//! The `tether` command.
-fn main() {
-    println!("tether: not yet");
+//! The `tether` command: `tether load` (the main job) and `tether conformance`.
+//!
+//! Exit codes: 0 success, 1 a broken invariant or failed check, 2 bad arguments.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tether_cli::conformance::{self, ConformanceArgs};
+use tether_cli::load::{self, LoadArgs, LoadError};
+
+/// tether: the request-lifecycle layer between an LLM engine and whatever serves it.
+#[derive(Debug, Parser)]
+#[command(name = "tether", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    Load(Box<LoadArgs>),
+    Conformance(ConformanceArgs),
+}
+
+fn main() -> ExitCode {
+    // Usage errors exit with code 2 (clap's convention, and ours).
+    let cli = Cli::parse();
+    tether_cli::quiet_chaos_panics();
+    match cli.command {
+        Command::Load(args) => load_main(&args),
+        Command::Conformance(args) => conformance_main(&args),
+    }
+}
+
+fn load_main(args: &LoadArgs) -> ExitCode {
+    let run = args
+        .to_options()
+        .and_then(|opts| load::run(&opts, !args.no_progress && !args.json));
+    match run {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => {
+                        eprintln!("tether load: cannot write the report: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.table());
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err @ LoadError::InvalidOptions(_)) => {
+            eprintln!("tether load: error: {err}");
+            ExitCode::from(2)
+        }
+        Err(err) => {
+            eprintln!("tether load: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn conformance_main(args: &ConformanceArgs) -> ExitCode {
+    match conformance::run(args.runtime, args.engine) {
+        Ok(report) => {
+            print!("{}", conformance::render(&report, args.runtime));
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            println!("conformance: FAILED on {}: {err}", args.runtime);
+            ExitCode::FAILURE
+        }
+    }
 }

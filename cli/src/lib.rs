@@ -1,0 +1,31 @@
+//! # tether-cli
+//!
+//! The library behind the `tether` command, so that its jobs can run in-process in
+//! tests: [`load`] (the main job: requests with chaos through the adapter against
+//! SimEngine, every invariant checked, leaks proven absent), [`conformance`] (the
+//! engine conformance kit on a chosen runtime) and [`runtime`] (building tokio or smol,
+//! counting spawned tasks).
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod conformance;
+pub mod load;
+pub mod runtime;
+
+/// Keep the panics SimEngine injects on purpose (`--panic`) off stderr; every other
+/// panic still goes to the previous hook. The panic hook is process-wide, so only a
+/// binary should call this.
+pub fn quiet_chaos_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if !text.starts_with(tether_engines::sim::CHAOS_PANIC_MESSAGE) {
+            previous(info);
+        }
+    }));
+}

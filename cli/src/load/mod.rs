@@ -1,0 +1,368 @@
+//! `tether load`, the main job: drives N requests at concurrency C through the
+//! [`Adapter`] against a [`SimEngine`] on tokio or smol, with a seeded chaos plan
+//! (client stop, kill and drop at a random chunk; engine error, hang and panic at a
+//! random step), then checks every request against its plan and proves that nothing
+//! leaked: engine slots, KV blocks, queue, in-flight requests and spawned tasks all
+//! back to zero.
+//!
+//! The invariants checked per request: exactly one record; exactly one terminal seen
+//! by the client, as the last item (none when it dropped the stream); an outcome the
+//! plan allows and that matches the terminal; at most one abort, each one sent by the
+//! adapter received by the engine, none of them late, and as many as the plan calls
+//! for.
+//!
+//! ```no_run
+//! let opts = tether_cli::load::LoadOptions { requests: 1000, ..Default::default() };
+//! let report = tether_cli::load::run(&opts, false).expect("valid options");
+//! assert!(report.passed(), "{}", report.table());
+//! ```
+
+mod args;
+mod client;
+mod ledger;
+pub mod plan;
+mod report;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tether_core::protocol::Mode;
+use tether_core::{Adapter, AdapterConfig, EngineError, LlmEngine, Runtime};
+use tether_engines::{SimConfig, SimEngine};
+
+pub use args::{parse_chaos, parse_duration, LoadArgs, Timeout};
+pub use plan::{Action, ChaosRates, HangRange, PlanCounts};
+pub use report::{Leaks, Outcomes, Percentiles, Report, SHOWN_VIOLATIONS};
+
+use crate::runtime::{self, CountingRuntime, RuntimeKind};
+use client::{Clients, WorkerOut};
+use ledger::Ledger;
+
+/// Everything a load run needs. `Default` is the command line's defaults.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Requests to run.
+    pub requests: usize,
+    /// Requests in flight at once (at least 1).
+    pub concurrency: usize,
+    /// The runtime ([`run`] builds it; [`run_on`] is given one).
+    pub runtime: RuntimeKind,
+    /// Worker threads of the runtime [`run`] builds.
+    pub threads: usize,
+    /// The adapter's mode.
+    pub mode: Mode,
+    /// Tokens each request asks for.
+    pub max_tokens: u32,
+    /// Prompt lengths are drawn from this range (inclusive).
+    pub prompt_tokens: (u32, u32),
+    /// The chaos mix.
+    pub chaos: ChaosRates,
+    /// Seed of the plan and of the engine's tokens.
+    pub seed: u64,
+    /// The adapter's time-to-first-token limit.
+    pub first_token_timeout: Option<Duration>,
+    /// The adapter's inter-token limit.
+    pub inter_token_timeout: Option<Duration>,
+    /// The adapter's decode-mode abort deferral deadline.
+    pub deferral_deadline: Duration,
+    /// The engine (its `seed` is replaced by [`LoadOptions::seed`]).
+    pub sim: SimConfig,
+    /// How long to wait for in-flight aborts and tasks once the requests are done.
+    pub settle_timeout: Duration,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            requests: 10_000,
+            concurrency: 256,
+            runtime: RuntimeKind::Tokio,
+            threads: runtime::default_threads(),
+            mode: Mode::Aggregated,
+            max_tokens: 16,
+            prompt_tokens: (8, 64),
+            chaos: ChaosRates::default(),
+            seed: 0,
+            first_token_timeout: None,
+            inter_token_timeout: Some(Duration::from_millis(200)),
+            deferral_deadline: Duration::from_millis(50),
+            sim: SimConfig::default(),
+            settle_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a load run could not run (broken invariants are not errors: they are in the
+/// [`Report`]).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The options make no sense; the message says which and why.
+    #[error("{0}")]
+    InvalidOptions(String),
+    /// The runtime could not be built.
+    #[error("cannot build the runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+    /// The engine did not start.
+    #[error("engine failed to start: {0}")]
+    Engine(EngineError),
+}
+
+impl LoadOptions {
+    /// Where hangs may be placed: a hang at step 0 needs a first-token timeout, a later
+    /// one an inter-token timeout. `None` when no timeout would ever end a hang.
+    pub fn hang_range(&self) -> Option<HangRange> {
+        let n = self.max_tokens;
+        match (self.first_token_timeout, self.inter_token_timeout) {
+            (Some(_), Some(_)) => Some(HangRange { from: 0, to: n }),
+            (Some(_), None) => Some(HangRange {
+                from: 0,
+                to: n.min(1),
+            }),
+            (None, Some(_)) => Some(HangRange { from: 1, to: n }),
+            (None, None) => None,
+        }
+    }
+
+    /// The engine configuration this run uses.
+    pub fn sim_config(&self) -> SimConfig {
+        SimConfig {
+            seed: self.seed,
+            ..self.sim.clone()
+        }
+    }
+
+    /// Check the options; the error says what to change.
+    pub fn validate(&self) -> Result<(), LoadError> {
+        let bad = |msg: String| Err(LoadError::InvalidOptions(msg));
+        if self.concurrency == 0 {
+            return bad("--concurrency must be at least 1".to_owned());
+        }
+        if self.threads == 0 {
+            return bad("--threads must be at least 1".to_owned());
+        }
+        for (name, rate) in self.chaos.named() {
+            if !(0.0..=1.0).contains(&rate) {
+                return bad(format!("--{name} must be a fraction in 0..1, got {rate}"));
+            }
+        }
+        let total = self.chaos.total();
+        if total > 1.0 + 1e-9 {
+            return bad(format!(
+                "the chaos fractions add up to {total}, more than 1 (each request gets at most one kind)"
+            ));
+        }
+        if self.chaos.hang > 0.0 {
+            match self.hang_range() {
+                None => {
+                    return bad("--hang needs a timeout to end the hung requests: set \
+                         --inter-token-timeout or --first-token-timeout (or --hang 0)"
+                        .to_owned())
+                }
+                Some(r) if r.to <= r.from => {
+                    return bad(format!(
+                        "--hang cannot be placed with --max-tokens {}: a hang after the first \
+                         token needs --max-tokens of at least 2, one before it \
+                         --first-token-timeout",
+                        self.max_tokens
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if self.prompt_tokens.0 == 0 || self.prompt_tokens.0 > self.prompt_tokens.1 {
+            return bad(format!(
+                "prompt lengths {}..={} must be a non-empty range starting at 1 or more",
+                self.prompt_tokens.0, self.prompt_tokens.1
+            ));
+        }
+        let sim = self.sim_config();
+        if let Err(e) = sim.validate() {
+            return bad(format!("engine configuration: {e}"));
+        }
+        let longest = self.prompt_tokens.1 as usize + self.max_tokens as usize;
+        if sim.blocks_for(longest) > sim.kv_blocks {
+            return bad(format!(
+                "a request of {longest} tokens needs {} kv blocks, the engine has {}",
+                sim.blocks_for(longest),
+                sim.kv_blocks
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Build the runtime `opts` asks for and run the load on it, with a progress bar on
+/// stderr if `progress` is set and stderr is a terminal.
+pub fn run(opts: &LoadOptions, progress: bool) -> Result<Report, LoadError> {
+    opts.validate()?;
+    let bar = if progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        progress_bar(opts.requests)
+    } else {
+        ProgressBar::hidden()
+    };
+    runtime::block_on(opts.runtime, opts.threads, |rt| run_on(opts, rt, bar))?
+}
+
+fn progress_bar(requests: usize) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(requests as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} requests ({rate}, eta {eta})",
+    ) {
+        bar.set_style(style.with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} req/s", state.per_sec());
+            },
+        ));
+    }
+    bar
+}
+
+/// Run the load on `runtime` (which must be the runtime polling this future: the
+/// clients, the engine's scheduler and the aborts are spawned on it).
+pub async fn run_on(
+    opts: &LoadOptions,
+    runtime: Arc<dyn Runtime>,
+    progress: ProgressBar,
+) -> Result<Report, LoadError> {
+    opts.validate()?;
+    let (plan, plan_counts) = plan::plan_all(
+        opts.seed,
+        opts.requests,
+        &opts.chaos,
+        opts.max_tokens,
+        opts.prompt_tokens,
+        opts.hang_range(),
+    );
+    let ledger = Arc::new(Ledger::new(opts.requests));
+    // Separate counters: the adapter's tasks must be gone once the requests settled,
+    // the engine's scheduler once it is cleaned up.
+    let adapter_rt = CountingRuntime::new(runtime.clone());
+    let engine_rt = CountingRuntime::new(runtime.clone());
+    let (adapter_tasks, engine_tasks) = (adapter_rt.counts(), engine_rt.counts());
+    let sim = opts.sim_config();
+    let hook_ledger = ledger.clone();
+    let engine = Arc::new(
+        SimEngine::new(sim.clone(), engine_rt).with_abort_hook(Arc::new(move |id, receipt| {
+            hook_ledger.engine_abort(id, receipt);
+        })),
+    );
+    let started = engine.start(0).await.map_err(LoadError::Engine)?;
+    let adapter = Adapter::new(
+        engine.clone(),
+        adapter_rt,
+        AdapterConfig {
+            mode: opts.mode,
+            deferral_deadline: opts.deferral_deadline,
+            first_token_timeout: opts.first_token_timeout,
+            inter_token_timeout: opts.inter_token_timeout,
+            observer: Some(ledger.clone()),
+            ..AdapterConfig::default()
+        },
+    );
+    let clients = Arc::new(Clients {
+        adapter,
+        runtime: runtime.clone(),
+        plan,
+        ledger: ledger.clone(),
+        model: started.model,
+        max_tokens: opts.max_tokens,
+        vocab: sim.vocab_size,
+        progress: progress.clone(),
+        next: AtomicUsize::new(0),
+    });
+
+    let t0 = runtime.now();
+    let workers = opts.concurrency.min(opts.requests);
+    let (done_tx, done_rx) = smol::channel::unbounded::<WorkerOut>();
+    for _ in 0..workers {
+        let clients = clients.clone();
+        let done_tx = done_tx.clone();
+        runtime.spawn(Box::pin(async move {
+            let out = client::worker(clients).await;
+            let _ = done_tx.send(out).await;
+        }));
+    }
+    drop(done_tx);
+    let mut gaps_us = Vec::new();
+    let mut tokens = 0u64;
+    while let Ok(out) = done_rx.recv().await {
+        gaps_us.extend(out.gaps_us);
+        tokens += out.tokens;
+    }
+    let elapsed = runtime.now().saturating_duration_since(t0);
+    progress.finish_and_clear();
+
+    // Settle: the aborts (and deferred aborts) still on their way land, the engine
+    // frees what they free. A bounded wait on the runtime's timer.
+    let settle = opts.settle_timeout + opts.deferral_deadline;
+    runtime::wait_until(&*runtime, settle, || {
+        let g = engine.gauges();
+        adapter_tasks.alive() == 0
+            && g.live_slots == 0
+            && g.queue_len == 0
+            && g.aborts_received == ledger.aborts_sent()
+    })
+    .await;
+    let gauges = engine.gauges();
+    let leaks_before_cleanup = (gauges.live_slots, gauges.kv_blocks_used, gauges.queue_len);
+    let adapter_alive = adapter_tasks.alive();
+    let _ = engine.cleanup().await;
+    runtime::wait_until(&*runtime, opts.settle_timeout, || engine_tasks.alive() == 0).await;
+    let (mut violations, mut totals) = ledger.check(&clients.plan, opts.mode, opts.max_tokens);
+    drop(clients);
+    let leaks = Leaks {
+        engine_slots: leaks_before_cleanup.0 as u64,
+        kv_blocks: leaks_before_cleanup.1 as u64,
+        queue: leaks_before_cleanup.2 as u64,
+        in_flight: ledger.in_flight(),
+        tasks: adapter_alive + engine_tasks.alive(),
+    };
+    if gauges.late_aborts > 0 {
+        violations.push(format!(
+            "the engine received {} late aborts",
+            gauges.late_aborts
+        ));
+    }
+    if !leaks.is_clean() {
+        violations.push(format!("leak after settling: {leaks:?}"));
+    }
+    let outcome = |k: &str| totals.outcomes.get(k).copied().unwrap_or(0);
+    let secs = elapsed.as_secs_f64();
+    let rate = |n: f64| if secs > 0.0 { n / secs } else { 0.0 };
+    let mut itl: Vec<f64> = gaps_us.iter().map(|&g| f64::from(g) / 1000.0).collect();
+    Ok(Report {
+        runtime: opts.runtime,
+        mode: opts.mode.as_str().to_owned(),
+        requests: opts.requests as u64,
+        concurrency: opts.concurrency as u64,
+        seed: opts.seed,
+        max_tokens: opts.max_tokens,
+        plan: plan_counts,
+        outcomes: Outcomes {
+            finished: outcome("finished"),
+            cancelled: outcome("cancelled"),
+            failed: outcome("failed"),
+            dropped: outcome("dropped"),
+            timed_out: outcome("timed_out"),
+        },
+        finish_reasons: std::mem::take(&mut totals.finish_reasons),
+        failures: std::mem::take(&mut totals.failures),
+        aborts_sent: ledger.aborts_sent(),
+        aborts_received: gauges.aborts_received,
+        aborts_expected: totals.aborts_expected,
+        late_aborts: gauges.late_aborts,
+        ttft_ms: Percentiles::of(&mut totals.ttft_ms),
+        itl_ms: Percentiles::of(&mut itl),
+        elapsed_s: secs,
+        tokens,
+        requests_per_s: rate(opts.requests as f64),
+        tokens_per_s: rate(tokens as f64),
+        tasks_spawned: adapter_tasks.spawned(),
+        engine_lingering: gauges.lingering as u64,
+        leaks,
+        violations,
+    })
+}

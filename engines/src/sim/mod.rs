@@ -1,0 +1,246 @@
+//! [`SimEngine`]: a continuous-batching inference simulator.
+//!
+//! One scheduler loop per started engine (never one task per request) admits waiting
+//! requests while a batch slot and their KV blocks are free, then steps the whole
+//! batch: every running sequence emits one token per step, and a step lasts
+//! [`SimConfig::step_cost`] of the engine's [`Runtime`] clock (so a paused tokio clock
+//! runs it in no real time). Tokens are deterministic: they depend on the seed and the
+//! prompt only. Each request's chunks travel through its own channel to its stream.
+//!
+//! - `max_tokens = 0` ends at once with `Length`; a stop token ends with `Stop`, an
+//!   EOS token (unless `ignore_eos`) with `Eos`, both after `min_tokens`; every
+//!   terminal carries the usage.
+//! - `abort` frees the slot and KV blocks at once and ends the stream with `Cancelled`
+//!   and the usage so far; dropping the stream frees them too. An abort that can only
+//!   be a protocol error is counted as late (see [`AbortReceipt`]).
+//! - [`Chaos`] (request annotations such as `chaos:error@3`) injects an engine error,
+//!   a hang or a panic inside `poll_next` at a chosen step.
+//! - [`SimEngine::gauges`] exposes live slots, KV blocks, queue length and abort
+//!   counters, so a test can prove nothing leaks.
+//!
+//! ```
+//! # use std::sync::Arc;
+//! # use tether_engines::{SimConfig, SimEngine};
+//! # async fn demo(runtime: Arc<dyn tether_core::Runtime>) {
+//! let engine = Arc::new(SimEngine::new(SimConfig::default(), runtime));
+//! # }
+//! ```
+
+mod chaos;
+mod config;
+mod rng;
+mod scheduler;
+mod state;
+mod stream;
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tether_core::drive::Runtime;
+use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine};
+use tether_core::error::{EngineError, ErrorKind};
+use tether_core::protocol::Request;
+
+pub use chaos::{Chaos, ChaosParseError, CHAOS_PANIC_MESSAGE, CHAOS_PREFIX};
+pub use config::{SimConfig, SimConfigError};
+pub use state::{AbortReceipt, SimGauges};
+
+use state::{Admission, State};
+use stream::SimStream;
+
+/// Called with the request id and what the engine found, for every abort it receives.
+pub type AbortHook = Arc<dyn Fn(&str, AbortReceipt) + Send + Sync>;
+
+/// What the engine, its scheduler loop and its streams share.
+pub(crate) struct Core {
+    config: SimConfig,
+    runtime: Arc<dyn Runtime>,
+    state: Mutex<State>,
+}
+
+impl Core {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic never happens under this lock (chaos panics are raised outside it),
+        // so a poisoned lock still holds consistent books.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A continuous-batching simulator that implements [`LlmEngine`]. See the
+/// [module docs](self).
+pub struct SimEngine {
+    core: Arc<Core>,
+    abort_hook: Option<AbortHook>,
+}
+
+impl fmt::Debug for SimEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SimEngine")
+            .field("config", &self.core.config)
+            .field("runtime", &self.core.runtime)
+            .field("gauges", &self.gauges())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimEngine {
+    /// An engine with `config` whose scheduler will run on `runtime` once started.
+    pub fn new(config: SimConfig, runtime: impl Runtime) -> SimEngine {
+        SimEngine {
+            core: Arc::new(Core {
+                config,
+                runtime: Arc::new(runtime),
+                state: Mutex::new(State::new()),
+            }),
+            abort_hook: None,
+        }
+    }
+
+    /// Call `hook` for every abort received, with what it found.
+    #[must_use]
+    pub fn with_abort_hook(mut self, hook: AbortHook) -> SimEngine {
+        self.abort_hook = Some(hook);
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SimConfig {
+        &self.core.config
+    }
+
+    /// A snapshot of the gauges and counters.
+    pub fn gauges(&self) -> SimGauges {
+        self.core.lock().gauges()
+    }
+
+    /// Sequences holding a batch slot now.
+    pub fn live_slots(&self) -> usize {
+        self.gauges().live_slots
+    }
+
+    /// KV blocks in use now.
+    pub fn kv_blocks_used(&self) -> usize {
+        self.gauges().kv_blocks_used
+    }
+
+    /// Requests waiting for a slot or KV blocks now.
+    pub fn queue_len(&self) -> usize {
+        self.gauges().queue_len
+    }
+
+    /// Whether `start` ran and `cleanup` has not.
+    pub fn is_started(&self) -> bool {
+        self.core.lock().started
+    }
+
+    fn validate(&self, request: &Request) -> Result<Admission, EngineError> {
+        let cfg = &self.core.config;
+        if request.token_ids.is_empty() {
+            return Err(EngineError::invalid_argument(
+                "request has no prompt tokens",
+            ));
+        }
+        let chaos = Chaos::from_annotations(&request.annotations)
+            .map_err(|e| EngineError::invalid_argument(e.to_string()))?;
+        let max_tokens = request.stop.max_tokens.unwrap_or(cfg.default_max_tokens);
+        let tokens = request.token_ids.len().saturating_add(max_tokens as usize);
+        let blocks = cfg.blocks_for(tokens);
+        if blocks > cfg.kv_blocks {
+            return Err(EngineError::invalid_argument(format!(
+                "request needs {blocks} kv blocks, the engine has {}",
+                cfg.kv_blocks
+            )));
+        }
+        Ok(Admission {
+            max_tokens,
+            blocks,
+            chaos,
+        })
+    }
+
+    fn shutdown(&self) {
+        let mut st = self.core.lock();
+        st.epoch += 1;
+        st.started = false;
+        st.shutdown();
+    }
+}
+
+impl Drop for SimEngine {
+    fn drop(&mut self) {
+        // Ends the scheduler loop, which would otherwise keep the books alive.
+        self.shutdown();
+    }
+}
+
+impl LlmEngine for SimEngine {
+    fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
+        Box::pin(async move {
+            let cfg = &self.core.config;
+            cfg.validate()
+                .map_err(|e| EngineError::invalid_argument(e.to_string()))?;
+            let mut st = self.core.lock();
+            if !st.started {
+                st.started = true;
+                st.epoch += 1;
+                let (tx, rx) = smol::channel::bounded(1);
+                st.kick = Some(tx);
+                let epoch = st.epoch;
+                drop(st);
+                let core = self.core.clone();
+                self.core
+                    .runtime
+                    .spawn(Box::pin(scheduler::run(core, epoch, rx)));
+            }
+            Ok(EngineConfig {
+                model: cfg.model.clone(),
+                worker_id,
+                max_concurrency: Some(cfg.max_sequences),
+            })
+        })
+    }
+
+    fn generate(
+        &self,
+        request: Request,
+        context: GenerateContext,
+    ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        Box::pin(async move {
+            let admission = self.validate(&request)?;
+            let panic_at = match admission.chaos {
+                Some(Chaos::Panic(k)) => Some(k),
+                _ => None,
+            };
+            let (seq, rx) = {
+                let mut st = self.core.lock();
+                if !st.started {
+                    return Err(EngineError::new(
+                        ErrorKind::Unavailable,
+                        "sim engine is not started",
+                    ));
+                }
+                st.insert(&self.core.config, request, admission, context.clone())
+            };
+            let stream = SimStream::new(self.core.clone(), seq, rx, context, panic_at);
+            Ok(Box::pin(stream) as ChunkStream)
+        })
+    }
+
+    fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let receipt = self.core.lock().abort(context.request_id());
+            if let Some(hook) = &self.abort_hook {
+                hook(context.request_id(), receipt);
+            }
+        })
+    }
+
+    fn cleanup(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            self.shutdown();
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,753 @@
+//! SimEngine behaviour, every scenario on tokio (paused clock) and on smol.
+
+use std::future::poll_fn;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tether_core::drive::{AsyncTimer, SpawnFuture};
+use tether_core::{
+    AdapterConfig, BackendError, Chunk, ChunkStream, Context, EngineError, ErrorKind, FinishReason,
+    GenerateContext, LlmEngine, Outcome, Request, RequestRecord, Runtime, Usage,
+};
+use tether_engines::{AbortReceipt, Chaos, SimConfig, SimEngine, SimGauges};
+
+type Rt = Arc<dyn Runtime>;
+
+fn tokio_rt() -> Rt {
+    Arc::new(tether_tokio::TokioRuntime::current())
+}
+
+fn smol_rt() -> Rt {
+    Arc::new(tether_smol::SmolRuntime::global())
+}
+
+/// Run `scenario` on tokio with a paused clock and on smol.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(start_paused = true)]
+            async fn tokio() {
+                super::$name(super::tokio_rt()).await;
+            }
+            #[test]
+            fn smol() {
+                smol::block_on(super::$name(super::smol_rt()));
+            }
+        }
+    )*};
+}
+
+on_both!(
+    deterministic_tokens,
+    default_max_tokens_is_16,
+    max_tokens_zero_ends_at_once,
+    stop_token_ends_with_stop,
+    eos_token_ends_with_eos_unless_ignored,
+    queues_when_slots_are_full,
+    queues_when_kv_blocks_are_full,
+    abort_frees_slot_and_blocks,
+    abort_of_queued_request_frees_its_place,
+    late_and_unknown_aborts_are_counted,
+    abort_after_end_read_while_cancelling_is_not_late,
+    dropped_stream_frees_its_sequence,
+    chaos_error_ends_with_typed_error,
+    chaos_hang_holds_slot_until_abort,
+    chaos_panic_panics_in_poll_next,
+    invalid_requests_are_setup_errors,
+    cleanup_ends_live_streams,
+    one_scheduler_task_per_engine,
+    kill_through_adapter_aborts_once,
+    drop_through_adapter_frees_everything,
+    passes_conformance_kit,
+);
+
+/// Fast, exact time model: every step costs 1 ms.
+fn config() -> SimConfig {
+    SimConfig {
+        decode_step_cost: Duration::from_millis(1),
+        prefill_cost_per_token: Duration::ZERO,
+        batch_cost_per_sequence: Duration::ZERO,
+        ..SimConfig::default()
+    }
+}
+
+async fn started(cfg: SimConfig, rt: Rt) -> Arc<SimEngine> {
+    let engine = Arc::new(SimEngine::new(cfg, rt));
+    engine.start(7).await.unwrap();
+    engine
+}
+
+fn req(id: &str, prompt: &[u32], max_tokens: u32) -> Request {
+    Request::new(id, "sim", prompt.to_vec()).with_max_tokens(max_tokens)
+}
+
+fn gctx(id: &str) -> GenerateContext {
+    GenerateContext::new(Context::new(id), id)
+}
+
+async fn gen(engine: &SimEngine, request: Request) -> ChunkStream {
+    let id = request.id.clone();
+    engine.generate(request, gctx(&id)).await.unwrap()
+}
+
+async fn collect(stream: ChunkStream) -> Vec<Result<Chunk, EngineError>> {
+    stream.collect().await
+}
+
+fn tokens(items: &[Result<Chunk, EngineError>]) -> Vec<u32> {
+    items
+        .iter()
+        .filter_map(|i| i.as_ref().ok())
+        .flat_map(|c| c.token_ids.iter().copied())
+        .collect()
+}
+
+fn terminal(items: &[Result<Chunk, EngineError>]) -> &Chunk {
+    let last = items.last().expect("at least one item").as_ref().unwrap();
+    assert!(last.is_terminal(), "last item is terminal: {last:?}");
+    let terminals = items
+        .iter()
+        .filter(|i| i.as_ref().is_ok_and(Chunk::is_terminal))
+        .count();
+    assert_eq!(terminals, 1, "exactly one terminal");
+    last
+}
+
+fn idle(g: SimGauges) {
+    assert_eq!(
+        (g.live_slots, g.kv_blocks_used, g.queue_len, g.hung),
+        (0, 0, 0, 0),
+        "{g:?}"
+    );
+}
+
+/// Wait (on the runtime's clock) until `cond` holds; at most 2 s.
+async fn until(rt: &Rt, mut cond: impl FnMut() -> bool) {
+    let deadline = rt.now() + Duration::from_secs(2);
+    let mut timer = rt.sleep_until(rt.now());
+    while !cond() {
+        assert!(rt.now() < deadline, "condition not reached in 2 s");
+        timer.as_mut().reset(rt.now() + Duration::from_millis(1));
+        poll_fn(|cx| timer.as_mut().poll(cx)).await;
+    }
+}
+
+async fn deterministic_tokens(rt: Rt) {
+    let engine = started(config(), rt.clone()).await;
+    let a = collect(gen(&engine, req("a", &[1, 2, 3], 8)).await).await;
+    let b = collect(gen(&engine, req("b", &[1, 2, 3], 8)).await).await;
+    let c = collect(gen(&engine, req("c", &[1, 2, 4], 8)).await).await;
+    assert_eq!(tokens(&a).len(), 8);
+    assert_eq!(tokens(&a), tokens(&b), "same seed and prompt, same tokens");
+    assert_ne!(tokens(&a), tokens(&c), "another prompt, other tokens");
+    assert!(a
+        .iter()
+        .take(8)
+        .all(|i| i.as_ref().unwrap().token_ids.len() == 1));
+    let end = terminal(&a);
+    assert_eq!(end.finish_reason, Some(FinishReason::Length));
+    assert_eq!(
+        end.usage,
+        Some(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 8
+        })
+    );
+    let other_seed = started(
+        SimConfig {
+            seed: 9,
+            ..config()
+        },
+        rt.clone(),
+    )
+    .await;
+    let d = collect(gen(&other_seed, req("d", &[1, 2, 3], 8)).await).await;
+    assert_ne!(tokens(&a), tokens(&d), "another seed, other tokens");
+    let same_seed = started(config(), rt).await;
+    let e = collect(gen(&same_seed, req("e", &[1, 2, 3], 8)).await).await;
+    assert_eq!(
+        tokens(&a),
+        tokens(&e),
+        "another engine, same seed: same tokens"
+    );
+    idle(engine.gauges());
+    assert_eq!(engine.gauges().lingering, 0);
+}
+
+async fn default_max_tokens_is_16(rt: Rt) {
+    let engine = started(config(), rt).await;
+    let items = collect(gen(&engine, Request::new("a", "sim", vec![5])).await).await;
+    assert_eq!(tokens(&items).len(), 16);
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+}
+
+async fn max_tokens_zero_ends_at_once(rt: Rt) {
+    let engine = started(config(), rt.clone()).await;
+    let t0 = rt.now();
+    let items = collect(gen(&engine, req("z", &[1, 2], 0)).await).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    let end = terminal(&items);
+    assert_eq!(end.finish_reason, Some(FinishReason::Length));
+    assert_eq!(
+        end.usage,
+        Some(Usage {
+            prompt_tokens: 2,
+            completion_tokens: 0
+        })
+    );
+    assert!(rt.now() - t0 < Duration::from_millis(500));
+    idle(engine.gauges());
+    assert_eq!(engine.gauges().lingering, 0);
+}
+
+async fn stop_token_ends_with_stop(rt: Rt) {
+    let engine = started(config(), rt).await;
+    let all = tokens(&collect(gen(&engine, req("a", &[4, 5], 16)).await).await);
+    let stop = all[3];
+    let first = all.iter().position(|&t| t == stop).unwrap();
+    let mut r = req("b", &[4, 5], 16);
+    r.stop.stop_token_ids = vec![stop];
+    let items = collect(gen(&engine, r).await).await;
+    assert_eq!(tokens(&items), all[..=first].to_vec());
+    let end = terminal(&items);
+    assert_eq!(end.finish_reason, Some(FinishReason::Stop));
+    assert_eq!(end.usage.unwrap().completion_tokens as usize, first + 1);
+    // min_tokens holds a stop token back.
+    let mut r = req("c", &[4, 5], 16);
+    r.stop.stop_token_ids = vec![all[0]];
+    r.stop.min_tokens = Some(2);
+    let items = collect(gen(&engine, r).await).await;
+    assert!(tokens(&items).len() >= 2);
+}
+
+async fn eos_token_ends_with_eos_unless_ignored(rt: Rt) {
+    let engine = started(config(), rt).await;
+    let all = tokens(&collect(gen(&engine, req("a", &[9], 16)).await).await);
+    let first = all.iter().position(|&t| t == all[2]).unwrap();
+    let mut r = req("b", &[9], 16);
+    r.eos_token_ids = vec![all[2]];
+    let items = collect(gen(&engine, r.clone()).await).await;
+    assert_eq!(tokens(&items).len(), first + 1);
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Eos));
+    r.stop.ignore_eos = true;
+    let items = collect(gen(&engine, r).await).await;
+    assert_eq!(tokens(&items), all);
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+}
+
+async fn queues_when_slots_are_full(rt: Rt) {
+    let cfg = SimConfig {
+        max_sequences: 2,
+        ..config()
+    };
+    let engine = started(cfg, rt.clone()).await;
+    let t0 = rt.now();
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        streams.push(gen(&engine, req(&format!("q{i}"), &[i + 1], 4)).await);
+    }
+    let mut max_live = 0;
+    for (i, mut s) in streams.into_iter().enumerate() {
+        let mut items = Vec::new();
+        while let Some(item) = s.next().await {
+            items.push(item);
+            max_live = max_live.max(engine.live_slots());
+        }
+        assert_eq!(tokens(&items).len(), 4, "request {i}");
+        assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+    }
+    assert!(max_live <= 2, "{max_live}");
+    // Three waves of 4 steps of 1 ms: without queueing it would take 4 ms.
+    assert!(rt.now() - t0 >= Duration::from_millis(12));
+    idle(engine.gauges());
+    assert_eq!(engine.gauges().accepted, 5);
+}
+
+/// On a paused clock the batch is observable step by step.
+#[tokio::test(start_paused = true)]
+async fn queue_gauges_are_exact_on_a_paused_clock() {
+    let rt = tokio_rt();
+    let cfg = SimConfig {
+        max_sequences: 2,
+        ..config()
+    };
+    let engine = started(cfg, rt.clone()).await;
+    let t0 = rt.now();
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        streams.push(gen(&engine, req(&format!("q{i}"), &[i + 1], 4)).await);
+    }
+    assert_eq!(
+        engine.queue_len(),
+        5,
+        "admission happens at step boundaries"
+    );
+    streams[0].next().await.unwrap().unwrap();
+    assert_eq!(rt.now() - t0, Duration::from_millis(1));
+    let g = engine.gauges();
+    assert_eq!(
+        (g.live_slots, g.queue_len, g.kv_blocks_used),
+        (2, 3, 2),
+        "{g:?}"
+    );
+    let last = streams.pop().unwrap();
+    let items = collect(last).await;
+    assert_eq!(tokens(&items).len(), 4);
+    // Request 4 runs in the third wave: steps 9 to 12.
+    assert_eq!(rt.now() - t0, Duration::from_millis(12));
+    let g = engine.gauges();
+    assert_eq!(
+        (g.live_slots, g.queue_len, g.kv_blocks_used),
+        (0, 0, 0),
+        "{g:?}"
+    );
+}
+
+async fn queues_when_kv_blocks_are_full(rt: Rt) {
+    // Prompt 8 + 1000 tokens = 63 blocks of 16; the pool has 100: one at a time.
+    let cfg = SimConfig {
+        kv_blocks: 100,
+        ..config()
+    };
+    let engine = started(cfg, rt).await;
+    let mut a = gen(&engine, req("a", &[1; 8], 1000)).await;
+    let mut b = gen(&engine, req("b", &[2; 8], 1000)).await;
+    a.next().await.unwrap().unwrap();
+    let g = engine.gauges();
+    assert_eq!((g.live_slots, g.kv_blocks_used, g.queue_len), (1, 63, 1));
+    drop(a);
+    let first_b = b.next().await.unwrap().unwrap();
+    assert!(first_b.has_tokens(), "b runs once a's blocks are free");
+    assert_eq!(engine.kv_blocks_used(), 63);
+    drop(b);
+    idle(engine.gauges());
+}
+
+async fn abort_frees_slot_and_blocks(rt: Rt) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let engine = Arc::new(
+        SimEngine::new(config(), rt).with_abort_hook(Arc::new(move |id, r| {
+            log.lock().unwrap().push((id.to_owned(), r));
+        })),
+    );
+    engine.start(0).await.unwrap();
+    let g = gctx("x");
+    let mut s = engine
+        .generate(req("x", &[1, 2, 3], 1000), g.clone())
+        .await
+        .unwrap();
+    let t1 = s.next().await.unwrap().unwrap();
+    let t2 = s.next().await.unwrap().unwrap();
+    assert!(t1.has_tokens() && t2.has_tokens());
+    assert_eq!(engine.live_slots(), 1);
+    assert_eq!(engine.kv_blocks_used(), 63, "ceil(1003 / 16)");
+    engine.abort(g).await;
+    idle(engine.gauges());
+    let rest = collect(s).await;
+    let end = terminal(&rest);
+    assert_eq!(end.finish_reason, Some(FinishReason::Cancelled));
+    let usage = end.usage.unwrap();
+    assert_eq!(usage.prompt_tokens, 3);
+    assert_eq!(usage.completion_tokens as usize, 2 + tokens(&rest).len());
+    let g = engine.gauges();
+    assert_eq!((g.aborts_received, g.late_aborts, g.lingering), (1, 0, 0));
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![("x".to_owned(), AbortReceipt::Live)]
+    );
+}
+
+async fn abort_of_queued_request_frees_its_place(rt: Rt) {
+    let cfg = SimConfig {
+        max_sequences: 1,
+        ..config()
+    };
+    let engine = started(cfg, rt).await;
+    let mut a = gen(&engine, req("a", &[1], 1000)).await;
+    let g = gctx("b");
+    let b = engine
+        .generate(req("b", &[2], 1000), g.clone())
+        .await
+        .unwrap();
+    a.next().await.unwrap().unwrap();
+    assert_eq!(engine.queue_len(), 1);
+    engine.abort(g).await;
+    assert_eq!(engine.queue_len(), 0);
+    let items = collect(b).await;
+    assert_eq!(items.len(), 1);
+    let end = terminal(&items);
+    assert_eq!(end.finish_reason, Some(FinishReason::Cancelled));
+    assert_eq!(end.usage.unwrap().completion_tokens, 0);
+    drop(a);
+    idle(engine.gauges());
+    assert_eq!(engine.gauges().late_aborts, 0);
+}
+
+async fn late_and_unknown_aborts_are_counted(rt: Rt) {
+    let engine = started(config(), rt).await;
+    let g = gctx("a");
+    let s = engine.generate(req("a", &[1], 3), g.clone()).await.unwrap();
+    let items = collect(s).await;
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+    // Its end was read while nobody cancelled it: no abort may follow.
+    engine.abort(g.clone()).await;
+    engine.abort(gctx("never-generated")).await;
+    let gs = engine.gauges();
+    assert_eq!((gs.aborts_received, gs.late_aborts), (2, 2));
+    // A second abort of an aborted request is late too.
+    let g = gctx("b");
+    let _s = engine
+        .generate(req("b", &[1], 1000), g.clone())
+        .await
+        .unwrap();
+    engine.abort(g.clone()).await;
+    engine.abort(g).await;
+    let gs = engine.gauges();
+    assert_eq!((gs.aborts_received, gs.late_aborts), (4, 3));
+    idle(gs);
+}
+
+async fn abort_after_end_read_while_cancelling_is_not_late(rt: Rt) {
+    let engine = started(config(), rt).await;
+    let g = gctx("a");
+    let mut s = engine.generate(req("a", &[1], 2), g.clone()).await.unwrap();
+    s.next().await.unwrap().unwrap();
+    // The consumer stops; tether decides to abort, the abort task runs later, after
+    // the engine's own terminal was read.
+    g.context().stop();
+    let rest = collect(s).await;
+    assert_eq!(terminal(&rest).finish_reason, Some(FinishReason::Length));
+    assert_eq!(engine.gauges().lingering, 1);
+    engine.abort(g).await;
+    let gs = engine.gauges();
+    assert_eq!(
+        (gs.aborts_received, gs.late_aborts, gs.lingering),
+        (1, 0, 0)
+    );
+}
+
+async fn dropped_stream_frees_its_sequence(rt: Rt) {
+    let engine = started(config(), rt).await;
+    let g = gctx("a");
+    let mut s = engine
+        .generate(req("a", &[1; 40], 1000), g.clone())
+        .await
+        .unwrap();
+    s.next().await.unwrap().unwrap();
+    assert_eq!(engine.kv_blocks_used(), 65, "ceil(1040 / 16)");
+    drop(s);
+    idle(engine.gauges());
+    assert_eq!(engine.gauges().lingering, 1, "an abort may still come");
+    engine.abort(g).await;
+    let gs = engine.gauges();
+    assert_eq!((gs.late_aborts, gs.lingering), (0, 0));
+    // Dropped while queued.
+    let s = gen(&engine, req("b", &[1], 5)).await;
+    assert_eq!(engine.queue_len(), 1);
+    drop(s);
+    idle(engine.gauges());
+}
+
+async fn chaos_error_ends_with_typed_error(rt: Rt) {
+    let engine = started(config(), rt).await;
+    let mut r = req("e", &[1], 10);
+    r.annotations.push(Chaos::Error(2).annotation());
+    let items = collect(gen(&engine, r).await).await;
+    assert_eq!(items.len(), 3, "{items:?}");
+    assert_eq!(tokens(&items).len(), 2);
+    let err = items[2].as_ref().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Backend(BackendError::Unknown));
+    assert!(err.message().contains("injected"), "{err}");
+    idle(engine.gauges());
+    assert_eq!(engine.gauges().lingering, 0);
+}
+
+async fn chaos_hang_holds_slot_until_abort(rt: Rt) {
+    let engine = started(config(), rt.clone()).await;
+    let mut r = req("h", &[1], 10);
+    r.annotations.push("chaos:hang@1".to_owned());
+    let g = gctx("h");
+    let mut s = engine.generate(r, g.clone()).await.unwrap();
+    assert!(s.next().await.unwrap().unwrap().has_tokens());
+    // Nothing more comes while we wait (30 ms: real on smol, paused on tokio).
+    let mut timer = rt.sleep_until(rt.now() + Duration::from_millis(30));
+    let hung = poll_fn(|cx| match s.as_mut().poll_next(cx) {
+        Poll::Ready(item) => Poll::Ready(Some(item)),
+        Poll::Pending => timer.as_mut().poll(cx).map(|()| None),
+    })
+    .await;
+    assert!(hung.is_none(), "a hung stream yields nothing: {hung:?}");
+    let gs = engine.gauges();
+    assert_eq!((gs.live_slots, gs.hung), (1, 1));
+    engine.abort(g).await;
+    let rest = collect(s).await;
+    let end = terminal(&rest);
+    assert_eq!(end.finish_reason, Some(FinishReason::Cancelled));
+    assert_eq!(end.usage.unwrap().completion_tokens, 1);
+    idle(engine.gauges());
+}
+
+async fn chaos_panic_panics_in_poll_next(rt: Rt) {
+    let engine = started(config(), rt).await;
+    let mut r = req("p", &[1], 10);
+    r.annotations.push("chaos:panic@1".to_owned());
+    let mut s = gen(&engine, r).await;
+    assert!(s.next().await.unwrap().unwrap().has_tokens());
+    // Wait until the second token is in the channel, then poll it by hand.
+    let panicked =
+        poll_fn(
+            |cx| match catch_unwind(AssertUnwindSafe(|| s.as_mut().poll_next(cx))) {
+                Ok(Poll::Pending) => Poll::Pending,
+                Ok(Poll::Ready(item)) => panic!("expected a panic, got {item:?}"),
+                Err(payload) => Poll::Ready(payload),
+            },
+        )
+        .await;
+    let msg = panicked.downcast_ref::<String>().unwrap();
+    assert!(
+        msg.starts_with(tether_engines::sim::CHAOS_PANIC_MESSAGE),
+        "{msg}"
+    );
+    drop(s);
+    idle(engine.gauges());
+    assert_eq!(engine.gauges().lingering, 0, "a panic is an end tether saw");
+}
+
+async fn invalid_requests_are_setup_errors(rt: Rt) {
+    let unstarted = SimEngine::new(config(), rt.clone());
+    let err = unstarted
+        .generate(req("a", &[1], 1), gctx("a"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    unstarted.cleanup().await.unwrap();
+
+    let bad = SimEngine::new(
+        SimConfig {
+            max_sequences: 0,
+            ..config()
+        },
+        rt.clone(),
+    );
+    let err = bad.start(0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.message().contains("max_sequences"), "{err}");
+    let bad = SimEngine::new(
+        SimConfig {
+            model: String::new(),
+            ..config()
+        },
+        rt.clone(),
+    );
+    assert_eq!(
+        bad.start(0).await.unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+
+    let engine = started(
+        SimConfig {
+            kv_blocks: 4,
+            ..config()
+        },
+        rt,
+    )
+    .await;
+    let cases = [
+        req("empty", &[], 4),
+        {
+            let mut r = req("chaos", &[1], 4);
+            r.annotations.push("chaos:explode".to_owned());
+            r
+        },
+        req("too-long", &[1; 60], 10),
+    ];
+    for r in cases {
+        let id = r.id.clone();
+        let err = engine.generate(r, gctx(&id)).await.err().unwrap();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{id}: {err}");
+    }
+    assert_eq!(engine.gauges().accepted, 0);
+}
+
+async fn cleanup_ends_live_streams(rt: Rt) {
+    let engine = started(config(), rt.clone()).await;
+    let mut s = gen(&engine, req("a", &[1], 1000)).await;
+    s.next().await.unwrap().unwrap();
+    engine.cleanup().await.unwrap();
+    engine.cleanup().await.unwrap();
+    assert!(!engine.is_started());
+    idle(engine.gauges());
+    let rest = collect(s).await;
+    let err = rest.last().unwrap().as_ref().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Backend(BackendError::EngineShutdown));
+    // It starts again after a cleanup.
+    engine.start(1).await.unwrap();
+    let items = collect(gen(&engine, req("b", &[1], 3)).await).await;
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+}
+
+/// Counts spawns and the spawned tasks still alive.
+#[derive(Debug)]
+struct Counting {
+    inner: Rt,
+    spawned: Arc<AtomicUsize>,
+    alive: Arc<AtomicUsize>,
+}
+
+struct Alive(Arc<AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Runtime for Counting {
+    fn spawn(&self, future: SpawnFuture) {
+        self.spawned.fetch_add(1, Ordering::SeqCst);
+        self.alive.fetch_add(1, Ordering::SeqCst);
+        let alive = Alive(self.alive.clone());
+        self.inner.spawn(Box::pin(async move {
+            future.await;
+            drop(alive);
+        }));
+    }
+    fn sleep_until(&self, deadline: Instant) -> std::pin::Pin<Box<dyn AsyncTimer>> {
+        self.inner.sleep_until(deadline)
+    }
+    fn now(&self) -> Instant {
+        self.inner.now()
+    }
+}
+
+async fn one_scheduler_task_per_engine(rt: Rt) {
+    let spawned = Arc::new(AtomicUsize::new(0));
+    let alive = Arc::new(AtomicUsize::new(0));
+    let counting = Counting {
+        inner: rt.clone(),
+        spawned: spawned.clone(),
+        alive: alive.clone(),
+    };
+    let engine = SimEngine::new(config(), counting);
+    engine.start(0).await.unwrap();
+    engine.start(0).await.unwrap();
+    let mut streams = Vec::new();
+    for i in 0..20 {
+        streams.push(gen(&engine, req(&format!("r{i}"), &[i], 4)).await);
+    }
+    for s in streams {
+        collect(s).await;
+    }
+    assert_eq!(
+        spawned.load(Ordering::SeqCst),
+        1,
+        "one loop, however many requests"
+    );
+    engine.cleanup().await.unwrap();
+    until(&rt, || alive.load(Ordering::SeqCst) == 0).await;
+}
+
+#[derive(Default)]
+struct Records(Mutex<Vec<RequestRecord>>, AtomicUsize);
+
+impl tether_core::Observer for Records {
+    fn on_record(&self, record: &RequestRecord) {
+        self.0.lock().unwrap().push(record.clone());
+    }
+    fn on_abort(&self, _: &str) {
+        self.1.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+async fn kill_through_adapter_aborts_once(rt: Rt) {
+    let engine = started(config(), rt.clone()).await;
+    let records = Arc::new(Records::default());
+    let adapter = tether_core::Adapter::new(
+        engine.clone(),
+        rt.clone(),
+        AdapterConfig {
+            observer: Some(records.clone()),
+            ..AdapterConfig::default()
+        },
+    );
+    let ctx = Context::new("k");
+    let mut s = adapter
+        .generate(req("k", &[1, 2], 1000), ctx.clone())
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        assert!(s.next().await.unwrap().data.unwrap().has_tokens());
+    }
+    ctx.kill();
+    let end = s.next().await.unwrap();
+    assert_eq!(
+        end.data.unwrap().finish_reason,
+        Some(FinishReason::Cancelled)
+    );
+    assert!(s.next().await.is_none());
+    until(&rt, || engine.gauges().aborts_received == 1).await;
+    let gs = engine.gauges();
+    idle(gs);
+    assert_eq!((gs.late_aborts, records.1.load(Ordering::SeqCst)), (0, 1));
+    let recs = records.0.lock().unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].outcome, Outcome::Cancelled);
+    assert_eq!(recs[0].output_tokens, 3);
+}
+
+async fn drop_through_adapter_frees_everything(rt: Rt) {
+    let engine = started(config(), rt.clone()).await;
+    let adapter = tether_core::Adapter::new(engine.clone(), rt.clone(), AdapterConfig::default());
+    let mut streams = Vec::new();
+    for i in 0..10 {
+        let id = format!("d{i}");
+        let mut s = adapter
+            .generate(req(&id, &[i], 1000), Context::new(id))
+            .await
+            .unwrap();
+        s.next().await.unwrap();
+        streams.push(s);
+    }
+    assert_eq!(engine.live_slots(), 10);
+    drop(streams);
+    idle(engine.gauges());
+    until(&rt, || engine.gauges().aborts_received == 10).await;
+    let gs = engine.gauges();
+    assert_eq!((gs.late_aborts, gs.lingering), (0, 0));
+}
+
+async fn passes_conformance_kit(rt: Rt) {
+    let make_rt = rt.clone();
+    let factory =
+        move || -> Arc<dyn LlmEngine> { Arc::new(SimEngine::new(config(), make_rt.clone())) };
+    let report = tether_core::conformance::run_conformance_on(&*rt, &factory)
+        .await
+        .unwrap_or_else(|f| panic!("not conformant: {f}"));
+    assert_eq!(report.checks, tether_core::conformance::CHECKS);
+    assert_eq!(report.model, "sim");
+}
+
+#[tokio::test(start_paused = true)]
+async fn passes_conformance_through_the_tokio_shim() {
+    let report = tether_tokio::run_conformance(|| -> Arc<dyn LlmEngine> {
+        Arc::new(SimEngine::new(config(), tokio_rt()))
+    })
+    .await
+    .unwrap_or_else(|f| panic!("not conformant: {f}"));
+    assert_eq!(report.checks, tether_core::conformance::CHECKS);
+}
+
+#[test]
+fn passes_conformance_through_the_smol_shim() {
+    let report = smol::block_on(tether_smol::run_conformance(|| -> Arc<dyn LlmEngine> {
+        Arc::new(SimEngine::new(config(), smol_rt()))
+    }))
+    .unwrap_or_else(|f| panic!("not conformant: {f}"));
+    assert_eq!(report.checks, tether_core::conformance::CHECKS);
+}
