@@ -465,10 +465,13 @@ fn finish(
         // The consumer has its terminal but the engine still owes an abort (decode
         // kill before the first token): wait for the hint or the deadline elsewhere,
         // since nobody may poll this stream again.
-        let now = adapter.runtime.now();
-        let deadline = now
+        // Counted from the kill, like the poller's deferral timer.
+        let from = shared
+            .cancelled_at()
+            .unwrap_or_else(|| adapter.runtime.now());
+        let deadline = from
             .checked_add(adapter.config.deferral_deadline)
-            .unwrap_or(now);
+            .unwrap_or(from);
         adapter.runtime.spawn(Box::pin(DeferredAbort {
             shared: shared.clone(),
             deadline,

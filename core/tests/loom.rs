@@ -1,0 +1,965 @@
+//! Loom models of every race in a request's life, on the REAL `Adapter`,
+//! `ResponseStream` and `Context` (and, where the race is inside one decision, on the
+//! pure `lifecycle::Cell` with the invariant oracle).
+//!
+//! Run with (a project-specific cfg: a global `--cfg loom` breaks smol's dependencies):
+//!
+//! ```text
+//! RUSTFLAGS="--cfg tether_loom -C debug-assertions" LOOM_MAX_PREEMPTIONS=2 \
+//!     CARGO_TARGET_DIR=target-loom cargo test --release -p tether-core --test loom
+//! ```
+//!
+//! Every model asserts, in every interleaving loom explores:
+//! - `LlmEngine::abort` is called at most once, and never after the engine's terminal
+//!   was forwarded (the record taken when the terminal reached the consumer says no
+//!   abort was sent, and none is sent later);
+//! - the consumer sees exactly one terminal, last;
+//! - the observer gets exactly one record, matching what the consumer saw;
+//! - no lost wake-up: a consumer (or a `Context::stopped` waiter) parked before the
+//!   racing stop/kill/hint/timer is woken. The consumer parks in
+//!   `loom::future::block_on`, so a missed wake-up is a deadlock, which loom reports.
+//!
+//! The test runtime is loom-friendly: `spawn` polls the future inline with a no-op
+//! waker (the abort future completes at once) and keeps it if it is still pending; the
+//! clock is frozen and only moves when a model advances it; timers fire only then.
+#![cfg(tether_loom)]
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures_core::Stream;
+use futures_util::StreamExt;
+use loom::future::block_on;
+use loom::thread;
+use tether_core::context::Signal;
+use tether_core::drive::SpawnFuture;
+use tether_core::engine::BoxFuture;
+use tether_core::lifecycle::oracle::Oracle;
+use tether_core::lifecycle::{step, Abort, Actions, Cell, Event, State};
+use tether_core::sync::{lock, Arc, Mutex};
+use tether_core::{
+    Adapter, AdapterConfig, Annotated, AsyncTimer, Chunk, ChunkStream, Context, EngineConfig,
+    EngineError, ErrorKind, FinishReason, GenerateContext, LlmEngine, Mode, Observer, Outcome,
+    Request, RequestRecord, ResponseStream, Runtime,
+};
+
+/// std types for test bookkeeping: their critical sections contain no loom operation,
+/// so a loom thread switch can never happen while one is held.
+type StdArc<T> = std::sync::Arc<T>;
+type StdMutex<T> = std::sync::Mutex<T>;
+
+const DEFERRAL: Duration = Duration::from_secs(30);
+
+/// `loom::model`, with a preemption bound of 2 unless `LOOM_MAX_PREEMPTIONS` says
+/// otherwise (unbounded exploration of the adapter models takes far too long).
+fn model<F: Fn() + Sync + Send + 'static>(f: F) {
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(2);
+    }
+    let runs = StdArc::new(AtomicUsize::new(0));
+    let counter = runs.clone();
+    let started = Instant::now();
+    builder.check(move || {
+        counter.fetch_add(1, SeqCst);
+        f();
+    });
+    eprintln!(
+        "loom: {} interleavings explored in {:.2?}",
+        runs.load(SeqCst),
+        started.elapsed()
+    );
+}
+
+/// Which endings a model reached, over all its interleavings: a model whose race never
+/// goes both ways proves nothing, so each model checks that it saw every ending.
+#[derive(Clone, Default)]
+struct Seen(StdArc<StdMutex<std::collections::BTreeSet<String>>>);
+
+impl Seen {
+    fn saw(&self, what: impl Into<String>) {
+        std_lock(&self.0).insert(what.into());
+    }
+
+    fn expect(&self, all: &[&str]) {
+        let seen = std_lock(&self.0).clone();
+        for what in all {
+            assert!(
+                seen.contains(*what),
+                "no interleaving reached {what:?}: {seen:?}"
+            );
+        }
+    }
+}
+
+fn std_lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------
+// A loom-friendly runtime: inline spawn, frozen clock, manually fired timers.
+
+struct RtState {
+    base: Instant,
+    offset_ms: AtomicU64,
+    next_timer: AtomicUsize,
+    /// `(timer id, deadline, waker)`: loom mutex, the wakers are loom wakers.
+    timers: Mutex<Vec<(usize, Instant, Waker)>>,
+    pending: StdMutex<Vec<SpawnFuture>>,
+    spawns: AtomicUsize,
+}
+
+#[derive(Clone)]
+struct LoomRuntime(StdArc<RtState>);
+
+impl std::fmt::Debug for LoomRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoomRuntime")
+            .field("offset_ms", &self.0.offset_ms.load(SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+impl LoomRuntime {
+    fn new() -> LoomRuntime {
+        LoomRuntime(StdArc::new(RtState {
+            base: Instant::now(),
+            offset_ms: AtomicU64::new(0),
+            next_timer: AtomicUsize::new(0),
+            timers: Mutex::new(Vec::new()),
+            pending: StdMutex::new(Vec::new()),
+            spawns: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Move the clock and wake the timers now due (register-then-check in the timer
+    /// makes this free of lost wake-ups).
+    fn advance(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap();
+        self.0.offset_ms.fetch_add(ms, SeqCst);
+        let now = self.now();
+        let due: Vec<Waker> = {
+            let mut timers = lock(&self.0.timers);
+            let (due, left): (Vec<_>, Vec<_>) = std::mem::take(&mut *timers)
+                .into_iter()
+                .partition(|(_, at, _)| *at <= now);
+            *timers = left;
+            due.into_iter().map(|(_, _, w)| w).collect()
+        };
+        due.into_iter().for_each(Waker::wake);
+    }
+
+    /// Drop whatever is still pending (they hold the request: a leak for loom).
+    fn shutdown(&self) {
+        let pending = std::mem::take(&mut *std_lock(&self.0.pending));
+        drop(pending);
+        let timers = std::mem::take(&mut *lock(&self.0.timers));
+        drop(timers);
+    }
+}
+
+impl Runtime for LoomRuntime {
+    fn spawn(&self, mut future: SpawnFuture) {
+        self.0.spawns.fetch_add(1, SeqCst);
+        let mut cx = TaskContext::from_waker(Waker::noop());
+        if future.as_mut().poll(&mut cx).is_pending() {
+            std_lock(&self.0.pending).push(future);
+        }
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
+        Box::pin(LoomTimer {
+            rt: self.clone(),
+            id: self.0.next_timer.fetch_add(1, SeqCst),
+            deadline,
+        })
+    }
+
+    fn now(&self) -> Instant {
+        self.0.base + Duration::from_millis(self.0.offset_ms.load(SeqCst))
+    }
+}
+
+#[derive(Debug)]
+struct LoomTimer {
+    rt: LoomRuntime,
+    id: usize,
+    deadline: Instant,
+}
+
+impl AsyncTimer for LoomTimer {
+    fn reset(self: Pin<&mut Self>, deadline: Instant) {
+        self.get_mut().deadline = deadline;
+    }
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        {
+            let mut timers = lock(&self.rt.0.timers);
+            timers.retain(|(id, _, _)| *id != self.id);
+            timers.push((self.id, self.deadline, cx.waker().clone()));
+        }
+        if self.rt.now() >= self.deadline {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// A channel-fed engine: items are pushed by the model (or by the engine's own abort),
+// and the stream parks on the channel.
+
+#[derive(Default)]
+struct ChanInner {
+    items: VecDeque<Result<Chunk, EngineError>>,
+    closed: bool,
+    waker: Option<Waker>,
+}
+
+struct Chan {
+    inner: Mutex<ChanInner>,
+}
+
+impl Chan {
+    fn push(&self, item: Result<Chunk, EngineError>, close: bool) {
+        let waker = {
+            let mut c = lock(&self.inner);
+            c.items.push_back(item);
+            c.closed |= close;
+            c.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+}
+
+struct ChanStream {
+    chan: StdArc<Chan>,
+}
+
+impl Stream for ChanStream {
+    type Item = Result<Chunk, EngineError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let mut c = lock(&self.chan.inner);
+        if let Some(item) = c.items.pop_front() {
+            return Poll::Ready(Some(item));
+        }
+        if c.closed {
+            return Poll::Ready(None);
+        }
+        c.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// What the engine saw; std atomics, so reading them adds no interleavings.
+#[derive(Default)]
+struct EngineLog {
+    aborts: AtomicUsize,
+    /// Set by a model right before it sends the first-token hint.
+    hinted: AtomicBool,
+    /// Set by a model right before it moves the clock past the deferral deadline.
+    deadline_passed: AtomicBool,
+    /// `(hinted, deadline_passed)` when the abort came.
+    evidence: StdMutex<Option<(bool, bool)>>,
+}
+
+struct LoomEngine {
+    mode: Mode,
+    chan: StdArc<Chan>,
+    log: StdArc<EngineLog>,
+    /// The engine reacts to `abort` by ending its stream with this chunk.
+    on_abort: Option<Chunk>,
+    /// The `GenerateContext` of the last `generate` (a model takes it out at once:
+    /// left here it would keep the request alive through the engine).
+    gctx: StdArc<StdMutex<Option<GenerateContext>>>,
+}
+
+impl LlmEngine for LoomEngine {
+    fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
+        Box::pin(async move {
+            Ok(EngineConfig {
+                model: "loom".into(),
+                worker_id,
+                max_concurrency: None,
+            })
+        })
+    }
+
+    fn generate(
+        &self,
+        _request: Request,
+        context: GenerateContext,
+    ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        *std_lock(&self.gctx) = Some(context);
+        let stream: ChunkStream = Box::pin(ChanStream {
+            chan: self.chan.clone(),
+        });
+        Box::pin(async move { Ok(stream) })
+    }
+
+    fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
+        drop(context);
+        let n = self.log.aborts.fetch_add(1, SeqCst) + 1;
+        assert_eq!(n, 1, "rule 1: abort called twice");
+        if self.mode == Mode::Decode {
+            let evidence = (
+                self.log.hinted.load(SeqCst),
+                self.log.deadline_passed.load(SeqCst),
+            );
+            assert!(
+                evidence.0 || evidence.1,
+                "rule 2: decode abort before the first token and the deadline"
+            );
+            *std_lock(&self.log.evidence) = Some(evidence);
+        }
+        if let Some(chunk) = &self.on_abort {
+            self.chan.push(Ok(chunk.clone()), true);
+        }
+        Box::pin(async {})
+    }
+
+    fn cleanup(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[derive(Default)]
+struct Records {
+    /// Each record with the number of aborts issued when it was taken.
+    records: StdMutex<Vec<(RequestRecord, usize)>>,
+    on_aborts: AtomicUsize,
+    engine: StdArc<EngineLog>,
+}
+
+struct LoomObserver(StdArc<Records>);
+
+impl Observer for LoomObserver {
+    fn on_record(&self, record: &RequestRecord) {
+        let aborts = self.0.engine.aborts.load(SeqCst);
+        std_lock(&self.0.records).push((record.clone(), aborts));
+    }
+
+    fn on_abort(&self, _request_id: &str) {
+        self.0.on_aborts.fetch_add(1, SeqCst);
+    }
+}
+
+/// One adapter, one engine, one context: what every adapter model starts from.
+struct Rig {
+    adapter: Adapter,
+    rt: LoomRuntime,
+    chan: StdArc<Chan>,
+    log: StdArc<EngineLog>,
+    records: StdArc<Records>,
+    gctx: StdArc<StdMutex<Option<GenerateContext>>>,
+    ctx: Context,
+}
+
+impl Rig {
+    fn new(mode: Mode, on_abort: Option<Chunk>) -> Rig {
+        Rig::build(mode, on_abort, Context::new("loom"), None)
+    }
+
+    fn with_context(mode: Mode, on_abort: Option<Chunk>, ctx: Context) -> Rig {
+        Rig::build(mode, on_abort, ctx, None)
+    }
+
+    fn build(
+        mode: Mode,
+        on_abort: Option<Chunk>,
+        ctx: Context,
+        first_token_timeout: Option<Duration>,
+    ) -> Rig {
+        let rt = LoomRuntime::new();
+        let chan = StdArc::new(Chan {
+            inner: Mutex::new(ChanInner::default()),
+        });
+        let log = StdArc::new(EngineLog::default());
+        let gctx = StdArc::new(StdMutex::new(None));
+        let records = StdArc::new(Records {
+            engine: log.clone(),
+            ..Records::default()
+        });
+        let engine: StdArc<dyn LlmEngine> = StdArc::new(LoomEngine {
+            mode,
+            chan: chan.clone(),
+            log: log.clone(),
+            on_abort,
+            gctx: gctx.clone(),
+        });
+        let observer: StdArc<dyn Observer> = StdArc::new(LoomObserver(records.clone()));
+        let config = AdapterConfig {
+            mode,
+            deferral_deadline: DEFERRAL,
+            cancel_grace: None,
+            first_token_timeout,
+            inter_token_timeout: None,
+            observer: Some(Arc::from_std(observer)),
+            spans: false,
+        };
+        let adapter = Adapter::new(Arc::from_std(engine), rt.clone(), config);
+        Rig {
+            adapter,
+            rt,
+            chan,
+            log,
+            records,
+            gctx,
+            ctx,
+        }
+    }
+
+    /// `generate`, and take the engine's `GenerateContext` out of the engine.
+    fn start(&self) -> (ResponseStream, GenerateContext) {
+        let request = Request::new("loom", "loom", vec![1]);
+        let stream =
+            block_on(self.adapter.generate(request, self.ctx.clone())).expect("generate succeeds");
+        let gctx = std_lock(&self.gctx).take().expect("engine got a context");
+        (stream, gctx)
+    }
+
+    fn aborts(&self) -> usize {
+        self.log.aborts.load(SeqCst)
+    }
+
+    /// The one record; checks the abort bookkeeping around it.
+    fn record(&self) -> RequestRecord {
+        let records = std_lock(&self.records.records).clone();
+        assert_eq!(records.len(), 1, "rule 9: exactly one record: {records:?}");
+        let (record, aborts_then) = records.into_iter().next().unwrap();
+        let aborts = self.aborts();
+        assert!(aborts <= 1, "rule 1: {aborts} aborts");
+        assert_eq!(
+            self.records.on_aborts.load(SeqCst),
+            aborts,
+            "the observer hears of every abort"
+        );
+        // The abort is decided by the compare-exchange and carried out right after it,
+        // so a terminal recorded in between says `Sent` before the engine heard of it;
+        // the reverse (an abort issued, the record unaware) is a bug.
+        assert!(
+            aborts_then == 0 || record.abort == Abort::Sent,
+            "an abort was issued but the record says {record:?}"
+        );
+        if record.abort == Abort::Sent {
+            assert_eq!(aborts, 1, "a decided abort is carried out: {record:?}");
+        }
+        if matches!(record.abort, Abort::None | Abort::Discarded) {
+            // Rule 1: nothing may follow a terminal (or drop) that owed no abort.
+            assert_eq!(
+                aborts, 0,
+                "abort issued after the request ended: {record:?}"
+            );
+        }
+        record
+    }
+
+    fn shutdown(self) {
+        self.rt.shutdown();
+        lock(&self.chan.inner).waker = None;
+        drop(self.adapter);
+    }
+}
+
+/// Poll `stream` to its end inside `block_on`: a missed wake-up deadlocks.
+fn collect(stream: &mut ResponseStream) -> Vec<Annotated<Chunk>> {
+    block_on(async {
+        let mut items = Vec::new();
+        while let Some(item) = stream.next().await {
+            items.push(item);
+        }
+        items
+    })
+}
+
+/// One poll with a no-op waker (a consumer that does not wait).
+fn poll_once(stream: &mut ResponseStream) -> Poll<Option<Annotated<Chunk>>> {
+    Pin::new(stream).poll_next(&mut TaskContext::from_waker(Waker::noop()))
+}
+
+/// Exactly one terminal, and it is the last item.
+fn one_terminal_last(items: &[Annotated<Chunk>]) -> &Annotated<Chunk> {
+    let terminals = items.iter().filter(|i| i.is_terminal()).count();
+    assert_eq!(terminals, 1, "rule 6: exactly one terminal in {items:?}");
+    let last = items.last().unwrap();
+    assert!(
+        last.is_terminal(),
+        "rule 6: the terminal is last in {items:?}"
+    );
+    last
+}
+
+fn reason(item: &Annotated<Chunk>) -> Option<FinishReason> {
+    item.data.as_ref().and_then(|c| c.finish_reason.clone())
+}
+
+// ---------------------------------------------------------------------------------
+// The models.
+
+/// A stop lands while the engine's worker pushes its final chunk. Whichever wins, the
+/// engine's own terminal reaches the consumer (stop is graceful), the abort is sent
+/// only if the stop was decided before that terminal was seen, and the parked
+/// consumer is woken by the worker.
+#[test]
+fn stop_races_final_chunk() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::new(Mode::Aggregated, None);
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        rig.chan.push(Ok(Chunk::tokens(vec![7])), false);
+        let chan = rig.chan.clone();
+        let worker = thread::spawn(move || {
+            chan.push(Ok(Chunk::terminal(FinishReason::Length)), true);
+        });
+        let ctx = rig.ctx.clone();
+        let stopper = thread::spawn(move || ctx.stop());
+        let items = collect(&mut stream);
+        worker.join().unwrap();
+        stopper.join().unwrap();
+        assert_eq!(items.len(), 2, "{items:?}");
+        let last = one_terminal_last(&items);
+        assert_eq!(reason(last), Some(FinishReason::Length));
+        let record = rig.record();
+        assert_eq!(record.outcome, Outcome::Finished(FinishReason::Length));
+        assert_eq!(
+            rig.aborts(),
+            usize::from(stream.state().abort() == Abort::Sent)
+        );
+        reached.saw(format!("aborts={}", rig.aborts()));
+        drop(stream);
+        rig.shutdown();
+    });
+    seen.expect(&["aborts=0", "aborts=1"]);
+}
+
+/// A kill races the consumer dropping the stream on another thread (after at most one
+/// poll). Exactly one abort (aggregated mode, the engine never ends), exactly one
+/// record: `Cancelled` if the consumer's poll saw the kill, `Dropped` otherwise.
+#[test]
+fn kill_races_consumer_drop() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::new(Mode::Aggregated, None);
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        assert!(poll_once(&mut stream).is_pending());
+        let consumer = thread::spawn(move || {
+            let polled = poll_once(&mut stream);
+            drop(stream);
+            polled
+        });
+        let ctx = rig.ctx.clone();
+        let killer = thread::spawn(move || ctx.kill());
+        let polled = consumer.join().unwrap();
+        killer.join().unwrap();
+        let record = rig.record();
+        match polled {
+            Poll::Ready(Some(item)) => {
+                assert_eq!(reason(&item), Some(FinishReason::Cancelled), "{item:?}");
+                assert_eq!(record.outcome, Outcome::Cancelled);
+            }
+            Poll::Pending => assert_eq!(record.outcome, Outcome::Dropped),
+            Poll::Ready(None) => panic!("rule 6: the stream ended without a terminal"),
+        }
+        assert_eq!(rig.aborts(), 1, "rule 1/4: exactly one abort");
+        reached.saw(record.outcome.label());
+        rig.shutdown();
+    });
+    seen.expect(&["cancelled", "dropped"]);
+}
+
+/// Stop and kill race each other from two threads while the consumer is parked on a
+/// silent engine: only the listener's wake-up can unpark it. The consumer gets one
+/// synthesized `Cancelled`, the engine one abort, the context's listener sees
+/// `Stop, Kill` or `Kill` alone.
+#[test]
+fn stop_races_kill() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::new(Mode::Aggregated, None);
+        let seen = StdArc::new(StdMutex::new(Vec::new()));
+        let s = seen.clone();
+        rig.ctx
+            .add_listener(move |signal| std_lock(&s).push(signal));
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        let ctx = rig.ctx.clone();
+        let stopper = thread::spawn(move || ctx.stop());
+        let ctx = rig.ctx.clone();
+        let killer = thread::spawn(move || ctx.kill());
+        let items = collect(&mut stream);
+        stopper.join().unwrap();
+        killer.join().unwrap();
+        let last = one_terminal_last(&items);
+        assert_eq!(reason(last), Some(FinishReason::Cancelled));
+        assert_eq!(rig.record().outcome, Outcome::Cancelled);
+        assert_eq!(rig.aborts(), 1);
+        let seen = std_lock(&seen).clone();
+        assert!(
+            seen == [Signal::Stop, Signal::Kill] || seen == [Signal::Kill],
+            "listener saw {seen:?}"
+        );
+        reached.saw(format!("{seen:?}"));
+        drop(stream);
+        rig.shutdown();
+    });
+    seen.expect(&["[Stop, Kill]", "[Kill]"]);
+}
+
+/// Decode mode, before the first token: the consumer drops the stream while the
+/// engine sends its first-token hint, with and without a stop before. A drop that wins
+/// discards the deferred abort for good; a hint that wins releases it (after a stop)
+/// or makes the drop abort. Never an abort before the hint.
+#[test]
+fn drop_races_first_token_hint() {
+    for stop_first in [false, true] {
+        let seen = Seen::default();
+        let reached = seen.clone();
+        model(move || {
+            let rig = Rig::new(Mode::Decode, None);
+            let (mut stream, gctx) = rig.start();
+            if stop_first {
+                rig.ctx.stop();
+                assert_eq!(rig.aborts(), 0, "rule 2: deferred");
+            }
+            assert!(poll_once(&mut stream).is_pending());
+            let log = rig.log.clone();
+            let hinter = thread::spawn(move || {
+                log.hinted.store(true, SeqCst);
+                gctx.notify_first_token();
+            });
+            let dropper = thread::spawn(move || drop(stream));
+            hinter.join().unwrap();
+            dropper.join().unwrap();
+            let record = rig.record();
+            assert_eq!(record.outcome, Outcome::Dropped);
+            assert_eq!(rig.aborts(), usize::from(record.abort == Abort::Sent));
+            reached.saw(format!("aborts={}", rig.aborts()));
+            rig.shutdown();
+        });
+        seen.expect(&["aborts=0", "aborts=1"]);
+    }
+}
+
+/// Decode mode: a stop (deferred: no first token yet) races the engine's hint. Either
+/// order ends in exactly one abort, after the hint; the engine answers the abort with
+/// its terminal, which wakes the parked consumer. A lost abort or wake-up deadlocks.
+#[test]
+fn first_token_hint_races_deferred_stop() {
+    model(|| {
+        let rig = Rig::new(Mode::Decode, Some(Chunk::terminal(FinishReason::Cancelled)));
+        let (mut stream, gctx) = rig.start();
+        let ctx = rig.ctx.clone();
+        let stopper = thread::spawn(move || ctx.stop());
+        let log = rig.log.clone();
+        let hinter = thread::spawn(move || {
+            log.hinted.store(true, SeqCst);
+            gctx.notify_first_token();
+        });
+        let items = collect(&mut stream);
+        stopper.join().unwrap();
+        hinter.join().unwrap();
+        let last = one_terminal_last(&items);
+        assert_eq!(reason(last), Some(FinishReason::Cancelled));
+        assert_eq!(rig.record().outcome, Outcome::Cancelled);
+        assert_eq!(rig.aborts(), 1);
+        drop(stream);
+        rig.shutdown();
+    });
+}
+
+/// Decode mode, stopped before the first token: the deferral deadline (the poller's
+/// timer, fired by another thread moving the clock) races the first-token hint. One
+/// abort, after one of them; the parked consumer is woken by whichever wins.
+/// Then the same race inside one decision, on the pure `Cell`: the deadline, the hint
+/// and a first chunk applied from three threads release the abort exactly once, and
+/// the outcome is linearizable and passes the oracle.
+#[test]
+fn deferral_deadline_races_first_token() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::new(Mode::Decode, Some(Chunk::terminal(FinishReason::Cancelled)));
+        let (mut stream, gctx) = rig.start();
+        rig.ctx.stop();
+        // Arms the deferral deadline at t0 + 30 s.
+        assert!(poll_once(&mut stream).is_pending());
+        assert_eq!(rig.aborts(), 0, "rule 2: deferred");
+        let (rt, log) = (rig.rt.clone(), rig.log.clone());
+        let clock = thread::spawn(move || {
+            log.deadline_passed.store(true, SeqCst);
+            rt.advance(DEFERRAL);
+        });
+        let log = rig.log.clone();
+        let hinter = thread::spawn(move || {
+            log.hinted.store(true, SeqCst);
+            gctx.notify_first_token();
+        });
+        let items = collect(&mut stream);
+        clock.join().unwrap();
+        hinter.join().unwrap();
+        one_terminal_last(&items);
+        assert_eq!(rig.record().outcome, Outcome::Cancelled);
+        assert_eq!(rig.aborts(), 1);
+        match *std_lock(&rig.log.evidence) {
+            Some((true, false)) => reached.saw("hint released"),
+            Some((false, true)) => reached.saw("deadline released"),
+            _ => {}
+        }
+        drop(stream);
+        rig.shutdown();
+    });
+    seen.expect(&["hint released", "deadline released"]);
+
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let cell = Arc::new(Cell::new(State::new(Mode::Decode)));
+        let (after_stop, stop_acts) = cell.apply(Event::Stop);
+        assert!(after_stop.abort_deferred() && !stop_acts.abort);
+        let racers = [Event::DeferralDeadline, Event::FirstTokenHint];
+        let handles: Vec<_> = racers
+            .into_iter()
+            .map(|event| {
+                let cell = cell.clone();
+                thread::spawn(move || {
+                    let (state, acts) = cell.apply(event);
+                    (event, state, acts)
+                })
+            })
+            .collect();
+        let (state, acts) = cell.apply(Event::Chunk);
+        let mut applied = vec![(Event::Chunk, state, acts)];
+        applied.extend(handles.into_iter().map(|h| h.join().unwrap()));
+        let aborts = applied.iter().filter(|(_, _, a)| a.abort).count();
+        assert_eq!(aborts, 1, "rule 1/2: one release: {applied:?}");
+        check_linearizable(
+            Mode::Decode,
+            &[(Event::Stop, after_stop, stop_acts)],
+            &applied,
+        );
+        for (event, _, acts) in &applied {
+            if acts.abort {
+                reached.saw(format!("{event:?}"));
+            }
+        }
+    });
+    seen.expect(&["DeferralDeadline", "FirstTokenHint", "Chunk"]);
+}
+
+/// Some order of the racing applications replays through `step` to exactly what each
+/// actor got, and that order passes the oracle.
+fn check_linearizable(
+    mode: Mode,
+    prefix: &[(Event, State, Actions)],
+    applied: &[(Event, State, Actions)],
+) {
+    let mut start = State::new(mode);
+    let mut oracle = Oracle::new(mode);
+    for &(event, state, acts) in prefix {
+        oracle.observe(event, acts, state).unwrap();
+        start = state;
+    }
+    let n = applied.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut found = false;
+    permute(&mut order, 0, &mut |order| {
+        let mut state = start;
+        let mut o = oracle.clone();
+        for &i in order {
+            let (event, got_state, got_acts) = applied[i];
+            let (next, acts) = step(state, event);
+            if (next, acts) != (got_state, got_acts) {
+                // A no-op application reads the state without writing it: it may have
+                // happened anywhere the state matched, which this order does not show.
+                return;
+            }
+            if let Err(v) = o.observe(event, acts, next) {
+                panic!("oracle: {v} in {order:?} of {applied:?}");
+            }
+            state = next;
+        }
+        found = true;
+    });
+    assert!(found, "not linearizable: {applied:?}");
+}
+
+fn permute(items: &mut Vec<usize>, k: usize, f: &mut impl FnMut(&[usize])) {
+    if k == items.len() {
+        f(items);
+        return;
+    }
+    for i in k..items.len() {
+        items.swap(k, i);
+        permute(items, k + 1, f);
+        items.swap(k, i);
+    }
+}
+
+/// A router's parent context is stopped while a request's context is being linked to
+/// it. Either the link sees the stopped parent and stops the child itself, or the
+/// parent's delivery reaches the child, before the parent's own listeners. The child's
+/// `stopped()` waiter, parked first, is woken; the request behind the child is aborted
+/// once and its consumer, parked on the engine, gets the engine's answer.
+#[test]
+fn link_child_races_parent_stop() {
+    model(|| {
+        let parent = Context::new("parent");
+        let child = Context::new("child");
+        let rig = Rig::with_context(
+            Mode::Aggregated,
+            Some(Chunk::terminal(FinishReason::Cancelled)),
+            child.clone(),
+        );
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        let linked = StdArc::new(AtomicBool::new(false));
+        let (l, c) = (linked.clone(), child.clone());
+        parent.add_listener(move |_| {
+            assert!(
+                !l.load(SeqCst) || c.is_stopped(),
+                "a linked child is signalled before the parent's listeners"
+            );
+        });
+        let (p, c, l) = (parent.clone(), child.clone(), linked.clone());
+        let linker = thread::spawn(move || {
+            p.link_child(&c);
+            l.store(true, SeqCst);
+        });
+        let p = parent.clone();
+        let stopper = thread::spawn(move || p.stop());
+        block_on(child.stopped());
+        let items = collect(&mut stream);
+        linker.join().unwrap();
+        stopper.join().unwrap();
+        assert_eq!(
+            reason(one_terminal_last(&items)),
+            Some(FinishReason::Cancelled)
+        );
+        assert_eq!(rig.record().outcome, Outcome::Cancelled);
+        assert_eq!(rig.aborts(), 1);
+        drop(stream);
+        rig.shutdown();
+    });
+}
+
+/// `generate` registers the request's context listener while another thread stops
+/// the context. The registration either sees the stop (and is called at once) or is
+/// included in the stop's delivery: the engine is aborted exactly once and answers with
+/// its terminal, waking the consumer. A missed stop leaves the consumer parked forever.
+#[test]
+fn listener_registration_races_stop() {
+    model(|| {
+        let rig = Rig::new(
+            Mode::Aggregated,
+            Some(Chunk::terminal(FinishReason::Cancelled)),
+        );
+        let ctx = rig.ctx.clone();
+        let stopper = thread::spawn(move || ctx.stop());
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        let items = collect(&mut stream);
+        stopper.join().unwrap();
+        assert_eq!(
+            reason(one_terminal_last(&items)),
+            Some(FinishReason::Cancelled)
+        );
+        assert_eq!(rig.record().outcome, Outcome::Cancelled);
+        assert_eq!(rig.aborts(), 1);
+        drop(stream);
+        rig.shutdown();
+    });
+}
+
+/// Every ender at once: the engine's worker delivers its terminal (or an error), a
+/// killer kills, the consumer polls once and drops the stream, and (third variant) a
+/// clock thread moves time past the time-to-first-token limit. Exactly one record, and
+/// it says what the consumer saw: the engine's terminal (`Finished` / `Failed`, and
+/// then no abort ever), the synthesized `Cancelled`, the timeout (`TimedOut`), or
+/// `Dropped`.
+#[test]
+fn observer_record_exactly_once_under_all_enders() {
+    const TTFT: Duration = Duration::from_secs(1);
+    for (engine_error, timeout) in [(false, false), (true, false), (false, true)] {
+        let seen = Seen::default();
+        let reached = seen.clone();
+        model(move || {
+            let ctx = Context::new("loom");
+            let rig = Rig::build(Mode::Aggregated, None, ctx, timeout.then_some(TTFT));
+            let (mut stream, gctx) = rig.start();
+            drop(gctx);
+            let chan = rig.chan.clone();
+            let worker = thread::spawn(move || {
+                let item = if engine_error {
+                    Err(EngineError::new(ErrorKind::Unavailable, "worker lost"))
+                } else {
+                    Ok(Chunk::terminal(FinishReason::Eos))
+                };
+                chan.push(item, true);
+            });
+            let ctx = rig.ctx.clone();
+            let killer = thread::spawn(move || ctx.kill());
+            let clock = timeout.then(|| {
+                let rt = rig.rt.clone();
+                thread::spawn(move || rt.advance(TTFT))
+            });
+            let polled = poll_once(&mut stream);
+            drop(stream);
+            worker.join().unwrap();
+            killer.join().unwrap();
+            if let Some(clock) = clock {
+                clock.join().unwrap();
+            }
+            let record = rig.record();
+            match polled {
+                Poll::Ready(Some(item)) if item.is_error() => {
+                    let kind = item.error.as_ref().map(EngineError::kind);
+                    if kind == Some(ErrorKind::FirstTokenTimeout) {
+                        assert!(timeout, "{item:?}");
+                        assert_eq!(record.outcome, Outcome::TimedOut);
+                        assert_eq!(rig.aborts(), 1, "rule 8: a timeout kills");
+                    } else {
+                        assert!(engine_error, "{item:?}");
+                        assert_eq!(record.outcome, Outcome::Failed(ErrorKind::Unavailable));
+                        assert_eq!(rig.aborts(), 0, "rule 1: no abort after the terminal");
+                    }
+                }
+                Poll::Ready(Some(item)) => match reason(&item) {
+                    Some(FinishReason::Eos) => {
+                        assert_eq!(record.outcome, Outcome::Finished(FinishReason::Eos));
+                        assert_eq!(rig.aborts(), 0, "rule 1: no abort after the terminal");
+                    }
+                    Some(FinishReason::Cancelled) => {
+                        assert_eq!(record.outcome, Outcome::Cancelled);
+                        assert_eq!(rig.aborts(), 1);
+                    }
+                    other => panic!("unexpected item {item:?} ({other:?})"),
+                },
+                Poll::Pending => {
+                    assert_eq!(record.outcome, Outcome::Dropped);
+                    assert_eq!(rig.aborts(), usize::from(record.abort == Abort::Sent));
+                }
+                Poll::Ready(None) => panic!("rule 6: the stream ended without a terminal"),
+            }
+            reached.saw(record.outcome.label());
+            rig.shutdown();
+        });
+        let ender = if engine_error { "failed" } else { "finished" };
+        let mut all = vec![ender, "cancelled", "dropped"];
+        if timeout {
+            all.push("timed_out");
+        }
+        seen.expect(&all);
+    }
+}
