@@ -1,13 +1,18 @@
 //! # tether-engines
 //!
 //! Engines that tether drives: [`SimEngine`], a continuous-batching simulator with
-//! chaos hooks, for tests, the conformance kit and `tether load`.
-#![forbid(unsafe_code)]
+//! chaos hooks, for tests, the conformance kit and `tether load`; and [`TinyEngine`], a
+//! tiny real transformer (CPU always, CUDA behind the `cuda` feature).
+// deny, not forbid: only `tiny::cuda` (the `cuda` feature's backend) allows it, for its
+// kernel launches; nothing else in this crate may use `unsafe`.
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod sim;
+pub mod tiny;
 
 pub use sim::{
     AbortHook, AbortReceipt, Chaos, ChaosParseError, SimConfig, SimConfigError, SimEngine,
     SimGauges,
 };
+pub use tiny::{Device, TinyConfig, TinyEngine};

@@ -1,0 +1,312 @@
+//! [`TinyEngine`]: a real, tiny decoder-only transformer behind [`LlmEngine`].
+//!
+//! The model (2 layers, 4 heads, width 128, feed-forward 512, 256 byte tokens, context
+//! 512 by default; see [`TinyConfig`]) has RMSNorm, rotary positions, SwiGLU and a
+//! per-sequence KV cache. Its weights are generated from a seed (nothing is
+//! downloaded), and it decodes greedily, so the same seed and prompt always give the
+//! same tokens, whatever else is in the batch.
+//!
+//! Shaped like [`SimEngine`](crate::SimEngine): it runs on any [`Runtime`], starts one
+//! scheduler loop per engine (never one task per request), and each request's chunks
+//! travel through their own channel to their stream.
+//!
+//! - Each step runs every running sequence through the model at once: one token per
+//!   decoding sequence, plus prompt chunks of the prefilling ones (at most
+//!   [`TinyConfig::prefill_tokens_per_step`] prompt tokens per step).
+//! - `max_tokens` (default 16) is honoured, `max_tokens = 0` ends at once with
+//!   `Length`; a stop token ends with `Stop`, an EOS token (unless `ignore_eos`) with
+//!   `Eos`, both after `min_tokens`; output also ends with `Length` when prompt plus
+//!   output reach [`TinyConfig::max_context`]. Every terminal carries the usage.
+//!   Sampling options are ignored: decoding is always greedy.
+//! - `abort` frees the sequence and its KV cache at once and ends the stream with
+//!   `Cancelled` and the usage so far; dropping the stream frees them too.
+//! - An empty prompt, a token id outside the vocabulary, or a prompt longer than the
+//!   context is an `InvalidArgument` setup error.
+//! - The CPU backend is always built; [`Device::Cuda`] needs the `cuda` feature, and
+//!   `start` returns an `Unavailable` error when the CUDA driver or NVRTC is missing.
+//! - [`TinyEngine::gauges`] exposes live sequences and KV bytes in use, so a test can
+//!   prove nothing leaks.
+//!
+//! ```
+//! # use std::sync::Arc;
+//! # use tether_engines::tiny::{TinyConfig, TinyEngine};
+//! # async fn demo(runtime: Arc<dyn tether_core::Runtime>) {
+//! let engine = Arc::new(TinyEngine::new(TinyConfig::default(), runtime));
+//! # }
+//! ```
+
+mod backend;
+mod config;
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod model;
+mod scheduler;
+mod state;
+mod stream;
+mod weights;
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tether_core::drive::Runtime;
+use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine};
+use tether_core::error::{EngineError, ErrorKind};
+use tether_core::protocol::Request;
+
+pub use config::{Device, DeviceParseError, TinyConfig, TinyConfigError};
+#[cfg(feature = "cuda")]
+pub use cuda::{cuda_mem_info, CudaMemInfo};
+pub use model::TinyModel;
+pub use state::TinyGauges;
+
+use model::Runner;
+use state::{Admission, Effects, State};
+use stream::TinyStream;
+
+/// The model of one started epoch.
+type Loaded = Option<(u64, Box<dyn Runner>)>;
+
+/// What the engine, its scheduler loop and its streams share.
+///
+/// Two locks: `state` (the books) and `model` (the weights and KV caches, held while a
+/// step computes). When both are held, `state` is taken first.
+pub(crate) struct Core {
+    config: TinyConfig,
+    runtime: Arc<dyn Runtime>,
+    state: Mutex<State>,
+    model: Mutex<Loaded>,
+    kv_bytes: Arc<AtomicUsize>,
+}
+
+impl Core {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        // The books are only changed by code that cannot panic halfway (no compute
+        // under this lock), so a poisoned lock still holds consistent books.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn lock_model(&self) -> MutexGuard<'_, Loaded> {
+        // A panic inside a step is caught there; the caches stay consistent.
+        self.model
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Carry out `fx` outside the state lock: free the caches, then send the last
+    /// items (so a reader of a terminal sees the gauges back), then the hints.
+    pub(crate) fn settle(&self, fx: Effects) {
+        if !fx.release.is_empty() {
+            if let Some((_, runner)) = self.lock_model().as_mut() {
+                for seq in fx.release {
+                    runner.release(seq);
+                }
+            }
+        }
+        for (tx, item) in fx.outgoing {
+            // Unbounded: only fails when the stream is gone, and then nobody cares.
+            let _ = tx.try_send(item);
+        }
+        for gctx in fx.hints {
+            gctx.notify_first_token();
+        }
+    }
+}
+
+/// A tiny transformer that implements [`LlmEngine`]. See the [module docs](self).
+pub struct TinyEngine {
+    core: Arc<Core>,
+}
+
+impl fmt::Debug for TinyEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TinyEngine")
+            .field("config", &self.core.config)
+            .field("runtime", &self.core.runtime)
+            .field("gauges", &self.gauges())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TinyEngine {
+    /// An engine with `config` whose scheduler will run on `runtime` once started. The
+    /// model is built (and a CUDA device opened) by `start`.
+    pub fn new(config: TinyConfig, runtime: impl Runtime) -> TinyEngine {
+        TinyEngine {
+            core: Arc::new(Core {
+                config,
+                runtime: Arc::new(runtime),
+                state: Mutex::new(State::new()),
+                model: Mutex::new(None),
+                kv_bytes: Arc::new(AtomicUsize::new(0)),
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TinyConfig {
+        &self.core.config
+    }
+
+    /// A snapshot of the gauges and counters.
+    pub fn gauges(&self) -> TinyGauges {
+        let st = self.core.lock();
+        // Relaxed: a gauge; nothing is published through it.
+        st.gauges(self.core.kv_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Sequences in the running batch now (each holds a KV cache).
+    pub fn live_sequences(&self) -> usize {
+        self.gauges().live_sequences
+    }
+
+    /// Bytes of KV cache in use now.
+    pub fn kv_bytes(&self) -> usize {
+        // Relaxed: a gauge.
+        self.core.kv_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether `start` ran and `cleanup` has not.
+    pub fn is_started(&self) -> bool {
+        self.core.lock().started
+    }
+
+    /// Where the model runs (`"cpu"`, `"cuda:0 (NVIDIA H100 80GB HBM3)"`), once started.
+    pub fn device_description(&self) -> Option<String> {
+        self.core
+            .lock_model()
+            .as_ref()
+            .map(|(_, runner)| runner.describe())
+    }
+
+    fn validate(&self, request: &Request) -> Result<Admission, EngineError> {
+        let cfg = &self.core.config;
+        let prompt = &request.token_ids;
+        if prompt.is_empty() {
+            return Err(EngineError::invalid_argument(
+                "request has no prompt tokens",
+            ));
+        }
+        if prompt.len() > cfg.max_context {
+            return Err(EngineError::invalid_argument(format!(
+                "prompt of {} tokens is longer than the context of {}",
+                prompt.len(),
+                cfg.max_context
+            )));
+        }
+        if let Some((at, &token)) = prompt
+            .iter()
+            .enumerate()
+            .find(|(_, &t)| t as usize >= cfg.vocab_size)
+        {
+            return Err(EngineError::invalid_argument(format!(
+                "prompt token {token} at position {at} is outside the vocabulary of {}",
+                cfg.vocab_size
+            )));
+        }
+        let max_tokens = request.stop.max_tokens.unwrap_or(cfg.default_max_tokens);
+        Ok(Admission {
+            max_tokens,
+            kv_rows: cfg.kv_rows_for(prompt.len(), max_tokens),
+        })
+    }
+
+    fn shutdown(&self) {
+        let mut fx = Effects::default();
+        let model = {
+            let mut st = self.core.lock();
+            if st.started {
+                st.epoch += 1;
+                st.started = false;
+            }
+            st.shutdown(&mut fx);
+            // Under the state lock, so that a concurrent `start` cannot slip its model in
+            // between and lose it here.
+            self.core.lock_model().take()
+        };
+        // Frees the weights and every cache.
+        drop(model);
+        fx.release.clear();
+        self.core.settle(fx);
+    }
+}
+
+impl Drop for TinyEngine {
+    fn drop(&mut self) {
+        // Ends the scheduler loop, which would otherwise keep the model alive.
+        self.shutdown();
+    }
+}
+
+impl LlmEngine for TinyEngine {
+    fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
+        Box::pin(async move {
+            let cfg = &self.core.config;
+            cfg.validate()
+                .map_err(|e| EngineError::invalid_argument(e.to_string()))?;
+            if !self.core.lock().started {
+                // Built outside the locks: it can take a while (CUDA compiles kernels).
+                let runner = model::build(cfg, self.core.kv_bytes.clone())?;
+                let mut st = self.core.lock();
+                if !st.started {
+                    st.started = true;
+                    st.epoch += 1;
+                    let (tx, rx) = smol::channel::bounded(1);
+                    st.kick = Some(tx);
+                    let epoch = st.epoch;
+                    *self.core.lock_model() = Some((epoch, runner));
+                    drop(st);
+                    let core = self.core.clone();
+                    self.core
+                        .runtime
+                        .spawn(Box::pin(scheduler::run(core, epoch, rx)));
+                }
+            }
+            Ok(EngineConfig {
+                model: cfg.model.clone(),
+                worker_id,
+                max_concurrency: Some(cfg.max_sequences),
+            })
+        })
+    }
+
+    fn generate(
+        &self,
+        request: Request,
+        context: GenerateContext,
+    ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        Box::pin(async move {
+            let admission = self.validate(&request)?;
+            let (seq, rx) = {
+                let mut st = self.core.lock();
+                if !st.started {
+                    return Err(EngineError::new(
+                        ErrorKind::Unavailable,
+                        "tiny engine is not started",
+                    ));
+                }
+                st.insert(&self.core.config, request, admission, context)
+            };
+            let stream = TinyStream::new(self.core.clone(), seq, rx);
+            Ok(Box::pin(stream) as ChunkStream)
+        })
+    }
+
+    fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let mut fx = Effects::default();
+            self.core.lock().abort(context.request_id(), &mut fx);
+            self.core.settle(fx);
+        })
+    }
+
+    fn cleanup(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            self.shutdown();
+            Ok(())
+        })
+    }
+}
