@@ -2,8 +2,9 @@
 //!
 //! The library behind the `tether` command, so that its jobs can run in-process in
 //! tests: [`load`] (the main job: requests with chaos through the adapter against
-//! SimEngine, every invariant checked, leaks proven absent), [`conformance`] (the
-//! engine conformance kit on a chosen runtime) and [`runtime`] (building tokio or smol,
+//! SimEngine, every invariant checked, leaks proven absent), [`serve`] (an
+//! OpenAI-compatible HTTP server over an engine), [`conformance`] (the engine
+//! conformance kit on a chosen runtime) and [`runtime`] (building tokio or smol,
 //! counting spawned tasks).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -11,6 +12,7 @@
 pub mod conformance;
 pub mod load;
 pub mod runtime;
+pub mod serve;
 
 /// Keep the panics SimEngine injects on purpose (`--panic`) off stderr; every other
 /// panic still goes to the previous hook. The panic hook is process-wide, so only a

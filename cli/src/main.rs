@@ -1,4 +1,5 @@
-//! The `tether` command: `tether load` (the main job) and `tether conformance`.
+//! The `tether` command: `tether load` (the main job), `tether serve` and
+//! `tether conformance`.
 //!
 //! Exit codes: 0 success, 1 a broken invariant or failed check, 2 bad arguments.
 
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tether_cli::conformance::{self, ConformanceArgs};
 use tether_cli::load::{self, LoadArgs, LoadError};
+use tether_cli::serve::{self, ServeArgs, ServeError};
 
 /// tether: the request-lifecycle layer between an LLM engine and whatever serves it.
 #[derive(Debug, Parser)]
@@ -19,6 +21,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Load(Box<LoadArgs>),
+    Serve(Box<ServeArgs>),
     Conformance(ConformanceArgs),
 }
 
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
     tether_cli::quiet_chaos_panics();
     match cli.command {
         Command::Load(args) => load_main(&args),
+        Command::Serve(args) => serve_main(&args),
         Command::Conformance(args) => conformance_main(&args),
     }
 }
@@ -61,6 +65,20 @@ fn load_main(args: &LoadArgs) -> ExitCode {
         }
         Err(err) => {
             eprintln!("tether load: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve_main(args: &ServeArgs) -> ExitCode {
+    match serve::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err @ ServeError::InvalidOptions(_)) => {
+            eprintln!("tether serve: error: {err}");
+            ExitCode::from(2)
+        }
+        Err(err) => {
+            eprintln!("tether serve: error: {err}");
             ExitCode::FAILURE
         }
     }

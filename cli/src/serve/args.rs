@@ -1,0 +1,309 @@
+//! `tether serve`'s command line ([`ServeArgs`]) and [`run`], the binary's entry point:
+//! build the runtimes and the engine, serve until SIGINT or SIGTERM, shut down
+//! gracefully.
+//!
+//! Owns process-level concerns only (runtimes, signals, the engine choice, OTLP
+//! set-up); the server itself is [`super::start`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_core::Runtime;
+use tether_engines::tiny::{Device, TinyConfig};
+use tether_engines::{SimConfig, SimEngine, TinyEngine};
+
+use super::{ServeConfig, ServeError, ServedEngine};
+use crate::load::parse_duration;
+use crate::runtime::{self, RuntimeKind};
+
+/// The engines `tether serve` can serve.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// SimEngine: a continuous-batching simulator (random ASCII bytes out).
+    #[default]
+    Sim,
+    /// TinyEngine: a tiny real transformer over byte tokens, weights from a seed.
+    Tiny,
+}
+
+/// `tether serve`: an OpenAI-compatible HTTP server over an engine.
+///
+/// Exit code: 0 after a clean shutdown (SIGINT or SIGTERM), 1 on a failure, 2 on bad
+/// arguments.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Engine to serve.
+    #[arg(long, value_enum, default_value_t = EngineKind::Sim)]
+    pub engine: EngineKind,
+    /// Address to listen on (port 0: any free port; the chosen one is printed).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub addr: SocketAddr,
+    /// Runtime of the adapter and the engine (HTTP always runs on tokio).
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Tokio)]
+    pub runtime: RuntimeKind,
+    /// Worker threads of each runtime (default: the machine's parallelism).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Model name clients must ask for (default: the engine's, `sim` or `tiny`).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Time-to-first-token limit (`none`, `500ms`, `2s`); a timed-out request gets a
+    /// 504 or an SSE error event.
+    #[arg(long, value_parser = parse_limit, default_value = "none")]
+    pub first_token_timeout: Limit,
+    /// Inter-token limit (`none`, `200ms`, ...).
+    #[arg(long, value_parser = parse_limit, default_value = "none")]
+    pub inter_token_timeout: Limit,
+    /// How long a shutdown lets in-flight requests finish before killing them.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub shutdown_grace: Duration,
+    /// Longest prompt accepted, in byte tokens (default: 4096; tiny: its context).
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest `max_tokens` accepted.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_limit: u32,
+    /// `max_tokens` of requests that set none.
+    #[arg(long, default_value_t = 16)]
+    pub default_max_tokens: u32,
+    /// How long `/health` waits for its canary.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub health_timeout: Duration,
+    /// Pass clients' `chaos:` annotations to the engine (testing only).
+    #[arg(long)]
+    pub allow_chaos: bool,
+    /// SimEngine: time of one decode step, in microseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub step_us: u64,
+    /// Seed of the engine (SimEngine's tokens, TinyEngine's weights).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// TinyEngine: where the model runs (`cpu`, `cuda`, `cuda:N`).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Export the `engine.generate` spans over OTLP/HTTP to this collector
+    /// (`http://host:4318`; `/v1/traces` is added unless present). Needs the `otel`
+    /// feature.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// An optional limit (`none` for no limit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limit(pub Option<Duration>);
+
+fn parse_limit(s: &str) -> Result<Limit, String> {
+    if matches!(s, "none" | "off") {
+        return Ok(Limit(None));
+    }
+    parse_duration(s).map(|d| Limit((!d.is_zero()).then_some(d)))
+}
+
+impl ServeArgs {
+    /// The server configuration these arguments ask for.
+    pub fn config(&self) -> ServeConfig {
+        let max_prompt_tokens = self.max_prompt_tokens.unwrap_or(match self.engine {
+            EngineKind::Sim => 4096,
+            EngineKind::Tiny => TinyConfig::default().max_context,
+        });
+        ServeConfig {
+            model: self.model.clone(),
+            first_token_timeout: self.first_token_timeout.0,
+            inter_token_timeout: self.inter_token_timeout.0,
+            shutdown_grace: self.shutdown_grace,
+            max_prompt_tokens,
+            max_tokens_limit: self.max_tokens_limit,
+            default_max_tokens: self.default_max_tokens,
+            allow_chaos: self.allow_chaos,
+            health_timeout: self.health_timeout,
+            ..ServeConfig::default()
+        }
+    }
+
+    /// Build the engine these arguments ask for, on `runtime`.
+    pub fn engine(&self, runtime: Arc<dyn Runtime>) -> ServedEngine {
+        match self.engine {
+            EngineKind::Sim => {
+                let config = SimConfig {
+                    // ASCII only: every token decodes to a character on its own.
+                    vocab_size: 128,
+                    decode_step_cost: Duration::from_micros(self.step_us),
+                    seed: self.seed,
+                    ..SimConfig::default()
+                };
+                ServedEngine::sim(Arc::new(SimEngine::new(config, runtime)))
+            }
+            EngineKind::Tiny => {
+                let config = TinyConfig {
+                    seed: self.seed,
+                    device: self.device,
+                    ..TinyConfig::default()
+                };
+                ServedEngine::tiny(Arc::new(TinyEngine::new(config, runtime)))
+            }
+        }
+    }
+}
+
+/// A background smol executor for the adapter and the engine, stopped on drop.
+struct SmolPool {
+    stop: smol::channel::Sender<()>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl SmolPool {
+    fn start(threads: usize) -> Result<(SmolPool, Arc<dyn Runtime>), ServeError> {
+        let ex = Arc::new(smol::Executor::new());
+        let (stop, stopped) = smol::channel::unbounded::<()>();
+        let mut workers = Vec::with_capacity(threads);
+        for n in 0..threads.max(1) {
+            let ex = ex.clone();
+            let stopped = stopped.clone();
+            let worker = std::thread::Builder::new()
+                .name(format!("smol-{n}"))
+                .spawn(move || {
+                    let _ = smol::block_on(ex.run(stopped.recv()));
+                })
+                .map_err(|source| ServeError::Io {
+                    context: "cannot start the smol threads",
+                    source,
+                })?;
+            workers.push(worker);
+        }
+        let rt: Arc<dyn Runtime> = Arc::new(tether_smol::SmolRuntime::with_executor(ex));
+        Ok((SmolPool { stop, workers }, rt))
+    }
+}
+
+impl Drop for SmolPool {
+    fn drop(&mut self) {
+        self.stop.close();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, caught from the moment they are installed (before the server
+/// says it listens, so a signal sent right after that line is never fatal).
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals, ServeError> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let io = |source| ServeError::Io {
+                context: "cannot install the signal handlers",
+                source,
+            };
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).map_err(io)?,
+                int: signal(SignalKind::interrupt()).map_err(io)?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Wait for one; returns its name.
+    async fn recv(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => "SIGTERM",
+                _ = self.int.recv() => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "ctrl-c"
+        }
+    }
+}
+
+/// Run `tether serve` until SIGINT or SIGTERM, then shut down gracefully. Prints
+/// `tether serve: listening on http://ADDR` on stdout once it accepts connections.
+pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
+    let threads = args.threads.unwrap_or_else(runtime::default_threads).max(1);
+    if args.otlp_endpoint.is_some() && cfg!(not(feature = "otel")) {
+        return Err(ServeError::InvalidOptions(
+            "--otlp-endpoint needs a tether built with the `otel` feature".to_owned(),
+        ));
+    }
+    // Built before the runtime: the OTLP exporter's blocking HTTP client must not be
+    // created (or dropped) inside an async context.
+    #[cfg(feature = "otel")]
+    let otel = match &args.otlp_endpoint {
+        Some(url) => Some(super::otel::install_otlp(url)?),
+        None => None,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .map_err(|source| ServeError::Io {
+            context: "cannot build the tokio runtime",
+            source,
+        })?;
+    let (pool, engine_rt) = match args.runtime {
+        RuntimeKind::Tokio => {
+            let rt: Arc<dyn Runtime> =
+                Arc::new(tether_tokio::TokioRuntime::new(rt.handle().clone()));
+            (None, rt)
+        }
+        RuntimeKind::Smol => {
+            let (pool, rt) = SmolPool::start(threads)?;
+            (Some(pool), rt)
+        }
+    };
+    let result = rt.block_on(async {
+        let mut signals = Signals::install()?;
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .map_err(|source| ServeError::Io {
+                context: "cannot listen",
+                source,
+            })?;
+        let engine = args.engine(engine_rt.clone());
+        let server = super::start(engine, engine_rt, listener, args.config()).await?;
+        println!(
+            "tether serve: listening on http://{} (model `{}`, engine {:?}, runtime {})",
+            server.local_addr(),
+            server.model(),
+            args.engine,
+            args.runtime
+        );
+        let signal = signals.recv().await;
+        eprintln!(
+            "tether serve: {signal}: shutting down (grace {:?})",
+            args.shutdown_grace
+        );
+        server.shutdown();
+        let report = server.wait().await;
+        eprintln!(
+            "tether serve: stopped (in-flight killed: {}, drained: {}, engine cleanup: {})",
+            report.killed_in_flight,
+            report.drained,
+            match &report.cleanup {
+                Ok(()) => "ok".to_owned(),
+                Err(e) => e.to_string(),
+            }
+        );
+        report.cleanup.map_err(ServeError::Cleanup)
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    drop(pool);
+    #[cfg(feature = "otel")]
+    if let Some(otel) = otel {
+        otel.shutdown();
+    }
+    result
+}

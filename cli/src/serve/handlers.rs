@@ -1,0 +1,348 @@
+//! The HTTP handlers: the two generation endpoints (streamed as SSE or answered as
+//! one JSON body), `/v1/models`, `/health`, `/metrics`, the fallbacks, and the
+//! middleware that counts responses by status.
+//!
+//! Owns the mapping from a [`Generation`]'s items to the wire; validation is
+//! [`super::api`]'s, the request's life is [`Generation`]'s.
+//!
+//! A streamed request answers `200` with `text/event-stream` as soon as the engine
+//! accepted it. Each chunk is a `data: {json}` event; a natural end (a finish reason)
+//! sends the last chunk, an optional usage chunk, then `data: [DONE]` exactly once.
+//! An error, a timeout or a server-side cancel sends one `data: {"error": {...}}`
+//! event instead and ends the stream without `[DONE]`. Unary requests map the same
+//! ends to `200`, `500`/`504`, and `503`.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::stream;
+use tether_core::drive::ProbeAdapter;
+use tether_core::error::{BackendError, EngineError, ErrorKind};
+use tether_core::protocol::{Annotated, Chunk, FinishReason, Request, Usage};
+
+use super::api::{self, ChatRequest, CompletionRequest, Endpoint, Prepared};
+use super::error::{ApiError, OpenAiJson};
+use super::generation::Generation;
+use super::metrics::Metrics;
+use super::responses::{self, openai_finish_reason, Head, UsageBody};
+use super::{tokenizer, App};
+
+const JSON: &str = "application/json";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub(crate) async fn completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    OpenAiJson(body): OpenAiJson<CompletionRequest>,
+) -> Response {
+    match body.prepare(&app.limits) {
+        Ok(prepared) => run(app, prepared, &headers).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+pub(crate) async fn chat_completions(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+    OpenAiJson(body): OpenAiJson<ChatRequest>,
+) -> Response {
+    match body.prepare(&app.limits) {
+        Ok(prepared) => run(app, prepared, &headers).await,
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn run(app: Arc<App>, prepared: Prepared, headers: &HeaderMap) -> Response {
+    if app.draining.load(Ordering::Acquire) {
+        return ApiError::shutting_down().into_response();
+    }
+    // Relaxed: only uniqueness matters.
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = match prepared.endpoint {
+        Endpoint::Completions => format!("cmpl-{n}"),
+        Endpoint::Chat => format!("chatcmpl-{n}"),
+    };
+    let mut request = prepared.request;
+    request.id = id.clone();
+    request.model = app.limits.model.clone();
+    request.migration_link = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(api::parse_traceparent);
+    let prompt_tokens = u32::try_from(request.token_ids.len()).unwrap_or(u32::MAX);
+    let head = Head {
+        id,
+        created: unix_now(),
+        model: app.limits.model.clone(),
+        endpoint: prepared.endpoint,
+    };
+    let generation = match Generation::start(app.clone(), request).await {
+        Ok(g) => g,
+        Err(err) => return ApiError::from_engine(&err).into_response(),
+    };
+    let reply = Reply {
+        generation,
+        head,
+        decoder: tokenizer::Utf8Decoder::new(),
+        prompt_tokens,
+        completion_tokens: 0,
+    };
+    if prepared.stream {
+        stream_reply(reply, prepared.include_usage, &app)
+    } else {
+        unary_reply(reply).await
+    }
+}
+
+/// What a response accumulates while it reads its generation.
+struct Reply {
+    generation: Generation,
+    head: Head,
+    decoder: tokenizer::Utf8Decoder,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+}
+
+/// How a generation ended, as far as the wire cares.
+enum End {
+    /// A normal end with this OpenAI finish reason and usage.
+    Finished(&'static str, UsageBody),
+    /// An error (engine error, timeout, server-side cancel, or a broken stream).
+    Failed(ApiError),
+}
+
+impl Reply {
+    /// Read the next item: `Ok(text)` for text to send (maybe empty), `Err(end)` once
+    /// the generation is over (with the last text in `tail`).
+    async fn step(&mut self, tail: &mut String) -> Result<String, End> {
+        let Some(item) = self.generation.next().await else {
+            // The adapter guarantees a terminal; this is defence in depth.
+            let err = EngineError::new(
+                ErrorKind::Backend(BackendError::StreamIncomplete),
+                "the stream ended without a terminal",
+            );
+            return Err(End::Failed(ApiError::from_engine(&err)));
+        };
+        self.take(item, tail)
+    }
+
+    fn take(&mut self, item: Annotated<Chunk>, tail: &mut String) -> Result<String, End> {
+        if let Some(err) = &item.error {
+            tail.push_str(&self.decoder.finish());
+            return Err(End::Failed(ApiError::from_engine(err)));
+        }
+        let Some(chunk) = item.data else {
+            return Ok(String::new());
+        };
+        let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
+        self.completion_tokens = self.completion_tokens.saturating_add(n);
+        let text = self.decoder.push(&chunk.token_ids);
+        let Some(reason) = chunk.finish_reason else {
+            return Ok(text);
+        };
+        tail.push_str(&text);
+        tail.push_str(&self.decoder.finish());
+        match openai_finish_reason(&reason) {
+            Some(fr) => {
+                let usage = chunk.usage.unwrap_or(Usage {
+                    prompt_tokens: self.prompt_tokens,
+                    completion_tokens: self.completion_tokens,
+                });
+                Err(End::Finished(fr, usage.into()))
+            }
+            None => Err(End::Failed(match reason {
+                FinishReason::Error(msg) => {
+                    ApiError::from_engine(&EngineError::new(ErrorKind::Unknown, msg))
+                }
+                // Only the server cancels a request whose client is still listening:
+                // the grace period of a shutdown expired.
+                _ => ApiError::shutting_down(),
+            })),
+        }
+    }
+}
+
+fn data_event(value: &serde_json::Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+fn stream_reply(reply: Reply, include_usage: bool, app: &App) -> Response {
+    let mut queue: VecDeque<Event> = VecDeque::new();
+    if reply.head.endpoint == Endpoint::Chat {
+        // The role comes first, as OpenAI sends it.
+        queue.push_back(data_event(&reply.head.chunk("", None, true)));
+    }
+    let state = (reply, queue, false);
+    let events = stream::unfold(state, move |(mut reply, mut queue, mut done)| async move {
+        loop {
+            if let Some(event) = queue.pop_front() {
+                return Some((Ok::<Event, Infallible>(event), (reply, queue, done)));
+            }
+            if done {
+                // Dropping `reply` here ends the generation after its terminal: no kill.
+                return None;
+            }
+            let mut tail = String::new();
+            match reply.step(&mut tail).await {
+                Ok(text) if text.is_empty() => {}
+                Ok(text) => queue.push_back(data_event(&reply.head.chunk(&text, None, false))),
+                Err(End::Finished(reason, usage)) => {
+                    queue.push_back(data_event(&reply.head.chunk(&tail, Some(reason), false)));
+                    if include_usage {
+                        queue.push_back(data_event(&reply.head.usage_chunk(usage)));
+                    }
+                    queue.push_back(Event::default().data("[DONE]"));
+                    done = true;
+                }
+                Err(End::Failed(err)) => {
+                    if !tail.is_empty() {
+                        queue.push_back(data_event(&reply.head.chunk(&tail, None, false)));
+                    }
+                    queue.push_back(Event::default().data(err.to_json()));
+                    done = true;
+                }
+            }
+        }
+    });
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(app.keep_alive))
+        .into_response()
+}
+
+async fn unary_reply(mut reply: Reply) -> Response {
+    let mut text = String::new();
+    loop {
+        let mut tail = String::new();
+        match reply.step(&mut tail).await {
+            Ok(t) => text.push_str(&t),
+            Err(End::Finished(reason, usage)) => {
+                text.push_str(&tail);
+                let body = reply.head.full(&text, reason, usage);
+                return ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response();
+            }
+            Err(End::Failed(err)) => return err.into_response(),
+        }
+    }
+}
+
+pub(crate) async fn models(State(app): State<Arc<App>>) -> Response {
+    let body = responses::models_body(&app.limits.model, app.started_at);
+    ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response()
+}
+
+/// `GET /health`: runs a one-token canary through the engine ([`ProbeAdapter`]).
+pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
+    let unhealthy = |reason: String| {
+        let body =
+            serde_json::json!({"status": "unhealthy", "model": app.limits.model, "error": reason});
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, JSON)],
+            body.to_string(),
+        )
+            .into_response()
+    };
+    if app.draining.load(Ordering::Acquire) {
+        return unhealthy("the server is shutting down".to_owned());
+    }
+    // Relaxed: only uniqueness matters.
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let canary = Request::new(
+        format!("health-{n}"),
+        app.limits.model.clone(),
+        tokenizer::encode("ok"),
+    )
+    .with_max_tokens(1);
+    let json = match serde_json::to_string(&canary) {
+        Ok(json) => json,
+        Err(e) => return unhealthy(format!("cannot write the canary: {e}")),
+    };
+    match tokio::time::timeout(app.health_timeout, app.probe.probe(&json)).await {
+        Ok(Ok(items)) if ProbeAdapter::is_healthy(&items) => {
+            let body = serde_json::json!({"status": "ok", "model": app.limits.model});
+            ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response()
+        }
+        Ok(Ok(items)) => unhealthy(
+            items
+                .iter()
+                .find_map(|i| i.error.as_ref().map(ToString::to_string))
+                .unwrap_or_else(|| "the canary ended without a terminal".to_owned()),
+        ),
+        Ok(Err(e)) => unhealthy(e.to_string()),
+        Err(_) => unhealthy(format!(
+            "the canary took longer than {:?}",
+            app.health_timeout
+        )),
+    }
+}
+
+pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
+    ([(header::CONTENT_TYPE, OPENMETRICS)], app.metrics.encode()).into_response()
+}
+
+pub(crate) async fn no_route(req: HttpRequest) -> Response {
+    ApiError::no_route(req.uri().path()).into_response()
+}
+
+pub(crate) async fn wrong_method() -> Response {
+    ApiError::wrong_method().into_response()
+}
+
+/// The `endpoint` label of a path.
+fn endpoint_label(path: &str) -> &'static str {
+    match path {
+        "/v1/completions" => "/v1/completions",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        "/v1/models" => "/v1/models",
+        "/health" => "/health",
+        "/metrics" => "/metrics",
+        _ => "other",
+    }
+}
+
+/// Counts the response once; a response that never was (the client went away while
+/// the handler ran) counts as 499, never as a 5xx.
+struct Counted {
+    metrics: Arc<Metrics>,
+    endpoint: &'static str,
+    status: Option<u16>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.metrics
+            .http_response(self.endpoint, self.status.unwrap_or(499));
+    }
+}
+
+pub(crate) async fn count_responses(
+    State(app): State<Arc<App>>,
+    req: HttpRequest,
+    next: Next,
+) -> Response {
+    let mut counted = Counted {
+        metrics: app.metrics.clone(),
+        endpoint: endpoint_label(req.uri().path()),
+        status: None,
+    };
+    let response = next.run(req).await;
+    counted.status = Some(response.status().as_u16());
+    response
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(crate) fn started_at() -> u64 {
+    unix_now()
+}

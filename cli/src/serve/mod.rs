@@ -1,0 +1,452 @@
+//! `tether serve`: an OpenAI-compatible HTTP edge (axum on tokio) over the
+//! runtime-agnostic [`Adapter`], where a closed connection really stops the engine and
+//! the metrics never lie.
+//!
+//! Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (SSE with
+//! `stream: true`, one JSON body otherwise), `GET /v1/models`, `GET /health` (a
+//! [`ProbeAdapter`] canary; 503 when the engine errors), `GET /metrics`
+//! (see [`metrics`] for the names). Text goes through the byte-level [`tokenizer`].
+//!
+//! - A client that disconnects mid-request gets its request killed: the engine is
+//!   aborted exactly once, its slot freed, and the outcome is `cancelled` (not
+//!   `dropped`: the server kills the request's context, then takes the `Cancelled`
+//!   terminal that the kill owes, before letting the stream go). A request whose
+//!   terminal was read is never aborted, even if the client leaves before the last
+//!   bytes are written. The in-flight gauge drops after the outcome is counted.
+//! - Bad input is a 400 (404 for an unknown model) with an OpenAI error object.
+//! - [`Server::shutdown`] (SIGINT/SIGTERM in the binary): stop accepting, let in-flight
+//!   requests finish for [`ServeConfig::shutdown_grace`], kill the rest, then call the
+//!   engine's `cleanup` exactly once.
+//!
+//! ```no_run
+//! # async fn demo(runtime: std::sync::Arc<dyn tether_core::Runtime>) {
+//! use std::sync::Arc;
+//! use tether_cli::serve::{self, ServeConfig, ServedEngine};
+//! use tether_engines::{SimConfig, SimEngine};
+//!
+//! let engine = Arc::new(SimEngine::new(SimConfig::default(), runtime.clone()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+//! let server = serve::start(ServedEngine::sim(engine), runtime, listener, ServeConfig::default())
+//!     .await
+//!     .unwrap();
+//! println!("listening on {}", server.local_addr());
+//! server.shutdown();
+//! let report = server.wait().await;
+//! assert!(report.cleanup.is_ok());
+//! # }
+//! ```
+
+mod api;
+mod args;
+mod error;
+mod generation;
+mod handlers;
+pub mod metrics;
+#[cfg(feature = "otel")]
+pub mod otel;
+mod responses;
+pub mod tokenizer;
+
+use std::fmt;
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tether_core::drive::ProbeAdapter;
+use tether_core::{Adapter, AdapterConfig, Context, EngineError, LlmEngine, Runtime};
+use tether_engines::{SimEngine, TinyEngine};
+use tokio::sync::watch;
+
+pub use args::{run, EngineKind, ServeArgs};
+pub use metrics::{EngineGauges, GaugeFn, Metrics};
+
+use api::Limits;
+use metrics::MetricsObserver;
+
+/// How long a killed request may take to end once the grace period expired, before
+/// the server stops waiting for its connection.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// How the server runs. `Default` is the command line's defaults.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The model name clients must ask for (`None`: the name the engine reports).
+    pub model: Option<String>,
+    /// The adapter's time-to-first-token limit (a timed-out request gets a 504 or an
+    /// SSE error event).
+    pub first_token_timeout: Option<Duration>,
+    /// The adapter's inter-token limit.
+    pub inter_token_timeout: Option<Duration>,
+    /// How long a shutdown lets in-flight requests finish before it kills them.
+    pub shutdown_grace: Duration,
+    /// The longest prompt accepted, in byte tokens (longer: 400).
+    pub max_prompt_tokens: usize,
+    /// The largest `max_tokens` accepted (larger: 400).
+    pub max_tokens_limit: u32,
+    /// `max_tokens` for requests that set none.
+    pub default_max_tokens: u32,
+    /// Pass `chaos:` annotations from clients on to the engine (testing only; they are
+    /// stripped otherwise).
+    pub allow_chaos: bool,
+    /// How long `/health` waits for its canary.
+    pub health_timeout: Duration,
+    /// Interval of SSE keep-alive comments (they also reveal dead clients while an
+    /// engine is silent).
+    pub keep_alive: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            model: None,
+            first_token_timeout: None,
+            inter_token_timeout: None,
+            shutdown_grace: Duration::from_secs(10),
+            max_prompt_tokens: 4096,
+            max_tokens_limit: 4096,
+            default_max_tokens: 16,
+            allow_chaos: false,
+            health_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_secs(15),
+        }
+    }
+}
+
+/// The engine a server drives, and how to read its gauges for `/metrics`.
+#[derive(Clone)]
+pub struct ServedEngine {
+    /// The engine (not started yet: [`start`] starts it).
+    pub engine: Arc<dyn LlmEngine>,
+    /// Reads the engine's gauges at every scrape, if it has any.
+    pub gauges: Option<GaugeFn>,
+}
+
+impl fmt::Debug for ServedEngine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServedEngine")
+            .field("gauges", &self.gauges.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServedEngine {
+    /// A SimEngine, with its slots, queue and aborts exported.
+    pub fn sim(engine: Arc<SimEngine>) -> ServedEngine {
+        let gauges = engine.clone();
+        ServedEngine {
+            engine,
+            gauges: Some(Arc::new(move || {
+                let g = gauges.gauges();
+                EngineGauges {
+                    live_sequences: g.live_slots as u64,
+                    queue_length: g.queue_len as u64,
+                    aborts_received: g.aborts_received,
+                }
+            })),
+        }
+    }
+
+    /// A TinyEngine, with its sequences, queue and aborts exported.
+    pub fn tiny(engine: Arc<TinyEngine>) -> ServedEngine {
+        let gauges = engine.clone();
+        ServedEngine {
+            engine,
+            gauges: Some(Arc::new(move || {
+                let g = gauges.gauges();
+                EngineGauges {
+                    live_sequences: g.live_sequences as u64,
+                    queue_length: g.queue_len as u64,
+                    aborts_received: g.aborts_received,
+                }
+            })),
+        }
+    }
+
+    /// Any engine, without engine gauges.
+    pub fn other(engine: Arc<dyn LlmEngine>) -> ServedEngine {
+        ServedEngine {
+            engine,
+            gauges: None,
+        }
+    }
+}
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The options make no sense; the message says which and why.
+    #[error("{0}")]
+    InvalidOptions(String),
+    /// A runtime, the listener or the signal handlers could not be set up.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being set up.
+        context: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The engine did not start.
+    #[error("engine failed to start: {0}")]
+    EngineStart(EngineError),
+    /// The engine's cleanup failed at shutdown.
+    #[error("engine cleanup failed: {0}")]
+    Cleanup(EngineError),
+    /// The OTLP exporter could not be set up.
+    #[error("cannot set up otlp export: {0}")]
+    Otel(String),
+}
+
+/// What a stopped server reports.
+#[derive(Debug)]
+pub struct ShutdownReport {
+    /// Whether the grace period expired and requests still running were killed.
+    pub killed_in_flight: bool,
+    /// Whether every connection closed (false: the server stopped waiting for some).
+    pub drained: bool,
+    /// The engine's `cleanup` result (it is called exactly once).
+    pub cleanup: Result<(), EngineError>,
+}
+
+/// What every handler shares.
+pub(crate) struct App {
+    pub(crate) adapter: Adapter,
+    pub(crate) probe: ProbeAdapter,
+    pub(crate) limits: Limits,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) runtime: Arc<dyn Runtime>,
+    /// Every request's context is linked to it; killing it kills them all.
+    pub(crate) root: Context,
+    pub(crate) next_id: AtomicU64,
+    /// A shutdown began: new requests and health checks get a 503.
+    pub(crate) draining: AtomicBool,
+    pub(crate) health_timeout: Duration,
+    pub(crate) keep_alive: Duration,
+    pub(crate) started_at: u64,
+}
+
+/// A running server. Dropping it leaves the server running; [`Server::shutdown`] and
+/// [`Server::wait`] stop it.
+#[derive(Debug)]
+pub struct Server {
+    addr: SocketAddr,
+    model: String,
+    metrics: Arc<Metrics>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<ShutdownReport>,
+}
+
+impl Server {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The model name it serves.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Its metrics (what `/metrics` exports).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Begin a graceful shutdown (idempotent): stop accepting, let in-flight requests
+    /// finish for the grace period, kill the rest, clean the engine up.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Wait until the server stopped and the engine was cleaned up. Only returns after
+    /// [`Server::shutdown`] (or if the server failed).
+    pub async fn wait(self) -> ShutdownReport {
+        match self.task.await {
+            Ok(report) => report,
+            Err(e) => ShutdownReport {
+                killed_in_flight: false,
+                drained: false,
+                cleanup: Err(EngineError::new(
+                    tether_core::ErrorKind::Unknown,
+                    format!("the server task failed: {e}"),
+                )),
+            },
+        }
+    }
+}
+
+/// Start `engine` and serve it on `listener`. Must be called inside a tokio runtime
+/// (axum runs there); the adapter and the engine run on `runtime`, which may be tokio
+/// or another runtime's shim.
+pub async fn start(
+    engine: ServedEngine,
+    runtime: Arc<dyn Runtime>,
+    listener: tokio::net::TcpListener,
+    config: ServeConfig,
+) -> Result<Server, ServeError> {
+    let addr = listener.local_addr().map_err(|source| ServeError::Io {
+        context: "cannot read the listener's address",
+        source,
+    })?;
+    if config.max_prompt_tokens == 0 {
+        return Err(ServeError::InvalidOptions(
+            "--max-prompt-tokens must be at least 1".to_owned(),
+        ));
+    }
+    if config.default_max_tokens > config.max_tokens_limit {
+        return Err(ServeError::InvalidOptions(format!(
+            "--default-max-tokens {} is above --max-tokens-limit {}",
+            config.default_max_tokens, config.max_tokens_limit
+        )));
+    }
+    let started = match engine.engine.start(0).await {
+        Ok(started) => started,
+        Err(err) => {
+            // Cleanup is valid after a failed start, and frees what the start took.
+            let _ = engine.engine.cleanup().await;
+            return Err(ServeError::EngineStart(err));
+        }
+    };
+    let model = config.model.clone().unwrap_or(started.model);
+    let metrics = Arc::new(Metrics::new(engine.gauges.clone()));
+    let adapter = Adapter::new(
+        engine.engine.clone(),
+        runtime.clone(),
+        AdapterConfig {
+            first_token_timeout: config.first_token_timeout,
+            inter_token_timeout: config.inter_token_timeout,
+            observer: Some(Arc::new(MetricsObserver(metrics.clone()))),
+            ..AdapterConfig::default()
+        },
+    );
+    // Health canaries are not client requests: they get their own adapter, without
+    // the metrics observer and without spans.
+    let probe = ProbeAdapter::new(Adapter::new(
+        engine.engine.clone(),
+        runtime.clone(),
+        AdapterConfig {
+            spans: false,
+            ..AdapterConfig::default()
+        },
+    ));
+    let app = Arc::new(App {
+        adapter,
+        probe,
+        limits: Limits {
+            model: model.clone(),
+            max_prompt_tokens: config.max_prompt_tokens,
+            max_tokens_limit: config.max_tokens_limit,
+            default_max_tokens: config.default_max_tokens,
+            allow_chaos: config.allow_chaos,
+        },
+        metrics: metrics.clone(),
+        runtime,
+        root: Context::new("tether-serve"),
+        next_id: AtomicU64::new(1),
+        draining: AtomicBool::new(false),
+        health_timeout: config.health_timeout,
+        keep_alive: config.keep_alive,
+        started_at: handlers::started_at(),
+    });
+    let router = router(app.clone());
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(run_server(
+        listener,
+        router,
+        app,
+        engine.engine,
+        stopped,
+        config.shutdown_grace,
+    ));
+    Ok(Server {
+        addr,
+        model,
+        metrics,
+        stop,
+        task,
+    })
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(
+            "/v1/completions",
+            post(handlers::completions).fallback(handlers::wrong_method),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(handlers::chat_completions).fallback(handlers::wrong_method),
+        )
+        .route(
+            "/v1/models",
+            get(handlers::models).fallback(handlers::wrong_method),
+        )
+        .route(
+            "/health",
+            get(handlers::health).fallback(handlers::wrong_method),
+        )
+        .route(
+            "/metrics",
+            get(handlers::metrics).fallback(handlers::wrong_method),
+        )
+        .fallback(handlers::no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            handlers::count_responses,
+        ))
+        .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
+        .with_state(app)
+}
+
+async fn wait_for_stop(mut stopped: watch::Receiver<bool>) {
+    // An error means the `Server` and its sender are gone: never stop on that.
+    if stopped.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn run_server(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    app: Arc<App>,
+    engine: Arc<dyn LlmEngine>,
+    stopped: watch::Receiver<bool>,
+    grace: Duration,
+) -> ShutdownReport {
+    let serve = axum::serve(listener, router)
+        .with_graceful_shutdown(wait_for_stop(stopped.clone()))
+        .into_future();
+    tokio::pin!(serve);
+    let mut killed_in_flight = false;
+    let mut drained = true;
+    tokio::select! {
+        // `serve` only ends by itself if accepting fails for good.
+        _ = &mut serve => {}
+        () = wait_for_stop(stopped) => {
+            // Acquire/Release pair: a handler that sees the flag sees a shutdown that began.
+            app.draining.store(true, Ordering::Release);
+            tokio::select! {
+                _ = &mut serve => {}
+                () = tokio::time::sleep(grace) => {
+                    killed_in_flight = true;
+                    app.root.kill();
+                    tokio::select! {
+                        _ = &mut serve => {}
+                        () = tokio::time::sleep(KILL_WAIT) => drained = false,
+                    }
+                }
+            }
+        }
+    }
+    // The only call to cleanup: every path out of the loop above comes here once.
+    let cleanup = engine.cleanup().await;
+    ShutdownReport {
+        killed_in_flight,
+        drained,
+        cleanup,
+    }
+}

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""End-to-end test of `tether serve` with the official `openai` Python client.
+
+Run by `.ci/serve-e2e` against `tether serve --engine sim --allow-chaos` on
+127.0.0.1. It streams a chat completion and a completion, makes unary calls, closes
+one stream after 3 chunks, checks that an engine error mid-stream raises, that bad
+input is a 400/404 with an OpenAI error body, and finally that /metrics agrees:
+one abort, one cancelled request, nothing in flight, no engine slot held.
+"""
+
+import argparse
+import sys
+import time
+
+import json
+import urllib.error
+import urllib.request
+
+import openai
+
+MODEL = "sim"
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+    print(f"  ok  {what}")
+
+
+def http_get(url):
+    """(status, body) of a GET, with the standard library only."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def parse_metrics(text):
+    """Prometheus/OpenMetrics text -> {series: value} (labels as written)."""
+    samples = {}
+    lines = text.strip().splitlines()
+    check(lines[-1] == "# EOF", "/metrics ends with # EOF")
+    for line in lines:
+        if line.startswith("#"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        samples[series] = float(value)
+    return samples
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base-url", required=True, help="http://127.0.0.1:PORT")
+    args = parser.parse_args()
+    base = args.base_url.rstrip("/")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
+    finished = 0
+
+    models = client.models.list()
+    check([m.id for m in models.data] == [MODEL], "GET /v1/models lists the served model")
+
+    # Streaming chat completion, with usage.
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    finished += 1
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    check(chunks[0].choices[0].delta.role == "assistant", "chat stream: the role comes first")
+    check(len(content) == 12, f"chat stream: 12 tokens of text ({content!r})")
+    check(reasons == ["length"], "chat stream: one finish_reason, length")
+    check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12, "chat stream: usage chunk")
+
+    # Streaming completion.
+    stream = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, stream=True)
+    chunks = list(stream)
+    finished += 1
+    text = "".join(c.choices[0].text for c in chunks)
+    check(len(text) == 10, f"completion stream: 10 tokens of text ({text!r})")
+    check(chunks[-1].choices[0].finish_reason == "length", "completion stream: finish_reason length")
+
+    # Unary calls.
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=7
+    )
+    finished += 1
+    check(chat.choices[0].message.role == "assistant", "unary chat: assistant message")
+    check(chat.usage.completion_tokens == 7, "unary chat: usage")
+    completion = client.completions.create(model=MODEL, prompt="abc", max_tokens=5)
+    finished += 1
+    check(completion.usage.prompt_tokens == 3, "unary completion: 3 byte tokens of prompt")
+    check(len(completion.choices[0].text) == 5, "unary completion: 5 tokens of text")
+
+    # A client that closes its stream after 3 chunks: the server must abort the engine.
+    stream = client.completions.create(model=MODEL, prompt="a long story", max_tokens=20000, stream=True)
+    seen = 0
+    for _chunk in stream:
+        seen += 1
+        if seen == 3:
+            break
+    stream.close()
+    check(seen == 3, "closed a long stream after 3 chunks")
+
+    # An engine error mid-stream is raised by the client (no [DONE]).
+    stream = client.completions.create(
+        model=MODEL, prompt="x", max_tokens=10, stream=True,
+        extra_body={"annotations": ["chaos:error@2"]},
+    )
+    got, raised = 0, None
+    try:
+        for _chunk in stream:
+            got += 1
+    except openai.APIError as e:
+        raised = e
+    check(raised is not None and got == 2, f"error mid-stream raised after 2 chunks ({raised!r})")
+
+    # Bad input: 400 / 404 with an OpenAI error object.
+    try:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+        check(False, "negative max_tokens is refused")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and e.body["param"] == "max_tokens", "negative max_tokens: 400, param max_tokens")
+    try:
+        client.completions.create(model="gpt-4", prompt="x")
+        check(False, "unknown model is refused")
+    except openai.NotFoundError as e:
+        check(e.status_code == 404 and e.body["code"] == "model_not_found", "unknown model: 404 model_not_found")
+
+    status, body = http_get(f"{base}/health")
+    check(status == 200 and json.loads(body)["status"] == "ok", "GET /health is ok")
+
+    # /metrics agrees with what happened (the abort may take a moment to land).
+    deadline = time.monotonic() + 15
+    while True:
+        m = parse_metrics(http_get(f"{base}/metrics")[1])
+        settled = (
+            m["tether_requests_in_flight"] == 0
+            and m["tether_engine_live_sequences"] == 0
+            and m["tether_engine_aborts_received_total"] == m["tether_aborts_total"]
+        )
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    check(m["tether_requests_in_flight"] == 0, "metrics: nothing in flight")
+    check(m["tether_engine_live_sequences"] == 0, "metrics: no engine slot held")
+    check(m["tether_aborts_total"] == 1, "metrics: exactly one abort sent (the closed stream)")
+    check(m["tether_engine_aborts_received_total"] == 1, "metrics: the engine received it")
+    check(m['tether_requests_total{outcome="cancelled"}'] == 1, "metrics: one cancelled request")
+    check(m['tether_requests_total{outcome="finished"}'] == finished, f"metrics: {finished} finished requests")
+    check(m['tether_requests_total{outcome="failed"}'] == 1, "metrics: one failed request (the injected error)")
+    check(m['tether_requests_total{outcome="dropped"}'] == 0, "metrics: none dropped")
+    check(m['tether_requests_total{outcome="timed_out"}'] == 0, "metrics: none timed out")
+    check(m["tether_time_to_first_token_seconds_count"] >= finished, "metrics: time to first token observed")
+    errors5xx = [k for k in m if k.startswith("tether_http_responses_total") and 'status="5' in k and m[k] > 0]
+    check(not errors5xx, "metrics: no 5xx responses")
+    check(m['tether_http_responses_total{endpoint="/v1/completions",status="400"}'] == 1, "metrics: one 400")
+    check(m['tether_http_responses_total{endpoint="/v1/completions",status="404"}'] == 1, "metrics: one 404")
+    print("openai e2e: all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+//! OTLP export of `engine.generate` spans (`cargo test -p tether-cli --features otel`):
+//! into an in-memory exporter in-process, and over OTLP/HTTP from the binary to a fake
+//! collector on 127.0.0.1.
+#![cfg(feature = "otel")]
+
+mod serve_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry::trace::{SpanId, TraceId};
+use opentelemetry::Value;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use serde_json::json;
+use serve_support::*;
+use tracing_subscriber::layer::SubscriberExt;
+
+const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const SPAN: &str = "b7ad6b7169203331";
+
+fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
+    span.attributes
+        .iter()
+        .find(|kv| kv.key.as_str() == key)
+        .map(|kv| &kv.value)
+}
+
+#[test]
+fn engine_generate_spans_are_exported_with_the_migration_link() {
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let subscriber = tracing_subscriber::registry().with(tether_cli::serve::otel::layer(&provider));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // One thread: the spans are created where the subscriber is set.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(within(Duration::from_secs(20), async {
+        let t = start().await;
+        let body = json!({"model": "sim", "prompt": "hi", "max_tokens": 3});
+        let resp = t
+            .client
+            .post(format!("{}/v1/completions", t.base))
+            .header("traceparent", format!("00-{TRACE}-{SPAN}-01"))
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap();
+        let (status, _) = t.post_raw("/v1/completions", &body.to_string()).await;
+        assert_eq!(status, 200);
+        t.settled().await;
+        t.server.shutdown();
+        t.server.wait().await;
+    }));
+    provider.force_flush().unwrap();
+    let spans: Vec<SpanData> = exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.name == "engine.generate")
+        .collect();
+    assert_eq!(
+        spans.len(),
+        2,
+        "one span per request, none for anything else"
+    );
+    let (linked, plain): (Vec<&SpanData>, Vec<&SpanData>) =
+        spans.iter().partition(|s| !s.links.is_empty());
+    assert_eq!((linked.len(), plain.len()), (1, 1));
+    let link = &linked[0].links.links[0];
+    assert_eq!(
+        link.span_context.trace_id(),
+        TraceId::from_hex(TRACE).unwrap()
+    );
+    assert_eq!(link.span_context.span_id(), SpanId::from_hex(SPAN).unwrap());
+    assert!(link.span_context.is_remote());
+    for span in &spans {
+        assert_eq!(
+            attr(span, "model").map(Value::as_str).as_deref(),
+            Some("sim")
+        );
+        assert_eq!(
+            attr(span, "finish_reason").map(Value::as_str).as_deref(),
+            Some("length")
+        );
+        assert_eq!(
+            attr(span, "output_tokens").map(Value::as_str).as_deref(),
+            Some("3")
+        );
+        assert!(attr(span, "ttft_ms").is_some());
+    }
+    assert_eq!(
+        attr(linked[0], "migration_trace_id")
+            .map(Value::as_str)
+            .as_deref(),
+        Some(TRACE)
+    );
+}
+
+#[test]
+fn the_binary_exports_over_otlp_http() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let collector = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sink = received.clone();
+        let app = axum::Router::new().route(
+            "/v1/traces",
+            axum::routing::post(move |body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(body.to_vec());
+                    (
+                        [("content-type", "application/x-protobuf")],
+                        Vec::<u8>::new(),
+                    )
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--otlp-endpoint"])
+        .arg(format!("http://{collector}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    rt.block_on(async {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/v1/completions"))
+            .header("traceparent", format!("00-{TRACE}-{SPAN}-01"))
+            .body(json!({"model": "sim", "prompt": "hi", "max_tokens": 2}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.text().await.unwrap();
+    });
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "tether serve did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    // The batch was flushed at shutdown: one protobuf export naming the span and
+    // carrying the link's raw trace id.
+    let bodies = received.lock().unwrap().concat();
+    let contains = |needle: &[u8]| bodies.windows(needle.len()).any(|w| w == needle);
+    assert!(
+        contains(b"engine.generate"),
+        "no span exported ({} bytes)",
+        bodies.len()
+    );
+    assert!(contains(&TraceId::from_hex(TRACE).unwrap().to_bytes()));
+    drop(rt);
+}

@@ -1,0 +1,379 @@
+//! Helpers shared by the `tether serve` tests: an in-process server on 127.0.0.1 with
+//! an ephemeral port, engines that count or fail, an SSE reader and a Prometheus text
+//! parser.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tether_cli::serve::{self, ServeConfig, ServedEngine, Server};
+use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine};
+use tether_core::error::{EngineError, ErrorKind};
+use tether_core::protocol::Request;
+use tether_core::Runtime;
+use tether_engines::{SimConfig, SimEngine};
+
+/// SimEngine as the server runs it: ASCII tokens, so a token is a character.
+pub fn sim_config() -> SimConfig {
+    SimConfig {
+        vocab_size: 128,
+        ..SimConfig::default()
+    }
+}
+
+/// Delegates to a SimEngine and counts `cleanup` calls.
+#[derive(Debug)]
+pub struct CountingEngine {
+    pub inner: Arc<SimEngine>,
+    pub cleanups: AtomicUsize,
+}
+
+impl LlmEngine for CountingEngine {
+    fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
+        self.inner.start(worker_id)
+    }
+    fn generate(
+        &self,
+        request: Request,
+        context: GenerateContext,
+    ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        self.inner.generate(request, context)
+    }
+    fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
+        self.inner.abort(context)
+    }
+    fn cleanup(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        self.cleanups.fetch_add(1, Ordering::SeqCst);
+        self.inner.cleanup()
+    }
+}
+
+/// Starts fine and refuses every request.
+#[derive(Debug)]
+pub struct BrokenEngine;
+
+impl LlmEngine for BrokenEngine {
+    fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
+        Box::pin(async move {
+            Ok(EngineConfig {
+                model: "broken".to_owned(),
+                worker_id,
+                max_concurrency: None,
+            })
+        })
+    }
+    fn generate(
+        &self,
+        _: Request,
+        _: GenerateContext,
+    ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        Box::pin(async {
+            Err(EngineError::new(
+                ErrorKind::Unavailable,
+                "the engine is down",
+            ))
+        })
+    }
+    fn cleanup(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// A server under test.
+pub struct TestServer {
+    pub server: Server,
+    pub base: String,
+    pub engine: Arc<CountingEngine>,
+    pub client: reqwest::Client,
+}
+
+pub async fn start_with(config: ServeConfig, sim: SimConfig) -> TestServer {
+    let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
+    start_on(config, sim, runtime).await
+}
+
+pub async fn start_on(
+    config: ServeConfig,
+    sim: SimConfig,
+    runtime: Arc<dyn Runtime>,
+) -> TestServer {
+    let sim = Arc::new(SimEngine::new(sim, runtime.clone()));
+    let gauges = ServedEngine::sim(sim.clone()).gauges;
+    let engine = Arc::new(CountingEngine {
+        inner: sim,
+        cleanups: AtomicUsize::new(0),
+    });
+    let served = ServedEngine {
+        engine: engine.clone(),
+        gauges,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = serve::start(served, runtime, listener, config)
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.local_addr());
+    TestServer {
+        server,
+        base,
+        engine,
+        client: reqwest::Client::new(),
+    }
+}
+
+pub async fn start() -> TestServer {
+    start_with(ServeConfig::default(), sim_config()).await
+}
+
+/// The config tests that inject faults use.
+pub fn chaos_config() -> ServeConfig {
+    ServeConfig {
+        allow_chaos: true,
+        max_tokens_limit: 100_000,
+        ..ServeConfig::default()
+    }
+}
+
+impl TestServer {
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn post_raw(&self, path: &str, body: &str) -> (u16, serde_json::Value) {
+        let resp = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let resp = self
+            .client
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    /// Scrape and parse `/metrics`.
+    pub async fn metrics(&self) -> Samples {
+        let (status, text) = self.get("/metrics").await;
+        assert_eq!(status, 200);
+        parse_prometheus(&text)
+    }
+
+    /// Wait (bounded) until nothing is in flight, the engine holds no slot and every
+    /// abort sent arrived.
+    pub async fn settled(&self) {
+        let m = self.server.metrics().clone();
+        let engine = self.engine.inner.clone();
+        let ok = eventually(Duration::from_secs(10), || {
+            let g = engine.gauges();
+            m.in_flight() == 0
+                && g.live_slots == 0
+                && g.queue_len == 0
+                && g.aborts_received == m.aborts()
+        })
+        .await;
+        assert!(
+            ok,
+            "not settled: in flight {}, engine {:?}",
+            m.in_flight(),
+            engine.gauges()
+        );
+    }
+}
+
+/// Poll `done` every millisecond until it holds or `limit` passed.
+pub async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if done() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// One SSE event's data (events without data, like keep-alive comments, are skipped).
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| {
+            let data: Vec<&str> = event
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+                .collect();
+            (!data.is_empty()).then(|| data.join("\n"))
+        })
+        .collect()
+}
+
+/// Reads SSE events off a streaming response, one at a time.
+pub struct SseReader {
+    body: Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>,
+    buf: Vec<u8>,
+}
+
+impl SseReader {
+    pub fn new(resp: reqwest::Response) -> SseReader {
+        SseReader {
+            body: Box::pin(resp.bytes_stream()),
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next event's data, `None` at the end of the body.
+    pub async fn next(&mut self) -> Option<String> {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let event: Vec<u8> = self.buf.drain(..i + 2).collect();
+                if let Some(data) = sse_data(std::str::from_utf8(&event).unwrap()).pop() {
+                    return Some(data);
+                }
+                continue;
+            }
+            match self.body.next().await {
+                Some(Ok(bytes)) => self.buf.extend_from_slice(&bytes),
+                Some(Err(e)) => panic!("body error: {e}"),
+                None => return None,
+            }
+        }
+    }
+}
+
+pub type Samples = BTreeMap<String, f64>;
+
+/// Parse Prometheus/OpenMetrics text into `name{k="v",...}` (labels sorted) → value,
+/// checking the format on the way: every sample belongs to a declared family, values
+/// are numbers, the exposition ends with `# EOF`.
+pub fn parse_prometheus(text: &str) -> Samples {
+    let mut families: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = Samples::new();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.last(), Some(&"# EOF"), "no # EOF");
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+            assert!(
+                [
+                    "counter",
+                    "gauge",
+                    "histogram",
+                    "summary",
+                    "info",
+                    "stateset",
+                    "unknown",
+                    "gaugehistogram"
+                ]
+                .contains(&kind),
+                "bad type in {line}"
+            );
+            families.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment {line}");
+        let (series, value) = line.rsplit_once(' ').expect("sample: series value");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let body = rest.strip_suffix('}').expect("labels end with }");
+                let mut labels: Vec<String> = split_labels(body);
+                labels.sort();
+                (name.to_owned(), labels)
+            }
+            None => (series.to_owned(), Vec::new()),
+        };
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name {name}"
+        );
+        let family = ["_total", "_bucket", "_count", "_sum", "_created", "_info"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|f| families.contains_key(*f)))
+            .unwrap_or(&name);
+        assert!(families.contains_key(family), "sample {name} has no # TYPE");
+        let key = if labels.is_empty() {
+            name
+        } else {
+            format!("{name}{{{}}}", labels.join(","))
+        };
+        assert!(
+            samples.insert(key.clone(), value).is_none(),
+            "duplicate series {key}"
+        );
+    }
+    samples
+}
+
+fn split_labels(body: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_quotes = false;
+    let mut escaped = false;
+    for c in body.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '"' => in_quotes = !in_quotes,
+            ',' if !in_quotes => {
+                out.push(std::mem::take(&mut cur));
+                continue;
+            }
+            _ => {}
+        }
+        cur.push(c);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    for l in &out {
+        let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("bad label {l}"));
+        assert!(
+            !k.is_empty() && v.starts_with('"') && v.ends_with('"'),
+            "bad label {l}"
+        );
+    }
+    out
+}
+
+/// A sample's value, 0 if absent.
+pub fn sample(samples: &Samples, key: &str) -> f64 {
+    samples.get(key).copied().unwrap_or(0.0)
+}
+
+/// Run `f` with a deadline: a test that hangs fails instead.
+pub async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(limit, f).await.expect("timed out")
+}
