@@ -214,6 +214,10 @@ impl Context {
         let mut st = lock(&self.inner.state);
         let id = ListenerId(st.next_listener);
         st.next_listener += 1;
+        // Most contexts carry one listener (the driver's): avoid the default 4-slot growth.
+        if st.listeners.capacity() == 0 {
+            st.listeners.reserve_exact(1);
+        }
         st.listeners.push(Listener {
             id,
             seen: Level::Live,

@@ -116,8 +116,10 @@ impl StatsRecorder {
         match self.last {
             None => self.first = Some(now),
             Some(last) => {
-                let gap = now.saturating_duration_since(last).as_micros();
-                let per = u32::try_from(gap / u128::from(n)).unwrap_or(u32::MAX);
+                // u64, not u128: a 128-bit division is a libcall on every chunk.
+                let gap = u64::try_from(now.saturating_duration_since(last).as_micros())
+                    .unwrap_or(u64::MAX);
+                let per = u32::try_from(gap / u64::from(n)).unwrap_or(u32::MAX);
                 for _ in 0..n {
                     self.gaps_us.push(per);
                 }

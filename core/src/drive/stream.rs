@@ -25,7 +25,7 @@ use super::{AdapterInner, AsyncTimer};
 use crate::context::{Context, ListenerId, Signal};
 use crate::engine::{ChunkStream, GenerateContext};
 use crate::error::{BackendError, EngineError, ErrorKind};
-use crate::lifecycle::{Actions, Cancel, Cell, Event, OutcomeKind, State, Synth};
+use crate::lifecycle::{Actions, Cancel, Cell, Event, OutcomeKind, State, StepCache, Synth};
 use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
 use crate::sync::{downgrade, lock, upgrade, Arc, Mutex};
 
@@ -143,6 +143,7 @@ struct Local {
     migration_link: Option<TraceLink>,
     stamped: bool,
     done: bool,
+    step_cache: StepCache,
 }
 
 impl fmt::Debug for ResponseStream {
@@ -187,7 +188,7 @@ impl ResponseStream {
                 // Rule 7: a setup error is returned typed; no abort, no stream. It is
                 // still a request that ended, so it gets its one record.
                 let rec = RequestRecord {
-                    id: shared.request_id.to_string(),
+                    id: String::from(&*shared.request_id),
                     outcome: Outcome::Failed(err.kind()),
                     ttft: None,
                     itl: Default::default(),
@@ -221,6 +222,7 @@ impl ResponseStream {
                 migration_link,
                 stamped: false,
                 done: false,
+                step_cache: StepCache::default(),
             },
         })
     }
@@ -259,7 +261,7 @@ impl Stream for ResponseStream {
         let cfg = &adapter.config;
         let rt = &*adapter.runtime;
         loop {
-            let state = shared.cell.load();
+            let state = shared.cell.load_cached(&mut local.step_cache);
             if state.is_finished() {
                 local.done = true;
                 return Poll::Ready(None);
@@ -326,7 +328,7 @@ impl Stream for ResponseStream {
                     )
                 }
             };
-            let (state, acts) = shared.cell.apply(event);
+            let (state, acts) = shared.cell.apply_cached(event, &mut local.step_cache);
             if state.engine_done() {
                 // Never poll a finished (or panicked) engine stream again.
                 local.engine = None;
@@ -350,6 +352,23 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// Pass an engine chunk on: time its tokens, re-arm the inter-token deadline, stamp
+/// the trace link on the first token (or, in prefill mode, on a token-less terminal).
+fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annotated<Chunk> {
+    let adapter = &shared.adapter;
+    let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
+    if n > 0 {
+        let now = adapter.runtime.now();
+        local.stats.tokens(n, now);
+        local.timers.token(now, adapter.config.inter_token_timeout);
+    }
+    if !local.stamped && (n > 0 || (chunk.is_terminal() && adapter.config.mode == Mode::Prefill)) {
+        local.stamped = true;
+        chunk.worker_trace_link = span::trace_link(&local.span, local.migration_link);
+    }
+    Annotated::from_data(chunk)
+}
+
 /// Carry out the poller's actions; returns the item to yield, if any.
 fn carry_out(
     shared: &Arc<Shared>,
@@ -361,29 +380,24 @@ fn carry_out(
     if acts.abort {
         Shared::spawn_abort(shared);
     }
-    let adapter = &shared.adapter;
-    let cfg = &adapter.config;
+    let cfg = &shared.adapter.config;
+    if acts.forward && acts.finish.is_none() {
+        // The steady state: a non-terminal chunk to pass on, nothing to record.
+        return match item {
+            Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
+            Item::Error(_) | Item::None => None,
+        };
+    }
     let mut timeout_kind = None;
     let (out, outcome) = if acts.forward {
         match item {
-            Item::Chunk(mut chunk) => {
-                let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
-                if n > 0 {
-                    let now = adapter.runtime.now();
-                    local.stats.tokens(n, now);
-                    local.timers.token(now, cfg.inter_token_timeout);
-                }
-                let stamp_here = n > 0 || (chunk.is_terminal() && cfg.mode == Mode::Prefill);
-                if !local.stamped && stamp_here {
-                    local.stamped = true;
-                    chunk.worker_trace_link = span::trace_link(&local.span, local.migration_link);
-                }
+            Item::Chunk(chunk) => {
                 let outcome = match &chunk.finish_reason {
                     Some(FinishReason::Cancelled) => Some(Outcome::Cancelled),
                     Some(reason) => Some(Outcome::Finished(reason.clone())),
                     None => None,
                 };
-                (Some(Annotated::from_data(chunk)), outcome)
+                (Some(forward_chunk(shared, local, chunk)), outcome)
             }
             Item::Error(err) => {
                 let kind = err.kind();
@@ -449,7 +463,7 @@ fn finish(
         shared.context.remove_listener(id);
     }
     let rec = RequestRecord {
-        id: shared.request_id.to_string(),
+        id: String::from(&*shared.request_id),
         outcome,
         ttft: local.stats.ttft(),
         itl: local.stats.itl(),

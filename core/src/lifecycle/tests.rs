@@ -437,3 +437,30 @@ fn cell_apply_agrees_with_step() {
         s = expect;
     }
 }
+
+/// The poller's memoized transitions must decide exactly what `step` decides, for every
+/// sequence of up to 5 events in every mode (the cache sees repeats, changes and misses).
+#[test]
+fn cell_apply_cached_agrees_with_step() {
+    fn walk(mode: Mode, path: &mut Vec<Event>, depth: usize) {
+        let cell = Cell::new(State::new(mode));
+        let mut cache = StepCache::default();
+        let mut s = State::new(mode);
+        for &e in path.iter() {
+            let expected = step(s, e);
+            assert_eq!(cell.apply_cached(e, &mut cache), expected, "{path:?}");
+            assert_eq!(cell.load_cached(&mut cache), expected.0, "{path:?}");
+            s = expected.0;
+        }
+        if depth > 0 {
+            for e in Event::ALL {
+                path.push(e);
+                walk(mode, path, depth - 1);
+                path.pop();
+            }
+        }
+    }
+    for mode in [Mode::Aggregated, Mode::Prefill, Mode::Decode] {
+        walk(mode, &mut Vec::new(), 4);
+    }
+}
