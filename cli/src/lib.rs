@@ -2,14 +2,16 @@
 //!
 //! The library behind the `tether` command, so that its jobs can run in-process in
 //! tests: [`load`] (the main job: requests with chaos through the adapter against
-//! SimEngine, every invariant checked, leaks proven absent), [`serve`] (an
-//! OpenAI-compatible HTTP server over an engine), [`conformance`] (the engine
-//! conformance kit on a chosen runtime) and [`runtime`] (building tokio or smol,
+//! SimEngine or TinyEngine, every invariant checked, leaks proven absent), [`serve`]
+//! (an OpenAI-compatible HTTP server over an engine), [`conformance`] (the engine
+//! conformance kit on a chosen runtime), [`engine`] (the `--engine`/`--device` choice
+//! and the one constructor all three share) and [`runtime`] (building tokio or smol,
 //! counting spawned tasks).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 pub mod conformance;
+pub mod engine;
 pub mod load;
 pub mod runtime;
 pub mod serve;

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tether_cli::conformance::{self, ConformanceArgs};
-use tether_cli::load::{self, LoadArgs, LoadError};
+use tether_cli::engine::StartError;
+use tether_cli::load::{self, LoadArgs};
 use tether_cli::serve::{self, ServeArgs, ServeError};
 
 /// tether: the request-lifecycle layer between an LLM engine and whatever serves it.
@@ -37,9 +38,12 @@ fn main() -> ExitCode {
 }
 
 fn load_main(args: &LoadArgs) -> ExitCode {
-    let run = args
-        .to_options()
-        .and_then(|opts| load::run(&opts, !args.no_progress && !args.json));
+    let run = args.to_options_with_note().and_then(|(opts, note)| {
+        if let Some(note) = note {
+            eprintln!("tether load: {note}");
+        }
+        load::run(&opts, !args.no_progress && !args.json)
+    });
     match run {
         Ok(report) => {
             if args.json {
@@ -59,13 +63,9 @@ fn load_main(args: &LoadArgs) -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Err(err @ LoadError::InvalidOptions(_)) => {
-            eprintln!("tether load: error: {err}");
-            ExitCode::from(2)
-        }
         Err(err) => {
             eprintln!("tether load: error: {err}");
-            ExitCode::FAILURE
+            usage_or_failure(err.is_usage())
         }
     }
 }
@@ -73,26 +73,40 @@ fn load_main(args: &LoadArgs) -> ExitCode {
 fn serve_main(args: &ServeArgs) -> ExitCode {
     match serve::run(args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err @ ServeError::InvalidOptions(_)) => {
+        Err(ServeError::EngineStart(source)) => {
+            let err = StartError::of(args.engine.device, source);
             eprintln!("tether serve: error: {err}");
-            ExitCode::from(2)
+            usage_or_failure(err.is_usage())
         }
         Err(err) => {
             eprintln!("tether serve: error: {err}");
-            ExitCode::FAILURE
+            usage_or_failure(matches!(err, ServeError::InvalidOptions(_)))
         }
     }
 }
 
 fn conformance_main(args: &ConformanceArgs) -> ExitCode {
-    match conformance::run(args.runtime, args.engine) {
+    match conformance::run(args.runtime, &args.engine.spec()) {
         Ok(report) => {
             print!("{}", conformance::render(&report, args.runtime));
             ExitCode::SUCCESS
+        }
+        Err(err) if err.is_usage() => {
+            eprintln!("tether conformance: error: {err}");
+            ExitCode::from(2)
         }
         Err(err) => {
             println!("conformance: FAILED on {}: {err}", args.runtime);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Exit code 2 for bad arguments, 1 for any other failure.
+fn usage_or_failure(usage: bool) -> ExitCode {
+    if usage {
+        ExitCode::from(2)
+    } else {
+        ExitCode::FAILURE
     }
 }

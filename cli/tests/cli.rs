@@ -15,7 +15,7 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn bad_arguments_exit_2_with_a_message() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["load", "--concurrency", "0"], "concurrency"),
         (&["load", "--stop", "1.5"], "--stop"),
         (&["load", "--kill", "-0.1"], ""),
@@ -26,6 +26,13 @@ fn bad_arguments_exit_2_with_a_message() {
         (&["load", "--runtime", "tokyo"], "tokyo"),
         (&["load", "--chaos", "boom=0.1"], "unknown kind"),
         (&["load", "--mode", "sideways"], "sideways"),
+        (&["load", "--engine", "gpt"], "gpt"),
+        (&["load", "--device", "cuda"], "needs --engine tiny"),
+        (
+            &["conformance", "--device", "cuda:1"],
+            "needs --engine tiny",
+        ),
+        (&["load", "--engine", "tiny", "--device", "tpu"], "tpu"),
     ];
     for (args, needle) in cases {
         let out = tether(args);
@@ -86,13 +93,105 @@ fn a_broken_invariant_exits_1_and_names_it() {
 
 #[test]
 fn conformance_lists_the_checks() {
-    for runtime in ["tokio", "smol"] {
-        let out = tether(&["conformance", "--runtime", runtime]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        let text = String::from_utf8_lossy(&out.stdout);
-        for check in tether_core::conformance::CHECKS {
-            assert!(text.contains(&format!("ok  {check}")), "{text}");
+    for engine in ["sim", "tiny"] {
+        for runtime in ["tokio", "smol"] {
+            let out = tether(&["conformance", "--engine", engine, "--runtime", runtime]);
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            let text = String::from_utf8_lossy(&out.stdout);
+            for check in tether_core::conformance::CHECKS {
+                assert!(text.contains(&format!("ok  {check}")), "{text}");
+            }
+            assert!(
+                text.contains(&format!("engine `{engine}` passed 6/6 checks on {runtime}")),
+                "{text}"
+            );
         }
-        assert!(text.contains("passed 6/6 checks"), "{text}");
+    }
+}
+
+/// A tiny run: the default model is slow unoptimized, so few, short requests.
+const TINY: [&str; 10] = [
+    "load",
+    "--engine",
+    "tiny",
+    "--requests",
+    "12",
+    "--prompt-max",
+    "8",
+    "--max-tokens",
+    "4",
+    "--no-progress",
+];
+
+#[test]
+fn tiny_load_with_default_chaos_notes_the_change_and_passes() {
+    let out = tether(&TINY);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "note: --engine tiny has no engine faults: error, hang, panic chaos set to 0"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("engine tiny on cpu"), "{table}");
+    assert!(table.contains("error 0  hang 0  panic 0"), "{table}");
+    assert!(table.contains("ok: every invariant held"), "{table}");
+}
+
+#[test]
+fn tiny_load_with_engine_faults_exits_2() {
+    for extra in [
+        &["--error", "0.1"][..],
+        &["--chaos", "stop=0.1,panic=0.1"],
+        &["--hang", "0.01"],
+    ] {
+        let args: Vec<&str> = TINY.iter().copied().chain(extra.iter().copied()).collect();
+        let out = tether(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--engine tiny cannot inject engine faults"),
+            "{extra:?}: {}",
+            stderr(&out)
+        );
+    }
+}
+
+/// Whether this machine (and this build) can run TinyEngine on CUDA.
+fn cuda_available() -> bool {
+    let cfg = tether_engines::TinyConfig {
+        device: tether_engines::Device::Cuda(0),
+        ..tether_engines::TinyConfig::default()
+    };
+    tether_engines::tiny::TinyModel::new(&cfg).is_ok()
+}
+
+#[test]
+fn an_unavailable_cuda_device_exits_2_with_a_message() {
+    if cuda_available() {
+        eprintln!("skipped: CUDA is available here, so --device cuda is not refused");
+        return;
+    }
+    let load: Vec<&str> = TINY.iter().copied().chain(["--device", "cuda"]).collect();
+    let conformance = ["conformance", "--engine", "tiny", "--device", "cuda"];
+    let serve = [
+        "serve",
+        "--engine",
+        "tiny",
+        "--device",
+        "cuda",
+        "--addr",
+        "127.0.0.1:0",
+    ];
+    for args in [&load[..], &conformance[..], &serve[..]] {
+        let out = tether(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--device cuda:0 is unavailable"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     }
 }

@@ -1,30 +1,12 @@
 //! The `tether serve` binary: it prints where it listens, serves, and on SIGTERM shuts
 //! down gracefully and exits 0; bad arguments exit 2.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod serve_support;
+
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-fn spawn(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .arg("serve")
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tether serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    (child, addr)
-}
+use serve_support::spawn_serve;
 
 /// Wait (bounded) for the child to exit.
 fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -52,7 +34,7 @@ fn signal(child: &Child, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_then_exits_0_on_sigterm_after_cleanup() {
-    let (mut child, addr) = spawn(&["--addr", "127.0.0.1:0", "--step-us", "200"]);
+    let (mut child, addr) = spawn_serve(&["--addr", "127.0.0.1:0", "--step-us", "200"]);
     let client = reqwest::Client::new();
     let health = client
         .get(format!("http://{addr}/health"))
@@ -78,7 +60,7 @@ async fn serves_then_exits_0_on_sigterm_after_cleanup() {
 
 #[test]
 fn sigint_also_shuts_down_cleanly() {
-    let (mut child, _) = spawn(&[
+    let (mut child, _) = spawn_serve(&[
         "--addr",
         "127.0.0.1:0",
         "--engine",
@@ -99,6 +81,7 @@ fn bad_serve_arguments_exit_2() {
         (vec!["--first-token-timeout", "soon"], "soon"),
         (vec!["--max-tokens-limit", "-1"], "-1"),
         (vec!["--device", "tpu"], "tpu"),
+        (vec!["--device", "cuda"], "needs --engine tiny"),
     ];
     for (args, needle) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_tether"))

@@ -5,8 +5,7 @@
 
 mod serve_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -132,25 +131,8 @@ fn the_binary_exports_over_otlp_http() {
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         addr
     });
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--otlp-endpoint"])
-        .arg(format!("http://{collector}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
+    let endpoint = format!("http://{collector}");
+    let (mut child, addr) = spawn_serve(&["--addr", "127.0.0.1:0", "--otlp-endpoint", &endpoint]);
     rt.block_on(async {
         let resp = reqwest::Client::new()
             .post(format!("http://{addr}/v1/completions"))

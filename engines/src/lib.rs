@@ -8,11 +8,11 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+mod abort;
 pub mod sim;
 pub mod tiny;
+mod util;
 
-pub use sim::{
-    AbortHook, AbortReceipt, Chaos, ChaosParseError, SimConfig, SimConfigError, SimEngine,
-    SimGauges,
-};
-pub use tiny::{Device, TinyConfig, TinyEngine};
+pub use abort::{AbortHook, AbortReceipt};
+pub use sim::{Chaos, ChaosParseError, SimConfig, SimConfigError, SimEngine, SimGauges};
+pub use tiny::{Device, TinyConfig, TinyEngine, TinyGauges};

@@ -1,45 +1,25 @@
 //! SimEngine behaviour, every scenario on tokio (paused clock) and on smol.
 
+mod common;
+
 use std::future::poll_fn;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tether_core::drive::{AsyncTimer, SpawnFuture};
 use tether_core::{
-    AdapterConfig, BackendError, Chunk, ChunkStream, Context, EngineError, ErrorKind, FinishReason,
-    GenerateContext, LlmEngine, Outcome, Request, RequestRecord, Runtime, Usage,
+    AdapterConfig, BackendError, ChunkStream, Context, ErrorKind, FinishReason, LlmEngine, Outcome,
+    Request, Runtime, Usage,
 };
 use tether_engines::{AbortReceipt, Chaos, SimConfig, SimEngine, SimGauges};
 
-type Rt = Arc<dyn Runtime>;
-
-fn tokio_rt() -> Rt {
-    Arc::new(tether_tokio::TokioRuntime::current())
-}
-
-fn smol_rt() -> Rt {
-    Arc::new(tether_smol::SmolRuntime::global())
-}
-
-/// Run `scenario` on tokio with a paused clock and on smol.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(start_paused = true)]
-            async fn tokio() {
-                super::$name(super::tokio_rt()).await;
-            }
-            #[test]
-            fn smol() {
-                smol::block_on(super::$name(super::smol_rt()));
-            }
-        }
-    )*};
-}
+use common::{
+    assert_one_record, collect, gctx, kill_ends_with_cancelled, observed_adapter, on_both, smol_rt,
+    terminal, tokens, tokio_rt, until, Rt,
+};
 
 on_both!(
     deterministic_tokens,
@@ -85,36 +65,9 @@ fn req(id: &str, prompt: &[u32], max_tokens: u32) -> Request {
     Request::new(id, "sim", prompt.to_vec()).with_max_tokens(max_tokens)
 }
 
-fn gctx(id: &str) -> GenerateContext {
-    GenerateContext::new(Context::new(id), id)
-}
-
 async fn gen(engine: &SimEngine, request: Request) -> ChunkStream {
     let id = request.id.clone();
     engine.generate(request, gctx(&id)).await.unwrap()
-}
-
-async fn collect(stream: ChunkStream) -> Vec<Result<Chunk, EngineError>> {
-    stream.collect().await
-}
-
-fn tokens(items: &[Result<Chunk, EngineError>]) -> Vec<u32> {
-    items
-        .iter()
-        .filter_map(|i| i.as_ref().ok())
-        .flat_map(|c| c.token_ids.iter().copied())
-        .collect()
-}
-
-fn terminal(items: &[Result<Chunk, EngineError>]) -> &Chunk {
-    let last = items.last().expect("at least one item").as_ref().unwrap();
-    assert!(last.is_terminal(), "last item is terminal: {last:?}");
-    let terminals = items
-        .iter()
-        .filter(|i| i.as_ref().is_ok_and(Chunk::is_terminal))
-        .count();
-    assert_eq!(terminals, 1, "exactly one terminal");
-    last
 }
 
 fn idle(g: SimGauges) {
@@ -123,17 +76,6 @@ fn idle(g: SimGauges) {
         (0, 0, 0, 0),
         "{g:?}"
     );
-}
-
-/// Wait (on the runtime's clock) until `cond` holds; at most 2 s.
-async fn until(rt: &Rt, mut cond: impl FnMut() -> bool) {
-    let deadline = rt.now() + Duration::from_secs(2);
-    let mut timer = rt.sleep_until(rt.now());
-    while !cond() {
-        assert!(rt.now() < deadline, "condition not reached in 2 s");
-        timer.as_mut().reset(rt.now() + Duration::from_millis(1));
-        poll_fn(|cx| timer.as_mut().poll(cx)).await;
-    }
 }
 
 async fn deterministic_tokens(rt: Rt) {
@@ -239,7 +181,8 @@ async fn eos_token_ends_with_eos_unless_ignored(rt: Rt) {
     assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
 }
 
-async fn queues_when_slots_are_full(rt: Rt) {
+/// A 2-slot engine, the time, and 5 requests of 4 tokens sent to it at that time.
+async fn five_requests_for_two_slots(rt: &Rt) -> (Arc<SimEngine>, Instant, Vec<ChunkStream>) {
     let cfg = SimConfig {
         max_sequences: 2,
         ..config()
@@ -250,6 +193,11 @@ async fn queues_when_slots_are_full(rt: Rt) {
     for i in 0..5 {
         streams.push(gen(&engine, req(&format!("q{i}"), &[i + 1], 4)).await);
     }
+    (engine, t0, streams)
+}
+
+async fn queues_when_slots_are_full(rt: Rt) {
+    let (engine, t0, streams) = five_requests_for_two_slots(&rt).await;
     let mut max_live = 0;
     for (i, mut s) in streams.into_iter().enumerate() {
         let mut items = Vec::new();
@@ -271,16 +219,7 @@ async fn queues_when_slots_are_full(rt: Rt) {
 #[tokio::test(start_paused = true)]
 async fn queue_gauges_are_exact_on_a_paused_clock() {
     let rt = tokio_rt();
-    let cfg = SimConfig {
-        max_sequences: 2,
-        ..config()
-    };
-    let engine = started(cfg, rt.clone()).await;
-    let t0 = rt.now();
-    let mut streams = Vec::new();
-    for i in 0..5 {
-        streams.push(gen(&engine, req(&format!("q{i}"), &[i + 1], 4)).await);
-    }
+    let (engine, t0, mut streams) = five_requests_for_two_slots(&rt).await;
     assert_eq!(
         engine.queue_len(),
         5,
@@ -592,90 +531,14 @@ async fn cleanup_ends_live_streams(rt: Rt) {
     assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
 }
 
-/// Counts spawns and the spawned tasks still alive.
-#[derive(Debug)]
-struct Counting {
-    inner: Rt,
-    spawned: Arc<AtomicUsize>,
-    alive: Arc<AtomicUsize>,
-}
-
-struct Alive(Arc<AtomicUsize>);
-
-impl Drop for Alive {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Runtime for Counting {
-    fn spawn(&self, future: SpawnFuture) {
-        self.spawned.fetch_add(1, Ordering::SeqCst);
-        self.alive.fetch_add(1, Ordering::SeqCst);
-        let alive = Alive(self.alive.clone());
-        self.inner.spawn(Box::pin(async move {
-            future.await;
-            drop(alive);
-        }));
-    }
-    fn sleep_until(&self, deadline: Instant) -> std::pin::Pin<Box<dyn AsyncTimer>> {
-        self.inner.sleep_until(deadline)
-    }
-    fn now(&self) -> Instant {
-        self.inner.now()
-    }
-}
-
 async fn one_scheduler_task_per_engine(rt: Rt) {
-    let spawned = Arc::new(AtomicUsize::new(0));
-    let alive = Arc::new(AtomicUsize::new(0));
-    let counting = Counting {
-        inner: rt.clone(),
-        spawned: spawned.clone(),
-        alive: alive.clone(),
-    };
-    let engine = SimEngine::new(config(), counting);
-    engine.start(0).await.unwrap();
-    engine.start(0).await.unwrap();
-    let mut streams = Vec::new();
-    for i in 0..20 {
-        streams.push(gen(&engine, req(&format!("r{i}"), &[i], 4)).await);
-    }
-    for s in streams {
-        collect(s).await;
-    }
-    assert_eq!(
-        spawned.load(Ordering::SeqCst),
-        1,
-        "one loop, however many requests"
-    );
-    engine.cleanup().await.unwrap();
-    until(&rt, || alive.load(Ordering::SeqCst) == 0).await;
-}
-
-#[derive(Default)]
-struct Records(Mutex<Vec<RequestRecord>>, AtomicUsize);
-
-impl tether_core::Observer for Records {
-    fn on_record(&self, record: &RequestRecord) {
-        self.0.lock().unwrap().push(record.clone());
-    }
-    fn on_abort(&self, _: &str) {
-        self.1.fetch_add(1, Ordering::SeqCst);
-    }
+    let make = |counting| SimEngine::new(config(), counting);
+    common::one_scheduler_task_per_engine(rt, make, "sim", 20).await;
 }
 
 async fn kill_through_adapter_aborts_once(rt: Rt) {
     let engine = started(config(), rt.clone()).await;
-    let records = Arc::new(Records::default());
-    let adapter = tether_core::Adapter::new(
-        engine.clone(),
-        rt.clone(),
-        AdapterConfig {
-            observer: Some(records.clone()),
-            ..AdapterConfig::default()
-        },
-    );
+    let (adapter, records) = observed_adapter(engine.clone(), &rt);
     let ctx = Context::new("k");
     let mut s = adapter
         .generate(req("k", &[1, 2], 1000), ctx.clone())
@@ -684,21 +547,12 @@ async fn kill_through_adapter_aborts_once(rt: Rt) {
     for _ in 0..3 {
         assert!(s.next().await.unwrap().data.unwrap().has_tokens());
     }
-    ctx.kill();
-    let end = s.next().await.unwrap();
-    assert_eq!(
-        end.data.unwrap().finish_reason,
-        Some(FinishReason::Cancelled)
-    );
-    assert!(s.next().await.is_none());
+    kill_ends_with_cancelled(&ctx, &mut s).await;
     until(&rt, || engine.gauges().aborts_received == 1).await;
     let gs = engine.gauges();
     idle(gs);
     assert_eq!((gs.late_aborts, records.1.load(Ordering::SeqCst)), (0, 1));
-    let recs = records.0.lock().unwrap();
-    assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].outcome, Outcome::Cancelled);
-    assert_eq!(recs[0].output_tokens, 3);
+    assert_one_record(&records, &Outcome::Cancelled, 3);
 }
 
 async fn drop_through_adapter_frees_everything(rt: Rt) {

@@ -1,44 +1,24 @@
 //! TinyEngine behaviour, every scenario on tokio (paused clock) and on smol, plus the
 //! conformance kit through both shims.
 
-use std::future::poll_fn;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use futures_util::StreamExt;
-use tether_core::drive::{AsyncTimer, SpawnFuture};
 use tether_core::{
-    AdapterConfig, BackendError, Chunk, ChunkStream, Context, EngineError, ErrorKind, FinishReason,
-    GenerateContext, LlmEngine, Outcome, Request, RequestRecord, Runtime, Usage,
+    AdapterConfig, BackendError, Chunk, ChunkStream, Context, ErrorKind, FinishReason, LlmEngine,
+    Outcome, Request, Usage,
 };
-use tether_engines::tiny::{TinyConfig, TinyEngine, TinyGauges, TinyModel};
+use tether_engines::tiny::{
+    AbortHook, AbortReceipt, TinyConfig, TinyEngine, TinyGauges, TinyModel,
+};
 
-type Rt = Arc<dyn Runtime>;
-
-fn tokio_rt() -> Rt {
-    Arc::new(tether_tokio::TokioRuntime::current())
-}
-
-fn smol_rt() -> Rt {
-    Arc::new(tether_smol::SmolRuntime::global())
-}
-
-/// Run `scenario` on tokio with a paused clock and on smol.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(start_paused = true)]
-            async fn tokio() {
-                super::$name(super::tokio_rt()).await;
-            }
-            #[test]
-            fn smol() {
-                smol::block_on(super::$name(super::smol_rt()));
-            }
-        }
-    )*};
-}
+use common::{
+    assert_one_record, collect, gctx, kill_ends_with_cancelled, observed_adapter, on_both, smol_rt,
+    terminal, tokens, tokio_rt, until, Rt,
+};
 
 on_both!(
     deterministic_tokens_for_a_fixed_seed,
@@ -54,6 +34,7 @@ on_both!(
     abort_frees_sequence_and_kv_cache,
     abort_of_queued_request_ends_it_with_no_tokens,
     abort_of_unknown_or_ended_request_does_nothing,
+    abort_hook_hears_every_abort,
     dropped_stream_frees_its_sequence,
     invalid_requests_are_setup_errors,
     cleanup_ends_live_streams_and_engine_restarts,
@@ -99,36 +80,9 @@ fn req(id: &str, prompt: &[u32], max_tokens: u32) -> Request {
     Request::new(id, "tiny", prompt.to_vec()).with_max_tokens(max_tokens)
 }
 
-fn gctx(id: &str) -> GenerateContext {
-    GenerateContext::new(Context::new(id), id)
-}
-
 async fn gen(engine: &TinyEngine, request: Request) -> ChunkStream {
     let id = request.id.clone();
     engine.generate(request, gctx(&id)).await.unwrap()
-}
-
-async fn collect(stream: ChunkStream) -> Vec<Result<Chunk, EngineError>> {
-    stream.collect().await
-}
-
-fn tokens(items: &[Result<Chunk, EngineError>]) -> Vec<u32> {
-    items
-        .iter()
-        .filter_map(|i| i.as_ref().ok())
-        .flat_map(|c| c.token_ids.iter().copied())
-        .collect()
-}
-
-fn terminal(items: &[Result<Chunk, EngineError>]) -> &Chunk {
-    let last = items.last().expect("at least one item").as_ref().unwrap();
-    assert!(last.is_terminal(), "last item is terminal: {last:?}");
-    let terminals = items
-        .iter()
-        .filter(|i| i.as_ref().is_ok_and(Chunk::is_terminal))
-        .count();
-    assert_eq!(terminals, 1, "exactly one terminal");
-    last
 }
 
 fn usage(prompt: usize, completion: usize) -> Option<Usage> {
@@ -150,17 +104,6 @@ fn idle(g: TinyGauges) {
 async fn run(engine: &TinyEngine, request: Request) -> (Vec<u32>, Chunk) {
     let items = collect(gen(engine, request).await).await;
     (tokens(&items), terminal(&items).clone())
-}
-
-/// Wait (on the runtime's clock) until `cond` holds; at most 2 s.
-async fn until(rt: &Rt, mut cond: impl FnMut() -> bool) {
-    let deadline = rt.now() + Duration::from_secs(2);
-    let mut timer = rt.sleep_until(rt.now());
-    while !cond() {
-        assert!(rt.now() < deadline, "condition not reached in 2 s");
-        timer.as_mut().reset(rt.now() + Duration::from_millis(1));
-        poll_fn(|cx| timer.as_mut().poll(cx)).await;
-    }
 }
 
 async fn deterministic_tokens_for_a_fixed_seed(rt: Rt) {
@@ -398,6 +341,33 @@ async fn abort_of_queued_request_ends_it_with_no_tokens(rt: Rt) {
     drop(running);
 }
 
+async fn abort_hook_hears_every_abort(rt: Rt) {
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = heard.clone();
+    let hook: AbortHook = Arc::new(move |id, receipt| {
+        log.lock().unwrap().push((id.to_owned(), receipt));
+    });
+    let engine = Arc::new(TinyEngine::new(config(), rt).with_abort_hook(hook));
+    engine.start(0).await.unwrap();
+    let mut stream = gen(&engine, req("live", &TETHER, 10_000)).await;
+    assert!(stream.next().await.unwrap().unwrap().has_tokens());
+    engine.abort(gctx("live")).await;
+    engine.abort(gctx("live")).await;
+    engine.abort(gctx("nobody")).await;
+    assert_eq!(
+        *heard.lock().unwrap(),
+        [
+            ("live".to_owned(), AbortReceipt::Live),
+            ("live".to_owned(), AbortReceipt::AfterEnd),
+            ("nobody".to_owned(), AbortReceipt::AfterEnd),
+        ]
+    );
+    let g = engine.gauges();
+    assert_eq!((g.aborts_received, g.aborts_live), (3, 1));
+    idle(g);
+    drop(stream);
+}
+
 async fn abort_of_unknown_or_ended_request_does_nothing(rt: Rt) {
     let engine = started(config(), rt).await;
     engine.abort(gctx("nobody")).await;
@@ -474,90 +444,14 @@ async fn cleanup_ends_live_streams_and_engine_restarts(rt: Rt) {
     assert_eq!(toks, TETHER_SEED0);
 }
 
-/// Counts spawns and the spawned tasks still alive.
-#[derive(Debug)]
-struct Counting {
-    inner: Rt,
-    spawned: Arc<AtomicUsize>,
-    alive: Arc<AtomicUsize>,
-}
-
-struct Alive(Arc<AtomicUsize>);
-
-impl Drop for Alive {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Runtime for Counting {
-    fn spawn(&self, future: SpawnFuture) {
-        self.spawned.fetch_add(1, Ordering::SeqCst);
-        self.alive.fetch_add(1, Ordering::SeqCst);
-        let alive = Alive(self.alive.clone());
-        self.inner.spawn(Box::pin(async move {
-            future.await;
-            drop(alive);
-        }));
-    }
-    fn sleep_until(&self, deadline: Instant) -> std::pin::Pin<Box<dyn AsyncTimer>> {
-        self.inner.sleep_until(deadline)
-    }
-    fn now(&self) -> Instant {
-        self.inner.now()
-    }
-}
-
 async fn one_scheduler_task_per_engine(rt: Rt) {
-    let spawned = Arc::new(AtomicUsize::new(0));
-    let alive = Arc::new(AtomicUsize::new(0));
-    let counting = Counting {
-        inner: rt.clone(),
-        spawned: spawned.clone(),
-        alive: alive.clone(),
-    };
-    let engine = TinyEngine::new(config(), counting);
-    engine.start(0).await.unwrap();
-    engine.start(0).await.unwrap();
-    let mut streams = Vec::new();
-    for i in 0..12 {
-        streams.push(gen(&engine, req(&format!("r{i}"), &[i], 4)).await);
-    }
-    for s in streams {
-        collect(s).await;
-    }
-    assert_eq!(
-        spawned.load(Ordering::SeqCst),
-        1,
-        "one loop, however many requests"
-    );
-    engine.cleanup().await.unwrap();
-    until(&rt, || alive.load(Ordering::SeqCst) == 0).await;
-}
-
-#[derive(Default)]
-struct Records(Mutex<Vec<RequestRecord>>, AtomicUsize);
-
-impl tether_core::Observer for Records {
-    fn on_record(&self, record: &RequestRecord) {
-        self.0.lock().unwrap().push(record.clone());
-    }
-    fn on_abort(&self, _: &str) {
-        self.1.fetch_add(1, Ordering::SeqCst);
-    }
+    let make = |counting| TinyEngine::new(config(), counting);
+    common::one_scheduler_task_per_engine(rt, make, "tiny", 12).await;
 }
 
 async fn kill_through_adapter_aborts_once(rt: Rt) {
     let engine = started(config(), rt.clone()).await;
-    let records = Arc::new(Records::default());
-    let adapter = tether_core::Adapter::new(
-        engine.clone(),
-        rt.clone(),
-        AdapterConfig {
-            observer: Some(records.clone()),
-            ..AdapterConfig::default()
-        },
-    );
+    let (adapter, records) = observed_adapter(engine.clone(), &rt);
     let ctx = Context::new("k");
     let mut s = adapter
         .generate(req("k", &TETHER, 10_000), ctx.clone())
@@ -566,23 +460,14 @@ async fn kill_through_adapter_aborts_once(rt: Rt) {
     for expected in &TETHER_SEED0[..3] {
         assert_eq!(s.next().await.unwrap().data.unwrap().token_ids, [*expected]);
     }
-    ctx.kill();
-    let end = s.next().await.unwrap();
-    assert_eq!(
-        end.data.unwrap().finish_reason,
-        Some(FinishReason::Cancelled)
-    );
-    assert!(s.next().await.is_none());
+    kill_ends_with_cancelled(&ctx, &mut s).await;
     until(&rt, || engine.gauges().aborts_received == 1).await;
     // The adapter dropped the engine's stream (which freed the sequence) before its
     // spawned abort ran, so the abort found nothing live.
     let g = engine.gauges();
     idle(g);
     assert_eq!((g.aborts_live, records.1.load(Ordering::SeqCst)), (0, 1));
-    let recs = records.0.lock().unwrap();
-    assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].outcome, Outcome::Cancelled);
-    assert_eq!(recs[0].output_tokens, 3);
+    assert_one_record(&records, &Outcome::Cancelled, 3);
 }
 
 async fn drop_through_adapter_frees_everything(rt: Rt) {

@@ -5,20 +5,26 @@
 use std::time::Duration;
 
 use tether_core::protocol::Mode;
-use tether_engines::SimConfig;
+use tether_engines::{SimConfig, TinyConfig};
 
+use super::plan::{CHAOS_KINDS, ENGINE_FAULTS};
 use super::{ChaosRates, LoadError, LoadOptions};
+use crate::engine::{EngineArgs, EngineKind};
 use crate::runtime::{self, RuntimeKind};
 
-/// `tether load`: drive requests with chaos through the adapter against SimEngine and
-/// check that every invariant held and nothing leaked.
+/// `tether load`: drive requests with chaos through the adapter against an engine
+/// (SimEngine by default) and check that every invariant held and nothing leaked.
 ///
-/// Exit code: 0 when every invariant held, 1 when one broke, 2 on bad arguments.
+/// Exit code: 0 when every invariant held, 1 when one broke, 2 on bad arguments (an
+/// unavailable `--device` included).
 #[derive(Clone, Debug, clap::Args)]
 pub struct LoadArgs {
-    /// Requests to run.
-    #[arg(long, default_value_t = 10_000)]
-    pub requests: usize,
+    /// Engine to load, and TinyEngine's device.
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Requests to run [default: 10000; 1000 with --engine tiny].
+    #[arg(long)]
+    pub requests: Option<usize>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
@@ -41,8 +47,9 @@ pub struct LoadArgs {
     #[arg(long, default_value_t = 64)]
     pub prompt_max: u32,
     /// Chaos mix as `kind=F,...` (kinds: stop, kill, drop, error, hang, panic; unnamed
-    /// kinds get 0), or `none`. Without it: stop, kill, drop 0.05; error, hang, panic 0.01.
-    /// The per-kind flags below override it.
+    /// kinds get 0), or `none`. Without it: stop, kill, drop 0.05; error, hang, panic 0.01
+    /// (0 with --engine tiny, which has no engine faults). The per-kind flags below
+    /// override it.
     #[arg(long, value_name = "SPEC")]
     pub chaos: Option<String>,
     /// Fraction of requests the client stops (graceful) at a random chunk.
@@ -54,40 +61,42 @@ pub struct LoadArgs {
     /// Fraction of requests whose stream the client drops at a random chunk.
     #[arg(long, value_name = "F")]
     pub drop: Option<f64>,
-    /// Fraction of requests the engine fails with an error at a random step.
+    /// Fraction of requests the engine fails with an error at a random step (SimEngine).
     #[arg(long, value_name = "F")]
     pub error: Option<f64>,
-    /// Fraction of requests the engine hangs at a random step (needs a timeout).
+    /// Fraction of requests the engine hangs at a random step (SimEngine; needs a
+    /// timeout).
     #[arg(long, value_name = "F")]
     pub hang: Option<f64>,
-    /// Fraction of requests whose engine stream panics at a random step.
+    /// Fraction of requests whose engine stream panics at a random step (SimEngine).
     #[arg(long, value_name = "F")]
     pub panic: Option<f64>,
-    /// Seed of the chaos plan and of the engine's tokens.
+    /// Seed of the chaos plan and of the engine (SimEngine's tokens, TinyEngine's weights).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Time-to-first-token limit (`250ms`, `2s`, a number of ms, or `none`).
     #[arg(long, default_value = "none", value_parser = parse_timeout)]
     pub first_token_timeout: Timeout,
-    /// Inter-token limit (`200ms`, `1s`, a number of ms, or `none`).
-    #[arg(long, default_value = "200ms", value_parser = parse_timeout)]
-    pub inter_token_timeout: Timeout,
+    /// Inter-token limit (`200ms`, `1s`, a number of ms, or `none`) [default: 200ms;
+    /// 2s with --engine tiny, whose steps are real compute].
+    #[arg(long, value_parser = parse_timeout)]
+    pub inter_token_timeout: Option<Timeout>,
     /// How long a decode-mode abort before the first token is held back.
     #[arg(long, default_value = "50ms", value_parser = parse_duration)]
     pub deferral_deadline: Duration,
-    /// Engine: sequences in the batch.
-    #[arg(long, default_value_t = 256)]
-    pub max_seqs: usize,
-    /// Engine: KV blocks (16 tokens each).
+    /// Engine: sequences in the batch [default: 256; 32 with --engine tiny].
+    #[arg(long)]
+    pub max_seqs: Option<usize>,
+    /// SimEngine: KV blocks (16 tokens each).
     #[arg(long, default_value_t = 8192)]
     pub kv_blocks: usize,
-    /// Engine: fixed time of a decode step, in microseconds.
+    /// SimEngine: fixed time of a decode step, in microseconds.
     #[arg(long, default_value_t = 1000)]
     pub step_us: u64,
-    /// Engine: extra step time per running sequence, in nanoseconds.
+    /// SimEngine: extra step time per running sequence, in nanoseconds.
     #[arg(long, default_value_t = 2000)]
     pub batch_ns: u64,
-    /// Engine: prefill time per prompt token, in nanoseconds.
+    /// SimEngine: prefill time per prompt token, in nanoseconds.
     #[arg(long, default_value_t = 1000)]
     pub prefill_ns: u64,
     /// Print one JSON object instead of the table (no progress bar).
@@ -102,7 +111,9 @@ pub struct LoadArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeout(pub Option<Duration>);
 
-fn parse_timeout(s: &str) -> Result<Timeout, String> {
+/// Parse a time limit: a duration (see [`parse_duration`]; zero is no limit), `none`
+/// or `off`.
+pub fn parse_timeout(s: &str) -> Result<Timeout, String> {
     if matches!(s, "none" | "off") {
         return Ok(Timeout(None));
     }
@@ -159,25 +170,51 @@ pub fn parse_chaos(spec: &str) -> Result<ChaosRates, String> {
 impl LoadArgs {
     /// The options these arguments ask for, checked.
     pub fn to_options(&self) -> Result<LoadOptions, LoadError> {
+        self.to_options_with_note().map(|(opts, _)| opts)
+    }
+
+    /// The options these arguments ask for, checked, and a note for the user when a
+    /// default was changed to fit the engine: `--engine tiny` has no engine faults, so
+    /// error, hang and panic chaos left at their defaults become 0 (set explicitly,
+    /// they are an error).
+    pub fn to_options_with_note(&self) -> Result<(LoadOptions, Option<String>), LoadError> {
+        let engine = self.engine.kind;
+        let base = LoadOptions::for_engine(engine);
         let mut chaos = match &self.chaos {
             Some(spec) => parse_chaos(spec).map_err(LoadError::InvalidOptions)?,
             None => ChaosRates::default(),
         };
         let flags = [
-            ("stop", self.stop),
-            ("kill", self.kill),
-            ("drop", self.drop),
-            ("error", self.error),
-            ("hang", self.hang),
-            ("panic", self.panic),
+            self.stop, self.kill, self.drop, self.error, self.hang, self.panic,
         ];
-        for (name, value) in flags {
-            if let Some(v) = value {
-                chaos.set(name, v);
+        let mut zeroed = Vec::new();
+        for (name, value) in CHAOS_KINDS.into_iter().zip(flags) {
+            match value {
+                Some(v) => {
+                    chaos.set(name, v);
+                }
+                None if engine == EngineKind::Tiny
+                    && self.chaos.is_none()
+                    && ENGINE_FAULTS.contains(&name) =>
+                {
+                    chaos.set(name, 0.0);
+                    zeroed.push(name);
+                }
+                None => {}
             }
         }
+        let note = (!zeroed.is_empty()).then(|| {
+            format!(
+                "note: --engine tiny has no engine faults: {} chaos set to 0 (stop, kill and \
+                 drop apply)",
+                zeroed.join(", ")
+            )
+        });
+        let max_seqs = |default: usize| self.max_seqs.unwrap_or(default);
+        let spec = self.engine.spec();
         let opts = LoadOptions {
-            requests: self.requests,
+            engine,
+            requests: self.requests.unwrap_or(base.requests),
             concurrency: self.concurrency,
             runtime: self.runtime,
             threads: self.threads.unwrap_or_else(runtime::default_threads),
@@ -187,20 +224,26 @@ impl LoadArgs {
             chaos,
             seed: self.seed,
             first_token_timeout: self.first_token_timeout.0,
-            inter_token_timeout: self.inter_token_timeout.0,
+            inter_token_timeout: self
+                .inter_token_timeout
+                .map_or(base.inter_token_timeout, |t| t.0),
             deferral_deadline: self.deferral_deadline,
             sim: SimConfig {
-                max_sequences: self.max_seqs,
+                max_sequences: max_seqs(spec.sim.max_sequences),
                 kv_blocks: self.kv_blocks,
                 decode_step_cost: Duration::from_micros(self.step_us),
                 batch_cost_per_sequence: Duration::from_nanos(self.batch_ns),
                 prefill_cost_per_token: Duration::from_nanos(self.prefill_ns),
-                ..SimConfig::default()
+                ..spec.sim
             },
-            ..LoadOptions::default()
+            tiny: TinyConfig {
+                max_sequences: max_seqs(spec.tiny.max_sequences),
+                ..spec.tiny
+            },
+            ..base
         };
         opts.validate()?;
-        Ok(opts)
+        Ok((opts, note))
     }
 }
 
@@ -220,6 +263,80 @@ mod tests {
         assert!(parse_duration("-1s").is_err());
         assert_eq!(parse_timeout("none"), Ok(Timeout(None)));
         assert_eq!(parse_timeout("0"), Ok(Timeout(None)));
+    }
+
+    /// `tether load ARGS`, parsed.
+    fn load_args(args: &[&str]) -> LoadArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            load: LoadArgs,
+        }
+        let argv = std::iter::once("load").chain(args.iter().copied());
+        <Cli as clap::Parser>::try_parse_from(argv).unwrap().load
+    }
+
+    #[test]
+    fn each_engine_has_its_defaults() {
+        let (sim, note) = load_args(&[]).to_options_with_note().unwrap();
+        assert_eq!(note, None);
+        assert_eq!((sim.engine, sim.requests), (EngineKind::Sim, 10_000));
+        assert_eq!(sim.chaos, ChaosRates::default());
+        assert_eq!(sim.sim.max_sequences, 256);
+        assert_eq!(sim.inter_token_timeout, Some(Duration::from_millis(200)));
+        let (tiny, note) = load_args(&["--engine", "tiny"])
+            .to_options_with_note()
+            .unwrap();
+        assert_eq!((tiny.engine, tiny.requests), (EngineKind::Tiny, 1000));
+        assert_eq!(tiny.chaos, ChaosRates::default().without_engine_faults());
+        assert_eq!(tiny.tiny.max_sequences, 32);
+        assert_eq!(tiny.inter_token_timeout, Some(Duration::from_secs(2)));
+        assert!(note.unwrap().contains("error, hang, panic chaos set to 0"));
+    }
+
+    #[test]
+    fn tiny_flags_override_its_defaults() {
+        let (opts, note) = load_args(&[
+            "--engine",
+            "tiny",
+            "--requests",
+            "7",
+            "--max-seqs",
+            "4",
+            "--inter-token-timeout",
+            "none",
+            "--kill",
+            "0.5",
+            "--panic",
+            "0",
+        ])
+        .to_options_with_note()
+        .unwrap();
+        assert_eq!((opts.requests, opts.tiny.max_sequences), (7, 4));
+        assert_eq!(opts.inter_token_timeout, None);
+        assert_eq!((opts.chaos.kill, opts.chaos.stop), (0.5, 0.05));
+        // Only the kinds left at their defaults are noted.
+        assert!(note.unwrap().contains(": error, hang chaos set to 0"));
+        // A spec sets every kind: nothing to note.
+        let (_, note) = load_args(&["--engine", "tiny", "--chaos", "drop=0.2"])
+            .to_options_with_note()
+            .unwrap();
+        assert_eq!(note, None);
+    }
+
+    #[test]
+    fn tiny_with_explicit_engine_faults_is_a_usage_error() {
+        for args in [
+            &["--engine", "tiny", "--error", "0.01"][..],
+            &["--engine", "tiny", "--chaos", "hang=0.1"],
+        ] {
+            let err = load_args(args).to_options().unwrap_err();
+            assert!(err.is_usage(), "{args:?}: {err}");
+            assert!(
+                err.to_string().contains("cannot inject engine faults"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

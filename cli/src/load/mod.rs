@@ -1,9 +1,10 @@
 //! `tether load`, the main job: drives N requests at concurrency C through the
-//! [`Adapter`] against a [`SimEngine`] on tokio or smol, with a seeded chaos plan
-//! (client stop, kill and drop at a random chunk; engine error, hang and panic at a
-//! random step), then checks every request against its plan and proves that nothing
-//! leaked: engine slots, KV blocks, queue, in-flight requests and spawned tasks all
-//! back to zero.
+//! [`Adapter`] against an engine ([`SimEngine`](tether_engines::SimEngine) by default,
+//! or [`TinyEngine`](tether_engines::TinyEngine)) on tokio or smol, with a seeded chaos
+//! plan (client stop, kill and drop at a random chunk; with SimEngine also engine
+//! error, hang and panic at a random step), then checks every request against its plan
+//! and proves that nothing leaked: engine sequences, KV blocks (SimEngine) or KV bytes
+//! (TinyEngine), queue, in-flight requests and spawned tasks all back to zero.
 //!
 //! The invariants checked per request: exactly one record; exactly one terminal seen
 //! by the client, as the last item (none when it dropped the stream); an outcome the
@@ -29,20 +30,24 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tether_core::protocol::Mode;
-use tether_core::{Adapter, AdapterConfig, EngineError, LlmEngine, Runtime};
-use tether_engines::{SimConfig, SimEngine};
+use tether_core::{Adapter, AdapterConfig, Runtime};
+use tether_engines::{SimConfig, TinyConfig};
 
-pub use args::{parse_chaos, parse_duration, LoadArgs, Timeout};
+pub use args::{parse_chaos, parse_duration, parse_timeout, LoadArgs, Timeout};
 pub use plan::{Action, ChaosRates, HangRange, PlanCounts};
 pub use report::{Leaks, Outcomes, Percentiles, Report, SHOWN_VIOLATIONS};
 
+use crate::engine::{EngineKind, EngineSpec, StartError};
 use crate::runtime::{self, CountingRuntime, RuntimeKind};
 use client::{Clients, WorkerOut};
 use ledger::Ledger;
 
-/// Everything a load run needs. `Default` is the command line's defaults.
+/// Everything a load run needs. `Default` is the command line's defaults (SimEngine);
+/// [`LoadOptions::for_engine`] gives each engine's.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
+    /// The engine: [`LoadOptions::sim`] or [`LoadOptions::tiny`] configures it.
+    pub engine: EngineKind,
     /// Requests to run.
     pub requests: usize,
     /// Requests in flight at once (at least 1).
@@ -57,7 +62,7 @@ pub struct LoadOptions {
     pub max_tokens: u32,
     /// Prompt lengths are drawn from this range (inclusive).
     pub prompt_tokens: (u32, u32),
-    /// The chaos mix.
+    /// The chaos mix (TinyEngine takes client chaos only: stop, kill, drop).
     pub chaos: ChaosRates,
     /// Seed of the plan and of the engine's tokens.
     pub seed: u64,
@@ -67,8 +72,11 @@ pub struct LoadOptions {
     pub inter_token_timeout: Option<Duration>,
     /// The adapter's decode-mode abort deferral deadline.
     pub deferral_deadline: Duration,
-    /// The engine (its `seed` is replaced by [`LoadOptions::seed`]).
+    /// SimEngine's configuration (its `seed` is replaced by [`LoadOptions::seed`]).
     pub sim: SimConfig,
+    /// TinyEngine's configuration, its device included (its `seed` is replaced by
+    /// [`LoadOptions::seed`]).
+    pub tiny: TinyConfig,
     /// How long to wait for in-flight aborts and tasks once the requests are done.
     pub settle_timeout: Duration,
 }
@@ -76,6 +84,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
+            engine: EngineKind::Sim,
             requests: 10_000,
             concurrency: 256,
             runtime: RuntimeKind::Tokio,
@@ -89,6 +98,7 @@ impl Default for LoadOptions {
             inter_token_timeout: Some(Duration::from_millis(200)),
             deferral_deadline: Duration::from_millis(50),
             sim: SimConfig::default(),
+            tiny: TinyConfig::default(),
             settle_timeout: Duration::from_secs(5),
         }
     }
@@ -104,12 +114,40 @@ pub enum LoadError {
     /// The runtime could not be built.
     #[error("cannot build the runtime: {0}")]
     Runtime(#[from] std::io::Error),
-    /// The engine did not start.
-    #[error("engine failed to start: {0}")]
-    Engine(EngineError),
+    /// The engine did not start (an unavailable device is a usage error).
+    #[error("{0}")]
+    Engine(#[from] StartError),
+}
+
+impl LoadError {
+    /// Whether the arguments were at fault (exit code 2).
+    pub fn is_usage(&self) -> bool {
+        match self {
+            LoadError::InvalidOptions(_) => true,
+            LoadError::Engine(e) => e.is_usage(),
+            LoadError::Runtime(_) => false,
+        }
+    }
 }
 
 impl LoadOptions {
+    /// The defaults for `engine`. TinyEngine does real compute (about 15,000 tokens/s
+    /// on one CPU core), so by default it runs 1000 requests, has no engine faults, and
+    /// allows 2 s between tokens (a busy host must not fire the limit; it still
+    /// catches a stuck engine).
+    pub fn for_engine(engine: EngineKind) -> LoadOptions {
+        match engine {
+            EngineKind::Sim => LoadOptions::default(),
+            EngineKind::Tiny => LoadOptions {
+                engine,
+                requests: 1000,
+                chaos: ChaosRates::default().without_engine_faults(),
+                inter_token_timeout: Some(Duration::from_secs(2)),
+                ..LoadOptions::default()
+            },
+        }
+    }
+
     /// Where hangs may be placed: a hang at step 0 needs a first-token timeout, a later
     /// one an inter-token timeout. `None` when no timeout would ever end a hang.
     pub fn hang_range(&self) -> Option<HangRange> {
@@ -125,11 +163,30 @@ impl LoadOptions {
         }
     }
 
-    /// The engine configuration this run uses.
-    pub fn sim_config(&self) -> SimConfig {
-        SimConfig {
-            seed: self.seed,
-            ..self.sim.clone()
+    /// The seeded plan of this run and its counts.
+    pub fn plan(&self) -> (Vec<plan::Planned>, PlanCounts) {
+        plan::plan_all(
+            self.seed,
+            self.requests,
+            &self.chaos,
+            self.max_tokens,
+            self.prompt_tokens,
+            self.hang_range(),
+        )
+    }
+
+    /// The engine this run builds: both seeds are [`LoadOptions::seed`].
+    pub fn engine_spec(&self) -> EngineSpec {
+        EngineSpec {
+            kind: self.engine,
+            sim: SimConfig {
+                seed: self.seed,
+                ..self.sim.clone()
+            },
+            tiny: TinyConfig {
+                seed: self.seed,
+                ..self.tiny.clone()
+            },
         }
     }
 
@@ -151,6 +208,14 @@ impl LoadOptions {
         if total > 1.0 + 1e-9 {
             return bad(format!(
                 "the chaos fractions add up to {total}, more than 1 (each request gets at most one kind)"
+            ));
+        }
+        let faults = self.chaos.engine_faults();
+        if self.engine == EngineKind::Tiny && !faults.is_empty() {
+            return bad(format!(
+                "--engine tiny cannot inject engine faults ({}): error, hang and panic chaos \
+                 need --engine sim; set them to 0 (tiny takes stop, kill and drop)",
+                faults.join(", ")
             ));
         }
         if self.chaos.hang > 0.0 {
@@ -177,19 +242,23 @@ impl LoadOptions {
                 self.prompt_tokens.0, self.prompt_tokens.1
             ));
         }
-        let sim = self.sim_config();
-        if let Err(e) = sim.validate() {
-            return bad(format!("engine configuration: {e}"));
-        }
+        let spec = self.engine_spec();
+        spec.validate().map_err(LoadError::InvalidOptions)?;
         let longest = self.prompt_tokens.1 as usize + self.max_tokens as usize;
-        if sim.blocks_for(longest) > sim.kv_blocks {
-            return bad(format!(
+        match self.engine {
+            EngineKind::Sim if spec.sim.blocks_for(longest) > spec.sim.kv_blocks => bad(format!(
                 "a request of {longest} tokens needs {} kv blocks, the engine has {}",
-                sim.blocks_for(longest),
-                sim.kv_blocks
-            ));
+                spec.sim.blocks_for(longest),
+                spec.sim.kv_blocks
+            )),
+            // Longer would end with `Length` before `max_tokens`, which no plan expects.
+            EngineKind::Tiny if longest > spec.tiny.max_context => bad(format!(
+                "a request of {longest} tokens (--prompt-max plus --max-tokens) does not fit \
+                 TinyEngine's context of {}",
+                spec.tiny.max_context
+            )),
+            EngineKind::Sim | EngineKind::Tiny => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -228,30 +297,24 @@ pub async fn run_on(
     progress: ProgressBar,
 ) -> Result<Report, LoadError> {
     opts.validate()?;
-    let (plan, plan_counts) = plan::plan_all(
-        opts.seed,
-        opts.requests,
-        &opts.chaos,
-        opts.max_tokens,
-        opts.prompt_tokens,
-        opts.hang_range(),
-    );
+    let (plan, plan_counts) = opts.plan();
     let ledger = Arc::new(Ledger::new(opts.requests));
     // Separate counters: the adapter's tasks must be gone once the requests settled,
     // the engine's scheduler once it is cleaned up.
     let adapter_rt = CountingRuntime::new(runtime.clone());
     let engine_rt = CountingRuntime::new(runtime.clone());
     let (adapter_tasks, engine_tasks) = (adapter_rt.counts(), engine_rt.counts());
-    let sim = opts.sim_config();
+    let spec = opts.engine_spec();
     let hook_ledger = ledger.clone();
-    let engine = Arc::new(
-        SimEngine::new(sim.clone(), engine_rt).with_abort_hook(Arc::new(move |id, receipt| {
+    let engine = spec.build(
+        engine_rt,
+        Some(Arc::new(move |id, receipt| {
             hook_ledger.engine_abort(id, receipt);
         })),
     );
-    let started = engine.start(0).await.map_err(LoadError::Engine)?;
+    let started = engine.start(0).await?;
     let adapter = Adapter::new(
-        engine.clone(),
+        engine.llm(),
         adapter_rt,
         AdapterConfig {
             mode: opts.mode,
@@ -269,7 +332,7 @@ pub async fn run_on(
         ledger: ledger.clone(),
         model: started.model,
         max_tokens: opts.max_tokens,
-        vocab: sim.vocab_size,
+        vocab: spec.vocab_size(),
         progress: progress.clone(),
         next: AtomicUsize::new(0),
     });
@@ -301,22 +364,23 @@ pub async fn run_on(
     runtime::wait_until(&*runtime, settle, || {
         let g = engine.gauges();
         adapter_tasks.alive() == 0
-            && g.live_slots == 0
+            && g.live_sequences == 0
             && g.queue_len == 0
             && g.aborts_received == ledger.aborts_sent()
     })
     .await;
     let gauges = engine.gauges();
-    let leaks_before_cleanup = (gauges.live_slots, gauges.kv_blocks_used, gauges.queue_len);
     let adapter_alive = adapter_tasks.alive();
-    let _ = engine.cleanup().await;
+    let _ = engine.llm().cleanup().await;
     runtime::wait_until(&*runtime, opts.settle_timeout, || engine_tasks.alive() == 0).await;
     let (mut violations, mut totals) = ledger.check(&clients.plan, opts.mode, opts.max_tokens);
     drop(clients);
+    // Read before the cleanup, which frees everything.
     let leaks = Leaks {
-        engine_slots: leaks_before_cleanup.0 as u64,
-        kv_blocks: leaks_before_cleanup.1 as u64,
-        queue: leaks_before_cleanup.2 as u64,
+        engine_slots: gauges.live_sequences as u64,
+        kv_blocks: gauges.kv_blocks as u64,
+        kv_bytes: gauges.kv_bytes as u64,
+        queue: gauges.queue_len as u64,
         in_flight: ledger.in_flight(),
         tasks: adapter_alive + engine_tasks.alive(),
     };
@@ -334,6 +398,8 @@ pub async fn run_on(
     let rate = |n: f64| if secs > 0.0 { n / secs } else { 0.0 };
     let mut itl: Vec<f64> = gaps_us.iter().map(|&g| f64::from(g) / 1000.0).collect();
     Ok(Report {
+        engine: opts.engine,
+        device: (opts.engine == EngineKind::Tiny).then(|| opts.tiny.device.to_string()),
         runtime: opts.runtime,
         mode: opts.mode.as_str().to_owned(),
         requests: opts.requests as u64,

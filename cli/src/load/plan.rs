@@ -43,6 +43,12 @@ impl Default for ChaosRates {
     }
 }
 
+/// Every chaos kind, in plan order: the client's, then the engine's.
+pub const CHAOS_KINDS: [&str; 6] = ["stop", "kill", "drop", "error", "hang", "panic"];
+
+/// The chaos kinds the engine carries out (SimEngine only), as opposed to the client's.
+pub const ENGINE_FAULTS: [&str; 3] = ["error", "hang", "panic"];
+
 impl ChaosRates {
     /// No chaos at all.
     pub const NONE: ChaosRates = ChaosRates {
@@ -56,14 +62,10 @@ impl ChaosRates {
 
     /// The rates by name, in plan order.
     pub fn named(&self) -> [(&'static str, f64); 6] {
-        [
-            ("stop", self.stop),
-            ("kill", self.kill),
-            ("drop", self.drop),
-            ("error", self.error),
-            ("hang", self.hang),
-            ("panic", self.panic),
-        ]
+        let rates = [
+            self.stop, self.kill, self.drop, self.error, self.hang, self.panic,
+        ];
+        std::array::from_fn(|i| (CHAOS_KINDS[i], rates[i]))
     }
 
     /// Set the rate called `name`; `false` if there is no such kind.
@@ -84,6 +86,26 @@ impl ChaosRates {
     /// The sum of all rates.
     pub fn total(&self) -> f64 {
         self.named().iter().map(|(_, r)| r).sum()
+    }
+
+    /// The names of the engine faults (error, hang, panic: SimEngine's chaos hooks)
+    /// with a non-zero rate.
+    pub fn engine_faults(&self) -> Vec<&'static str> {
+        self.named()
+            .into_iter()
+            .filter(|&(name, rate)| ENGINE_FAULTS.contains(&name) && rate != 0.0)
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// These rates with every engine fault at 0: the client chaos (stop, kill, drop)
+    /// that any engine takes.
+    #[must_use]
+    pub fn without_engine_faults(mut self) -> ChaosRates {
+        for name in ENGINE_FAULTS {
+            self.set(name, 0.0);
+        }
+        self
     }
 }
 

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::plan::PlanCounts;
+use crate::engine::EngineKind;
 use crate::runtime::RuntimeKind;
 
 /// How many violations the table prints (the JSON has them all).
@@ -66,10 +67,12 @@ pub struct Outcomes {
 /// What must be back to zero once the run settled.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Leaks {
-    /// Engine batch slots still held.
+    /// Engine batch slots (TinyEngine: running sequences) still held.
     pub engine_slots: u64,
-    /// KV blocks still reserved.
+    /// SimEngine: KV blocks still reserved.
     pub kv_blocks: u64,
+    /// TinyEngine: bytes of KV cache still held.
+    pub kv_bytes: u64,
     /// Requests still queued in the engine.
     pub queue: u64,
     /// Requests started without a record.
@@ -89,6 +92,10 @@ impl Leaks {
 /// Everything a load run measured and checked.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// The engine it ran against.
+    pub engine: EngineKind,
+    /// TinyEngine's device (`cpu`, `cuda:0`); `None` for SimEngine.
+    pub device: Option<String>,
     /// The runtime it ran on.
     pub runtime: RuntimeKind,
     /// The adapter's mode (`agg`, `prefill`, `decode`).
@@ -115,7 +122,8 @@ pub struct Report {
     pub aborts_received: u64,
     /// Aborts the plan (and, where it depends on a race, each record) calls for.
     pub aborts_expected: u64,
-    /// Aborts the engine received for a request it could not abort any more.
+    /// Aborts the engine received for a request it could not abort any more
+    /// (SimEngine; TinyEngine cannot tell, and reports 0).
     pub late_aborts: u64,
     /// Time to first token, from each request's record.
     pub ttft_ms: Percentiles,
@@ -152,9 +160,14 @@ impl Report {
         let p = &self.plan;
         let o = &self.outcomes;
         let l = &self.leaks;
+        let engine = match &self.device {
+            Some(device) => format!("{} on {device}", self.engine),
+            None => self.engine.to_string(),
+        };
         let _ = writeln!(
             s,
-            "tether load: {} requests, concurrency {}, runtime {}, mode {}, max_tokens {}, seed {}",
+            "tether load: {} requests, concurrency {}, engine {engine}, runtime {}, mode {}, \
+             max_tokens {}, seed {}",
             self.requests, self.concurrency, self.runtime, self.mode, self.max_tokens, self.seed
         );
         let _ = writeln!(
@@ -173,10 +186,15 @@ impl Report {
         if !self.failures.is_empty() {
             let _ = writeln!(s, "    failed    {}", join(&self.failures));
         }
+        // TinyEngine forgets ended sequences, so it cannot tell a late abort.
+        let late = match self.engine {
+            EngineKind::Sim => format!("  late {}", self.late_aborts),
+            EngineKind::Tiny => String::new(),
+        };
         let _ = writeln!(
             s,
-            "  aborts      received by engine {}  sent by adapter {}  expected {}  late {}",
-            self.aborts_received, self.aborts_sent, self.aborts_expected, self.late_aborts
+            "  aborts      received by engine {}  sent by adapter {}  expected {}{late}",
+            self.aborts_received, self.aborts_sent, self.aborts_expected
         );
         for (name, q) in [("ttft", &self.ttft_ms), ("itl", &self.itl_ms)] {
             let _ = writeln!(
@@ -190,11 +208,19 @@ impl Report {
             "  throughput  {:.0} req/s  {:.0} tokens/s  ({} tokens in {:.2} s)",
             self.requests_per_s, self.tokens_per_s, self.tokens, self.elapsed_s
         );
+        let (slots, kv) = match self.engine {
+            EngineKind::Sim => (
+                format!("engine slots {}", l.engine_slots),
+                format!("kv blocks {}", l.kv_blocks),
+            ),
+            EngineKind::Tiny => (
+                format!("sequences {}", l.engine_slots),
+                format!("kv bytes {}", l.kv_bytes),
+            ),
+        };
         let _ = writeln!(
             s,
-            "  leaks       engine slots {}  kv blocks {}  queue {}  in-flight {}  tasks {}  {}",
-            l.engine_slots,
-            l.kv_blocks,
+            "  leaks       {slots}  {kv}  queue {}  in-flight {}  tasks {}  {}",
             l.queue,
             l.in_flight,
             l.tasks,

@@ -10,22 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_core::Runtime;
-use tether_engines::tiny::{Device, TinyConfig};
-use tether_engines::{SimConfig, SimEngine, TinyEngine};
+use tether_engines::{SimConfig, TinyConfig};
 
 use super::{ServeConfig, ServeError, ServedEngine};
-use crate::load::parse_duration;
+use crate::engine::{EngineArgs, EngineKind, EngineSpec};
+use crate::load::{parse_duration, parse_timeout, Timeout};
 use crate::runtime::{self, RuntimeKind};
-
-/// The engines `tether serve` can serve.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum EngineKind {
-    /// SimEngine: a continuous-batching simulator (random ASCII bytes out).
-    #[default]
-    Sim,
-    /// TinyEngine: a tiny real transformer over byte tokens, weights from a seed.
-    Tiny,
-}
 
 /// `tether serve`: an OpenAI-compatible HTTP server over an engine.
 ///
@@ -33,9 +23,9 @@ pub enum EngineKind {
 /// arguments.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
-    /// Engine to serve.
-    #[arg(long, value_enum, default_value_t = EngineKind::Sim)]
-    pub engine: EngineKind,
+    /// Engine to serve, and TinyEngine's device.
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Address to listen on (port 0: any free port; the chosen one is printed).
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub addr: SocketAddr,
@@ -50,11 +40,11 @@ pub struct ServeArgs {
     pub model: Option<String>,
     /// Time-to-first-token limit (`none`, `500ms`, `2s`); a timed-out request gets a
     /// 504 or an SSE error event.
-    #[arg(long, value_parser = parse_limit, default_value = "none")]
-    pub first_token_timeout: Limit,
+    #[arg(long, value_parser = parse_timeout, default_value = "none")]
+    pub first_token_timeout: Timeout,
     /// Inter-token limit (`none`, `200ms`, ...).
-    #[arg(long, value_parser = parse_limit, default_value = "none")]
-    pub inter_token_timeout: Limit,
+    #[arg(long, value_parser = parse_timeout, default_value = "none")]
+    pub inter_token_timeout: Timeout,
     /// How long a shutdown lets in-flight requests finish before killing them.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
@@ -79,9 +69,6 @@ pub struct ServeArgs {
     /// Seed of the engine (SimEngine's tokens, TinyEngine's weights).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// TinyEngine: where the model runs (`cpu`, `cuda`, `cuda:N`).
-    #[arg(long, default_value = "cpu")]
-    pub device: Device,
     /// Export the `engine.generate` spans over OTLP/HTTP to this collector
     /// (`http://host:4318`; `/v1/traces` is added unless present). Needs the `otel`
     /// feature.
@@ -89,21 +76,10 @@ pub struct ServeArgs {
     pub otlp_endpoint: Option<String>,
 }
 
-/// An optional limit (`none` for no limit).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Limit(pub Option<Duration>);
-
-fn parse_limit(s: &str) -> Result<Limit, String> {
-    if matches!(s, "none" | "off") {
-        return Ok(Limit(None));
-    }
-    parse_duration(s).map(|d| Limit((!d.is_zero()).then_some(d)))
-}
-
 impl ServeArgs {
     /// The server configuration these arguments ask for.
     pub fn config(&self) -> ServeConfig {
-        let max_prompt_tokens = self.max_prompt_tokens.unwrap_or(match self.engine {
+        let max_prompt_tokens = self.max_prompt_tokens.unwrap_or(match self.engine.kind {
             EngineKind::Sim => 4096,
             EngineKind::Tiny => TinyConfig::default().max_context,
         });
@@ -121,28 +97,28 @@ impl ServeArgs {
         }
     }
 
+    /// The engine these arguments ask for.
+    pub fn engine_spec(&self) -> EngineSpec {
+        let spec = self.engine.spec();
+        EngineSpec {
+            sim: SimConfig {
+                // ASCII only: every token decodes to a character on its own.
+                vocab_size: 128,
+                decode_step_cost: Duration::from_micros(self.step_us),
+                seed: self.seed,
+                ..spec.sim
+            },
+            tiny: TinyConfig {
+                seed: self.seed,
+                ..spec.tiny
+            },
+            ..spec
+        }
+    }
+
     /// Build the engine these arguments ask for, on `runtime`.
     pub fn engine(&self, runtime: Arc<dyn Runtime>) -> ServedEngine {
-        match self.engine {
-            EngineKind::Sim => {
-                let config = SimConfig {
-                    // ASCII only: every token decodes to a character on its own.
-                    vocab_size: 128,
-                    decode_step_cost: Duration::from_micros(self.step_us),
-                    seed: self.seed,
-                    ..SimConfig::default()
-                };
-                ServedEngine::sim(Arc::new(SimEngine::new(config, runtime)))
-            }
-            EngineKind::Tiny => {
-                let config = TinyConfig {
-                    seed: self.seed,
-                    device: self.device,
-                    ..TinyConfig::default()
-                };
-                ServedEngine::tiny(Arc::new(TinyEngine::new(config, runtime)))
-            }
-        }
+        ServedEngine::from(self.engine_spec().build(runtime, None))
     }
 }
 
@@ -233,6 +209,9 @@ impl Signals {
 /// `tether serve: listening on http://ADDR` on stdout once it accepts connections.
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let threads = args.threads.unwrap_or_else(runtime::default_threads).max(1);
+    args.engine_spec()
+        .validate()
+        .map_err(ServeError::InvalidOptions)?;
     if args.otlp_endpoint.is_some() && cfg!(not(feature = "otel")) {
         return Err(ServeError::InvalidOptions(
             "--otlp-endpoint needs a tether built with the `otel` feature".to_owned(),
@@ -275,10 +254,10 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         let engine = args.engine(engine_rt.clone());
         let server = super::start(engine, engine_rt, listener, args.config()).await?;
         println!(
-            "tether serve: listening on http://{} (model `{}`, engine {:?}, runtime {})",
+            "tether serve: listening on http://{} (model `{}`, engine {}, runtime {})",
             server.local_addr(),
             server.model(),
-            args.engine,
+            args.engine_spec().describe(),
             args.runtime
         );
         let signal = signals.recv().await;

@@ -62,9 +62,11 @@ use tether_core::{Adapter, AdapterConfig, Context, EngineError, LlmEngine, Runti
 use tether_engines::{SimEngine, TinyEngine};
 use tokio::sync::watch;
 
-pub use args::{run, EngineKind, ServeArgs};
+pub use crate::engine::EngineKind;
+pub use args::{run, ServeArgs};
 pub use metrics::{EngineGauges, GaugeFn, Metrics};
 
+use crate::engine::Engine;
 use api::Limits;
 use metrics::MetricsObserver;
 
@@ -137,34 +139,12 @@ impl fmt::Debug for ServedEngine {
 impl ServedEngine {
     /// A SimEngine, with its slots, queue and aborts exported.
     pub fn sim(engine: Arc<SimEngine>) -> ServedEngine {
-        let gauges = engine.clone();
-        ServedEngine {
-            engine,
-            gauges: Some(Arc::new(move || {
-                let g = gauges.gauges();
-                EngineGauges {
-                    live_sequences: g.live_slots as u64,
-                    queue_length: g.queue_len as u64,
-                    aborts_received: g.aborts_received,
-                }
-            })),
-        }
+        ServedEngine::from(Engine::Sim(engine))
     }
 
     /// A TinyEngine, with its sequences, queue and aborts exported.
     pub fn tiny(engine: Arc<TinyEngine>) -> ServedEngine {
-        let gauges = engine.clone();
-        ServedEngine {
-            engine,
-            gauges: Some(Arc::new(move || {
-                let g = gauges.gauges();
-                EngineGauges {
-                    live_sequences: g.live_sequences as u64,
-                    queue_length: g.queue_len as u64,
-                    aborts_received: g.aborts_received,
-                }
-            })),
-        }
+        ServedEngine::from(Engine::Tiny(engine))
     }
 
     /// Any engine, without engine gauges.
@@ -172,6 +152,24 @@ impl ServedEngine {
         ServedEngine {
             engine,
             gauges: None,
+        }
+    }
+}
+
+impl From<Engine> for ServedEngine {
+    /// Either engine, with its sequences, queue and aborts exported.
+    fn from(engine: Engine) -> ServedEngine {
+        let llm = engine.llm();
+        ServedEngine {
+            engine: llm,
+            gauges: Some(Arc::new(move || {
+                let g = engine.gauges();
+                EngineGauges {
+                    live_sequences: g.live_sequences as u64,
+                    queue_length: g.queue_len as u64,
+                    aborts_received: g.aborts_received,
+                }
+            })),
         }
     }
 }

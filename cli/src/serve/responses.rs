@@ -55,6 +55,35 @@ pub(crate) struct Head {
 }
 
 impl Head {
+    /// A response object of type `object` with `choices` (and `usage`, when given):
+    /// what every object of the request shares, in one place.
+    fn object(
+        &self,
+        object: &str,
+        choices: serde_json::Value,
+        usage: Option<UsageBody>,
+    ) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+        });
+        body["choices"] = choices;
+        if let Some(usage) = usage {
+            body["usage"] = serde_json::json!(usage);
+        }
+        body
+    }
+
+    /// The `object` of a streamed chunk on this endpoint.
+    fn chunk_object(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Completions => "text_completion",
+            Endpoint::Chat => "chat.completion.chunk",
+        }
+    }
+
     /// One streamed chunk carrying `text` (and a finish reason on the last one). For
     /// chat, `role` adds the assistant role to the delta (the first chunk).
     pub(crate) fn chunk(
@@ -63,45 +92,27 @@ impl Head {
         finish_reason: Option<&str>,
         role: bool,
     ) -> serde_json::Value {
-        match self.endpoint {
-            Endpoint::Completions => serde_json::json!({
-                "id": self.id,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}],
-            }),
+        let choice = match self.endpoint {
+            Endpoint::Completions => serde_json::json!(
+                {"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}
+            ),
             Endpoint::Chat => {
                 let delta = match (role, finish_reason.is_some() && text.is_empty()) {
                     (true, _) => serde_json::json!({"role": "assistant", "content": text}),
                     (false, true) => serde_json::json!({}),
                     (false, false) => serde_json::json!({"content": text}),
                 };
-                serde_json::json!({
-                    "id": self.id,
-                    "object": "chat.completion.chunk",
-                    "created": self.created,
-                    "model": self.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
-                })
+                serde_json::json!(
+                    {"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}
+                )
             }
-        }
+        };
+        self.object(self.chunk_object(), serde_json::json!([choice]), None)
     }
 
     /// The last streamed chunk when `stream_options.include_usage` is set.
     pub(crate) fn usage_chunk(&self, usage: UsageBody) -> serde_json::Value {
-        let object = match self.endpoint {
-            Endpoint::Completions => "text_completion",
-            Endpoint::Chat => "chat.completion.chunk",
-        };
-        serde_json::json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage,
-        })
+        self.object(self.chunk_object(), serde_json::json!([]), Some(usage))
     }
 
     /// The whole (non-streamed) response.
@@ -111,29 +122,24 @@ impl Head {
         finish_reason: &str,
         usage: UsageBody,
     ) -> serde_json::Value {
-        match self.endpoint {
-            Endpoint::Completions => serde_json::json!({
-                "id": self.id,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}],
-                "usage": usage,
-            }),
-            Endpoint::Chat => serde_json::json!({
-                "id": self.id,
-                "object": "chat.completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [{
+        let (object, choice) = match self.endpoint {
+            Endpoint::Completions => (
+                "text_completion",
+                serde_json::json!(
+                    {"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}
+                ),
+            ),
+            Endpoint::Chat => (
+                "chat.completion",
+                serde_json::json!({
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
                     "logprobs": null,
                     "finish_reason": finish_reason,
-                }],
-                "usage": usage,
-            }),
-        }
+                }),
+            ),
+        };
+        self.object(object, serde_json::json!([choice]), Some(usage))
     }
 }
 

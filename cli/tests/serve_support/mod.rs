@@ -1,11 +1,13 @@
 //! Helpers shared by the `tether serve` tests: an in-process server on 127.0.0.1 with
-//! an ephemeral port, engines that count or fail, an SSE reader and a Prometheus text
-//! parser.
+//! an ephemeral port, the `tether serve` binary started the same way, engines that
+//! count or fail, an SSE reader and a Prometheus text parser.
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::io::{BufRead, BufReader};
 use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,29 @@ use tether_core::error::{EngineError, ErrorKind};
 use tether_core::protocol::Request;
 use tether_core::Runtime;
 use tether_engines::{SimConfig, SimEngine};
+
+/// Start `tether serve ARGS`; returns the child and the address it says it listens on
+/// (its first line on stdout).
+pub fn spawn_serve(args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tether serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    (child, addr)
+}
 
 /// SimEngine as the server runs it: ASCII tokens, so a token is a character.
 pub fn sim_config() -> SimConfig {

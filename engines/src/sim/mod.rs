@@ -41,15 +41,13 @@ use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext,
 use tether_core::error::{EngineError, ErrorKind};
 use tether_core::protocol::Request;
 
+pub use crate::abort::{AbortHook, AbortReceipt};
 pub use chaos::{Chaos, ChaosParseError, CHAOS_PANIC_MESSAGE, CHAOS_PREFIX};
 pub use config::{SimConfig, SimConfigError};
-pub use state::{AbortReceipt, SimGauges};
+pub use state::SimGauges;
 
 use state::{Admission, State};
 use stream::SimStream;
-
-/// Called with the request id and what the engine found, for every abort it receives.
-pub type AbortHook = Arc<dyn Fn(&str, AbortReceipt) + Send + Sync>;
 
 /// What the engine, its scheduler loop and its streams share.
 pub(crate) struct Core {
@@ -132,7 +130,7 @@ impl SimEngine {
 
     /// Whether `start` ran and `cleanup` has not.
     pub fn is_started(&self) -> bool {
-        self.core.lock().started
+        self.core.lock().control.is_started()
     }
 
     fn validate(&self, request: &Request) -> Result<Admission, EngineError> {
@@ -161,10 +159,7 @@ impl SimEngine {
     }
 
     fn shutdown(&self) {
-        let mut st = self.core.lock();
-        st.epoch += 1;
-        st.started = false;
-        st.shutdown();
+        self.core.lock().shutdown();
     }
 }
 
@@ -181,18 +176,12 @@ impl LlmEngine for SimEngine {
             let cfg = &self.core.config;
             cfg.validate()
                 .map_err(|e| EngineError::invalid_argument(e.to_string()))?;
-            let mut st = self.core.lock();
-            if !st.started {
-                st.started = true;
-                st.epoch += 1;
-                let (tx, rx) = smol::channel::bounded(1);
-                st.kick = Some(tx);
-                let epoch = st.epoch;
-                drop(st);
+            let started = self.core.lock().control.start();
+            if let Some((epoch, kicks)) = started {
                 let core = self.core.clone();
                 self.core
                     .runtime
-                    .spawn(Box::pin(scheduler::run(core, epoch, rx)));
+                    .spawn(Box::pin(scheduler::run(core, epoch, kicks)));
             }
             Ok(EngineConfig {
                 model: cfg.model.clone(),
@@ -215,7 +204,7 @@ impl LlmEngine for SimEngine {
             };
             let (seq, rx) = {
                 let mut st = self.core.lock();
-                if !st.started {
+                if !st.control.is_started() {
                     return Err(EngineError::new(
                         ErrorKind::Unavailable,
                         "sim engine is not started",

@@ -1,6 +1,8 @@
 //! A tiny deterministic generator (splitmix64): the simulator's tokens depend only on
 //! the engine seed, the request's sampling seed and its prompt.
 
+use crate::util::splitmix64;
+
 /// splitmix64: small, fast, and good enough to spread token ids.
 #[derive(Clone, Debug)]
 pub(crate) struct Rng(u64);
@@ -21,10 +23,6 @@ impl Rng {
     }
 
     pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        splitmix64(&mut self.0)
     }
 }

@@ -7,16 +7,16 @@
 //! `cleanup` closing the channel). Kicks are buffered (capacity 1), so one sent between
 //! the check and the wait is not lost.
 
-use std::future::{poll_fn, Future};
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use smol::channel::Receiver;
 use tether_core::drive::{AsyncTimer, Runtime};
 
 use super::Core;
+use crate::util::YieldNow;
 
 /// Run the batch of the engine behind `core` until `cleanup` (or the engine's drop)
 /// ends epoch `epoch`.
@@ -31,7 +31,7 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
     loop {
         let cost = {
             let mut st = core.lock();
-            if st.epoch != epoch {
+            if !st.control.is_current(epoch) {
                 return;
             }
             st.admit(&core.config)
@@ -51,7 +51,7 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
         last_end = Some(deadline);
         if deadline <= now {
             // Let the consumers run: a step that is already due must still yield.
-            YieldNow(false).await;
+            YieldNow::default().await;
         } else {
             let t = match &mut timer {
                 Some(t) => {
@@ -64,7 +64,7 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
         }
         let hints = {
             let mut st = core.lock();
-            if st.epoch != epoch {
+            if !st.control.is_current(epoch) {
                 return;
             }
             st.step(&core.config)
@@ -72,23 +72,6 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
         // Outside the lock: a hint may release a deferred abort in tether.
         for gctx in hints {
             gctx.notify_first_token();
-        }
-    }
-}
-
-/// Pending once, then ready: gives the executor a turn.
-struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            Poll::Ready(())
-        } else {
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
         }
     }
 }

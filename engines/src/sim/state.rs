@@ -27,25 +27,11 @@ use tether_core::protocol::{Chunk, FinishReason, Request, Usage};
 use super::chaos::Chaos;
 use super::config::SimConfig;
 use super::rng::Rng;
+use crate::abort::AbortReceipt;
+use crate::util::{shutdown_error, LoopControl};
 
 /// What flows through a request's channel to its stream.
 pub(crate) type Item = Result<Chunk, EngineError>;
-
-/// What an abort found, as the engine tells its abort hook.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum AbortReceipt {
-    /// The sequence was waiting or running (or hung): it was freed and its stream ends
-    /// with `Cancelled` and the usage so far.
-    Live,
-    /// The sequence had already ended, but tether had not seen that end, or saw it
-    /// while the request was being cancelled, or dropped its stream: an abort decided
-    /// before the end and delivered after it. Nothing to do.
-    AfterEnd,
-    /// No sequence for this id could still expect an abort: the id is unknown, it was
-    /// already aborted, or its end was read while nobody cancelled it. tether must
-    /// never cause this; the engine counts it in [`SimGauges::late_aborts`].
-    Late,
-}
 
 /// A snapshot of the engine's gauges and counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -133,11 +119,8 @@ pub(crate) struct Admission {
 
 /// The engine's books (see the module docs).
 pub(crate) struct State {
-    /// Bumped by every `start` and `cleanup`: a scheduler loop from an older epoch exits.
-    pub(crate) epoch: u64,
-    pub(crate) started: bool,
-    /// Wakes the scheduler loop; closed by `cleanup`.
-    pub(crate) kick: Option<Sender<()>>,
+    /// Started or not, and the scheduler loop's epoch and kicks.
+    pub(crate) control: LoopControl,
     next_seq: u64,
     seqs: HashMap<u64, Seq>,
     ids: HashMap<Arc<str>, Vec<u64>>,
@@ -155,9 +138,7 @@ pub(crate) struct State {
 impl State {
     pub(crate) fn new() -> State {
         State {
-            epoch: 0,
-            started: false,
-            kick: None,
+            control: LoopControl::default(),
             next_seq: 0,
             seqs: HashMap::new(),
             ids: HashMap::new(),
@@ -229,7 +210,7 @@ impl State {
             );
         } else {
             self.waiting.push_back(id);
-            self.kick();
+            self.control.kick();
         }
         (id, rx)
     }
@@ -330,7 +311,7 @@ impl State {
                     self.running.remove(pos);
                 }
                 // Capacity came back: queued requests may fit now.
-                self.kick();
+                self.control.kick();
             }
             Phase::Ended | Phase::Lingering => {}
         }
@@ -392,16 +373,13 @@ impl State {
         receipt
     }
 
-    /// End every sequence with an `EngineShutdown` error and forget everything.
+    /// Stop the scheduler loop, end every sequence with an `EngineShutdown` error and
+    /// forget everything.
     pub(crate) fn shutdown(&mut self) {
         let ids: Vec<u64> = self.seqs.keys().copied().collect();
         for id in ids {
             if self.seqs.get(&id).is_some_and(|s| s.phase.is_live()) {
-                let err = EngineError::new(
-                    ErrorKind::Backend(BackendError::EngineShutdown),
-                    "engine shut down",
-                );
-                self.end(id, Err(err));
+                self.end(id, Err(shutdown_error()));
             }
         }
         self.seqs.clear();
@@ -412,9 +390,7 @@ impl State {
         self.hung = 0;
         self.blocks_used = 0;
         self.lingering = 0;
-        if let Some(kick) = self.kick.take() {
-            kick.close();
-        }
+        self.control.stop();
     }
 
     fn linger(&mut self, cfg: &SimConfig, id: u64) {
@@ -454,13 +430,6 @@ impl State {
             if ids.is_empty() {
                 self.ids.remove(&seq.request_id);
             }
-        }
-    }
-
-    fn kick(&self) {
-        if let Some(kick) = &self.kick {
-            // Capacity 1: a kick already pending is as good as a new one.
-            let _ = kick.try_send(());
         }
     }
 }

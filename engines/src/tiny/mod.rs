@@ -55,6 +55,7 @@ use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext,
 use tether_core::error::{EngineError, ErrorKind};
 use tether_core::protocol::Request;
 
+pub use crate::abort::{AbortHook, AbortReceipt};
 pub use config::{Device, DeviceParseError, TinyConfig, TinyConfigError};
 #[cfg(feature = "cuda")]
 pub use cuda::{cuda_mem_info, CudaMemInfo};
@@ -119,6 +120,7 @@ impl Core {
 /// A tiny transformer that implements [`LlmEngine`]. See the [module docs](self).
 pub struct TinyEngine {
     core: Arc<Core>,
+    abort_hook: Option<AbortHook>,
 }
 
 impl fmt::Debug for TinyEngine {
@@ -143,7 +145,18 @@ impl TinyEngine {
                 model: Mutex::new(None),
                 kv_bytes: Arc::new(AtomicUsize::new(0)),
             }),
+            abort_hook: None,
         }
+    }
+
+    /// Call `hook` for every abort received, with what it found:
+    /// [`AbortReceipt::Live`] when it ended a live sequence, [`AbortReceipt::AfterEnd`]
+    /// otherwise (this engine forgets a sequence when it ends, so it never reports
+    /// [`AbortReceipt::Late`]).
+    #[must_use]
+    pub fn with_abort_hook(mut self, hook: AbortHook) -> TinyEngine {
+        self.abort_hook = Some(hook);
+        self
     }
 
     /// The configuration.
@@ -171,7 +184,7 @@ impl TinyEngine {
 
     /// Whether `start` ran and `cleanup` has not.
     pub fn is_started(&self) -> bool {
-        self.core.lock().started
+        self.core.lock().control.is_started()
     }
 
     /// Where the model runs (`"cpu"`, `"cuda:0 (NVIDIA H100 80GB HBM3)"`), once started.
@@ -218,10 +231,6 @@ impl TinyEngine {
         let mut fx = Effects::default();
         let model = {
             let mut st = self.core.lock();
-            if st.started {
-                st.epoch += 1;
-                st.started = false;
-            }
             st.shutdown(&mut fx);
             // Under the state lock, so that a concurrent `start` cannot slip its model in
             // between and lose it here.
@@ -247,22 +256,17 @@ impl LlmEngine for TinyEngine {
             let cfg = &self.core.config;
             cfg.validate()
                 .map_err(|e| EngineError::invalid_argument(e.to_string()))?;
-            if !self.core.lock().started {
+            if !self.core.lock().control.is_started() {
                 // Built outside the locks: it can take a while (CUDA compiles kernels).
                 let runner = model::build(cfg, self.core.kv_bytes.clone())?;
                 let mut st = self.core.lock();
-                if !st.started {
-                    st.started = true;
-                    st.epoch += 1;
-                    let (tx, rx) = smol::channel::bounded(1);
-                    st.kick = Some(tx);
-                    let epoch = st.epoch;
+                if let Some((epoch, kicks)) = st.control.start() {
                     *self.core.lock_model() = Some((epoch, runner));
                     drop(st);
                     let core = self.core.clone();
                     self.core
                         .runtime
-                        .spawn(Box::pin(scheduler::run(core, epoch, rx)));
+                        .spawn(Box::pin(scheduler::run(core, epoch, kicks)));
                 }
             }
             Ok(EngineConfig {
@@ -282,7 +286,7 @@ impl LlmEngine for TinyEngine {
             let admission = self.validate(&request)?;
             let (seq, rx) = {
                 let mut st = self.core.lock();
-                if !st.started {
+                if !st.control.is_started() {
                     return Err(EngineError::new(
                         ErrorKind::Unavailable,
                         "tiny engine is not started",
@@ -298,8 +302,16 @@ impl LlmEngine for TinyEngine {
     fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let mut fx = Effects::default();
-            self.core.lock().abort(context.request_id(), &mut fx);
+            let live = self.core.lock().abort(context.request_id(), &mut fx);
             self.core.settle(fx);
+            if let Some(hook) = &self.abort_hook {
+                let receipt = if live {
+                    AbortReceipt::Live
+                } else {
+                    AbortReceipt::AfterEnd
+                };
+                hook(context.request_id(), receipt);
+            }
         })
     }
 

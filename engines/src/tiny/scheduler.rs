@@ -10,11 +10,8 @@
 //! model it takes about a millisecond, and chunked prefill keeps long prompts from
 //! stretching it.
 
-use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use smol::channel::Receiver;
 use tether_core::error::{BackendError, EngineError, ErrorKind};
@@ -22,6 +19,7 @@ use tether_core::error::{BackendError, EngineError, ErrorKind};
 use super::model::Segment;
 use super::state::{Effects, Plan};
 use super::Core;
+use crate::util::{shutdown_error, YieldNow};
 
 /// Run the batch of the engine behind `core` until `cleanup` (or the engine's drop)
 /// ends epoch `epoch`.
@@ -29,7 +27,7 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
     loop {
         let plan = {
             let mut st = core.lock();
-            if st.epoch != epoch {
+            if !st.control.is_current(epoch) {
                 return;
             }
             st.plan(&core.config)
@@ -44,7 +42,7 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
         let mut fx = Effects::default();
         {
             let mut st = core.lock();
-            if st.epoch != epoch {
+            if !st.control.is_current(epoch) {
                 // `cleanup` ended every sequence and took the model (caches included).
                 return;
             }
@@ -54,7 +52,7 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
             }
         }
         core.settle(fx);
-        YieldNow(false).await;
+        YieldNow::default().await;
     }
 }
 
@@ -69,13 +67,7 @@ fn compute(core: &Core, epoch: u64, plan: &Plan) -> Computed {
     let mut model = core.lock_model();
     let runner = match model.as_mut() {
         Some((e, runner)) if *e == epoch => runner,
-        _ => {
-            let error = EngineError::new(
-                ErrorKind::Backend(BackendError::EngineShutdown),
-                "engine shut down",
-            );
-            return (Vec::new(), Err(error));
-        }
+        _ => return (Vec::new(), Err(shutdown_error())),
     };
     let mut failed = Vec::new();
     for &(seq, rows) in &plan.admit {
@@ -106,21 +98,4 @@ fn compute(core: &Core, epoch: u64, plan: &Plan) -> Computed {
         })
         .map(|forward| forward.next);
     (failed, next)
-}
-
-/// Pending once, then ready: gives the executor a turn.
-struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            Poll::Ready(())
-        } else {
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
 }

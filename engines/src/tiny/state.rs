@@ -20,6 +20,7 @@ use tether_core::error::{BackendError, EngineError, ErrorKind};
 use tether_core::protocol::{Chunk, FinishReason, Request, Usage};
 
 use super::config::TinyConfig;
+use crate::util::{shutdown_error, LoopControl};
 
 /// What flows through a request's channel to its stream.
 pub(crate) type Item = Result<Chunk, EngineError>;
@@ -130,11 +131,8 @@ pub(crate) struct Admission {
 
 /// The engine's books (see the module docs).
 pub(crate) struct State {
-    /// Bumped by every `start` and `cleanup`: a scheduler loop of an older epoch exits.
-    pub(crate) epoch: u64,
-    pub(crate) started: bool,
-    /// Wakes the scheduler loop; closed by `cleanup`.
-    pub(crate) kick: Option<Sender<()>>,
+    /// Started or not, and the scheduler loop's epoch and kicks.
+    pub(crate) control: LoopControl,
     next_seq: u64,
     seqs: HashMap<u64, Seq>,
     ids: HashMap<Arc<str>, Vec<u64>>,
@@ -150,9 +148,7 @@ pub(crate) struct State {
 impl State {
     pub(crate) fn new() -> State {
         State {
-            epoch: 0,
-            started: false,
-            kick: None,
+            control: LoopControl::default(),
             next_seq: 0,
             seqs: HashMap::new(),
             ids: HashMap::new(),
@@ -223,7 +219,7 @@ impl State {
         self.ids.entry(seq.request_id.clone()).or_default().push(id);
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
-        self.kick();
+        self.control.kick();
         (id, rx)
     }
 
@@ -334,14 +330,15 @@ impl State {
     }
 
     /// Abort the (oldest live) request `request_id`: it ends with `Cancelled` and the
-    /// usage so far. Nothing happens when no live sequence has that id.
-    pub(crate) fn abort(&mut self, request_id: &str, fx: &mut Effects) {
+    /// usage so far. Nothing happens when no live sequence has that id. Returns whether
+    /// one had it.
+    pub(crate) fn abort(&mut self, request_id: &str, fx: &mut Effects) -> bool {
         self.aborts_received += 1;
         let Some(&id) = self.ids.get(request_id).and_then(|ids| ids.first()) else {
-            return;
+            return false;
         };
         let Some(usage) = self.seqs.get(&id).map(Seq::usage) else {
-            return;
+            return false;
         };
         self.aborts_live += 1;
         self.end(
@@ -349,6 +346,7 @@ impl State {
             Ok(Chunk::terminal(FinishReason::Cancelled).with_usage(usage)),
             fx,
         );
+        true
     }
 
     /// The stream of sequence `id` was dropped before its end: forget the sequence.
@@ -358,19 +356,14 @@ impl State {
         }
     }
 
-    /// End every sequence with an `EngineShutdown` error and forget everything.
+    /// Stop the scheduler loop, end every sequence with an `EngineShutdown` error and
+    /// forget everything.
     pub(crate) fn shutdown(&mut self, fx: &mut Effects) {
         let ids: Vec<u64> = self.seqs.keys().copied().collect();
         for id in ids {
-            let error = EngineError::new(
-                ErrorKind::Backend(BackendError::EngineShutdown),
-                "engine shut down",
-            );
-            self.end(id, Err(error), fx);
+            self.end(id, Err(shutdown_error()), fx);
         }
-        if let Some(kick) = self.kick.take() {
-            kick.close();
-        }
+        self.control.stop();
     }
 
     /// Sequence `id` ends with `item`: it leaves the books, its cache is to be freed and
@@ -388,7 +381,7 @@ impl State {
             Phase::Running => {
                 self.running.retain(|&r| r != id);
                 // Room in the batch: a queued request may run now.
-                self.kick();
+                self.control.kick();
             }
         }
         if let Some(ids) = self.ids.get_mut(&seq.request_id) {
@@ -398,13 +391,6 @@ impl State {
             }
         }
         Some(seq)
-    }
-
-    fn kick(&self) {
-        if let Some(kick) = &self.kick {
-            // Capacity 1: a kick already pending is as good as a new one.
-            let _ = kick.try_send(());
-        }
     }
 }
 

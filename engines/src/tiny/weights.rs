@@ -8,23 +8,16 @@
 //! Must not know about any backend or request.
 
 use super::config::TinyConfig;
+use crate::util::splitmix64;
 
-/// splitmix64: tiny, fast, and plenty for weights that only need to be deterministic.
+/// A splitmix64 stream: plenty for weights that only need to be deterministic.
 #[derive(Clone, Debug)]
 struct SplitMix64(u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
     /// Uniform in `[-1, 1)`, from the top 24 bits (exact in f32).
     fn next_signed(&mut self) -> f32 {
-        let bits = (self.next_u64() >> 40) as u32; // 24 bits
+        let bits = (splitmix64(&mut self.0) >> 40) as u32; // 24 bits
         (bits as f32 / (1u32 << 23) as f32) - 1.0
     }
 }
