@@ -677,6 +677,7 @@ impl Cell {
     }
 }
 
+pub mod deadlines;
 pub mod oracle;
 
 #[cfg(all(test, not(tether_loom)))]

@@ -201,6 +201,15 @@ mod tests {
     }
 
     #[test]
+    fn cancelled_before_first_token_reports_no_ttft() {
+        let t0 = Instant::now();
+        let mut r = StatsRecorder::new(t0);
+        assert_eq!(r.ttft(), None);
+        assert_eq!(r.output_tokens(), 0);
+        assert_eq!(r.itl(), ItlStats::default());
+    }
+
+    #[test]
     fn outcome_labels() {
         assert_eq!(Outcome::Finished(FinishReason::Eos).label(), "finished");
         assert_eq!(Outcome::Failed(ErrorKind::Unknown).label(), "failed");

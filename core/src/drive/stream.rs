@@ -20,7 +20,7 @@ use tracing::Span;
 
 use super::span;
 use super::stats::{Outcome, RequestRecord, StatsRecorder};
-use super::timers::{Due, Timers};
+use super::timers::Timers;
 use super::{AdapterInner, AsyncTimer};
 use crate::context::{Context, ListenerId, Signal};
 use crate::engine::{ChunkStream, GenerateContext};
@@ -274,23 +274,22 @@ impl Stream for ResponseStream {
                 continue;
             }
             // Deadlines the state calls for; each armed at most once per request.
-            if state.cancel() == Cancel::Stop && !local.timers.grace_armed() {
+            if state.cancel() == Cancel::Stop && !local.timers.deadlines.grace_armed() {
                 let at = shared.cancelled_at().unwrap_or_else(|| rt.now());
-                local.timers.arm_grace(at, cfg.cancel_grace);
+                local.timers.deadlines.arm_grace(at, cfg.cancel_grace);
             }
-            if state.abort_deferred() && !local.timers.deferral_armed() {
+            if state.abort_deferred() && !local.timers.deadlines.deferral_armed() {
                 let at = shared.cancelled_at().unwrap_or_else(|| rt.now());
-                local.timers.arm_deferral(at, cfg.deferral_deadline);
+                local
+                    .timers
+                    .deadlines
+                    .arm_deferral(at, cfg.deferral_deadline);
             } else if !state.abort_deferred() {
-                local.timers.disarm_deferral();
+                local.timers.deadlines.disarm_deferral();
             }
-            if local.timers.any() {
+            if local.timers.deadlines.any() {
                 if let Some(due) = local.timers.poll_due(cx, rt) {
-                    let event = match due {
-                        Due::Deferral => Event::DeferralDeadline,
-                        Due::Timeout(t) => Event::Timeout(t),
-                    };
-                    let (state, acts) = shared.cell.apply(event);
+                    let (state, acts) = shared.cell.apply(due.event());
                     // Timer events never forward; a kill-like timeout owes a terminal
                     // that the next turn of the loop delivers.
                     let _ = carry_out(shared, local, acts, state, Item::None);
@@ -332,7 +331,7 @@ impl Stream for ResponseStream {
             if state.engine_done() {
                 // Never poll a finished (or panicked) engine stream again.
                 local.engine = None;
-                local.timers.engine_done();
+                local.timers.deadlines.engine_done();
             }
             if let Some(item) = carry_out(shared, local, acts, state, item) {
                 return Poll::Ready(Some(item));
@@ -360,7 +359,10 @@ fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annota
     if n > 0 {
         let now = adapter.runtime.now();
         local.stats.tokens(n, now);
-        local.timers.token(now, adapter.config.inter_token_timeout);
+        local
+            .timers
+            .deadlines
+            .token(now, adapter.config.inter_token_timeout);
     }
     if !local.stamped && (n > 0 || (chunk.is_terminal() && adapter.config.mode == Mode::Prefill)) {
         local.stamped = true;
