@@ -55,3 +55,8 @@ macro_rules! on_both_runtimes {
         )*
     };
 }
+
+/// The README's Rust examples, compiled and run as doctests of this crate.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
