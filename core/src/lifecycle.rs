@@ -15,22 +15,34 @@
 //!    engine's own terminal, error or end was seen (`engine_done`).
 //! 2. Stop/kill before a terminal aborts at once, except in [`Mode::Decode`] before the
 //!    first token: the abort is [`Abort::Deferred`] until the first non-empty chunk, a
-//!    first-token hint or the deferral deadline. A deferred abort is discarded if the
-//!    consumer drops the stream before a terminal reached it, or if the engine ends by
-//!    itself.
+//!    first-token hint or the deferral deadline ([`Actions::arm_deferral`] tells the
+//!    driver to start that deadline). A deferred abort is [`Abort::Discarded`] only when
+//!    the engine ends by itself first; `Discarded` is final.
 //! 3. Token-less chunks never count as the first token.
-//! 4. A consumer drop before a terminal records [`OutcomeKind::Dropped`] and aborts
-//!    (with the same deferral rule: in decode mode before the first token the abort is
-//!    deferred and, the stream being gone, discarded).
+//! 4. A consumer drop before a terminal records [`OutcomeKind::Dropped`] and aborts,
+//!    with the same deferral rule: in decode mode before the first token the abort is
+//!    deferred, and the engine's stream is still *drained* ([`State::drains_engine`]):
+//!    its first non-empty chunk releases the abort, its end discards it.
 //! 5. Kill (and an expired cancel grace after a stop) owes the consumer a synthesized
-//!    `Cancelled` terminal, delivered at its next poll ([`Event::ConsumerPoll`]).
-//! 6. Exactly one terminal reaches the consumer; the phase leaves the live phases once.
+//!    `Cancelled` terminal, delivered at its next poll ([`Event::ConsumerPoll`]);
+//!    [`Actions::wake`] says the consumer must be woken for it. A stop arms the cancel
+//!    grace ([`Actions::arm_grace`]).
+//! 6. Exactly one terminal reaches the consumer, and every non-terminal chunk before it
+//!    is forwarded unless a synthesized terminal is owed; the phase leaves the live
+//!    phases once.
+//! 7. A setup error is [`Event::EngineError`] while pending: forwarded (returned to the
+//!    caller), no abort.
 //! 8. Timeouts kill the request and owe a timeout error terminal.
 //! 9. Exactly one [`Actions::finish`] per request.
+//! 10. Setup is just the pending phase: a kill or a drop during setup is the same event
+//!    as after it.
+//! 11. The deferral deadline and the cancel grace are events that need no consumer poll:
+//!    the abort is released, or the terminal owed, by the event itself.
 //!
 //! A synthesized terminal is not the engine's terminal: after a decode-mode kill before
 //! the first token the consumer gets `Cancelled` at once while the abort stays owed, to
-//! be released by the hint or the deadline even after the stream is gone.
+//! be released by the first token, the hint or the deadline even after the consumer has
+//! its terminal or is gone.
 
 use crate::protocol::Mode;
 use crate::sync::atomic::{AtomicU32, Ordering};
@@ -70,7 +82,7 @@ pub enum Abort {
     Deferred,
     /// Issued: the caller was told to run `LlmEngine::abort`.
     Sent,
-    /// Was deferred and will never be sent (the engine ended or the stream was dropped).
+    /// Was deferred and will never be sent: the engine ended by itself first. Final.
     Discarded,
 }
 
@@ -188,8 +200,13 @@ pub struct Actions {
     pub emit: Option<Synth>,
     /// Record the outcome (exactly once per request). The stream ends after it.
     pub finish: Option<OutcomeKind>,
-    /// Wake the consumer's poller: something it must act on changed.
+    /// Wake the consumer's poller: a synthesized terminal is newly owed to it.
     pub wake: bool,
+    /// The abort was just deferred: start the deferral deadline now, off the consumer's
+    /// path (it must fire whether or not the consumer polls).
+    pub arm_deferral: bool,
+    /// A stop just landed: start the cancel grace now, off the consumer's path.
+    pub arm_grace: bool,
 }
 
 impl Actions {
@@ -286,6 +303,16 @@ impl State {
     /// Whether the poller should still poll the engine's stream.
     pub fn polls_engine(&self) -> bool {
         !self.is_finished() && !self.engine_done && self.owed.is_none()
+    }
+    /// Whether the request is over for the consumer but an abort is still deferred and
+    /// the engine still running: its stream must be kept alive and drained (rule 2)
+    /// until the abort is sent or discarded.
+    pub fn drains_engine(&self) -> bool {
+        self.is_finished() && self.abort == Abort::Deferred && !self.engine_done
+    }
+    /// Whether the cancel grace still matters: stopped, not yet forced, not over.
+    pub fn grace_pending(&self) -> bool {
+        !self.is_finished() && self.cancel == Cancel::Stop && self.owed.is_none()
     }
 
     /// Pack into the low 14 bits of a `u32` (the shared atomic word).
@@ -390,7 +417,7 @@ impl State {
             // A decode worker before its first token may be mid KV-cache transfer:
             // aborting now can corrupt the transfer, so hold the abort back.
             self.abort = Abort::Deferred;
-            acts.wake = true; // the poller arms the deferral deadline
+            acts.arm_deferral = true;
         } else {
             self.abort = Abort::Sent;
             acts.abort = true;
@@ -433,7 +460,26 @@ impl State {
         self.phase = Phase::Cancelling;
         self.owed = Some(synth);
         self.request_abort(acts);
-        acts.wake = true;
+        acts.wake = true; // the consumer must come and take its terminal
+    }
+
+    /// An engine event after the consumer's end: it only matters to a deferred abort,
+    /// which the drained engine releases (first token) or discards (its own end).
+    fn drained(&mut self, event: Event, acts: &mut Actions) {
+        if !self.drains_engine() {
+            return;
+        }
+        match event {
+            Event::Chunk => {
+                self.first_token = true;
+                self.release_deferred(acts);
+            }
+            Event::TerminalChunk | Event::EngineError | Event::EngineEnded => {
+                self.engine_done = true;
+                self.discard_deferred();
+            }
+            _ => {}
+        }
     }
 
     fn is_live(&self) -> bool {
@@ -455,13 +501,11 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
     let mut s = state;
     let mut acts = Actions::default();
     match event {
-        Event::Chunk | Event::TokenlessChunk | Event::TerminalChunk | Event::EngineError
-            if !s.is_live() || s.engine_done =>
-        {
-            // The poller stops polling the engine once the request is over; an item
-            // that still arrives is never forwarded (nothing after a terminal).
+        _ if event.is_engine_event() && (!s.is_live() || s.engine_done) => {
+            // Nothing reaches the consumer after its end; an engine still drained for a
+            // deferred abort can only release or discard it.
+            s.drained(event, &mut acts);
         }
-        Event::EngineEnded if !s.is_live() || s.engine_done => {}
         Event::Chunk => {
             s.saw_first_token(&mut acts);
             if s.owed.is_some() {
@@ -522,7 +566,7 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
                 s.cancel = Cancel::Stop;
                 s.phase = Phase::Cancelling;
                 s.request_abort(&mut acts);
-                acts.wake = true; // the poller arms the cancel grace
+                acts.arm_grace = true;
             }
         }
         Event::Kill => {
@@ -535,17 +579,9 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
                 s.phase = Phase::Dropped;
                 s.owed = None;
                 acts.finish = Some(OutcomeKind::Dropped);
-                if s.abort == Abort::None && !s.engine_done {
-                    if s.mode == Mode::Decode && !s.first_token {
-                        // Rule 2 deferral, and nobody is left to release it.
-                        s.abort = Abort::Discarded;
-                    } else {
-                        s.abort = Abort::Sent;
-                        acts.abort = true;
-                    }
-                } else {
-                    s.discard_deferred();
-                }
+                // Rule 4: the work must not leak, with rule 2's deferral; a deferred
+                // abort stays owed and the driver drains the engine until it is settled.
+                s.request_abort(&mut acts);
             }
         }
         Event::DeferralDeadline => s.release_deferred(&mut acts),

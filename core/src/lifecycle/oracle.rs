@@ -1,19 +1,45 @@
 //! The invariant oracle: an independent observer of a request's event sequence that
-//! checks every rule of SPEC.md section 4 after each step.
+//! checks every rule of SPEC.md section 4 that a pure model can express, after each step.
 //!
 //! It is written from the rules, not from [`super::step`]: it keeps its own record of
 //! what was seen (aborts issued, terminals delivered, outcomes recorded, first-token
-//! evidence) and judges each step's [`Actions`]. The exhaustive test, the property
-//! tests and the fuzz targets all use it, so a rule is stated once.
+//! evidence, what is owed) and judges each step's [`Actions`] *exactly*: an action that
+//! is missing is as much a violation as one that is wrong. The reachable-state proof,
+//! the property tests and the fuzz targets all use it, so a rule is stated once.
+//!
+//! Its memory is finite ([`OracleState`]: flags and saturating counters), so the pairs
+//! (machine state, oracle state) reachable from a fresh request can be enumerated: that
+//! is what proves the rules for event sequences of every length.
+//!
+//! The rules it checks, by SPEC.md number:
+//! - 1: at most one abort, never after the engine's own terminal, error or end;
+//! - 2: a cancellation before the end aborts at once, or, in decode mode before the
+//!   first token, defers the abort (and says to arm the deferral deadline); a deferred
+//!   abort is sent at the first non-empty chunk (also one drained after the consumer's
+//!   end), the hint or the deadline, and discarded only by the engine's own end;
+//!   `Discarded` is final;
+//! - 3: token-less chunks are no first-token evidence;
+//! - 4: a drop before a terminal records `Dropped` and aborts (same deferral);
+//! - 5: kill and an expired grace owe a `Cancelled` terminal (and wake the consumer),
+//!   delivered at its next poll or engine event; a stop arms the grace, keeps chunks
+//!   flowing, and an engine end after it is `Cancelled`;
+//! - 6: every non-terminal chunk is forwarded while no terminal is owed; exactly one
+//!   terminal reaches the consumer; nothing after it;
+//! - 7: a setup error (an engine error while pending) is forwarded with no abort;
+//! - 8: timeouts owe their error terminal and abort like a kill;
+//! - 9: exactly one outcome, matching the end;
+//! - 10: a kill or drop during setup is the same event as after it (nothing to add);
+//! - 11: the deferral deadline and the cancel grace act in their own step, without a
+//!   consumer poll.
 
-use super::{Actions, Event, OutcomeKind, State, Synth, Timeout};
+use super::{Abort, Actions, Cancel, Event, OutcomeKind, State, Synth, Timeout};
 use crate::protocol::Mode;
 
 /// A broken rule, with the rule's number in SPEC.md section 4.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("rule {rule} broken at step {step} ({event:?}): {what}")]
 pub struct Violation {
-    /// The rule number (1 to 9).
+    /// The rule number (1 to 11).
     pub rule: u8,
     /// The index of the offending event in the sequence.
     pub step: usize,
@@ -23,294 +49,87 @@ pub struct Violation {
     pub what: &'static str,
 }
 
+/// What the oracle remembers of a request: finite, so reachable pairs can be enumerated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OracleState {
+    mode: Mode,
+    /// Aborts issued (saturating: a second one is already a violation).
+    aborts: u8,
+    /// The abort is deferred, waiting for the first token, the hint or the deadline.
+    deferred: bool,
+    /// The deferred abort was discarded (the engine ended first). Final.
+    discarded: bool,
+    /// Terminals delivered to the consumer (saturating).
+    terminals: u8,
+    /// Outcomes recorded (saturating).
+    finishes: u8,
+    /// The engine's own end (terminal, error, end of stream) was seen.
+    engine_done: bool,
+    /// A non-empty chunk or the hint was seen.
+    first: bool,
+    /// A synthesized terminal is owed and not yet delivered.
+    owed: Option<Synth>,
+    /// The strongest cancellation seen while live.
+    cancel: Cancel,
+}
+
 /// Follows one request; feed it every `(event, actions)` pair in order, then [`close`].
 ///
 /// [`close`]: Oracle::close
 #[derive(Clone, Debug)]
 pub struct Oracle {
-    mode: Mode,
     step: usize,
-    aborts: u32,
-    terminals: u32,
-    finishes: u32,
-    /// The engine's own end (terminal, error, end of stream) was seen.
-    engine_done: bool,
-    /// A non-empty chunk or the hint was seen.
-    first_evidence: bool,
-    /// A synthesized terminal is owed (kill, grace, timeout) and not yet delivered.
-    owed: Option<Synth>,
-    /// Stop, kill or a timeout was seen while live.
-    cancelled: bool,
-    /// An abort is due but deferred (decode mode before the first token).
-    abort_deferred: bool,
-    /// The consumer dropped the stream.
-    dropped: bool,
+    st: OracleState,
 }
 
 impl Oracle {
     /// A fresh request in `mode`.
     pub fn new(mode: Mode) -> Oracle {
         Oracle {
-            mode,
             step: 0,
-            aborts: 0,
-            terminals: 0,
-            finishes: 0,
-            engine_done: false,
-            first_evidence: false,
-            owed: None,
-            cancelled: false,
-            abort_deferred: false,
-            dropped: false,
+            st: OracleState {
+                mode,
+                aborts: 0,
+                deferred: false,
+                discarded: false,
+                terminals: 0,
+                finishes: 0,
+                engine_done: false,
+                first: false,
+                owed: None,
+                cancel: Cancel::None,
+            },
         }
     }
 
-    fn live(&self) -> bool {
-        self.finishes == 0
+    /// What the oracle remembers (for the reachable-state proof).
+    pub fn state(&self) -> OracleState {
+        self.st
     }
 
-    fn fail(&self, rule: u8, event: Event, what: &'static str) -> Result<(), Violation> {
-        Err(Violation {
+    /// How many aborts were issued.
+    pub fn aborts(&self) -> u32 {
+        u32::from(self.st.aborts)
+    }
+
+    /// Judge one step: `event` was applied and `acts` came out; `after` is the state
+    /// it moved to (checked for agreement with what the oracle saw).
+    pub fn observe(&mut self, event: Event, acts: Actions, after: State) -> Result<(), Violation> {
+        let r = judge(&mut self.st, event, acts, after);
+        let step = self.step;
+        self.step += 1;
+        r.map_err(|(rule, what)| Violation {
             rule,
-            step: self.step,
+            step,
             event,
             what,
         })
     }
 
-    /// Judge one step: `event` was applied and `acts` came out; `after` is the state
-    /// it moved to (checked for consistency with what the oracle saw).
-    pub fn observe(&mut self, event: Event, acts: Actions, after: State) -> Result<(), Violation> {
-        let r = self.judge(event, acts, after);
-        self.step += 1;
-        r
-    }
-
-    fn judge(&mut self, event: Event, acts: Actions, after: State) -> Result<(), Violation> {
-        let was_live = self.live();
-        let engine_polled = was_live && !self.engine_done && self.owed.is_none();
-        let delivers = acts.emit.is_some()
-            || (acts.forward && matches!(event, Event::TerminalChunk | Event::EngineError));
-
-        // What the event means, before judging the actions.
-        let mut first_now = false;
-        match event {
-            Event::Chunk if was_live && !self.engine_done => first_now = true,
-            Event::FirstTokenHint => first_now = true,
-            _ => {}
-        }
-        let first_before = self.first_evidence;
-        if first_now {
-            self.first_evidence = true;
-        }
-
-        // Rule 6: nothing reaches the consumer after a terminal; only engine items are forwarded.
-        if acts.forward && (!engine_polled || !event.is_engine_event()) {
-            return self.fail(6, event, "an item was forwarded when none may be");
-        }
-        if (acts.forward || acts.emit.is_some()) && !was_live {
-            return self.fail(6, event, "something reached the consumer after the end");
-        }
-        if acts.forward && event == Event::EngineEnded {
-            return self.fail(6, event, "the end of the engine stream was forwarded");
-        }
-
-        // Rule 1: at most one abort, never after the engine's own end.
-        if acts.abort {
-            self.aborts += 1;
-            if self.aborts > 1 {
-                return self.fail(1, event, "abort issued twice");
-            }
-            if self.engine_done {
-                return self.fail(1, event, "abort issued after the engine's terminal");
-            }
-            // Rule 2: a decode worker is not aborted before its first token, unless the
-            // deferral deadline passed.
-            if self.mode == Mode::Decode && !self.first_evidence && event != Event::DeferralDeadline
-            {
-                return self.fail(2, event, "decode abort before the first token");
-            }
-        }
-
-        // Rules 2 and 4: cancellation before the end asks for the abort.
-        let cancels = matches!(
-            event,
-            Event::Stop
-                | Event::Kill
-                | Event::ConsumerDropped
-                | Event::Timeout(Timeout::FirstToken)
-                | Event::Timeout(Timeout::InterToken)
-        );
-        let newly_cancels = match event {
-            Event::Stop | Event::Kill => was_live && !self.cancelled,
-            Event::ConsumerDropped => was_live,
-            Event::Timeout(Timeout::FirstToken) => {
-                was_live && !first_before && self.owed.is_none() && !self.engine_done
-            }
-            Event::Timeout(Timeout::InterToken) => {
-                was_live && first_before && self.owed.is_none() && !self.engine_done
-            }
-            _ => false,
-        };
-        if cancels && newly_cancels && !self.engine_done && self.aborts == 0 && !self.abort_deferred
-        {
-            let must_defer = self.mode == Mode::Decode && !self.first_evidence;
-            if must_defer {
-                if acts.abort {
-                    return self.fail(2, event, "decode abort not deferred");
-                }
-                // A drop discards the deferred abort at once: no one is left to release it.
-                self.abort_deferred = event != Event::ConsumerDropped;
-            } else if !acts.abort {
-                return self.fail(
-                    if event == Event::ConsumerDropped {
-                        4
-                    } else {
-                        2
-                    },
-                    event,
-                    "cancellation before the end did not abort",
-                );
-            }
-        }
-        // A deferred abort is released by the first token or the deadline...
-        if self.abort_deferred
-            && !self.engine_done
-            && (first_now || event == Event::DeferralDeadline)
-            && event != Event::ConsumerDropped
-        {
-            if !acts.abort {
-                return self.fail(2, event, "deferred abort not released");
-            }
-            self.abort_deferred = false;
-        }
-        if acts.abort {
-            self.abort_deferred = false;
-        }
-
-        // Rule 5, 8: what a kill, an expired grace or a timeout owes the consumer.
-        if was_live && self.owed.is_none() && !self.engine_done {
-            match event {
-                Event::Kill => self.owed = Some(Synth::Cancelled),
-                Event::Timeout(Timeout::CancelGrace) if self.cancelled => {
-                    self.owed = Some(Synth::Cancelled);
-                }
-                Event::Timeout(Timeout::FirstToken) if !first_before => {
-                    self.owed = Some(Synth::FirstTokenTimeout);
-                }
-                Event::Timeout(Timeout::InterToken) if first_before => {
-                    self.owed = Some(Synth::InterTokenTimeout);
-                }
-                _ => {}
-            }
-        }
-        if was_live && matches!(event, Event::Stop | Event::Kill) {
-            self.cancelled = true;
-        }
-        if matches!(
-            event,
-            Event::Timeout(Timeout::FirstToken | Timeout::InterToken)
-        ) && self.owed.is_some()
-        {
-            self.cancelled = true;
-        }
-
-        // Rule 5, 6, 8: which terminal, if any, this step must deliver.
-        let expected: Option<Option<Synth>> = if !was_live {
-            None
-        } else if self.owed.is_some()
-            && (event == Event::ConsumerPoll || (engine_polled_after_owed(event, self.engine_done)))
-        {
-            Some(self.owed)
-        } else if event == Event::EngineEnded && !self.engine_done {
-            Some(Some(if self.cancelled {
-                Synth::Cancelled
-            } else {
-                Synth::Incomplete
-            }))
-        } else if matches!(event, Event::TerminalChunk | Event::EngineError) && !self.engine_done {
-            Some(None) // the engine's own terminal is forwarded
-        } else {
-            None
-        };
-        match expected {
-            Some(Some(synth)) => {
-                if acts.emit != Some(synth) {
-                    return self.fail(
-                        if synth == Synth::Incomplete { 6 } else { 5 },
-                        event,
-                        "the owed terminal was not delivered",
-                    );
-                }
-            }
-            Some(None) => {
-                if !acts.forward {
-                    return self.fail(6, event, "the engine's terminal was not forwarded");
-                }
-            }
-            None => {
-                if delivers {
-                    return self.fail(6, event, "a terminal was delivered when none was due");
-                }
-            }
-        }
-        if delivers {
-            self.terminals += 1;
-            self.owed = None;
-            if self.terminals > 1 {
-                return self.fail(6, event, "two terminals delivered");
-            }
-        }
-        if matches!(
-            event,
-            Event::TerminalChunk | Event::EngineError | Event::EngineEnded
-        ) && was_live
-        {
-            if !self.engine_done {
-                self.abort_deferred = false; // the engine ended by itself: discarded
-            }
-            self.engine_done = true;
-        }
-
-        // Rule 9: exactly one outcome, with the end that caused it.
-        if let Some(kind) = acts.finish {
-            self.finishes += 1;
-            if self.finishes > 1 {
-                return self.fail(9, event, "outcome recorded twice");
-            }
-            let dropped_now = event == Event::ConsumerDropped;
-            if dropped_now != (kind == OutcomeKind::Dropped) {
-                return self.fail(9, event, "the outcome does not match the end");
-            }
-            if !dropped_now && !delivers {
-                return self.fail(9, event, "outcome recorded without a terminal");
-            }
-        } else if delivers || (was_live && event == Event::ConsumerDropped) {
-            return self.fail(9, event, "the request ended without an outcome");
-        }
-        if event == Event::ConsumerDropped && was_live {
-            self.dropped = true;
-            self.abort_deferred = false; // rule 2: discarded when the stream is dropped first
-        }
-
-        // The machine's own view must agree with what was observed.
-        if after.is_finished() == self.live() {
-            return self.fail(9, event, "the state's phase disagrees with the outcome");
-        }
-        if after.abort_deferred() != self.abort_deferred {
-            return self.fail(
-                2,
-                event,
-                "the state's deferred abort disagrees with the rules",
-            );
-        }
-        Ok(())
-    }
-
     /// The sequence is over: the consumer dropped the stream (feed
     /// [`Event::ConsumerDropped`] first if it had not). Exactly one outcome must exist.
     pub fn close(&self) -> Result<(), Violation> {
-        if self.finishes != 1 {
+        if self.st.finishes != 1 {
             return Err(Violation {
                 rule: 9,
                 step: self.step,
@@ -320,17 +139,257 @@ impl Oracle {
         }
         Ok(())
     }
-
-    /// How many aborts were issued.
-    pub fn aborts(&self) -> u32 {
-        self.aborts
-    }
 }
 
-/// An engine event while a synthesized terminal is owed delivers that terminal (the
-/// kill won the race against the poll that produced the event).
-fn engine_polled_after_owed(event: Event, engine_done: bool) -> bool {
-    event.is_engine_event() && !engine_done
+type Broken = (u8, &'static str);
+
+fn fail<T>(rule: u8, what: &'static str) -> Result<T, Broken> {
+    Err((rule, what))
+}
+
+/// The whole judgement of one step. `o` is updated to what the rules say happened.
+fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Result<(), Broken> {
+    let live = o.finishes == 0;
+    // The consumer's poller is still reading the engine: live, engine running, no
+    // synthesized terminal owed (an owed one is delivered instead of engine items).
+    let consumer_reads_engine = live && !o.engine_done && o.owed.is_none();
+    // The engine's stream is still read: by the consumer, or drained after the
+    // consumer's end while a deferred abort is owed (rule 2).
+    let engine_item = event.is_engine_event() && !o.engine_done && (live || o.deferred);
+    let engine_end = engine_item
+        && matches!(
+            event,
+            Event::TerminalChunk | Event::EngineError | Event::EngineEnded
+        );
+    let first_now = !o.first
+        && ((event == Event::Chunk && engine_item) || event == Event::FirstTokenHint);
+    let first_before = o.first;
+
+    // ---- what this event owes the consumer (rules 5, 8) ----
+    let newly_owed = if live && o.owed.is_none() && !o.engine_done {
+        match event {
+            Event::Kill if o.cancel != Cancel::Kill => Some(Synth::Cancelled),
+            Event::Timeout(Timeout::CancelGrace) if o.cancel == Cancel::Stop => {
+                Some(Synth::Cancelled)
+            }
+            Event::Timeout(Timeout::FirstToken) if !first_before => Some(Synth::FirstTokenTimeout),
+            Event::Timeout(Timeout::InterToken) if first_before => Some(Synth::InterTokenTimeout),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if acts.wake != newly_owed.is_some() {
+        return fail(
+            5,
+            if acts.wake {
+                "the consumer was woken with nothing owed"
+            } else {
+                "a terminal became owed without waking the consumer"
+            },
+        );
+    }
+    // A request cancels (asks for the abort) on stop, kill, timeouts and a drop.
+    let cancels_now = live
+        && !o.engine_done
+        && match event {
+            Event::Stop => o.cancel == Cancel::None,
+            Event::ConsumerDropped => true,
+            _ => newly_owed.is_some(),
+        };
+    let arms_grace = live && event == Event::Stop && o.cancel == Cancel::None;
+    if acts.arm_grace != arms_grace {
+        return fail(5, "the cancel grace is armed exactly when a stop lands");
+    }
+    if let Some(synth) = newly_owed {
+        o.owed = Some(synth);
+        o.cancel = Cancel::Kill;
+    } else if arms_grace {
+        o.cancel = Cancel::Stop;
+    }
+
+    // ---- rule 6 and 5: what reaches the consumer ----
+    let expected_delivery: Option<Option<Synth>> = if !live {
+        None
+    } else if o.owed.is_some() && (event == Event::ConsumerPoll || engine_item) {
+        Some(o.owed)
+    } else if consumer_reads_engine && event == Event::EngineEnded {
+        Some(Some(if o.cancel == Cancel::None {
+            Synth::Incomplete
+        } else {
+            Synth::Cancelled
+        }))
+    } else if consumer_reads_engine
+        && matches!(event, Event::TerminalChunk | Event::EngineError)
+    {
+        Some(None) // the engine's own terminal is forwarded
+    } else {
+        None
+    };
+    let must_forward_chunk = consumer_reads_engine
+        && matches!(event, Event::Chunk | Event::TokenlessChunk)
+        && newly_owed.is_none();
+    let forwards_terminal = acts.forward && matches!(event, Event::TerminalChunk | Event::EngineError);
+    if acts.forward && !(consumer_reads_engine && engine_item && event != Event::EngineEnded) {
+        return fail(6, "an item was forwarded when none may be");
+    }
+    if must_forward_chunk && !acts.forward {
+        return fail(6, "a non-terminal chunk was not forwarded");
+    }
+    match expected_delivery {
+        Some(Some(synth)) => {
+            if acts.emit != Some(synth) || acts.forward {
+                return fail(
+                    if synth == Synth::Incomplete { 6 } else { 5 },
+                    "the owed terminal was not delivered",
+                );
+            }
+        }
+        Some(None) => {
+            if !forwards_terminal || acts.emit.is_some() {
+                return fail(6, "the engine's terminal was not forwarded");
+            }
+        }
+        None => {
+            if acts.emit.is_some() || forwards_terminal {
+                return fail(6, "a terminal was delivered when none was due");
+            }
+        }
+    }
+    let delivers = expected_delivery.is_some();
+    if delivers {
+        o.terminals = o.terminals.saturating_add(1);
+        o.owed = None;
+    }
+
+    // ---- rules 1, 2, 4: the abort ----
+    let requested_before = o.aborts > 0 || o.deferred || o.discarded;
+    if acts.abort {
+        if o.aborts > 0 {
+            return fail(1, "abort issued twice");
+        }
+        if o.engine_done || engine_end {
+            return fail(1, "abort issued after the engine's own end");
+        }
+        if o.discarded {
+            return fail(2, "a discarded abort was sent");
+        }
+        if o.mode == Mode::Decode && !o.first && !first_now && event != Event::DeferralDeadline {
+            return fail(2, "decode abort before the first token");
+        }
+        o.aborts = 1;
+    }
+    let must_defer = o.mode == Mode::Decode && !o.first;
+    let newly_defers = cancels_now && !requested_before && must_defer;
+    if acts.arm_deferral != newly_defers {
+        return fail(
+            2,
+            "the deferral deadline is armed exactly when an abort is deferred",
+        );
+    }
+    if cancels_now && !requested_before {
+        // The first cancellation: abort now, or defer it.
+        if must_defer && acts.abort {
+            return fail(2, "decode abort not deferred");
+        }
+        if !must_defer && !acts.abort {
+            return fail(
+                if event == Event::ConsumerDropped { 4 } else { 2 },
+                "cancellation before the end did not abort",
+            );
+        }
+        o.deferred = must_defer;
+    } else if o.deferred {
+        if engine_end {
+            o.deferred = false;
+            o.discarded = true;
+        } else if first_now || event == Event::DeferralDeadline {
+            if !acts.abort {
+                return fail(
+                    if event == Event::DeferralDeadline { 11 } else { 2 },
+                    "deferred abort not released",
+                );
+            }
+            o.deferred = false;
+        } else if acts.abort {
+            return fail(2, "deferred abort released without the first token or deadline");
+        }
+    } else if acts.abort {
+        return fail(1, "abort issued without a cancellation");
+    }
+
+    // ---- facts the event establishes ----
+    if first_now {
+        o.first = true;
+    }
+    if engine_end {
+        o.engine_done = true;
+    }
+
+    // ---- rule 9: exactly one outcome, matching the end ----
+    let dropped_now = live && event == Event::ConsumerDropped;
+    if dropped_now {
+        o.owed = None;
+    }
+    match acts.finish {
+        Some(kind) => {
+            o.finishes = o.finishes.saturating_add(1);
+            if o.finishes > 1 {
+                return fail(9, "outcome recorded twice");
+            }
+            let expected = if dropped_now {
+                Some(OutcomeKind::Dropped)
+            } else {
+                match (acts.emit, event) {
+                    (Some(Synth::Cancelled), _) => Some(OutcomeKind::Cancelled),
+                    (Some(Synth::Incomplete), _) => Some(OutcomeKind::Failed),
+                    (Some(Synth::FirstTokenTimeout | Synth::InterTokenTimeout), _) => {
+                        Some(OutcomeKind::TimedOut)
+                    }
+                    (None, Event::TerminalChunk) if delivers => Some(OutcomeKind::Finished),
+                    (None, Event::EngineError) if delivers => Some(OutcomeKind::Failed),
+                    _ => None,
+                }
+            };
+            if expected != Some(kind) {
+                return fail(9, "the outcome does not match the end");
+            }
+        }
+        None if delivers || dropped_now => {
+            return fail(9, "the request ended without an outcome");
+        }
+        None => {}
+    }
+    if o.terminals > 1 {
+        return fail(6, "two terminals delivered");
+    }
+
+    // ---- the machine's own view must agree with what was observed ----
+    if after.is_finished() != (o.finishes > 0) {
+        return fail(9, "the state's phase disagrees with the outcome");
+    }
+    if after.owed() != o.owed {
+        return fail(5, "the state's owed terminal disagrees with the rules");
+    }
+    let abort = match (o.deferred, o.discarded, o.aborts > 0) {
+        (true, _, _) => Abort::Deferred,
+        (_, true, _) => Abort::Discarded,
+        (_, _, true) => Abort::Sent,
+        _ => Abort::None,
+    };
+    if after.abort() != abort {
+        return fail(2, "the state's abort disagrees with the rules");
+    }
+    if after.first_token() != o.first || after.engine_done() != o.engine_done {
+        return fail(3, "the state's first-token or engine-end flag disagrees");
+    }
+    if after.cancel() != o.cancel {
+        return fail(5, "the state's cancellation disagrees with the rules");
+    }
+    if after.drains_engine() != (o.finishes > 0 && o.deferred && !o.engine_done) {
+        return fail(2, "the engine is not drained while a deferred abort is owed");
+    }
+    Ok(())
 }
 
 /// Run `events` from a fresh state through [`super::step`] with the oracle watching,
