@@ -182,6 +182,20 @@ impl<R: ScenarioRuntime> Harness<R> {
 
     async fn check(&self, entry_time: bool) {
         self.settle_aborts().await;
+        // Spawned tasks (aborts, watchdogs) end and let go of the engine's streams on
+        // their own schedule: wait for both to reach zero, guarded.
+        guarded(
+            &self.rt,
+            "every spawned task to finish",
+            self.counting.until_idle(),
+        )
+        .await;
+        guarded(
+            &self.rt,
+            "every engine stream to be released",
+            self.engine.until(|e| e.live_streams() == 0),
+        )
+        .await;
         assert_eq!(
             self.engine.total_aborts() as usize,
             self.observer.total_aborts(),

@@ -56,8 +56,31 @@ where
 #[derive(Debug, Default)]
 struct Counts {
     spawns: AtomicUsize,
+    /// Spawned futures not yet finished (or dropped unfinished).
+    live: AtomicUsize,
     timers: AtomicUsize,
     resets: AtomicUsize,
+    /// Woken whenever a spawned task finishes.
+    idle_waiters: std::sync::Mutex<Vec<std::task::Waker>>,
+}
+
+/// Counts a spawned future as live until it is dropped (finished or not).
+struct LiveTask {
+    counts: Arc<Counts>,
+}
+
+impl Drop for LiveTask {
+    fn drop(&mut self) {
+        self.counts.live.fetch_sub(1, Ordering::SeqCst);
+        let waiters = std::mem::take(
+            &mut *self
+                .counts
+                .idle_waiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        waiters.into_iter().for_each(std::task::Waker::wake);
+    }
 }
 
 /// Wraps a [`Runtime`] and counts what the driver asks of it: spawned tasks, created
@@ -82,6 +105,31 @@ impl<R: Runtime> Counting<R> {
         self.counts.spawns.load(Ordering::SeqCst)
     }
 
+    /// Spawned tasks that have not finished yet (a leak check: must return to 0).
+    pub fn live_tasks(&self) -> usize {
+        self.counts.live.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once no spawned task is live (woken by each task's end).
+    pub fn until_idle(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(move |cx| {
+            if self.live_tasks() == 0 {
+                return Poll::Ready(());
+            }
+            self.counts
+                .idle_waiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(cx.waker().clone());
+            // Re-check: a task may have ended between the check and the push.
+            if self.live_tasks() == 0 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+    }
+
     /// Timers created so far (`sleep_until` calls).
     pub fn timers(&self) -> usize {
         self.counts.timers.load(Ordering::SeqCst)
@@ -96,7 +144,14 @@ impl<R: Runtime> Counting<R> {
 impl<R: Runtime> Runtime for Counting<R> {
     fn spawn(&self, future: SpawnFuture) {
         self.counts.spawns.fetch_add(1, Ordering::SeqCst);
-        self.inner.spawn(future);
+        self.counts.live.fetch_add(1, Ordering::SeqCst);
+        let live = LiveTask {
+            counts: self.counts.clone(),
+        };
+        self.inner.spawn(Box::pin(async move {
+            let _live = live;
+            future.await;
+        }));
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
@@ -160,10 +215,14 @@ pub async fn yield_now() {
 }
 
 /// Await `future`, failing the test with `what` if it takes longer than [`GUARD`].
+///
+/// The guard is polled *first*: when its timer wakes the task, the test fails even if
+/// `future` would now complete. Otherwise a lost wake-up (a future that was ready but
+/// never woken) would pass as soon as the guard's own wake-up polled it.
 pub async fn guarded<R: Runtime, F: Future>(rt: &R, what: &str, future: F) -> F::Output {
-    match select(pin!(future), pin!(sleep(rt, GUARD))).await {
-        Either::Left((out, _)) => out,
-        Either::Right(((), _)) => panic!("timed out after {GUARD:?} waiting for {what}"),
+    match select(pin!(sleep(rt, GUARD)), pin!(future)).await {
+        Either::Left(((), _)) => panic!("timed out after {GUARD:?} waiting for {what}"),
+        Either::Right((out, _)) => out,
     }
 }
 

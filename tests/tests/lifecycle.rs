@@ -33,7 +33,7 @@ fn terminal(reason: FinishReason) -> tether_core::Annotated<Chunk> {
 
 on_both_runtimes!(
     happy_path_forwards_chunks_then_terminal_without_spawns_or_timers,
-    happy_path_with_timeouts_creates_one_timer_per_request,
+    timeouts_create_a_timer_only_when_the_consumer_waits,
     terminal_chunk_with_tokens_is_forwarded_and_counted,
     stop_before_terminal_aborts_once_and_chunks_flow_to_engine_terminal,
     stop_answered_by_engine_cancelled_terminal_records_cancelled,
@@ -55,8 +55,10 @@ on_both_runtimes!(
     decode_kill_before_first_token_cancels_now_and_aborts_on_hint,
     decode_kill_before_first_token_aborts_at_deadline_after_stream_ended,
     decode_engine_terminal_discards_deferred_abort,
-    decode_drop_before_first_token_does_not_abort,
-    decode_stop_then_drop_before_first_token_does_not_abort,
+    decode_drop_before_first_token_aborts_at_the_deadline,
+    decode_drop_before_first_token_aborts_at_the_drained_first_token,
+    decode_drop_then_engine_end_discards_the_abort,
+    decode_stop_then_drop_before_first_token_aborts_at_the_deadline,
     drop_before_terminal_aborts_once_and_records_dropped,
     drop_before_first_poll_aborts_once,
     drop_after_stop_does_not_abort_twice,
@@ -107,7 +109,7 @@ async fn happy_path_forwards_chunks_then_terminal_without_spawns_or_timers<R: Sc
     h.assert_clean().await;
 }
 
-async fn happy_path_with_timeouts_creates_one_timer_per_request<R: ScenarioRuntime>(rt: R) {
+async fn timeouts_create_a_timer_only_when_the_consumer_waits<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(
         rt,
         AdapterConfig {
@@ -116,19 +118,31 @@ async fn happy_path_with_timeouts_creates_one_timer_per_request<R: ScenarioRunti
             ..AdapterConfig::default()
         },
     );
-    for i in 0..3 {
+    // The engine always has the next item ready: the consumer never waits, so the
+    // silence limits (rule 11) never start and no timer exists.
+    let (mut s, script, _ctx) = h.start("r0").await;
+    script
+        .tokens(&[1])
+        .tokens(&[2])
+        .terminal(FinishReason::Length);
+    assert_eq!(h.collect(&mut s).await.len(), 3);
+    assert_eq!(h.counting.timers(), 0);
+    // Each request whose consumer waits on the engine gets one timer, re-armed in place.
+    for i in 1..3 {
         let id = format!("r{i}");
         let (mut s, script, _ctx) = h.start(&id).await;
-        script.tokens(&[1]).tokens(&[2]).tokens(&[3]);
-        script.terminal(FinishReason::Length);
+        assert_eq!(poll_once(&mut s).await, Poll::Pending);
+        script.tokens(&[1]);
+        assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
+        assert_eq!(poll_once(&mut s).await, Poll::Pending);
+        script.tokens(&[2]).terminal(FinishReason::Length);
         let items = h.collect(&mut s).await;
-        assert_eq!(items.len(), 4);
-        assert_eq!(items[3], terminal(FinishReason::Length));
+        assert_eq!(items, vec![tokens(&[2]), terminal(FinishReason::Length)]);
         assert_eq!(
             h.observer.record(&id).outcome,
             Outcome::Finished(FinishReason::Length)
         );
-        assert_eq!(h.counting.timers(), i + 1, "one timer per request");
+        assert_eq!(h.counting.timers(), i, "one timer per waiting request");
     }
     assert_eq!(h.counting.spawns(), 0);
     h.assert_clean().await;
@@ -172,7 +186,8 @@ async fn stop_before_terminal_aborts_once_and_chunks_flow_to_engine_terminal<R: 
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Finished(FinishReason::Length));
     assert_eq!((rec.output_tokens, rec.abort), (3, Abort::Sent));
-    assert_eq!(h.counting.spawns(), 1);
+    // The abort, and the watchdog holding the 5 s cancel grace (ended by the terminal).
+    assert_eq!(h.counting.spawns(), 2);
     assert_eq!(script.aborts(), 1);
     h.assert_clean().await;
 }
@@ -327,7 +342,8 @@ async fn stop_then_kill_aborts_once<R: ScenarioRuntime>(rt: R) {
     );
     assert_eq!(h.observer.record("r").outcome, Outcome::Cancelled);
     h.wait_aborts(&script, 1).await;
-    assert_eq!(h.counting.spawns(), 1);
+    // The abort, and the stop's grace watchdog.
+    assert_eq!(h.counting.spawns(), 2);
     assert_eq!(script.aborts(), 1);
     h.assert_clean().await;
 }
@@ -401,7 +417,8 @@ async fn tokenless_chunks_are_not_the_first_token<R: ScenarioRuntime>(rt: R) {
     assert_eq!(h.next(&mut s).await, Some(tokens(&[])));
     assert_eq!(s.state().abort(), Abort::Deferred);
     assert_eq!(h.observer.aborts("r"), 0);
-    assert_eq!(h.counting.spawns(), 0);
+    // Only the watchdog, holding the grace and the deferral deadline.
+    assert_eq!(h.counting.spawns(), 1);
     script.tokens(&[7]);
     assert_eq!(h.next(&mut s).await, Some(tokens(&[7])));
     assert_eq!(h.observer.aborts("r"), 1);
@@ -529,12 +546,16 @@ async fn decode_kill_before_first_token_cancels_now_and_aborts_on_hint<R: Scenar
         (Outcome::Cancelled, Abort::Deferred)
     );
     assert_eq!(h.observer.aborts("r"), 0);
-    assert_eq!(h.engine.live_streams(), 0);
+    // Rule 2: the engine may be mid KV transfer; its stream is kept alive (drained by
+    // the watchdog), since dropping it would cancel it early.
+    assert_eq!(h.engine.live_streams(), 1);
     drop(s);
+    assert_eq!(h.engine.live_streams(), 1);
     script.notify_first_token();
     assert_eq!(h.observer.aborts("r"), 1);
     h.wait_aborts(&script, 1).await;
-    // One task waits for the hint or the deadline, one runs the abort.
+    // One task waits for the hint or the deadline (and drains), one runs the abort;
+    // the stream goes once the abort was sent.
     assert_eq!(h.counting.spawns(), 2);
     h.assert_clean().await;
 }
@@ -584,31 +605,77 @@ async fn decode_engine_terminal_discards_deferred_abort<R: ScenarioRuntime>(rt: 
     // Past the deadline, still nothing: the engine ended by itself.
     sleep(&h.rt, DEADLINE * 3).await;
     assert_eq!(h.observer.aborts("r"), 0);
-    assert_eq!(h.counting.spawns(), 0);
+    // The watchdog armed by the stop, ended by the engine's terminal.
+    assert_eq!(h.counting.spawns(), 1);
     h.assert_clean().await;
 }
 
-async fn decode_drop_before_first_token_does_not_abort<R: ScenarioRuntime>(rt: R) {
+async fn decode_drop_before_first_token_aborts_at_the_deadline<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(rt, decode(DEADLINE));
     let (mut s, script, _ctx) = h.start("r").await;
     script.tokens(&[]);
     assert_eq!(h.next(&mut s).await, Some(tokens(&[])));
+    let dropped = h.rt.now();
     drop(s);
     let rec = h.observer.record("r");
+    // Rule 4 with rule 2's deferral: the work must not leak, nor be cut mid transfer.
     assert_eq!(
         (rec.outcome, rec.abort),
-        (Outcome::Dropped, Abort::Discarded)
+        (Outcome::Dropped, Abort::Deferred)
     );
-    assert_eq!(h.engine.live_streams(), 0);
-    sleep(&h.rt, DEADLINE * 3).await;
-    assert_eq!(h.observer.aborts("r"), 0);
-    assert_eq!(h.counting.spawns(), 0);
+    assert_eq!(
+        h.engine.live_streams(),
+        1,
+        "kept alive while the abort is owed"
+    );
+    h.wait_aborts(&script, 1).await;
+    let waited = h.rt.now() - dropped;
+    if h.rt.exact_clock() {
+        assert_eq!(waited, DEADLINE);
+    } else {
+        assert!(waited >= DEADLINE, "released after {waited:?}");
+    }
+    assert_eq!(h.observer.aborts("r"), 1);
+    assert_eq!(h.counting.spawns(), 2);
     h.assert_clean().await;
 }
 
-async fn decode_stop_then_drop_before_first_token_does_not_abort<R: ScenarioRuntime>(rt: R) {
+async fn decode_drop_before_first_token_aborts_at_the_drained_first_token<R: ScenarioRuntime>(
+    rt: R,
+) {
+    let h = Harness::with_config(rt, decode(HOUR));
+    let (s, script, _ctx) = h.start("r").await;
+    drop(s);
+    assert_eq!(h.observer.record("r").abort, Abort::Deferred);
+    // Nobody reads the stream any more, but the watchdog drains it: the first token
+    // (not the handshake) releases the abort, and the stream is dropped after it.
+    script.tokens(&[]);
+    script.tokens(&[9]);
+    h.wait_aborts(&script, 1).await;
+    assert_eq!(script.queued(), 0);
+    assert_eq!(h.observer.aborts("r"), 1);
+    h.assert_clean().await;
+}
+
+async fn decode_drop_then_engine_end_discards_the_abort<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(rt, decode(DEADLINE));
-    let (mut s, _script, ctx) = h.start("r").await;
+    let (s, script, _ctx) = h.start("r").await;
+    drop(s);
+    script.terminal(FinishReason::Length);
+    h.engine.until(|e| e.live_streams() == 0).await;
+    // The engine ended by itself first: the deferred abort is discarded, for good.
+    sleep(&h.rt, DEADLINE * 3).await;
+    assert_eq!(h.observer.aborts("r"), 0);
+    assert_eq!(h.counting.spawns(), 1);
+    h.assert_clean().await;
+}
+
+async fn decode_stop_then_drop_before_first_token_aborts_at_the_deadline<R: ScenarioRuntime>(
+    rt: R,
+) {
+    let h = Harness::with_config(rt, decode(DEADLINE));
+    let (mut s, script, ctx) = h.start("r").await;
+    let stopped = h.rt.now();
     ctx.stop();
     assert_eq!(poll_once(&mut s).await, Poll::Pending);
     assert_eq!(s.state().abort(), Abort::Deferred);
@@ -616,11 +683,15 @@ async fn decode_stop_then_drop_before_first_token_does_not_abort<R: ScenarioRunt
     let rec = h.observer.record("r");
     assert_eq!(
         (rec.outcome, rec.abort),
-        (Outcome::Dropped, Abort::Discarded)
+        (Outcome::Dropped, Abort::Deferred)
     );
-    sleep(&h.rt, DEADLINE * 3).await;
-    assert_eq!(h.observer.aborts("r"), 0);
-    assert_eq!(h.counting.spawns(), 0);
+    h.wait_aborts(&script, 1).await;
+    // Counted from the stop that deferred it, not from the drop.
+    if h.rt.exact_clock() {
+        assert_eq!(h.rt.now() - stopped, DEADLINE);
+    }
+    assert_eq!(h.observer.aborts("r"), 1);
+    assert_eq!(h.counting.spawns(), 2);
     h.assert_clean().await;
 }
 
@@ -663,7 +734,8 @@ async fn drop_after_stop_does_not_abort_twice<R: ScenarioRuntime>(rt: R) {
     assert_eq!(h.observer.aborts("r"), 1);
     let rec = h.observer.record("r");
     assert_eq!((rec.outcome, rec.abort), (Outcome::Dropped, Abort::Sent));
-    assert_eq!(h.counting.spawns(), 1);
+    // The abort, and the stop's grace watchdog (ended by the drop).
+    assert_eq!(h.counting.spawns(), 2);
     h.assert_clean().await;
 }
 

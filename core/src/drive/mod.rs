@@ -10,15 +10,19 @@
 //! ## Costs
 //! No task is spawned per request on the happy path: cancellation is noticed by a
 //! synchronous [`Context`] listener, not by a monitor task. The abort future is spawned
-//! only when an abort is due. A timer is created only when a deadline is configured and
-//! needed (a time-to-first-token or inter-token timeout, a stop's cancel grace, a
-//! deferred abort), once per request, and re-armed in place.
+//! only when an abort is due. The token timeouts (time to first token, inter-token) run
+//! on the consumer's poller with one lazily created timer, re-armed in place. On the
+//! cancel path only, one watchdog task per request runs the cancel grace and the
+//! deferral deadline (which must fire whether or not the consumer polls) and drains an
+//! engine whose abort is still deferred after the consumer's end.
 
 mod probe;
+mod slot;
 mod span;
 mod stats;
 mod stream;
 mod timers;
+mod watchdog;
 
 use std::fmt;
 use std::future::Future;
@@ -174,11 +178,21 @@ impl Adapter {
     /// Start `request` under `context`. A setup error from the engine comes back here,
     /// typed, and nothing is aborted (rule 7); otherwise the stream carries everything,
     /// ending with exactly one terminal.
+    ///
+    /// Cancellation-safe (rule 10): the context is watched before the engine's
+    /// `generate` is entered, so a kill (or a first-token timeout) during a slow setup
+    /// resolves this future at once with a stream that yields the terminal, and dropping
+    /// this future records the request as `Dropped` and aborts the engine. A panic in
+    /// the engine's `generate` comes back as a typed error.
     pub async fn generate(
         &self,
         request: Request,
         context: Context,
     ) -> Result<ResponseStream, EngineError> {
-        ResponseStream::start(self.inner.clone(), request, context).await
+        let mut stream = ResponseStream::new(self.inner.clone(), request, context);
+        // Dropping this future drops `stream`: the request is recorded (`Dropped`) and
+        // the engine aborted under rules 1 and 2, as for any dropped stream (rule 10).
+        std::future::poll_fn(|cx| stream.poll_setup(cx)).await?;
+        Ok(stream)
     }
 }

@@ -1,46 +1,46 @@
 //! [`ResponseStream`]: the consumer's side of one request, and [`Shared`], the part of
-//! it that the context listener, the first-token hint and the abort task also reach.
+//! it that the context listener, the first-token hint, `Drop` and the watchdog also
+//! reach.
 //!
-//! The driver loop in `poll_next` is "feed events, then carry out actions until there
-//! is an item to yield or nothing left to do": the owed terminal first, then the
-//! timers, then the engine. Every decision comes from [`Cell::apply`], so the poller,
-//! the listener (on whatever thread calls `stop`/`kill`), the hint and `Drop` never
-//! decide the same thing twice.
+//! The driver loop (`poll_next`, and `poll_setup` while `generate` is pending) is "feed
+//! events, then carry out actions until there is an item to yield or nothing left to
+//! do": the owed terminal first, then the engine, then (only while the consumer waits on
+//! a silent engine) the token deadlines. Every decision comes from [`Cell::apply`], so
+//! the poller, the listener (on whatever thread calls `stop`/`kill`), the hint, `Drop`
+//! and the watchdog never decide the same thing twice.
 
 use std::fmt;
-use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, Waker};
-use std::time::Instant;
 
 use futures_core::Stream;
 use pin_project::{pin_project, pinned_drop};
 use tracing::Span;
 
+use super::slot::{release, EngineSlot, Item, SetupFuture};
 use super::span;
 use super::stats::{Outcome, RequestRecord, StatsRecorder};
-use super::timers::Timers;
-use super::{AdapterInner, AsyncTimer};
+use super::timers::Timer;
+use super::watchdog::{OffPoller, Watchdog};
+use super::AdapterInner;
 use crate::context::{Context, ListenerId, Signal};
-use crate::engine::{ChunkStream, GenerateContext};
+use crate::engine::GenerateContext;
 use crate::error::{BackendError, EngineError, ErrorKind};
-use crate::lifecycle::{Actions, Cancel, Cell, Event, OutcomeKind, State, StepCache, Synth};
+use crate::lifecycle::deadlines::Silence;
+use crate::lifecycle::{Actions, Cell, Event, OutcomeKind, State, StepCache, Synth};
 use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
 use crate::sync::{downgrade, lock, upgrade, Arc, Mutex};
 
 /// The part of a request reachable from other threads.
 pub(crate) struct Shared {
-    cell: Cell,
-    /// The poller's waker (after the stream ends: the deferred-abort waiter's).
+    pub(super) cell: Cell,
+    /// The consumer's waker (the poller's, or `generate`'s during setup).
     waker: Mutex<Option<Waker>>,
-    adapter: Arc<AdapterInner>,
+    pub(super) adapter: Arc<AdapterInner>,
     context: Context,
-    request_id: std::sync::Arc<str>,
-    /// When the first stop or kill landed: the cancel grace and the deferral deadline
-    /// count from here, not from the consumer's next poll (a consumer held back by
-    /// backpressure must not stretch them). Written once, on the cancel path only.
-    cancelled_at: Mutex<Option<Instant>>,
+    pub(super) request_id: std::sync::Arc<str>,
+    /// The watchdog's side: `None` until a cancel deadline is armed or the engine is
+    /// handed over, so the happy path carries one empty word here.
+    pub(super) off: Mutex<Option<Box<OffPoller>>>,
 }
 
 impl Shared {
@@ -55,29 +55,21 @@ impl Shared {
             Signal::Stop => Event::Stop,
             Signal::Kill => Event::Kill,
         };
-        let (state, acts) = this.cell.apply(event);
-        if state.is_cancelling() {
-            let mut at = lock(&this.cancelled_at);
-            if at.is_none() {
-                *at = Some(this.adapter.runtime.now());
-            }
-        }
+        let (_, acts) = this.cell.apply(event);
         Shared::act_off_poller(this, acts);
     }
 
-    /// When the request was first stopped or killed, if it was.
-    fn cancelled_at(&self) -> Option<Instant> {
-        *lock(&self.cancelled_at)
-    }
-
-    /// Carry out actions decided away from the poller (listener, hint, deadline
-    /// waiter). Those events never forward, emit or finish: that is the poller's.
-    fn act_off_poller(this: &Arc<Self>, acts: Actions) {
+    /// Carry out actions decided away from the poller (listener, hint, watchdog).
+    /// Those events never forward, emit or finish: that is the consumer's side.
+    pub(super) fn act_off_poller(this: &Arc<Self>, acts: Actions) {
         debug_assert!(!acts.forward && acts.emit.is_none() && acts.finish.is_none());
         if acts.abort {
             Shared::spawn_abort(this);
         }
-        if acts.wake || acts.abort {
+        if acts.arm_grace || acts.arm_deferral {
+            Shared::arm(this, acts, None);
+        }
+        if acts.wake {
             if let Some(w) = lock(&this.waker).as_ref() {
                 w.wake_by_ref();
             }
@@ -93,6 +85,54 @@ impl Shared {
         this.adapter
             .runtime
             .spawn(Box::pin(async move { adapter.engine.abort(ctx).await }));
+        // A watchdog waiting on this abort's deadline, or draining for it, is done.
+        Shared::wake_watchdog(this);
+    }
+
+    /// Arm the cancel deadlines `acts` asks for and hand over `engine` for draining;
+    /// spawn the watchdog the first time, wake it afterwards.
+    fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
+        let cfg = &this.adapter.config;
+        let rt = &this.adapter.runtime;
+        let grace = if acts.arm_grace {
+            cfg.cancel_grace
+        } else {
+            None
+        };
+        if grace.is_none() && !acts.arm_deferral && engine.is_none() {
+            return;
+        }
+        let now = rt.now();
+        let (spawn, waker) = {
+            let mut off = lock(&this.off);
+            let off = off.get_or_insert_with(Box::default);
+            off.deadlines.arm_grace(now, grace);
+            if acts.arm_deferral {
+                off.deadlines.arm_deferral(now, cfg.deferral_deadline);
+            }
+            if engine.is_some() {
+                off.handoff = engine;
+            }
+            let spawn = !off.spawned;
+            off.spawned = true;
+            (spawn, off.waker.clone())
+        };
+        if spawn {
+            rt.spawn(Box::pin(Watchdog {
+                shared: this.clone(),
+                timer: Timer::default(),
+                engine: None,
+            }));
+        } else if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn wake_watchdog(this: &Arc<Self>) {
+        let waker = lock(&this.off).as_ref().and_then(|off| off.waker.clone());
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     fn generate_context(this: &Arc<Self>) -> GenerateContext {
@@ -112,13 +152,6 @@ impl Shared {
     }
 }
 
-/// What the engine's poll produced, kept until the machine decides about it.
-enum Item {
-    Chunk(Chunk),
-    Error(EngineError),
-    None,
-}
-
 /// The consumer's stream for one request: engine chunks as [`Annotated`] items, ending
 /// with exactly one terminal (a chunk with a finish reason, or an error item).
 ///
@@ -131,16 +164,19 @@ pub struct ResponseStream {
     local: Local,
 }
 
-/// What only the poller (and `Drop`) touches.
+/// What only the consumer's side (poller, setup, `Drop`) touches.
 struct Local {
-    engine: Option<ChunkStream>,
-    timers: Timers,
+    engine: Option<EngineSlot>,
+    silence: Silence,
+    timer: Timer,
     stats: StatsRecorder,
     span: Span,
     listener: Option<ListenerId>,
     /// The waker last registered in `shared.waker` (skips the lock on repeat polls).
     registered: Option<Waker>,
     migration_link: Option<TraceLink>,
+    /// An item decided while `generate` was pending, for the first poll.
+    stash: Option<Annotated<Chunk>>,
     stamped: bool,
     done: bool,
     step_cache: StepCache,
@@ -157,11 +193,9 @@ impl fmt::Debug for ResponseStream {
 }
 
 impl ResponseStream {
-    pub(super) async fn start(
-        adapter: Arc<AdapterInner>,
-        request: Request,
-        context: Context,
-    ) -> Result<ResponseStream, EngineError> {
+    /// Everything of a request but the engine's progress: the listener is registered
+    /// here, before `generate` is entered, so a kill during setup is seen (rule 10).
+    pub(super) fn new(adapter: Arc<AdapterInner>, request: Request, context: Context) -> Self {
         let cfg = &adapter.config;
         let start = adapter.runtime.now();
         let span = if cfg.spans {
@@ -175,56 +209,74 @@ impl ResponseStream {
             adapter: adapter.clone(),
             context: context.clone(),
             request_id: std::sync::Arc::from(request.id.as_str()),
-            cancelled_at: Mutex::new(None),
+            off: Mutex::new(None),
         });
         let migration_link = request.migration_link;
-        let engine = match adapter
-            .engine
-            .generate(request, Shared::generate_context(&shared))
-            .await
-        {
-            Ok(engine) => engine,
-            Err(err) => {
-                // Rule 7: a setup error is returned typed; no abort, no stream. It is
-                // still a request that ended, so it gets its one record.
-                let rec = RequestRecord {
-                    id: String::from(&*shared.request_id),
-                    outcome: Outcome::Failed(err.kind()),
-                    ttft: None,
-                    itl: Default::default(),
-                    output_tokens: 0,
-                    abort: crate::lifecycle::Abort::None,
-                };
-                span::record(&span, &rec, None);
-                if let Some(obs) = &cfg.observer {
-                    obs.on_record(&rec);
-                }
-                return Err(err);
-            }
-        };
+        let gctx = Shared::generate_context(&shared);
+        let engine = adapter.engine.clone();
+        let setup: SetupFuture = Box::pin(async move { engine.generate(request, gctx).await });
         let weak = downgrade(&shared);
-        // Registered after `generate` so a setup error leaves nothing behind; a context
-        // already stopped calls it at once.
+        // A context already stopped or killed calls it at once.
         let listener = context.add_listener(move |signal| {
             if let Some(shared) = upgrade(&weak) {
                 Shared::signal(&shared, signal);
             }
         });
-        Ok(ResponseStream {
+        ResponseStream {
             shared,
             local: Local {
-                timers: Timers::new(start, cfg.first_token_timeout),
+                engine: Some(EngineSlot::Setup(setup)),
+                silence: Silence::new(cfg.first_token_timeout, cfg.inter_token_timeout),
+                timer: Timer::default(),
                 stats: StatsRecorder::new(start),
-                engine: Some(engine),
                 span,
                 listener: Some(listener),
                 registered: None,
                 migration_link,
+                stash: None,
                 stamped: false,
                 done: false,
                 step_cache: StepCache::default(),
             },
-        })
+        }
+    }
+
+    /// Drive `generate` until the stream exists (`Ok`), the engine refused (`Err`,
+    /// rule 7), or a kill or timeout ended the request first (`Ok`: the stream yields
+    /// its terminal). The engine is always entered (polled once) before a cancellation
+    /// that was already there is honoured, so an abort refers to a request it saw.
+    pub(super) fn poll_setup(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), EngineError>> {
+        let (shared, local) = (&self.shared, &mut self.local);
+        register(shared, local, cx);
+        let rt = &*shared.adapter.runtime;
+        loop {
+            let Some(engine) = local.engine.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match engine.poll_setup(cx) {
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Ready(Some(err)) => {
+                    let (state, acts) = shared.cell.apply(Event::EngineError);
+                    if acts.forward {
+                        // Rule 7: typed back to the caller; recorded once, no abort.
+                        let outcome = Outcome::Failed(err.kind());
+                        finish(shared, local, outcome, state, None);
+                        return Poll::Ready(Err(err));
+                    }
+                    // A kill won the race: the stream yields what is owed.
+                    local.stash = carry_out(shared, local, acts, state, Item::None);
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending => {}
+            }
+            let state = shared.cell.load();
+            if state.owed().is_some() || state.is_finished() {
+                return Poll::Ready(Ok(()));
+            }
+            if !poll_silence(shared, local, cx, rt) {
+                return Poll::Pending;
+            }
+        }
     }
 
     /// The request's current lifecycle state (for diagnostics and tests).
@@ -238,28 +290,70 @@ impl ResponseStream {
     }
 }
 
+/// Register the consumer's waker before reading the state: an actor that changes it
+/// after the read finds this waker (no lost wake-up).
+#[inline]
+fn register(shared: &Shared, local: &mut Local, cx: &TaskContext<'_>) {
+    if !local
+        .registered
+        .as_ref()
+        .is_some_and(|w| w.will_wake(cx.waker()))
+    {
+        shared.register(cx.waker());
+        local.registered = Some(cx.waker().clone());
+    }
+}
+
+/// The consumer waits on a silent engine: run the token deadlines (rule 11: only
+/// while it waits). `true` when one fired and the machine was told (poll again).
+fn poll_silence(
+    shared: &Arc<Shared>,
+    local: &mut Local,
+    cx: &mut TaskContext<'_>,
+    rt: &dyn super::Runtime,
+) -> bool {
+    if !local.silence.any() {
+        return false;
+    }
+    if local.silence.needs_wait_start() {
+        local.silence.waiting(rt.now());
+    }
+    let Some(next) = local.silence.poll_timeout() else {
+        return false;
+    };
+    if !local.timer.poll_until(next, cx, rt) {
+        return false;
+    }
+    match local.silence.handle_timeout(rt.now()) {
+        Some(due) => {
+            let (state, acts) = shared.cell.apply(due.event());
+            // Timer events never forward; a timeout owes a terminal that the next
+            // turn of the loop delivers.
+            let _ = carry_out(shared, local, acts, state, Item::None);
+            true
+        }
+        // Fired for a deadline that moved later: the next call re-arms.
+        None => true,
+    }
+}
+
 impl Stream for ResponseStream {
     type Item = Annotated<Chunk>;
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Self::Item>> {
         let this = self.project();
         let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
+        if let Some(item) = local.stash.take() {
+            return Poll::Ready(Some(item));
+        }
         if local.done {
             return Poll::Ready(None);
         }
-        // Register before reading the state: a kill that lands after the read finds
-        // this waker and wakes us (no lost wake-up).
-        if !local
-            .registered
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            shared.register(cx.waker());
-            local.registered = Some(cx.waker().clone());
-        }
-        let adapter = &*shared.adapter;
-        let cfg = &adapter.config;
-        let rt = &*adapter.runtime;
+        register(shared, local, cx);
+        let rt = &*shared.adapter.runtime;
         loop {
             let state = shared.cell.load_cached(&mut local.step_cache);
             if state.is_finished() {
@@ -273,29 +367,6 @@ impl Stream for ResponseStream {
                 }
                 continue;
             }
-            // Deadlines the state calls for; each armed at most once per request.
-            if state.cancel() == Cancel::Stop && !local.timers.deadlines.grace_armed() {
-                let at = shared.cancelled_at().unwrap_or_else(|| rt.now());
-                local.timers.deadlines.arm_grace(at, cfg.cancel_grace);
-            }
-            if state.abort_deferred() && !local.timers.deadlines.deferral_armed() {
-                let at = shared.cancelled_at().unwrap_or_else(|| rt.now());
-                local
-                    .timers
-                    .deadlines
-                    .arm_deferral(at, cfg.deferral_deadline);
-            } else if !state.abort_deferred() {
-                local.timers.deadlines.disarm_deferral();
-            }
-            if local.timers.deadlines.any() {
-                if let Some(due) = local.timers.poll_due(cx, rt) {
-                    let (state, acts) = shared.cell.apply(due.event());
-                    // Timer events never forward; a kill-like timeout owes a terminal
-                    // that the next turn of the loop delivers.
-                    let _ = carry_out(shared, local, acts, state, Item::None);
-                    continue;
-                }
-            }
             let Some(engine) = local.engine.as_mut() else {
                 // Unreachable by the machine (engine_done implies finished), kept total.
                 let (state, acts) = shared.cell.apply(Event::EngineEnded);
@@ -304,34 +375,21 @@ impl Stream for ResponseStream {
                 }
                 continue;
             };
-            let polled = catch_unwind(AssertUnwindSafe(|| engine.as_mut().poll_next(cx)));
-            let (event, item) = match polled {
-                Ok(Poll::Pending) => return Poll::Pending,
-                Ok(Poll::Ready(Some(Ok(chunk)))) => {
-                    let event = if chunk.is_terminal() {
-                        Event::TerminalChunk
-                    } else if chunk.has_tokens() {
-                        Event::Chunk
-                    } else {
-                        Event::TokenlessChunk
-                    };
-                    (event, Item::Chunk(chunk))
-                }
-                Ok(Poll::Ready(Some(Err(err)))) => (Event::EngineError, Item::Error(err)),
-                Ok(Poll::Ready(None)) => (Event::EngineEnded, Item::None),
-                Err(panic) => {
-                    let msg = panic_message(panic.as_ref());
-                    (
-                        Event::EngineError,
-                        Item::Error(EngineError::engine_panicked(msg)),
-                    )
+            // The engine first: an item it already has wins over a deadline, so a
+            // consumer that was slow to come back never times the engine out.
+            let (event, item) = match engine.poll_event(cx) {
+                Poll::Ready(polled) => polled,
+                Poll::Pending => {
+                    if poll_silence(shared, local, cx, rt) {
+                        continue;
+                    }
+                    return Poll::Pending;
                 }
             };
             let (state, acts) = shared.cell.apply_cached(event, &mut local.step_cache);
             if state.engine_done() {
                 // Never poll a finished (or panicked) engine stream again.
-                local.engine = None;
-                local.timers.deadlines.engine_done();
+                release(local.engine.take(), &shared.request_id);
             }
             if let Some(item) = carry_out(shared, local, acts, state, item) {
                 return Poll::Ready(Some(item));
@@ -340,29 +398,15 @@ impl Stream for ResponseStream {
     }
 }
 
-/// The panic payload's text, when it has one (`engine_panicked` adds the prefix).
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        String::new()
-    }
-}
-
-/// Pass an engine chunk on: time its tokens, re-arm the inter-token deadline, stamp
-/// the trace link on the first token (or, in prefill mode, on a token-less terminal).
+/// Pass an engine chunk on: time its tokens, end the silence, stamp the trace link on
+/// the first token (or, in prefill mode, on a token-less terminal).
 fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annotated<Chunk> {
     let adapter = &shared.adapter;
     let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
     if n > 0 {
         let now = adapter.runtime.now();
         local.stats.tokens(n, now);
-        local
-            .timers
-            .deadlines
-            .token(now, adapter.config.inter_token_timeout);
+        local.silence.token();
     }
     if !local.stamped && (n > 0 || (chunk.is_terminal() && adapter.config.mode == Mode::Prefill)) {
         local.stamped = true;
@@ -371,7 +415,7 @@ fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annota
     Annotated::from_data(chunk)
 }
 
-/// Carry out the poller's actions; returns the item to yield, if any.
+/// Carry out the consumer side's actions; returns the item to yield, if any.
 fn carry_out(
     shared: &Arc<Shared>,
     local: &mut Local,
@@ -379,17 +423,20 @@ fn carry_out(
     state: State,
     item: Item,
 ) -> Option<Annotated<Chunk>> {
-    if acts.abort {
-        Shared::spawn_abort(shared);
-    }
-    let cfg = &shared.adapter.config;
-    if acts.forward && acts.finish.is_none() {
-        // The steady state: a non-terminal chunk to pass on, nothing to record.
+    if acts.forward && acts.finish.is_none() && !acts.abort {
+        // The steady state: a non-terminal chunk to pass on, nothing else to do.
         return match item {
             Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
             Item::Error(_) | Item::None => None,
         };
     }
+    if acts.abort {
+        Shared::spawn_abort(shared);
+    }
+    if acts.arm_grace || acts.arm_deferral {
+        Shared::arm(shared, acts, None);
+    }
+    let cfg = &shared.adapter.config;
     let mut timeout_kind = None;
     let (out, outcome) = if acts.forward {
         match item {
@@ -451,7 +498,9 @@ fn carry_out(
     out
 }
 
-/// The request is over: record it once, let go of the engine and the context.
+/// The request is over for the consumer: record it once, let go of the context, and
+/// of the engine, unless an abort is still deferred: then the engine goes to the
+/// watchdog, which drains it until the abort is sent or discarded (rule 2).
 fn finish(
     shared: &Arc<Shared>,
     local: &mut Local,
@@ -460,7 +509,6 @@ fn finish(
     timeout_kind: Option<ErrorKind>,
 ) {
     local.done = true;
-    local.engine = None;
     if let Some(id) = local.listener.take() {
         shared.context.remove_listener(id);
     }
@@ -473,69 +521,34 @@ fn finish(
         abort: state.abort(),
     };
     span::record(&local.span, &rec, timeout_kind);
-    let adapter = &shared.adapter;
-    if let Some(obs) = &adapter.config.observer {
+    if let Some(obs) = &shared.adapter.config.observer {
         obs.on_record(&rec);
     }
-    if state.abort_deferred() {
-        // The consumer has its terminal but the engine still owes an abort (decode
-        // kill before the first token): wait for the hint or the deadline elsewhere,
-        // since nobody may poll this stream again.
-        // Counted from the kill, like the poller's deferral timer.
-        let from = shared
-            .cancelled_at()
-            .unwrap_or_else(|| adapter.runtime.now());
-        let deadline = from
-            .checked_add(adapter.config.deferral_deadline)
-            .unwrap_or(from);
-        adapter.runtime.spawn(Box::pin(DeferredAbort {
-            shared: shared.clone(),
-            deadline,
-            timer: None,
-        }));
-    }
-}
-
-/// Releases a deferred abort at its deadline after the stream is over, or ends as soon
-/// as the first-token hint released (or the engine's end discarded) it.
-struct DeferredAbort {
-    shared: Arc<Shared>,
-    deadline: Instant,
-    timer: Option<Pin<Box<dyn AsyncTimer>>>,
-}
-
-impl Future for DeferredAbort {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        this.shared.register(cx.waker());
-        if !this.shared.cell.load().abort_deferred() {
-            return Poll::Ready(());
+    let engine = local.engine.take();
+    if state.drains_engine() && engine.is_some() {
+        Shared::arm(shared, Actions::default(), engine);
+    } else {
+        release(engine, &shared.request_id);
+        if state.abort() != crate::lifecycle::Abort::None
+            || state.cancel() != crate::lifecycle::Cancel::None
+        {
+            // A watchdog waiting on a grace that no longer matters can end now.
+            Shared::wake_watchdog(shared);
         }
-        let rt = &*this.shared.adapter.runtime;
-        let deadline = this.deadline;
-        let timer = this.timer.get_or_insert_with(|| rt.sleep_until(deadline));
-        if timer.as_mut().poll(cx).is_pending() {
-            return Poll::Pending;
-        }
-        let (_, acts) = this.shared.cell.apply(Event::DeferralDeadline);
-        Shared::act_off_poller(&this.shared, acts);
-        Poll::Ready(())
     }
 }
 
 #[pinned_drop]
 impl PinnedDrop for ResponseStream {
-    fn drop(self: Pin<&mut Self>) {
+    fn drop(self: std::pin::Pin<&mut Self>) {
         let this = self.project();
         let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
         if local.done {
             return;
         }
         let (state, acts) = shared.cell.apply(Event::ConsumerDropped);
-        // Finishes (records Dropped, lets go of the engine and the listener) when the
-        // request was live; spawns the abort when one is due.
+        // Finishes (records Dropped, lets go of the listener, hands a still-owed
+        // engine to the watchdog) and spawns the abort when one is due.
         let _ = carry_out(shared, local, acts, state, Item::None);
     }
 }

@@ -1,64 +1,57 @@
-//! The driver's side of a request's [`Deadlines`]: one lazily created, resettable
-//! runtime timer armed at [`Deadlines::poll_timeout`].
+//! One lazily created, resettable runtime timer, armed at the earliest deadline a
+//! sans-IO deadline keeper reports ([`Silence`] on the consumer's poller,
+//! [`CancelDeadlines`](crate::lifecycle::deadlines::CancelDeadlines) in the watchdog).
 //!
 //! A request with no deadline never creates a timer. The timer is re-armed lazily: a
-//! deadline that moves later (the inter-token gap, on every chunk) does not touch the
-//! timer; when it fires early the next deadline is armed then. So the per-chunk cost
-//! of an inter-token timeout is one `Instant` addition.
+//! deadline that moves later (the inter-token silence, after every token) does not
+//! touch the timer; when it fires early the next deadline is armed then. The timer
+//! contract (SPEC.md section 6: ready once the deadline passed and until reset) is what
+//! makes "fired early, re-arm later" safe.
 
 use std::pin::Pin;
 use std::task::Context;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::{AsyncTimer, Runtime};
-use crate::lifecycle::deadlines::{Deadlines, Due};
 
-#[derive(Debug)]
-pub(crate) struct Timers {
-    /// The pure bookkeeping; the driver arms, moves and clears deadlines here.
-    pub(crate) deadlines: Deadlines,
+/// A timer slot: created on first use, reset in place afterwards.
+#[derive(Debug, Default)]
+pub(crate) struct Timer {
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     armed_at: Option<Instant>,
 }
 
-impl Timers {
-    pub(crate) fn new(start: Instant, first_token_timeout: Option<Duration>) -> Timers {
-        Timers {
-            deadlines: Deadlines::new(start, first_token_timeout),
-            timer: None,
-            armed_at: None,
-        }
-    }
-
-    /// Poll the timer; returns the deadlines due at `now()` (each once), or `None`
-    /// with the waker registered on the timer.
-    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>, rt: &dyn Runtime) -> Option<Due> {
-        loop {
-            let next = self.deadlines.poll_timeout()?;
-            let timer = match &mut self.timer {
-                Some(t) => {
-                    // Lazy re-arm: only a deadline earlier than the armed one needs a reset.
-                    if self.armed_at.is_none_or(|at| at > next) {
-                        t.as_mut().reset(next);
-                        self.armed_at = Some(next);
-                    }
-                    t
+impl Timer {
+    /// Wait for `deadline`: `true` once the runtime's clock reached the armed deadline
+    /// (which may be earlier than `deadline`, when it moved later since), `false` with
+    /// the waker registered.
+    pub(crate) fn poll_until(
+        &mut self,
+        deadline: Instant,
+        cx: &mut Context<'_>,
+        rt: &dyn Runtime,
+    ) -> bool {
+        let timer = match &mut self.timer {
+            Some(t) => {
+                // Lazy re-arm: only an earlier deadline, or one after a fired timer,
+                // needs a reset.
+                if self.armed_at.is_none_or(|at| at > deadline) {
+                    t.as_mut().reset(deadline);
+                    self.armed_at = Some(deadline);
                 }
-                None => {
-                    self.armed_at = Some(next);
-                    self.timer.insert(rt.sleep_until(next))
-                }
-            };
-            if timer.as_mut().poll(cx).is_pending() {
-                return None;
+                t
             }
-            // The timer fired at `armed_at`; see which deadlines are really due.
-            if let Some(due) = self.deadlines.handle_timeout(rt.now()) {
-                return Some(due);
+            None => {
+                self.armed_at = Some(deadline);
+                self.timer.insert(rt.sleep_until(deadline))
             }
-            // It fired for a deadline that has since moved later: arm the next one.
-            // (Runtimes guarantee a timer never fires before `now()` reaches it.)
-            self.armed_at = None;
+        };
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
         }
+        // It fired at `armed_at`: the caller checks what is really due at `now()`;
+        // if nothing is, the next call re-arms for the later deadline.
+        self.armed_at = None;
+        true
     }
 }

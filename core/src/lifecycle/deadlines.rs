@@ -1,13 +1,22 @@
-//! A request's deadlines, sans-IO: the time to first token, the inter-token gap, the
-//! cancel grace and the abort deferral. Told `now`, it says which deadline passed
-//! ([`Deadlines::handle_timeout`]) and when it next needs to be woken
-//! ([`Deadlines::poll_timeout`]); it never reads a clock or sleeps. The driver maps
-//! `poll_timeout` onto one resettable runtime timer and feeds each [`Due`] to
-//! [`super::step`] as an event.
+//! A request's deadlines, sans-IO. Told `now`, each kind says which deadline passed
+//! (`handle_timeout`) and when it next needs to be woken (`poll_timeout`); it never
+//! reads a clock or sleeps. There are two kinds, because SPEC.md rule 11 gives them
+//! different clocks:
+//!
+//! - [`Silence`]: the time-to-first-token and inter-token limits. They measure *engine
+//!   silence while the consumer waits*: the clock starts when the consumer's poll finds
+//!   the engine with nothing to give ([`Silence::waiting`]) and stops at the next token.
+//!   A consumer that stops polling (a full socket) never makes the engine time out. They
+//!   live with the consumer's poller and need no task.
+//! - [`CancelDeadlines`]: the cancel grace and the abort deferral. They run from the
+//!   stop, kill or drop that armed them and must fire whether or not the consumer polls,
+//!   so the driver runs them off the consumer's path (one task, on the cancel path
+//!   only). Whether one still matters is read from the machine's [`State`], so nothing
+//!   has to disarm them.
 
 use std::time::{Duration, Instant};
 
-use super::{Event, Timeout};
+use super::{Event, State, Timeout};
 
 /// Which deadline passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -28,191 +37,241 @@ impl Due {
     }
 }
 
-/// The deadlines of one request. Each grace and deferral is armed at most once.
+/// The time-to-first-token and inter-token limits of one request: engine silence while
+/// the consumer waits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Deadlines {
-    first_token: Option<Instant>,
-    inter_token: Option<Instant>,
-    grace: Option<Instant>,
-    deferral: Option<Instant>,
-    grace_armed: bool,
-    deferral_armed: bool,
+pub struct Silence {
+    first_token: Option<Duration>,
+    inter_token: Option<Duration>,
+    /// A token was seen: the inter-token limit applies from now on.
+    seen_token: bool,
+    /// When the consumer started waiting for the engine since the last token.
+    waiting_since: Option<Instant>,
+    /// The limit fired (once per request: the request is killed by it).
+    fired: bool,
 }
 
-impl Deadlines {
-    /// Deadlines for a request started at `start`, with an optional first-token limit.
-    pub fn new(start: Instant, first_token_timeout: Option<Duration>) -> Deadlines {
-        Deadlines {
-            first_token: first_token_timeout.and_then(|d| start.checked_add(d)),
-            ..Deadlines::default()
+impl Silence {
+    /// Limits for one request (`None`: no limit).
+    pub fn new(first_token: Option<Duration>, inter_token: Option<Duration>) -> Silence {
+        Silence {
+            first_token,
+            inter_token,
+            ..Silence::default()
         }
     }
 
-    /// A token arrived at `now`: the first-token deadline is met, the inter-token one
-    /// moves (no timer work here: see the module doc).
-    pub fn token(&mut self, now: Instant, inter_token_timeout: Option<Duration>) {
-        self.first_token = None;
-        if let Some(d) = inter_token_timeout {
-            self.inter_token = now.checked_add(d);
+    /// Whether any limit is configured (the driver skips the clock otherwise).
+    pub fn any(&self) -> bool {
+        self.first_token.is_some() || self.inter_token.is_some()
+    }
+
+    fn limit(&self) -> Option<Duration> {
+        if self.seen_token {
+            self.inter_token
+        } else {
+            self.first_token
         }
     }
 
-    /// The engine stream is over: only a deferral deadline can still matter.
-    pub fn engine_done(&mut self) {
-        self.first_token = None;
-        self.inter_token = None;
-        self.grace = None;
+    /// The consumer asked for an item and the engine had none: silence counts from
+    /// `now`, unless it already counts since an earlier wait with no token between.
+    pub fn waiting(&mut self, now: Instant) {
+        if self.waiting_since.is_none() && self.limit().is_some() {
+            self.waiting_since = Some(now);
+        }
     }
 
-    /// A stop landed at `from`: the cancel grace (if any) runs from there. Once per request.
+    /// Whether the clock runs (the driver reads `now` for [`Silence::waiting`] only then).
+    pub fn needs_wait_start(&self) -> bool {
+        self.waiting_since.is_none() && self.limit().is_some() && !self.fired
+    }
+
+    /// A token arrived: the silence is over.
+    pub fn token(&mut self) {
+        self.seen_token = true;
+        self.waiting_since = None;
+    }
+
+    /// When the limit is reached if the engine stays silent, if it can be.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.fired {
+            return None;
+        }
+        self.waiting_since?.checked_add(self.limit()?)
+    }
+
+    /// Time has come to `now`: the limit that was reached, reported once.
+    pub fn handle_timeout(&mut self, now: Instant) -> Option<Due> {
+        let at = self.poll_timeout()?;
+        if at > now {
+            return None;
+        }
+        self.fired = true;
+        Some(Due::Timeout(if self.seen_token {
+            Timeout::InterToken
+        } else {
+            Timeout::FirstToken
+        }))
+    }
+}
+
+/// The cancel grace and the deferral deadline of one request, each armed at most once,
+/// by the event that started it (`Actions::arm_grace`, `Actions::arm_deferral`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CancelDeadlines {
+    grace: Option<Instant>,
+    deferral: Option<Instant>,
+}
+
+impl CancelDeadlines {
+    /// A stop landed at `now`: the cancel grace (if any) runs from there. First call wins.
     pub fn arm_grace(&mut self, now: Instant, grace: Option<Duration>) {
-        if !self.grace_armed {
-            self.grace_armed = true;
+        if self.grace.is_none() {
             self.grace = grace.and_then(|g| now.checked_add(g));
         }
     }
 
-    /// An abort was deferred at `from`: it is released at `from + deferral`. Once per request.
+    /// An abort was deferred at `now`: it is released at `now + deferral`. First call wins.
     pub fn arm_deferral(&mut self, now: Instant, deferral: Duration) {
-        if !self.deferral_armed {
-            self.deferral_armed = true;
+        if self.deferral.is_none() {
             self.deferral = now.checked_add(deferral);
         }
     }
 
-    /// The deferred abort was released or discarded: forget its deadline.
-    pub fn disarm_deferral(&mut self) {
-        self.deferral = None;
-    }
-
-    /// Whether the cancel grace was armed.
-    pub fn grace_armed(&self) -> bool {
-        self.grace_armed
-    }
-
-    /// Whether the deferral deadline was armed.
-    pub fn deferral_armed(&self) -> bool {
-        self.deferral_armed
-    }
-
-    /// The earliest deadline, if any: when the caller must next call
-    /// [`handle_timeout`](Self::handle_timeout) (quinn's `poll_timeout`).
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    fn live(&self, state: State) -> [Option<(Instant, Due)>; 2] {
         [
-            self.first_token,
-            self.inter_token,
-            self.grace,
-            self.deferral,
+            self.deferral
+                .filter(|_| state.abort_deferred())
+                .map(|at| (at, Due::Deferral)),
+            self.grace
+                .filter(|_| state.grace_pending())
+                .map(|at| (at, Due::Timeout(Timeout::CancelGrace))),
         ]
-        .into_iter()
-        .flatten()
-        .min()
     }
 
-    /// Whether any deadline exists (the caller skips reading the clock otherwise).
-    pub fn any(&self) -> bool {
-        self.poll_timeout().is_some()
+    /// The earliest deadline that still matters in `state`, if any.
+    pub fn poll_timeout(&self, state: State) -> Option<Instant> {
+        self.live(state)
+            .into_iter()
+            .flatten()
+            .map(|(at, _)| at)
+            .min()
     }
 
-    /// Time has come to `now`: the first deadline that passed, cleared so it is reported
-    /// once. Call again until `None`; deferral first, it releases an abort.
-    pub fn handle_timeout(&mut self, now: Instant) -> Option<Due> {
-        let due = |d: &mut Option<Instant>| match *d {
-            Some(at) if at <= now => {
-                *d = None;
-                true
-            }
-            _ => false,
-        };
-        if due(&mut self.deferral) {
-            return Some(Due::Deferral);
-        }
-        if due(&mut self.first_token) {
-            return Some(Due::Timeout(Timeout::FirstToken));
-        }
-        if due(&mut self.inter_token) {
-            return Some(Due::Timeout(Timeout::InterToken));
-        }
-        if due(&mut self.grace) {
-            return Some(Due::Timeout(Timeout::CancelGrace));
-        }
-        None
+    /// Time has come to `now`: a deadline that passed and still matters in `state`
+    /// (the deferral first: it releases an abort). Feed its event to the machine and
+    /// ask again with the new state until `None`.
+    pub fn handle_timeout(&self, state: State, now: Instant) -> Option<Due> {
+        self.live(state)
+            .into_iter()
+            .flatten()
+            .find(|&(at, _)| at <= now)
+            .map(|(_, due)| due)
     }
 }
 
 #[cfg(all(test, not(tether_loom)))]
 mod tests {
     use super::*;
+    use crate::lifecycle::step;
+    use crate::protocol::Mode;
 
     const MS: Duration = Duration::from_millis(1);
 
     #[test]
     fn nothing_configured_needs_no_wake_up() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(t0, None);
-        d.token(t0, None);
-        assert_eq!(d.poll_timeout(), None);
-        assert!(!d.any());
-        assert_eq!(d.handle_timeout(t0 + 1000 * MS), None);
+        let mut s = Silence::new(None, None);
+        assert!(!s.any() && !s.needs_wait_start());
+        s.waiting(t0);
+        s.token();
+        s.waiting(t0);
+        assert_eq!(s.poll_timeout(), None);
+        assert_eq!(s.handle_timeout(t0 + 1000 * MS), None);
     }
 
     #[test]
-    fn first_token_deadline_fires_once_and_a_token_clears_it() {
+    fn first_token_silence_counts_from_the_first_wait_and_fires_once() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(t0, Some(100 * MS));
-        assert_eq!(d.poll_timeout(), Some(t0 + 100 * MS));
-        assert_eq!(d.handle_timeout(t0 + 99 * MS), None);
+        let mut s = Silence::new(Some(100 * MS), None);
+        // Nobody waits yet: no deadline, however late it is.
+        assert_eq!(s.poll_timeout(), None);
+        assert!(s.needs_wait_start());
+        s.waiting(t0 + 10 * MS);
+        s.waiting(t0 + 50 * MS); // still the same wait
+        assert!(!s.needs_wait_start());
+        assert_eq!(s.poll_timeout(), Some(t0 + 110 * MS));
+        assert_eq!(s.handle_timeout(t0 + 109 * MS), None);
         assert_eq!(
-            d.handle_timeout(t0 + 100 * MS),
+            s.handle_timeout(t0 + 110 * MS),
             Some(Due::Timeout(Timeout::FirstToken))
         );
-        assert_eq!(d.handle_timeout(t0 + 100 * MS), None);
-        let mut d = Deadlines::new(t0, Some(100 * MS));
-        d.token(t0 + 50 * MS, None);
-        assert_eq!(d.poll_timeout(), None);
+        assert_eq!(s.handle_timeout(t0 + 500 * MS), None);
+        assert_eq!(s.poll_timeout(), None);
+        assert!(!s.needs_wait_start());
     }
 
     #[test]
-    fn inter_token_deadline_moves_with_each_token() {
+    fn inter_token_silence_restarts_at_the_next_wait_after_each_token() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(t0, None);
-        d.token(t0 + 10 * MS, Some(20 * MS));
-        assert_eq!(d.poll_timeout(), Some(t0 + 30 * MS));
-        d.token(t0 + 25 * MS, Some(20 * MS));
-        assert_eq!(d.handle_timeout(t0 + 30 * MS), None);
+        let mut s = Silence::new(None, Some(20 * MS));
+        // No first-token limit: waiting before the first token arms nothing.
+        s.waiting(t0);
+        assert_eq!(s.poll_timeout(), None);
+        s.token();
+        // A consumer that comes back 1 s later is not an engine that was silent 1 s.
+        s.waiting(t0 + 1000 * MS);
+        assert_eq!(s.poll_timeout(), Some(t0 + 1020 * MS));
+        s.token();
+        assert_eq!(s.poll_timeout(), None);
+        s.waiting(t0 + 1030 * MS);
         assert_eq!(
-            d.handle_timeout(t0 + 45 * MS),
+            s.handle_timeout(t0 + 1050 * MS),
             Some(Due::Timeout(Timeout::InterToken))
         );
     }
 
     #[test]
-    fn grace_and_deferral_arm_once_and_deferral_comes_first() {
+    fn cancel_deadlines_arm_once_and_matter_only_while_the_state_needs_them() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(t0, None);
+        let mut d = CancelDeadlines::default();
+        let fresh = State::new(Mode::Decode);
+        let (stopped, acts) = step(fresh, Event::Stop);
+        assert!(acts.arm_grace && acts.arm_deferral);
         d.arm_grace(t0, Some(50 * MS));
         d.arm_grace(t0 + 40 * MS, Some(50 * MS)); // ignored: armed once
-        d.arm_deferral(t0, 50 * MS);
-        assert!(d.grace_armed() && d.deferral_armed());
-        assert_eq!(d.poll_timeout(), Some(t0 + 50 * MS));
-        assert_eq!(d.handle_timeout(t0 + 50 * MS), Some(Due::Deferral));
+        d.arm_deferral(t0, 30 * MS);
+        d.arm_deferral(t0 + 10 * MS, 30 * MS); // ignored
         assert_eq!(
-            d.handle_timeout(t0 + 50 * MS),
+            d.poll_timeout(fresh),
+            None,
+            "nothing matters before a cancel"
+        );
+        assert_eq!(d.poll_timeout(stopped), Some(t0 + 30 * MS));
+        assert_eq!(d.handle_timeout(stopped, t0 + 29 * MS), None);
+        assert_eq!(d.handle_timeout(stopped, t0 + 60 * MS), Some(Due::Deferral));
+        let (released, acts) = step(stopped, Due::Deferral.event());
+        assert!(acts.abort);
+        assert_eq!(d.poll_timeout(released), Some(t0 + 50 * MS));
+        assert_eq!(
+            d.handle_timeout(released, t0 + 60 * MS),
             Some(Due::Timeout(Timeout::CancelGrace))
         );
-        assert_eq!(d.handle_timeout(t0 + 50 * MS), None);
-        assert_eq!(Due::Deferral.event(), Event::DeferralDeadline);
+        let (forced, _) = step(released, Event::Timeout(Timeout::CancelGrace));
+        assert_eq!(d.poll_timeout(forced), None);
+        assert_eq!(d.handle_timeout(forced, t0 + 60 * MS), None);
     }
 
     #[test]
-    fn engine_done_leaves_only_the_deferral() {
+    fn a_grace_of_none_or_beyond_the_clock_never_fires() {
         let t0 = Instant::now();
-        let mut d = Deadlines::new(t0, Some(10 * MS));
-        d.arm_grace(t0, Some(10 * MS));
-        d.arm_deferral(t0, 30 * MS);
-        d.engine_done();
-        assert_eq!(d.poll_timeout(), Some(t0 + 30 * MS));
-        d.disarm_deferral();
-        assert_eq!(d.poll_timeout(), None);
+        let (stopped, _) = step(State::new(Mode::Aggregated), Event::Stop);
+        let mut d = CancelDeadlines::default();
+        d.arm_grace(t0, None);
+        assert_eq!(d.poll_timeout(stopped), None);
+        let mut d = CancelDeadlines::default();
+        d.arm_grace(t0, Some(Duration::MAX));
+        assert_eq!(d.poll_timeout(stopped), None);
     }
 }

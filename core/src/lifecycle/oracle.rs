@@ -161,8 +161,8 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
             event,
             Event::TerminalChunk | Event::EngineError | Event::EngineEnded
         );
-    let first_now = !o.first
-        && ((event == Event::Chunk && engine_item) || event == Event::FirstTokenHint);
+    let first_now =
+        !o.first && ((event == Event::Chunk && engine_item) || event == Event::FirstTokenHint);
     let first_before = o.first;
 
     // ---- what this event owes the consumer (rules 5, 8) ----
@@ -219,9 +219,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         } else {
             Synth::Cancelled
         }))
-    } else if consumer_reads_engine
-        && matches!(event, Event::TerminalChunk | Event::EngineError)
-    {
+    } else if consumer_reads_engine && matches!(event, Event::TerminalChunk | Event::EngineError) {
         Some(None) // the engine's own terminal is forwarded
     } else {
         None
@@ -229,7 +227,8 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
     let must_forward_chunk = consumer_reads_engine
         && matches!(event, Event::Chunk | Event::TokenlessChunk)
         && newly_owed.is_none();
-    let forwards_terminal = acts.forward && matches!(event, Event::TerminalChunk | Event::EngineError);
+    let forwards_terminal =
+        acts.forward && matches!(event, Event::TerminalChunk | Event::EngineError);
     if acts.forward && !(consumer_reads_engine && engine_item && event != Event::EngineEnded) {
         return fail(6, "an item was forwarded when none may be");
     }
@@ -294,7 +293,11 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         }
         if !must_defer && !acts.abort {
             return fail(
-                if event == Event::ConsumerDropped { 4 } else { 2 },
+                if event == Event::ConsumerDropped {
+                    4
+                } else {
+                    2
+                },
                 "cancellation before the end did not abort",
             );
         }
@@ -306,13 +309,20 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         } else if first_now || event == Event::DeferralDeadline {
             if !acts.abort {
                 return fail(
-                    if event == Event::DeferralDeadline { 11 } else { 2 },
+                    if event == Event::DeferralDeadline {
+                        11
+                    } else {
+                        2
+                    },
                     "deferred abort not released",
                 );
             }
             o.deferred = false;
         } else if acts.abort {
-            return fail(2, "deferred abort released without the first token or deadline");
+            return fail(
+                2,
+                "deferred abort released without the first token or deadline",
+            );
         }
     } else if acts.abort {
         return fail(1, "abort issued without a cancellation");
@@ -387,7 +397,10 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         return fail(5, "the state's cancellation disagrees with the rules");
     }
     if after.drains_engine() != (o.finishes > 0 && o.deferred && !o.engine_done) {
-        return fail(2, "the engine is not drained while a deferred abort is owed");
+        return fail(
+            2,
+            "the engine is not drained while a deferred abort is owed",
+        );
     }
     Ok(())
 }

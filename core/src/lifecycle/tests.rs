@@ -397,7 +397,10 @@ fn oracle_catches_a_swallowed_chunk() {
     o.observe(Stop, a, s).unwrap();
     let (s2, _) = step(s, Chunk);
     let v = o.observe(Chunk, Actions::default(), s2).unwrap_err();
-    assert_eq!((v.rule, v.what), (6, "a non-terminal chunk was not forwarded"));
+    assert_eq!(
+        (v.rule, v.what),
+        (6, "a non-terminal chunk was not forwarded")
+    );
 }
 
 #[test]
@@ -405,11 +408,15 @@ fn oracle_catches_a_missing_and_a_spurious_wake() {
     let s = State::new(Mode::Aggregated);
     let (k, mut a) = step(s, Kill);
     a.wake = false;
-    let v = Oracle::new(Mode::Aggregated).observe(Kill, a, k).unwrap_err();
+    let v = Oracle::new(Mode::Aggregated)
+        .observe(Kill, a, k)
+        .unwrap_err();
     assert_eq!(v.rule, 5);
     let (c, mut a) = step(s, Chunk);
     a.wake = true;
-    let v = Oracle::new(Mode::Aggregated).observe(Chunk, a, c).unwrap_err();
+    let v = Oracle::new(Mode::Aggregated)
+        .observe(Chunk, a, c)
+        .unwrap_err();
     assert_eq!(v.rule, 5);
 }
 
@@ -436,7 +443,9 @@ fn oracle_catches_a_deadline_that_waits_for_the_consumer() {
     let (s, a) = step(State::new(Mode::Decode), Kill);
     o.observe(Kill, a, s).unwrap();
     // The deadline passed but the abort is left for the consumer's next poll.
-    let v = o.observe(DeferralDeadline, Actions::default(), s).unwrap_err();
+    let v = o
+        .observe(DeferralDeadline, Actions::default(), s)
+        .unwrap_err();
     assert_eq!((v.rule, v.what), (11, "deferred abort not released"));
 }
 
@@ -542,7 +551,10 @@ fn every_reachable_pair_satisfies_every_rule() {
     );
     // The counts are what make this a proof rather than a sample: pin them, so a
     // change to the machine or the oracle that changes the space is seen.
-    assert_eq!((states.len(), total_pairs), (EXPECTED_STATES, EXPECTED_PAIRS));
+    assert_eq!(
+        (states.len(), total_pairs),
+        (EXPECTED_STATES, EXPECTED_PAIRS)
+    );
 }
 
 const EXPECTED_STATES: usize = 86;

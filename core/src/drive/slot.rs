@@ -1,0 +1,128 @@
+//! [`EngineSlot`]: the engine's side of one request, from the moment its `generate` is
+//! entered to the end of its stream, as one source of lifecycle events.
+//!
+//! Setup is part of the engine's stream here: the `generate` future is polled in place
+//! until it yields the stream, so a kill, a timeout or a drop during setup is handled by
+//! the same machine as after it (SPEC.md rule 10), and an engine that must not be
+//! dropped mid KV transfer is kept alive (and drained) the same way in both phases.
+//! Every poll and every drop of engine code is guarded: a panic becomes a typed error
+//! (in a poll) or a warning (in a drop), never an unwinding consumer.
+
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+
+use crate::engine::ChunkStream;
+use crate::error::EngineError;
+use crate::lifecycle::Event;
+use crate::protocol::Chunk;
+
+/// The engine's `generate`, owned (it holds its own handle on the engine).
+pub(crate) type SetupFuture =
+    Pin<Box<dyn Future<Output = Result<ChunkStream, EngineError>> + Send>>;
+
+/// What the engine produced, kept until the machine decides about it.
+pub(crate) enum Item {
+    Chunk(Chunk),
+    Error(EngineError),
+    None,
+}
+
+/// The engine while `generate` is pending, then its stream.
+pub(crate) enum EngineSlot {
+    Setup(SetupFuture),
+    Stream(ChunkStream),
+}
+
+impl EngineSlot {
+    /// Drive setup: `Ready(None)` once the stream exists, `Ready(Some(error))` when
+    /// `generate` failed or panicked.
+    pub(crate) fn poll_setup(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<EngineError>> {
+        let EngineSlot::Setup(setup) = self else {
+            return Poll::Ready(None);
+        };
+        match catch_unwind(AssertUnwindSafe(|| setup.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(Ok(stream))) => {
+                // The finished setup future is dropped here, inside the same guard.
+                let done = std::mem::replace(self, EngineSlot::Stream(stream));
+                if catch_unwind(AssertUnwindSafe(move || drop(done))).is_err() {
+                    return Poll::Ready(Some(EngineError::engine_panicked(
+                        "generate future panicked when dropped".to_owned(),
+                    )));
+                }
+                Poll::Ready(None)
+            }
+            Ok(Poll::Ready(Err(err))) => Poll::Ready(Some(err)),
+            Err(panic) => Poll::Ready(Some(EngineError::engine_panicked(panic_message(
+                panic.as_ref(),
+            )))),
+        }
+    }
+
+    /// The next engine event (setup first, then the stream's items).
+    #[inline]
+    pub(crate) fn poll_event(&mut self, cx: &mut TaskContext<'_>) -> Poll<(Event, Item)> {
+        let stream = match self {
+            EngineSlot::Stream(stream) => stream,
+            EngineSlot::Setup(_) => match self.poll_setup(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(err)) => {
+                    return Poll::Ready((Event::EngineError, Item::Error(err)))
+                }
+                Poll::Ready(None) => match self {
+                    EngineSlot::Stream(stream) => stream,
+                    EngineSlot::Setup(_) => return Poll::Pending,
+                },
+            },
+        };
+        let polled = catch_unwind(AssertUnwindSafe(|| stream.as_mut().poll_next(cx)));
+        Poll::Ready(match polled {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(Some(Ok(chunk)))) => {
+                let event = if chunk.is_terminal() {
+                    Event::TerminalChunk
+                } else if chunk.has_tokens() {
+                    Event::Chunk
+                } else {
+                    Event::TokenlessChunk
+                };
+                (event, Item::Chunk(chunk))
+            }
+            Ok(Poll::Ready(Some(Err(err)))) => (Event::EngineError, Item::Error(err)),
+            Ok(Poll::Ready(None)) => (Event::EngineEnded, Item::None),
+            Err(panic) => (
+                Event::EngineError,
+                Item::Error(EngineError::engine_panicked(panic_message(panic.as_ref()))),
+            ),
+        })
+    }
+}
+
+/// Let go of the engine (setup future or stream). Engines that cancel on drop do their
+/// cancelling here; a panic in that `Drop` is logged, never propagated.
+pub(crate) fn release(slot: Option<EngineSlot>, request_id: &str) {
+    if slot.is_none() {
+        return;
+    }
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(slot))) {
+        tracing::warn!(
+            target: "tether",
+            request_id,
+            panic = %panic_message(panic.as_ref()),
+            "engine stream panicked when dropped"
+        );
+    }
+}
+
+/// The panic payload's text, when it has one (`engine_panicked` adds the prefix).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        String::new()
+    }
+}

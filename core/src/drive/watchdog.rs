@@ -1,0 +1,104 @@
+//! The watchdog: the one task a request may get, and only on the cancel path. It owns
+//! what must happen whether or not the consumer polls (SPEC.md rule 11):
+//!
+//! - the cancel grace after a stop, and the deferral deadline of a deferred abort
+//!   ([`CancelDeadlines`]), on one resettable timer;
+//! - the engine after the consumer's end while a deferred abort is still owed (rule 2):
+//!   the stream (or the pending `generate`) is handed over and drained, so its first
+//!   token releases the abort and its own end discards it, and it is dropped only once
+//!   the abort was sent or discarded.
+//!
+//! It is spawned by whichever actor first arms a cancel deadline or hands over the
+//! engine, and ends as soon as nothing it owns still matters. It must not forward,
+//! emit or record anything: the consumer's side is over or is the poller's.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll, Waker};
+
+use super::slot::{release, EngineSlot};
+use super::stream::Shared;
+use super::timers::Timer;
+use crate::lifecycle::deadlines::CancelDeadlines;
+use crate::sync::{lock, Arc};
+
+/// The watchdog's mailbox in [`Shared`]: created on the cancel path only.
+#[derive(Default)]
+pub(crate) struct OffPoller {
+    pub(crate) deadlines: CancelDeadlines,
+    /// The running watchdog's waker.
+    pub(crate) waker: Option<Waker>,
+    /// An engine handed over by the consumer's side, for draining.
+    pub(crate) handoff: Option<EngineSlot>,
+    pub(crate) spawned: bool,
+}
+
+pub(crate) struct Watchdog {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) timer: Timer,
+    pub(crate) engine: Option<EngineSlot>,
+}
+
+impl Future for Watchdog {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let shared = &this.shared;
+        let rt = &*shared.adapter.runtime;
+        loop {
+            // Register, then read: an actor that changes the state after our read
+            // finds this waker (it wakes after its own state change).
+            let deadlines = {
+                let mut off = lock(&shared.off);
+                let Some(off) = off.as_mut() else {
+                    return Poll::Ready(());
+                };
+                if !off.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    off.waker = Some(cx.waker().clone());
+                }
+                if let Some(slot) = off.handoff.take() {
+                    this.engine = Some(slot);
+                }
+                off.deadlines
+            };
+            let state = shared.cell.load();
+            if let Some(engine) = this.engine.as_mut() {
+                if state.drains_engine() {
+                    if let Poll::Ready((event, _item)) = engine.poll_event(cx) {
+                        // The item itself goes nowhere: the consumer is over.
+                        let (state, acts) = shared.cell.apply(event);
+                        if !state.drains_engine() {
+                            release(this.engine.take(), &shared.request_id);
+                        }
+                        Shared::act_off_poller(shared, acts);
+                        continue;
+                    }
+                } else {
+                    // The abort was sent or discarded: now the engine may go (rule 2).
+                    release(this.engine.take(), &shared.request_id);
+                }
+            }
+            let Some(next) = deadlines.poll_timeout(state) else {
+                if this.engine.is_some() {
+                    // A deferral that can never expire: only the engine can settle it.
+                    return Poll::Pending;
+                }
+                return Poll::Ready(());
+            };
+            if !this.timer.poll_until(next, cx, rt) {
+                return Poll::Pending;
+            }
+            let now = rt.now();
+            let mut state = state;
+            while let Some(due) = deadlines.handle_timeout(state, now) {
+                let (next_state, acts) = shared.cell.apply(due.event());
+                Shared::act_off_poller(shared, acts);
+                if next_state == state {
+                    break; // another actor moved first; read again from the top
+                }
+                state = next_state;
+            }
+        }
+    }
+}
