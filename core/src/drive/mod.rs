@@ -15,6 +15,7 @@
 //! deferred abort), once per request, and re-armed in place.
 
 mod probe;
+mod runtime_check;
 mod span;
 mod stats;
 mod stream;
@@ -27,6 +28,10 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 pub use probe::{ProbeAdapter, ProbeError};
+pub use runtime_check::{
+    run_runtime_conformance, RuntimeCheckFailure, RuntimeCheckReport, RUNTIME_CHECKS,
+    RUNTIME_CHECK_GUARD,
+};
 pub use span::TARGET as SPAN_TARGET;
 pub use stats::{itl_stats, ItlStats, Observer, Outcome, RequestRecord};
 pub use stream::ResponseStream;
@@ -52,7 +57,8 @@ pub trait AsyncTimer: Send + fmt::Debug + 'static {
 }
 
 /// What the driver needs from an async runtime. Implemented by `tether-tokio` and
-/// `tether-smol` in a few lines; any executor with a timer can implement it.
+/// `tether-smol` in a few lines; any executor with a timer can implement it, and
+/// [`run_runtime_conformance`] checks that it keeps the contract.
 pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// Run `future` to completion in the background, detached: dropping the handle
     /// must not cancel it (smol's `Task::detach`, tokio's `JoinHandle` dropped).
