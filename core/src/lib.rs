@@ -9,7 +9,8 @@
 //!   must happen (forward, abort, synthesize a terminal, record the outcome);
 //! - [`engine`]: the object-safe [`LlmEngine`] trait engines implement;
 //! - [`drive`]: the executor-agnostic [`Adapter`] that runs the machine over an
-//!   engine stream on any [`Runtime`];
+//!   engine stream on any [`Runtime`], and [`run_runtime_conformance`], which checks a
+//!   [`Runtime`] against the timer and spawn contract the driver relies on;
 //! - [`conformance`]: a kit that checks any engine against the contract.
 //!
 //! Runtime shims (`tether-tokio`, `tether-smol`) implement [`Runtime`] in a few lines.
@@ -26,6 +27,7 @@ pub mod protocol;
 pub mod sync;
 
 pub use context::Context;
+pub use drive::run_runtime_conformance;
 pub use drive::{
     Adapter, AdapterConfig, AsyncTimer, Observer, Outcome, RequestRecord, ResponseStream, Runtime,
 };

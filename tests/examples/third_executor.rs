@@ -6,6 +6,9 @@
 //! a `reset`). tether spawns only when an abort is due and creates at most one timer per
 //! request, only when a deadline is configured, so this is enough.
 //!
+//! It first checks the runtime with `run_runtime_conformance` (and exits non-zero if it
+//! breaks the contract), then drives two requests through the adapter.
+//!
 //! Run: `cargo run -p tether-tests --example third_executor`
 
 use std::pin::Pin;
@@ -18,8 +21,8 @@ use futures::StreamExt;
 use tether_core::drive::{AsyncTimer, SpawnFuture};
 use tether_core::engine::BoxFuture;
 use tether_core::{
-    Adapter, AdapterConfig, Chunk, ChunkStream, Context, EngineConfig, EngineError, FinishReason,
-    GenerateContext, LlmEngine, Request, Runtime,
+    run_runtime_conformance, Adapter, AdapterConfig, Chunk, ChunkStream, Context, EngineConfig,
+    EngineError, FinishReason, GenerateContext, LlmEngine, Request, Runtime,
 };
 
 /// Tasks on threads, timers on threads, the system clock.
@@ -186,6 +189,19 @@ impl std::future::Future for TimerFuture {
 }
 
 fn main() {
+    // The glue first: a runtime that breaks the timer or spawn contract would make the
+    // requests below fail (or pass) for the wrong reason.
+    let started = Instant::now();
+    let report = match block_on(run_runtime_conformance(&ThreadRuntime)) {
+        Ok(report) => report,
+        Err(failure) => panic!("ThreadRuntime breaks the runtime contract: {failure}"),
+    };
+    println!(
+        "third executor (futures::executor): runtime contract, {} checks passed in {:?}",
+        report.checks,
+        started.elapsed()
+    );
+
     let aborts = Arc::new(Mutex::new(0));
     let engine = Arc::new(Ticker {
         aborts: aborts.clone(),

@@ -17,6 +17,7 @@
 //! engine whose abort is still deferred after the consumer's end.
 
 mod probe;
+mod runtime_check;
 mod slot;
 mod span;
 mod stats;
@@ -31,6 +32,10 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 pub use probe::{ProbeAdapter, ProbeError};
+pub use runtime_check::{
+    run_runtime_conformance, RuntimeCheckFailure, RuntimeCheckReport, RUNTIME_CHECKS,
+    RUNTIME_CHECK_GUARD,
+};
 pub use span::TARGET as SPAN_TARGET;
 pub use stats::{itl_stats, ItlStats, Observer, Outcome, RequestRecord};
 pub use stream::ResponseStream;
@@ -56,7 +61,8 @@ pub trait AsyncTimer: Send + fmt::Debug + 'static {
 }
 
 /// What the driver needs from an async runtime. Implemented by `tether-tokio` and
-/// `tether-smol` in a few lines; any executor with a timer can implement it.
+/// `tether-smol` in a few lines; any executor with a timer can implement it, and
+/// [`run_runtime_conformance`] checks that it keeps the contract.
 pub trait Runtime: Send + Sync + fmt::Debug + 'static {
     /// Run `future` to completion in the background, detached: dropping the handle
     /// must not cancel it (smol's `Task::detach`, tokio's `JoinHandle` dropped).

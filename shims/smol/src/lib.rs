@@ -48,6 +48,7 @@ impl Runtime for SmolRuntime {
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
         Box::pin(SmolTimer {
             timer: async_io::Timer::at(deadline),
+            deadline,
         })
     }
 
@@ -56,18 +57,28 @@ impl Runtime for SmolRuntime {
     }
 }
 
+/// async-io's `Timer::at` is one-shot: once it has fired it is pending forever (and
+/// registers no waker) until `set_at`. The contract says a fired timer stays ready
+/// until reset, so the deadline is kept here and checked first.
 #[derive(Debug)]
 struct SmolTimer {
     timer: async_io::Timer,
+    deadline: Instant,
 }
 
 impl AsyncTimer for SmolTimer {
     fn reset(self: Pin<&mut Self>, deadline: Instant) {
-        self.get_mut().timer.set_at(deadline);
+        let this = self.get_mut();
+        this.deadline = deadline;
+        this.timer.set_at(deadline);
     }
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.get_mut().timer).poll(cx).map(|_| ())
+        let this = self.get_mut();
+        if Instant::now() >= this.deadline {
+            return Poll::Ready(());
+        }
+        Pin::new(&mut this.timer).poll(cx).map(|_| ())
     }
 }
 
@@ -92,4 +103,18 @@ pub async fn run_conformance(
     factory: impl Fn() -> Arc<dyn LlmEngine> + Send + Sync,
 ) -> Result<ConformanceReport, ConformanceFailure> {
     tether_core::conformance::run_conformance_on(&SmolRuntime::global(), &factory).await
+}
+
+pub use tether_core::drive::{RuntimeCheckFailure, RuntimeCheckReport};
+
+/// Check [`SmolRuntime::global`] against tether's runtime contract
+/// ([`tether_core::run_runtime_conformance`]: timers, clock, spawn). async-io timers run
+/// on the real clock: a passing run takes about 160 ms.
+///
+/// ```no_run
+/// let report = smol::block_on(tether_smol::run_runtime_conformance()).expect("conformant");
+/// assert_eq!(report.checks, tether_core::drive::RUNTIME_CHECKS);
+/// ```
+pub async fn run_runtime_conformance() -> Result<RuntimeCheckReport, RuntimeCheckFailure> {
+    tether_core::run_runtime_conformance(&SmolRuntime::global()).await
 }

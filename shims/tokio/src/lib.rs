@@ -58,6 +58,10 @@ impl Runtime for TokioRuntime {
     }
 
     fn now(&self) -> Instant {
+        // tokio reads its (possibly paused) clock from the runtime in context; a caller
+        // on a foreign thread (a `stop()` from a non-runtime thread) would otherwise get
+        // the wall clock, which a paused test clock may be hours ahead of.
+        let _guard = self.handle.enter();
         tokio::time::Instant::now().into_std()
     }
 }
@@ -111,4 +115,24 @@ pub async fn run_conformance(
 ) -> Result<ConformanceReport, ConformanceFailure> {
     let runtime = TokioRuntime::current();
     tether_core::conformance::run_conformance_on(&runtime, &factory).await
+}
+
+pub use tether_core::drive::{RuntimeCheckFailure, RuntimeCheckReport};
+
+/// Check [`TokioRuntime`] on the current tokio runtime against tether's runtime
+/// contract ([`tether_core::run_runtime_conformance`]: timers, clock, spawn). Its
+/// deadlines use tokio's clock, so under a paused test clock it costs no real time.
+///
+/// ```no_run
+/// # async fn demo() {
+/// // In a test: #[tokio::test(start_paused = true)]
+/// let report = tether_tokio::run_runtime_conformance().await.expect("conformant");
+/// assert_eq!(report.checks, tether_core::drive::RUNTIME_CHECKS);
+/// # }
+/// ```
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub async fn run_runtime_conformance() -> Result<RuntimeCheckReport, RuntimeCheckFailure> {
+    tether_core::run_runtime_conformance(&TokioRuntime::current()).await
 }
