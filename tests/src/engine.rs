@@ -56,6 +56,13 @@ struct Slot {
     steps: VecDeque<Step>,
     waker: Option<Waker>,
     setup_error: Option<EngineError>,
+    /// `generate` waits (pending) while this is set, as a slow admission would.
+    hold_setup: bool,
+    setup_waker: Option<Waker>,
+    /// `generate` panics with this message.
+    setup_panic: Option<String>,
+    /// The stream panics with this message when dropped.
+    drop_panic: Option<String>,
     abort_reply: Vec<Step>,
     context: Option<GenerateContext>,
     generates: u32,
@@ -204,10 +211,27 @@ impl LlmEngine for ScriptEngine {
             {
                 let mut s = lock(&slot);
                 s.generates += 1;
+                s.context = Some(context.clone());
+            }
+            poll_fn(|cx| {
+                let mut s = lock(&slot);
+                if s.hold_setup {
+                    s.setup_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            {
+                let mut s = lock(&slot);
+                if let Some(msg) = s.setup_panic.take() {
+                    drop(s);
+                    panic!("{msg}");
+                }
                 if let Some(err) = s.setup_error.take() {
                     return Err(err);
                 }
-                s.context = Some(context.clone());
             }
             self.state.bump(|c| c.live_streams += 1);
             let stream: ChunkStream = Box::pin(ScriptStream {
@@ -304,6 +328,10 @@ impl Stream for ScriptStream {
 impl Drop for ScriptStream {
     fn drop(&mut self) {
         self.state.bump(|c| c.live_streams -= 1);
+        let panic = lock(&self.slot).drop_panic.take();
+        if let Some(msg) = panic {
+            panic!("{msg}");
+        }
     }
 }
 
@@ -391,6 +419,38 @@ impl Script {
     /// Make the next `generate` for this id fail with `err`.
     pub fn fail_setup(&self, err: EngineError) -> &Self {
         lock(&self.slot).setup_error = Some(err);
+        self
+    }
+
+    /// Make `generate` for this id wait (pending) until [`Script::release_setup`], as a
+    /// slow admission or KV transfer would.
+    pub fn hold_setup(&self) -> &Self {
+        lock(&self.slot).hold_setup = true;
+        self
+    }
+
+    /// Let a held `generate` go on.
+    pub fn release_setup(&self) -> &Self {
+        let waker = {
+            let mut s = lock(&self.slot);
+            s.hold_setup = false;
+            s.setup_waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        self
+    }
+
+    /// Make `generate` for this id panic with `msg`.
+    pub fn panic_in_setup(&self, msg: &str) -> &Self {
+        lock(&self.slot).setup_panic = Some(msg.to_owned());
+        self
+    }
+
+    /// Make this request's stream panic with `msg` when it is dropped.
+    pub fn panic_on_drop(&self, msg: &str) -> &Self {
+        lock(&self.slot).drop_panic = Some(msg.to_owned());
         self
     }
 

@@ -88,6 +88,14 @@ impl<R: ScenarioRuntime> Harness<R> {
         .await
     }
 
+    /// Finish a `generate` the test started (and polled) itself, guarded.
+    pub async fn generate_from<F>(&self, generate: F) -> Result<ResponseStream, EngineError>
+    where
+        F: std::future::Future<Output = Result<ResponseStream, EngineError>>,
+    {
+        guarded(&self.rt, "generate", generate).await
+    }
+
     /// Start request `id` under a fresh context; returns its stream, script and context.
     ///
     /// # Panics
