@@ -131,7 +131,7 @@ async fn bug2_kill_interrupts_a_slow_setup<R: ScenarioRuntime>(rt: R) {
     h.assert_clean().await;
 }
 
-// Old code: "r: records" (0 records: nothing was recorded nor aborted).
+// Old code: "records of r: [] left: 0 right: 1" (nothing recorded, nothing aborted).
 async fn bug2_dropping_generate_during_setup_records_dropped_and_aborts<R: ScenarioRuntime>(
     rt: R,
 ) {
@@ -151,6 +151,7 @@ async fn bug2_dropping_generate_during_setup_records_dropped_and_aborts<R: Scena
     h.assert_clean().await;
 }
 
+// Old code: "records of r: [] left: 0 right: 1".
 async fn bug2_decode_drop_during_setup_defers_the_abort_to_the_deadline<R: ScenarioRuntime>(
     rt: R,
 ) {
@@ -240,8 +241,8 @@ async fn bug4_a_stalled_consumer_never_times_the_engine_out<R: ScenarioRuntime>(
     h.assert_clean().await;
 }
 
-// Old code: "r: 0 aborts" after the hint (kill then drop discarded the abort forever,
-// while kill, poll, drop sent it).
+// Old code: "left: Discarded, right: Deferred" (kill then drop discarded the abort
+// forever, while kill, poll, drop sent it).
 async fn bug5_decode_kill_then_drop_still_owes_the_abort<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(rt, decode(HOUR, None));
     let (s, script, ctx) = h.start("r").await;

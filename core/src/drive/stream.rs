@@ -315,25 +315,28 @@ fn poll_silence(
     if !local.silence.any() {
         return false;
     }
+    if shared.cell.load_cached(&mut local.step_cache).first_token() {
+        // A hint without a token: the first-token limit is met.
+        local.silence.first_token_seen();
+    }
     if local.silence.needs_wait_start() {
         local.silence.waiting(rt.now());
     }
-    let Some(next) = local.silence.poll_timeout() else {
-        return false;
-    };
-    if !local.timer.poll_until(next, cx, rt) {
-        return false;
-    }
-    match local.silence.handle_timeout(rt.now()) {
-        Some(due) => {
+    loop {
+        let Some(next) = local.silence.poll_timeout() else {
+            return false;
+        };
+        if !local.timer.poll_until(next, cx, rt) {
+            return false;
+        }
+        // Fired for a deadline that moved later since: the next turn re-arms.
+        if let Some(due) = local.silence.handle_timeout(rt.now()) {
             let (state, acts) = shared.cell.apply(due.event());
             // Timer events never forward; a timeout owes a terminal that the next
-            // turn of the loop delivers.
+            // turn of the poller's loop delivers.
             let _ = carry_out(shared, local, acts, state, Item::None);
-            true
+            return true;
         }
-        // Fired for a deadline that moved later: the next call re-arms.
-        None => true,
     }
 }
 

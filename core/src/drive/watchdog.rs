@@ -62,42 +62,43 @@ impl Future for Watchdog {
                 }
                 off.deadlines
             };
-            let state = shared.cell.load();
+            let mut state = shared.cell.load();
             if let Some(engine) = this.engine.as_mut() {
                 if state.drains_engine() {
                     if let Poll::Ready((event, _item)) = engine.poll_event(cx) {
                         // The item itself goes nowhere: the consumer is over.
-                        let (state, acts) = shared.cell.apply(event);
-                        if !state.drains_engine() {
-                            release(this.engine.take(), &shared.request_id);
-                        }
+                        let (_, acts) = shared.cell.apply(event);
                         Shared::act_off_poller(shared, acts);
                         continue;
                     }
-                } else {
+                    // The poll may have released the abort (an in-stream hint).
+                    state = shared.cell.load();
+                }
+                if !state.drains_engine() {
                     // The abort was sent or discarded: now the engine may go (rule 2).
                     release(this.engine.take(), &shared.request_id);
                 }
             }
-            let Some(next) = deadlines.poll_timeout(state) else {
-                if this.engine.is_some() {
-                    // A deferral that can never expire: only the engine can settle it.
+            // The deadlines: wait for the next one that still matters, fire what is due.
+            loop {
+                let Some(next) = deadlines.poll_timeout(state) else {
+                    if state.abort_deferred() {
+                        // A deferral that never expires: the hint, the drained engine
+                        // or a handover settles it, and each of them wakes us.
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(());
+                };
+                if !this.timer.poll_until(next, cx, rt) {
                     return Poll::Pending;
                 }
-                return Poll::Ready(());
-            };
-            if !this.timer.poll_until(next, cx, rt) {
-                return Poll::Pending;
-            }
-            let now = rt.now();
-            let mut state = state;
-            while let Some(due) = deadlines.handle_timeout(state, now) {
-                let (next_state, acts) = shared.cell.apply(due.event());
-                Shared::act_off_poller(shared, acts);
-                if next_state == state {
-                    break; // another actor moved first; read again from the top
+                // The timer fired at its armed deadline; if nothing is due (it moved
+                // later), the next turn re-arms.
+                if let Some(due) = deadlines.handle_timeout(state, rt.now()) {
+                    let (_, acts) = shared.cell.apply(due.event());
+                    Shared::act_off_poller(shared, acts);
+                    break;
                 }
-                state = next_state;
             }
         }
     }

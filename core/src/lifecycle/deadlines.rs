@@ -93,6 +93,14 @@ impl Silence {
         self.waiting_since = None;
     }
 
+    /// The first token exists by another path (the engine's first-token hint): the
+    /// first-token limit no longer applies, the inter-token one does, from the next wait.
+    pub fn first_token_seen(&mut self) {
+        if !self.seen_token {
+            self.token();
+        }
+    }
+
     /// When the limit is reached if the engine stays silent, if it can be.
     pub fn poll_timeout(&self) -> Option<Instant> {
         if self.fired {

@@ -536,41 +536,53 @@ enum Cancel {
     Kill,
 }
 
+/// A terminal the consumer is owed, with the outcome it records.
+#[derive(Clone, Debug, PartialEq)]
+struct Owed {
+    item: Annotated<Chunk>,
+    outcome: Outcome,
+}
+
 #[derive(Debug)]
 struct Ghost {
     mode: Mode,
-    start: Instant,
-    /// No record yet (the request is not over).
+    /// No record yet (the request is not over for the consumer).
     live: bool,
     cancel: Cancel,
-    /// When the first stop or kill landed on the live request: the cancel grace and
-    /// the poller's deferral deadline count from here.
-    cancelled_at: Option<Instant>,
-    /// A `Cancelled` terminal is owed (kill before the end).
-    kill_owed: bool,
+    /// A synthesized terminal is owed (kill, expired grace, timeout).
+    owed: Option<Owed>,
+    /// A first token exists (a non-empty chunk or the hint).
     first_token: bool,
     /// An abort was issued (by anyone).
     aborted: bool,
-    /// An abort is due but held back.
+    /// An abort is due but held back (decode mode before the first token).
     deferred: bool,
-    /// The deferral deadline is armed at this instant (poller's, or the waiter task's).
-    deferral_due: Option<Instant>,
-    deferral_armed: bool,
-    /// The deferred-abort waiter task exists.
-    waiter_task: bool,
-    ttft_due: Option<Instant>,
-    itl_due: Option<Instant>,
+    /// The deferred abort was discarded: the engine ended by itself first.
+    discarded: bool,
+    /// The engine's own end was seen (terminal, error, end, panic).
+    engine_ended: bool,
+    /// The watchdog task exists and has not ended.
+    watchdog: bool,
+    /// When the cancel grace expires (armed by the stop, off the consumer's path).
     grace_due: Option<Instant>,
-    grace_armed: bool,
+    /// When the deferred abort is released (armed by the event that deferred it).
+    deferral_due: Option<Instant>,
+    /// The engine was handed to the watchdog (the consumer is over, an abort is owed).
+    handed_over: bool,
+    /// When the consumer started waiting on a silent engine since the last token.
+    silence_since: Option<Instant>,
+    /// A token reached the consumer (the inter-token limit applies).
+    seen_token: bool,
+    /// The silence limit fired (once).
+    silence_fired: bool,
     /// What the consumer saw.
     terminal_seen: bool,
-    ended: bool,
     tokens: u32,
     /// Expected outcome once recorded.
     outcome: Option<Outcome>,
     /// The consumer's last poll was `Pending` and it waits for a wake-up.
     waiting: bool,
-    /// The earliest deadline the poller's timer was armed for at its last `Pending`.
+    /// When the consumer's own timer (the silence limit) wakes it, if it waits on one.
     timer_wait: Option<Instant>,
     /// Tasks the rules allow the adapter to spawn.
     spawns_allowed: usize,
@@ -588,7 +600,6 @@ pub(crate) struct Summary {
 }
 
 struct Harness {
-    script_mode: Mode,
     cfg_ttft: Option<Duration>,
     cfg_itl: Option<Duration>,
     cfg_grace: Option<Duration>,
@@ -635,7 +646,6 @@ pub(crate) fn run(script: &Script) -> Result<Summary, String> {
     };
     let adapter = Adapter::new(Arc::new(engine), rt.clone(), config);
     let ctx = Context::new("script");
-    let start = rt.now();
     let request = Request::new("script", "script", vec![1, 2, 3]);
     let mut generate = std::pin::pin!(adapter.generate(request, ctx.clone()));
     let Poll::Ready(result) = generate
@@ -654,7 +664,6 @@ pub(crate) fn run(script: &Script) -> Result<Summary, String> {
     let wake = Arc::new(CountWake::default());
     let waker = Waker::from(wake.clone());
     let mut h = Harness {
-        script_mode: script.mode,
         cfg_ttft: script.ttft,
         cfg_itl: script.itl,
         cfg_grace: script.grace,
@@ -666,23 +675,22 @@ pub(crate) fn run(script: &Script) -> Result<Summary, String> {
         waker,
         g: Ghost {
             mode: script.mode,
-            start,
             live: true,
             cancel: Cancel::None,
-            cancelled_at: None,
-            kill_owed: false,
+            owed: None,
             first_token: false,
             aborted: false,
             deferred: false,
-            deferral_due: None,
-            deferral_armed: false,
-            waiter_task: false,
-            ttft_due: script.ttft.map(|d| start + d),
-            itl_due: None,
+            discarded: false,
+            engine_ended: false,
+            watchdog: false,
             grace_due: None,
-            grace_armed: false,
+            deferral_due: None,
+            handed_over: false,
+            silence_since: None,
+            seen_token: false,
+            silence_fired: false,
             terminal_seen: false,
-            ended: false,
             tokens: 0,
             outcome: None,
             waiting: false,
@@ -735,6 +743,13 @@ fn setup_failed(
     })
 }
 
+fn cancelled() -> Owed {
+    Owed {
+        item: Annotated::from_data(Chunk::terminal(FinishReason::Cancelled)),
+        outcome: Outcome::Cancelled,
+    }
+}
+
 impl Harness {
     fn aborts(&self) -> u32 {
         lock(&self.track).aborts
@@ -748,42 +763,70 @@ impl Harness {
         self.rt.now()
     }
 
-    /// The abort the rules call for when a cancellation lands on a live request that
-    /// has none yet: now, or deferred in decode mode before the first token.
+    /// The watchdog is needed: spawned the first time (it then runs inline once).
+    fn need_watchdog(&mut self) {
+        if !self.g.watchdog {
+            self.g.watchdog = true;
+            self.g.spawns_allowed += 1;
+        }
+    }
+
+    /// The abort the rules call for when a cancellation lands on a request that has
+    /// none yet: now, or deferred (arming the deferral deadline off the consumer's
+    /// path) in decode mode before the first token.
     fn request_abort(&mut self) -> bool {
-        if self.g.aborted || self.g.deferred {
+        if self.g.aborted || self.g.deferred || self.g.discarded || self.g.engine_ended {
             return false;
         }
         if self.g.mode == Mode::Decode && !self.g.first_token {
             self.g.deferred = true;
+            self.g.deferral_due = Some(self.now() + DEFERRAL);
+            self.need_watchdog();
             false
         } else {
-            self.g.aborted = true;
-            self.g.spawns_allowed += 1;
-            true
+            self.abort_now()
         }
+    }
+
+    fn abort_now(&mut self) -> bool {
+        self.g.deferred = false;
+        self.g.aborted = true;
+        self.g.spawns_allowed += 1;
+        true
     }
 
     /// A first-token hint or a non-empty chunk: releases a deferred abort.
     fn saw_first_token(&mut self) -> bool {
         self.g.first_token = true;
         if self.g.deferred {
-            self.g.deferred = false;
-            self.g.aborted = true;
-            self.g.spawns_allowed += 1;
-            true
+            self.abort_now()
         } else {
             false
         }
+    }
+
+    /// The engine's own end: a deferred abort is discarded for good.
+    fn engine_end(&mut self) {
+        self.g.engine_ended = true;
+        if self.g.deferred {
+            self.g.deferred = false;
+            self.g.discarded = true;
+        }
+    }
+
+    /// A kill-like cancellation owes the consumer `owed` and asks for the abort.
+    fn force(&mut self, owed: Owed) -> bool {
+        self.g.cancel = Cancel::Kill;
+        self.g.owed = Some(owed);
+        self.request_abort()
     }
 
     fn op(&mut self, op: Op) -> Check {
         let aborts_before = self.aborts();
         let wakes_before = self.wakes();
         if wakes_before != self.wakes_at_pending {
-            // Woken since its last `Pending` (perhaps spuriously, by a timer armed for
-            // a deadline that later moved): an executor would poll it again, so it no
-            // longer counts as waiting.
+            // Woken since its last `Pending` (perhaps spuriously): an executor would
+            // poll it again, so it no longer counts as waiting.
             self.g.waiting = false;
         }
         let mut expect_abort = false;
@@ -794,27 +837,12 @@ impl Harness {
                     return Ok(());
                 }
                 lock(&self.track).log.clear();
-                // Tell the engine's rule-2 check when this poll may release a deferred
-                // abort by its deadline (armed from the first stop or kill).
-                let now = self.now();
-                let deferral = self
-                    .g
-                    .deferral_due
-                    .or_else(|| self.g.cancelled_at.map(|at| at + DEFERRAL));
-                if self.g.deferred && deferral.is_some_and(|at| at <= now) {
-                    lock(&self.track).deadline_passed = true;
-                }
                 let mut cx = TaskContext::from_waker(&self.waker);
                 let Some(stream) = self.stream.as_mut() else {
                     return Ok(());
                 };
                 let polled = stream.as_mut().poll_next(&mut cx);
                 expect_abort = self.check_poll(&polled)?;
-                // The deferred-abort waiter spawned at the terminal runs inline once:
-                // a deadline that already passed releases the abort in this very poll.
-                if !expect_abort && self.g.waiter_task {
-                    expect_abort = self.waiter_due();
-                }
             }
             Op::Stop | Op::Kill => {
                 let was = self.g.cancel;
@@ -827,23 +855,24 @@ impl Harness {
                     Op::Stop => was == Cancel::None,
                     _ => was != Cancel::Kill,
                 };
-                if self.g.live && raises {
-                    self.g.cancelled_at.get_or_insert(self.now());
-                    expect_abort = self.request_abort();
-                    expect_wake = self.g.waiting;
+                if self.g.live && raises && !self.g.engine_ended {
                     if op == Op::Kill {
-                        self.g.cancel = Cancel::Kill;
-                        self.g.kill_owed = true;
+                        expect_abort = self.force(cancelled());
+                        expect_wake = self.g.waiting;
+                        self.g.grace_due = None;
                     } else {
                         self.g.cancel = Cancel::Stop;
+                        expect_abort = self.request_abort();
+                        if let Some(grace) = self.cfg_grace {
+                            self.g.grace_due = Some(self.now() + grace);
+                            self.need_watchdog();
+                        }
                     }
-                } else if raises {
+                } else if raises && !self.g.live {
                     // The context moves on; the request is over and ignores it.
-                    self.g.cancel = if op == Op::Kill {
-                        Cancel::Kill
-                    } else {
-                        Cancel::Stop
-                    };
+                }
+                if raises {
+                    self.g.cancel = self.g.cancel.max_with(op);
                 }
             }
             Op::Drop => {
@@ -852,16 +881,11 @@ impl Harness {
                 }
                 if self.g.live {
                     self.g.live = false;
-                    self.g.kill_owed = false;
+                    self.g.owed = None;
                     self.g.outcome = Some(Outcome::Dropped);
-                    if self.g.deferred {
-                        // Rule 2: discarded, nobody is left to release it.
-                        self.g.deferred = false;
-                    } else if !self.g.aborted && (self.g.mode != Mode::Decode || self.g.first_token)
-                    {
-                        self.g.aborted = true;
-                        self.g.spawns_allowed += 1;
-                        expect_abort = true;
+                    expect_abort = self.request_abort();
+                    if self.g.deferred && !self.g.engine_ended {
+                        self.g.handed_over = true;
                     }
                     let t = lock(&self.track);
                     if t.records.len() != 1 {
@@ -878,7 +902,6 @@ impl Harness {
                 }
                 if !self.g.first_token {
                     expect_abort = self.saw_first_token();
-                    expect_wake = expect_abort && self.g.waiting && self.g.live;
                 }
             }
             Op::Advance(by) => {
@@ -886,12 +909,14 @@ impl Harness {
                 let now = self.now();
                 expect_wake = self.g.waiting && self.g.timer_wait.is_some_and(|at| at <= now);
                 self.update_deadline_passed();
-                self.rt.run_spawned();
-                expect_abort = self.waiter_due();
+                let (aborted, woken) = self.run_watchdog()?;
+                expect_abort = aborted;
+                expect_wake |= woken;
             }
             Op::RunSpawned => {
-                self.rt.run_spawned();
-                expect_abort = self.waiter_due();
+                let (aborted, woken) = self.run_watchdog()?;
+                expect_abort = aborted;
+                expect_wake = woken;
             }
         }
         let aborts_after = self.aborts();
@@ -918,22 +943,74 @@ impl Harness {
         }
     }
 
-    /// The deferred-abort waiter task runs: it releases the abort once due.
-    fn waiter_due(&mut self) -> bool {
+    /// The spawned tasks run (the watchdog is the only one that can still be pending):
+    /// it drains a handed-over engine, then fires the deadlines that passed. Returns
+    /// whether it must have aborted and whether it must have woken the consumer.
+    fn run_watchdog(&mut self) -> Result<(bool, bool), String> {
+        lock(&self.track).log.clear();
+        self.rt.run_spawned();
+        let log = std::mem::take(&mut lock(&self.track).log);
+        let mut aborted = false;
+        let mut woken = false;
+        if !self.g.watchdog {
+            if !log.is_empty() {
+                return fail(format!("the engine was polled with nobody reading: {log:?}"));
+            }
+            return Ok((false, false));
+        }
+        // 1. Draining: only while the consumer is over and the abort is still deferred.
+        let mut polls = log.into_iter();
+        if self.g.handed_over {
+            // One drain poll is any number of hints, then `Pending` or an item.
+            let mut poll_starts = true;
+            for did in polls.by_ref() {
+                if poll_starts && !(self.g.deferred && !self.g.engine_ended) {
+                    return fail(format!("the engine was drained after the abort: {did:?}"));
+                }
+                poll_starts = false;
+                match did {
+                    Did::Hint => {
+                        if !self.g.first_token {
+                            aborted |= self.saw_first_token();
+                        }
+                        continue;
+                    }
+                    Did::Pending => break,
+                    Did::Yield(EngineStep::Tokens(_)) => {
+                        if !self.g.first_token {
+                            aborted |= self.saw_first_token();
+                        }
+                    }
+                    Did::Yield(EngineStep::Tokenless) => {}
+                    Did::Yield(_) => self.engine_end(),
+                }
+                poll_starts = true;
+                if !self.g.deferred {
+                    break;
+                }
+            }
+        }
+        // 2. Deadlines, deferral first.
         let now = self.now();
-        if self.g.waiter_task && self.g.deferred && self.g.deferral_due.is_some_and(|at| at <= now)
-        {
-            self.g.deferred = false;
-            self.g.aborted = true;
-            self.g.spawns_allowed += 1;
-            self.g.waiter_task = false;
-            return true;
+        if self.g.deferred && self.g.deferral_due.is_some_and(|at| at <= now) {
+            lock(&self.track).deadline_passed = true;
+            aborted |= self.abort_now();
         }
-        if self.g.waiter_task && !self.g.deferred {
-            // Released by the hint; it ends at its next poll.
-            self.g.waiter_task = false;
+        let grace_pending = self.g.live && self.g.cancel == Cancel::Stop && self.g.owed.is_none();
+        if grace_pending && self.g.grace_due.is_some_and(|at| at <= now) {
+            aborted |= self.force(cancelled());
+            woken = self.g.waiting;
         }
-        false
+        // 3. It ends once nothing it owns matters.
+        let grace_left = self.g.live
+            && self.g.cancel == Cancel::Stop
+            && self.g.owed.is_none()
+            && self.g.grace_due.is_some();
+        if !self.g.deferred && !grace_left {
+            self.g.watchdog = false;
+            self.g.handed_over = false;
+        }
+        Ok((aborted, woken))
     }
 
     /// Judge one consumer poll against the ghost. Returns whether it must have aborted.
@@ -946,79 +1023,16 @@ impl Harness {
             if !self.g.terminal_seen {
                 return fail("rule 6: the stream ended without a terminal");
             }
-            self.g.ended = true;
             return Ok(false);
         }
-        let mut aborted = false;
         // 1. An owed terminal comes first.
-        if self.g.kill_owed {
-            self.g.kill_owed = false;
-            let item = Annotated::from_data(Chunk::terminal(FinishReason::Cancelled));
+        if let Some(owed) = self.g.owed.take() {
             return self
-                .expect_terminal(polled, &item, Outcome::Cancelled)
+                .expect_terminal(polled, &owed.item, owed.outcome)
                 .map(|()| false);
         }
-        // 2. Arm the deadlines the state calls for, then the due timers in order.
-        // Both count from the first stop or kill, not from this poll.
-        let base = self.g.cancelled_at.unwrap_or(now);
-        if self.g.cancel == Cancel::Stop && !self.g.grace_armed {
-            self.g.grace_armed = true;
-            self.g.grace_due = self.cfg_grace.map(|g| base + g);
-        }
-        if self.g.deferred && !self.g.deferral_armed {
-            self.g.deferral_armed = true;
-            self.g.deferral_due = Some(base + DEFERRAL);
-        } else if !self.g.deferred {
-            self.g.deferral_due = None;
-        }
-        loop {
-            let due = |d: Option<Instant>| d.is_some_and(|at| at <= now);
-            if due(self.g.deferral_due) {
-                self.g.deferral_due = None;
-                lock(&self.track).deadline_passed = true;
-                if self.g.deferred {
-                    self.g.deferred = false;
-                    self.g.aborted = true;
-                    self.g.spawns_allowed += 1;
-                    aborted = true;
-                }
-                continue;
-            }
-            if due(self.g.ttft_due) {
-                self.g.ttft_due = None;
-                if !self.g.first_token {
-                    self.g.cancel = Cancel::Kill;
-                    aborted |= self.request_abort();
-                    let after = self.cfg_ttft.unwrap_or_default();
-                    let item = Annotated::from_error(EngineError::first_token_timeout(after));
-                    self.expect_terminal(polled, &item, Outcome::TimedOut)?;
-                    return Ok(aborted);
-                }
-                continue;
-            }
-            if due(self.g.itl_due) {
-                self.g.itl_due = None;
-                self.g.cancel = Cancel::Kill;
-                aborted |= self.request_abort();
-                let after = self.cfg_itl.unwrap_or_default();
-                let item = Annotated::from_error(EngineError::inter_token_timeout(after));
-                self.expect_terminal(polled, &item, Outcome::TimedOut)?;
-                return Ok(aborted);
-            }
-            if due(self.g.grace_due) {
-                self.g.grace_due = None;
-                if self.g.cancel == Cancel::Stop {
-                    self.g.cancel = Cancel::Kill;
-                    aborted |= self.request_abort();
-                    let item = Annotated::from_data(Chunk::terminal(FinishReason::Cancelled));
-                    self.expect_terminal(polled, &item, Outcome::Cancelled)?;
-                    return Ok(aborted);
-                }
-                continue;
-            }
-            break;
-        }
-        // 3. The engine, as its log says.
+        // 2. The engine, as its log says.
+        let mut aborted = false;
         let log = std::mem::take(&mut lock(&self.track).log);
         let Some((last, hints)) = log.split_last() else {
             return fail("the engine was not polled");
@@ -1032,8 +1046,39 @@ impl Harness {
             }
         }
         match last {
-            Did::Hint => return fail("the engine's poll ended on a hint"),
+            Did::Hint => fail("the engine's poll ended on a hint"),
             Did::Pending => {
+                // 3. The engine is silent while the consumer waits: the limits run.
+                if self.g.first_token {
+                    self.g.seen_token_or_hint();
+                }
+                let limit = if self.g.seen_token {
+                    self.cfg_itl
+                } else {
+                    self.cfg_ttft
+                };
+                let due = match limit {
+                    Some(limit) if !self.g.silence_fired => {
+                        let since = *self.g.silence_since.get_or_insert(now);
+                        Some(since + limit)
+                    }
+                    _ => None,
+                };
+                if due.is_some_and(|at| at <= now) {
+                    self.g.silence_fired = true;
+                    let item = if self.g.seen_token {
+                        EngineError::inter_token_timeout(self.cfg_itl.unwrap_or_default())
+                    } else {
+                        EngineError::first_token_timeout(self.cfg_ttft.unwrap_or_default())
+                    };
+                    aborted |= self.force(Owed {
+                        item: Annotated::from_error(item),
+                        outcome: Outcome::TimedOut,
+                    });
+                    let owed = self.g.owed.take().expect("just forced");
+                    self.expect_terminal(polled, &owed.item, owed.outcome)?;
+                    return Ok(aborted);
+                }
                 if polled.is_ready() {
                     return fail(format!(
                         "the engine was pending but the consumer got {polled:?}"
@@ -1041,28 +1086,17 @@ impl Harness {
                 }
                 self.g.waiting = true;
                 self.wakes_at_pending = self.wakes();
-                self.g.timer_wait = [
-                    self.g.deferral_due,
-                    self.g.ttft_due,
-                    self.g.itl_due,
-                    self.g.grace_due,
-                ]
-                .into_iter()
-                .flatten()
-                .min();
+                self.g.timer_wait = due;
+                Ok(aborted)
             }
-            Did::Yield(step) => {
-                aborted |= self.engine_item(step, polled, now)?;
-            }
+            Did::Yield(step) => Ok(aborted | self.engine_item(step, polled)?),
         }
-        Ok(aborted)
     }
 
     fn engine_item(
         &mut self,
         step: &EngineStep,
         polled: &Poll<Option<Annotated<Chunk>>>,
-        now: Instant,
     ) -> Result<bool, String> {
         match step {
             EngineStep::Tokens(n) => {
@@ -1078,8 +1112,8 @@ impl Harness {
                 }
                 self.items += 1;
                 self.g.tokens += u32::from(*n);
-                self.g.ttft_due = None;
-                self.g.itl_due = self.cfg_itl.map(|d| now + d);
+                self.g.seen_token = true;
+                self.g.silence_since = None;
                 self.g.waiting = false;
                 Ok(aborted)
             }
@@ -1093,7 +1127,7 @@ impl Harness {
                 Ok(false)
             }
             EngineStep::Terminal(reason) => {
-                self.g.deferred = false; // discarded: the engine ended by itself
+                self.engine_end();
                 let outcome = if *reason == FinishReason::Cancelled {
                     Outcome::Cancelled
                 } else {
@@ -1103,13 +1137,13 @@ impl Harness {
                 self.expect_terminal(polled, &want, outcome).map(|()| false)
             }
             EngineStep::Error(kind) => {
-                self.g.deferred = false;
+                self.engine_end();
                 let want = Annotated::from_error(EngineError::new(*kind, "scripted error"));
                 self.expect_terminal(polled, &want, Outcome::Failed(*kind))
                     .map(|()| false)
             }
             EngineStep::End => {
-                self.g.deferred = false;
+                self.engine_end();
                 let (want, outcome) = if self.g.cancel == Cancel::None {
                     (
                         Annotated::from_error(EngineError::stream_incomplete()),
@@ -1124,7 +1158,7 @@ impl Harness {
                 self.expect_terminal(polled, &want, outcome).map(|()| false)
             }
             EngineStep::Panic => {
-                self.g.deferred = false;
+                self.engine_end();
                 let kind = ErrorKind::Backend(BackendError::Unknown);
                 let ok = matches!(
                     polled,
@@ -1162,13 +1196,12 @@ impl Harness {
         self.g.terminal_seen = true;
         self.g.live = false;
         self.g.waiting = false;
+        self.g.owed = None;
         self.g.outcome = Some(outcome);
-        if self.g.deferred {
-            // The consumer got a synthesized terminal while the abort waits for the
-            // first token: a waiter task holds it until the hint or the deadline.
-            self.g.waiter_task = true;
-            self.g.deferral_due = Some(self.g.cancelled_at.unwrap_or(self.now()) + DEFERRAL);
-            self.g.spawns_allowed += 1;
+        if self.g.deferred && !self.g.engine_ended {
+            // The consumer has its terminal; the abort still waits for the first token,
+            // so the engine goes to the watchdog, which drains it (rule 2).
+            self.g.handed_over = true;
         }
         Ok(())
     }
@@ -1222,6 +1255,13 @@ impl Harness {
                 self.g.spawns_allowed
             ));
         }
+        if self.rt.pending() != usize::from(self.g.watchdog) {
+            return fail(format!(
+                "{} spawned task(s) pending, the rules allow {}",
+                self.rt.pending(),
+                usize::from(self.g.watchdog)
+            ));
+        }
         Ok(())
     }
 
@@ -1229,6 +1269,8 @@ impl Harness {
     /// nothing is left owed.
     fn finish(&mut self) -> Check {
         self.op(Op::Drop)?;
+        self.consistent()?;
+        self.op(Op::RunSpawned)?;
         self.consistent()?;
         self.op(Op::Advance(DEFERRAL * 2))?;
         self.op(Op::RunSpawned)?;
@@ -1244,5 +1286,24 @@ impl Harness {
         // What the context still holds must not keep the request alive.
         drop(self.ctx.clone());
         Ok(())
+    }
+}
+
+impl Ghost {
+    /// The hint counts as the first token for the silence limits.
+    fn seen_token_or_hint(&mut self) {
+        if !self.seen_token {
+            self.seen_token = true;
+            self.silence_since = None;
+        }
+    }
+}
+
+impl Cancel {
+    fn max_with(self, op: Op) -> Cancel {
+        match (self, op) {
+            (_, Op::Kill) | (Cancel::Kill, _) => Cancel::Kill,
+            _ => Cancel::Stop,
+        }
     }
 }
