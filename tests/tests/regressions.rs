@@ -132,9 +132,7 @@ async fn bug2_kill_interrupts_a_slow_setup<R: ScenarioRuntime>(rt: R) {
 }
 
 // Old code: "records of r: [] left: 0 right: 1" (nothing recorded, nothing aborted).
-async fn bug2_dropping_generate_during_setup_records_dropped_and_aborts<R: ScenarioRuntime>(
-    rt: R,
-) {
+async fn bug2_dropping_generate_during_setup_records_dropped_and_aborts<R: ScenarioRuntime>(rt: R) {
     let h = Harness::new(rt);
     let script = h.engine.script("r");
     script.hold_setup();
@@ -152,9 +150,7 @@ async fn bug2_dropping_generate_during_setup_records_dropped_and_aborts<R: Scena
 }
 
 // Old code: "records of r: [] left: 0 right: 1".
-async fn bug2_decode_drop_during_setup_defers_the_abort_to_the_deadline<R: ScenarioRuntime>(
-    rt: R,
-) {
+async fn bug2_decode_drop_during_setup_defers_the_abort_to_the_deadline<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(rt, decode(DEADLINE, None));
     let script = h.engine.script("r");
     script.hold_setup();
@@ -281,10 +277,7 @@ async fn bug6_panic_in_generate_is_a_typed_setup_error<R: ScenarioRuntime>(rt: R
         .await
         .expect_err("a panicking setup is an error");
     assert!(err.message().contains("setup exploded"), "{err}");
-    assert_eq!(
-        h.observer.record("r").outcome,
-        Outcome::Failed(err.kind())
-    );
+    assert_eq!(h.observer.record("r").outcome, Outcome::Failed(err.kind()));
     assert_eq!(h.observer.aborts("r"), 0);
     h.assert_clean().await;
 }

@@ -954,7 +954,9 @@ impl Harness {
         let mut woken = false;
         if !self.g.watchdog {
             if !log.is_empty() {
-                return fail(format!("the engine was polled with nobody reading: {log:?}"));
+                return fail(format!(
+                    "the engine was polled with nobody reading: {log:?}"
+                ));
             }
             return Ok((false, false));
         }
