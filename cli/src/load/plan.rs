@@ -292,17 +292,16 @@ pub fn plan_all(
 }
 
 /// How many engine aborts `action` calls for, in `mode`, for a request that produces
-/// `max_tokens` tokens. `None` where it depends on a race the plan cannot know: a
-/// decode-mode drop before the first token aborts only if the engine's first-token
-/// hint won the race against the drop (then the record says so).
+/// `max_tokens` tokens. `None` where it depends on a race the plan cannot know (none
+/// today: a decode-mode drop before the first token defers the abort, and the drained
+/// engine's first token or the deadline sends it, as for a stop or a kill).
 pub fn expected_aborts(action: Action, mode: Mode, max_tokens: u32) -> Option<u32> {
     let decode = mode == Mode::Decode;
     Some(match action {
         Action::None | Action::Error(_) | Action::Panic(_) => 0,
-        // A decode-mode stop before the first token waits for it; with no token at all
-        // the deferred abort is discarded when the engine ends.
-        Action::Stop(0) if decode && max_tokens == 0 => 0,
-        Action::Drop(0) if decode => return None,
+        // A decode-mode cancellation before the first token waits for it; with no
+        // token at all the deferred abort is discarded when the engine ends.
+        Action::Stop(0) | Action::Kill(0) | Action::Drop(0) if decode && max_tokens == 0 => 0,
         Action::Stop(_) | Action::Kill(_) | Action::Drop(_) | Action::Hang(_) => 1,
     })
 }
