@@ -31,7 +31,7 @@ use core::task::{Context as TaskContext, Poll, Waker};
 use std::mem;
 
 use crate::sync::atomic::{AtomicU8, Ordering};
-use crate::sync::{downgrade, lock, upgrade, Arc, Mutex, MutexGuard, Weak};
+use crate::sync::{downgrade, is_dead, lock, upgrade, Arc, Mutex, MutexGuard, Weak};
 
 use waiters::{Key, Waiters};
 
@@ -445,18 +445,6 @@ fn take_waiters(st: &mut State, level: Level) -> Woken {
         woken.kill = mem::take(&mut st.kill_waiters);
     }
     woken
-}
-
-/// Whether a child link can never be upgraded again.
-#[cfg(not(tether_loom))]
-fn is_dead(w: &Weak<Inner>) -> bool {
-    w.strong_count() == 0
-}
-
-/// Under loom `Weak` is a strong `Arc` (see `crate::sync`), so no link ever dies.
-#[cfg(tether_loom)]
-fn is_dead(_: &Weak<Inner>) -> bool {
-    false
 }
 
 /// Keeps a panicking listener, child or waker from wedging the context: without it
