@@ -18,6 +18,11 @@
 //! never `Kill` before `Stop`, even when `stop()` and `kill()` race; and since no callback
 //! ever runs under the lock, a listener may call `stop`, `kill`, `add_listener` or
 //! `remove_listener` on the same context without deadlocking.
+//!
+//! A [`Signalled`] future parks its waker in its target level's list under a key, and a
+//! dropped future takes its waker back out. Keys are only used while the level is below
+//! their target: once it got there, the list was or is about to be drained and is never
+//! filled again, so a key can never reach another future's waker.
 
 use core::fmt;
 use core::future::Future;
@@ -26,7 +31,11 @@ use core::task::{Context as TaskContext, Poll, Waker};
 use std::mem;
 
 use crate::sync::atomic::{AtomicU8, Ordering};
-use crate::sync::{downgrade, lock, upgrade, Arc, Mutex, MutexGuard, Weak};
+use crate::sync::{downgrade, is_dead, lock, upgrade, Arc, Mutex, MutexGuard, Weak};
+
+use waiters::{Key, Waiters};
+
+mod waiters;
 
 /// How far a context has been cancelled. Ordered: `Live < Stopped < Killed`, and a
 /// context only ever moves forward.
@@ -99,8 +108,8 @@ struct State {
     /// Held weakly so a long-lived parent does not keep every request alive.
     children: Vec<Weak<Inner>>,
     listeners: Vec<Listener>,
-    stop_waiters: Vec<Waker>,
-    kill_waiters: Vec<Waker>,
+    stop_waiters: Waiters,
+    kill_waiters: Waiters,
 }
 
 struct Listener {
@@ -126,8 +135,8 @@ impl Context {
                     next_listener: 0,
                     children: Vec::new(),
                     listeners: Vec::new(),
-                    stop_waiters: Vec::new(),
-                    kill_waiters: Vec::new(),
+                    stop_waiters: Waiters::new(),
+                    kill_waiters: Waiters::new(),
                 }),
             }),
         }
@@ -168,6 +177,7 @@ impl Context {
         Signalled {
             inner: self.inner.clone(),
             target: Level::Stopped,
+            key: None,
         }
     }
 
@@ -176,7 +186,16 @@ impl Context {
         Signalled {
             inner: self.inner.clone(),
             target: Level::Killed,
+            key: None,
         }
+    }
+
+    /// How many [`stopped`](Context::stopped) / [`killed`](Context::killed) futures are
+    /// currently parked on this context: polled, pending, and neither woken nor dropped
+    /// since. A diagnostic for leak checks; it takes the context's lock.
+    pub fn waiters(&self) -> usize {
+        let st = lock(&self.inner.state);
+        st.stop_waiters.len() + st.kill_waiters.len()
     }
 
     /// Link `child` so that it is stopped/killed whenever this context is, in link order
@@ -292,7 +311,7 @@ impl Inner {
             in_flight: Vec::new(),
         };
         let mut st = first;
-        let mut wake: Vec<Waker> = Vec::new();
+        let mut wake = Woken::default();
         let mut orphans: Vec<Listener> = Vec::new();
         loop {
             let target = st.level;
@@ -302,7 +321,7 @@ impl Inner {
                 drop(st);
                 guard.armed = false;
                 drop(orphans);
-                wake.into_iter().for_each(Waker::wake);
+                wake.wake_all();
                 return;
             }
             st.late = false;
@@ -316,7 +335,7 @@ impl Inner {
             drop(st);
             // The previous round's leftovers, now that the lock is released.
             drop(mem::take(&mut orphans));
-            mem::take(&mut wake).into_iter().for_each(Waker::wake);
+            mem::take(&mut wake).wake_all();
 
             for w in &children {
                 if let Some(child) = upgrade(w) {
@@ -403,31 +422,29 @@ fn put_back(st: &mut State, mut back: Vec<Listener>) -> Vec<Listener> {
     back
 }
 
-fn take_waiters(st: &mut State, level: Level) -> Vec<Waker> {
-    let mut woken = match level {
-        Level::Live => Vec::new(),
-        Level::Stopped | Level::Killed => mem::take(&mut st.stop_waiters),
-    };
+/// The waiters a level change releases, taken under the lock and woken outside it.
+#[derive(Default)]
+struct Woken {
+    stop: Waiters,
+    kill: Waiters,
+}
+
+impl Woken {
+    /// Stop waiters first, then kill waiters, each in registration order.
+    fn wake_all(self) {
+        self.stop.into_iter().chain(self.kill).for_each(Waker::wake);
+    }
+}
+
+fn take_waiters(st: &mut State, level: Level) -> Woken {
+    let mut woken = Woken::default();
+    if level >= Level::Stopped {
+        woken.stop = mem::take(&mut st.stop_waiters);
+    }
     if level == Level::Killed {
-        if woken.is_empty() {
-            woken = mem::take(&mut st.kill_waiters);
-        } else {
-            woken.append(&mut st.kill_waiters);
-        }
+        woken.kill = mem::take(&mut st.kill_waiters);
     }
     woken
-}
-
-/// Whether a child link can never be upgraded again.
-#[cfg(not(tether_loom))]
-fn is_dead(w: &Weak<Inner>) -> bool {
-    w.strong_count() == 0
-}
-
-/// Under loom `Weak` is a strong `Arc` (see `crate::sync`), so no link ever dies.
-#[cfg(tether_loom)]
-fn is_dead(_: &Weak<Inner>) -> bool {
-    false
 }
 
 /// Keeps a panicking listener, child or waker from wedging the context: without it
@@ -454,7 +471,7 @@ impl Drop for DeliveryGuard<'_> {
         };
         drop(orphans);
         // Waiters must still learn about the level that is already visible to them.
-        woken.into_iter().for_each(Waker::wake);
+        woken.wake_all();
     }
 }
 
@@ -464,6 +481,9 @@ impl Drop for DeliveryGuard<'_> {
 pub struct Signalled {
     inner: Arc<Inner>,
     target: Level,
+    /// Where this future's waker is parked; `None` before the first pending poll and
+    /// once the future saw its level.
+    key: Option<Key>,
 }
 
 impl Future for Signalled {
@@ -472,24 +492,59 @@ impl Future for Signalled {
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
         let this = self.get_mut();
         if this.inner.load() >= this.target {
+            // The key (if any) is dead: its list was or is about to be drained.
+            this.key = None;
             return Poll::Ready(());
         }
         let mut st = lock(&this.inner.state);
         // `raise` changes the level under this lock, so either it runs after our push
         // and its deliverer wakes us, or we see its level here.
         if st.level >= this.target {
+            this.key = None;
             return Poll::Ready(());
         }
-        let list = if this.target == Level::Killed {
-            &mut st.kill_waiters
-        } else {
-            &mut st.stop_waiters
+        let list = st.waiters_mut(this.target);
+        let displaced = match this.key {
+            Some(key) => list.replace(key, cx.waker()),
+            None => {
+                this.key = Some(list.insert(cx.waker().clone()));
+                None
+            }
         };
-        match list.iter_mut().find(|w| w.will_wake(cx.waker())) {
-            Some(w) => w.clone_from(cx.waker()),
-            None => list.push(cx.waker().clone()),
-        }
+        drop(st);
+        // Outside the lock: the old waker may be the last handle on another task.
+        drop(displaced);
         Poll::Pending
+    }
+}
+
+impl Drop for Signalled {
+    fn drop(&mut self) {
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        let removed = {
+            let mut st = lock(&self.inner.state);
+            // At or past the target the list holding `key` was or is about to be drained
+            // (its deliverer wakes our stale waker once, harmlessly); the key must not be
+            // used on what that list holds afterwards.
+            if st.level >= self.target {
+                return;
+            }
+            st.waiters_mut(self.target).remove(key)
+        };
+        // Outside the lock, as in `poll`.
+        drop(removed);
+    }
+}
+
+impl State {
+    fn waiters_mut(&mut self, target: Level) -> &mut Waiters {
+        if target == Level::Killed {
+            &mut self.kill_waiters
+        } else {
+            &mut self.stop_waiters
+        }
     }
 }
 

@@ -341,3 +341,196 @@ fn panicking_listener_does_not_wedge_later_delivery() {
     ctx.kill();
     assert_eq!(seen(&log), vec![Signal::Kill]);
 }
+
+/// A waker that appends its id to a shared log when woken, to check wake order.
+struct OrderWake {
+    id: usize,
+    log: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Wake for OrderWake {
+    fn wake(self: Arc<Self>) {
+        lock(&self.log).push(self.id);
+    }
+}
+
+fn woken(count: &CountWake) -> usize {
+    count.0.load(Ordering::SeqCst)
+}
+
+/// Poll a fresh future once with a waker made from `count`, then drop both.
+fn park_and_drop(fut: Signalled, count: &Arc<CountWake>) {
+    let mut fut = fut;
+    let waker = Waker::from(count.clone());
+    assert_eq!(poll_once(&mut fut, &waker), Poll::Pending);
+}
+
+#[test]
+fn ten_thousand_dropped_stopped_futures_release_their_wakers() {
+    let ctx = Context::new("r");
+    let counts: Vec<Arc<CountWake>> = (0..10_000).map(|_| Arc::default()).collect();
+    for count in &counts {
+        park_and_drop(ctx.stopped(), count);
+    }
+    assert_eq!(ctx.waiters(), 0, "dropped futures left their wakers parked");
+    assert!(counts.iter().all(|c| Arc::strong_count(c) == 1));
+    ctx.stop();
+    assert_eq!(counts.iter().map(|c| woken(c)).sum::<usize>(), 0);
+}
+
+#[test]
+fn ten_thousand_dropped_killed_futures_release_their_wakers() {
+    let ctx = Context::new("r");
+    let counts: Vec<Arc<CountWake>> = (0..10_000).map(|_| Arc::default()).collect();
+    for (i, count) in counts.iter().enumerate() {
+        // Half of them dropped after a stop: the kill list is still theirs to leave.
+        if i == 5_000 {
+            ctx.stop();
+        }
+        park_and_drop(ctx.killed(), count);
+    }
+    assert_eq!(ctx.waiters(), 0, "dropped futures left their wakers parked");
+    assert!(counts.iter().all(|c| Arc::strong_count(c) == 1));
+    ctx.kill();
+    assert_eq!(counts.iter().map(|c| woken(c)).sum::<usize>(), 0);
+}
+
+#[test]
+fn dropped_stopped_future_is_not_woken_and_live_one_is() {
+    let ctx = Context::new("r");
+    let (gone, live) = (Arc::<CountWake>::default(), Arc::<CountWake>::default());
+    park_and_drop(ctx.stopped(), &gone);
+    let mut fut = ctx.stopped();
+    let waker = Waker::from(live.clone());
+    assert_eq!(poll_once(&mut fut, &waker), Poll::Pending);
+    assert_eq!(ctx.waiters(), 1);
+    ctx.stop();
+    assert_eq!((woken(&gone), woken(&live)), (0, 1));
+    assert_eq!(ctx.waiters(), 0);
+    assert_eq!(poll_once(&mut fut, &waker), Poll::Ready(()));
+}
+
+#[test]
+fn dropped_killed_future_is_not_woken_and_live_one_is() {
+    let ctx = Context::new("r");
+    let (gone, live) = (Arc::<CountWake>::default(), Arc::<CountWake>::default());
+    park_and_drop(ctx.killed(), &gone);
+    let mut fut = ctx.killed();
+    let waker = Waker::from(live.clone());
+    assert_eq!(poll_once(&mut fut, &waker), Poll::Pending);
+    ctx.stop();
+    assert_eq!(ctx.waiters(), 1);
+    ctx.kill();
+    assert_eq!((woken(&gone), woken(&live)), (0, 1));
+    assert_eq!(ctx.waiters(), 0);
+}
+
+#[test]
+fn repolling_with_the_same_waker_parks_it_once() {
+    let ctx = Context::new("r");
+    let (count, waker) = counting_waker();
+    let mut stop = ctx.stopped();
+    let mut kill = ctx.killed();
+    for _ in 0..3 {
+        assert_eq!(poll_once(&mut stop, &waker), Poll::Pending);
+        assert_eq!(poll_once(&mut kill, &waker), Poll::Pending);
+    }
+    assert_eq!(ctx.waiters(), 2);
+    ctx.kill();
+    assert_eq!(woken(&count), 2);
+    assert_eq!(ctx.waiters(), 0);
+}
+
+#[test]
+fn repolling_with_another_waker_replaces_the_first() {
+    for target in [Level::Stopped, Level::Killed] {
+        let ctx = Context::new("r");
+        let (first, second) = (Arc::<CountWake>::default(), Arc::<CountWake>::default());
+        let mut fut = if target == Level::Killed {
+            ctx.killed()
+        } else {
+            ctx.stopped()
+        };
+        for count in [&first, &second] {
+            let waker = Waker::from(count.clone());
+            assert_eq!(poll_once(&mut fut, &waker), Poll::Pending);
+        }
+        assert_eq!(ctx.waiters(), 1);
+        // The context no longer holds the first waker.
+        assert_eq!(Arc::strong_count(&first), 1);
+        assert_eq!(Arc::strong_count(&second), 2);
+        ctx.kill();
+        assert_eq!((woken(&first), woken(&second)), (0, 1), "{target:?}");
+    }
+}
+
+#[test]
+fn future_dropped_after_its_level_rose_leaves_the_others_parked() {
+    let ctx = Context::new("r");
+    let (a, b, c) = (counting_waker(), counting_waker(), counting_waker());
+    let mut stop = ctx.stopped();
+    let mut kill_b = ctx.killed();
+    let mut kill_c = ctx.killed();
+    assert_eq!(poll_once(&mut stop, &a.1), Poll::Pending);
+    assert_eq!(poll_once(&mut kill_b, &b.1), Poll::Pending);
+    assert_eq!(poll_once(&mut kill_c, &c.1), Poll::Pending);
+    assert_eq!(ctx.waiters(), 3);
+    ctx.stop();
+    assert_eq!(ctx.waiters(), 2);
+    // Its key points into the drained stop list: dropping it must touch nothing.
+    drop(stop);
+    assert_eq!(ctx.waiters(), 2);
+    drop(kill_b);
+    assert_eq!(ctx.waiters(), 1);
+    ctx.kill();
+    assert_eq!((woken(&a.0), woken(&b.0), woken(&c.0)), (1, 0, 1));
+    assert_eq!(poll_once(&mut kill_c, &c.1), Poll::Ready(()));
+    drop(kill_c);
+    assert_eq!(ctx.waiters(), 0);
+}
+
+#[test]
+fn future_dropped_during_delivery_does_not_unpark_another() {
+    let ctx = Context::new("r");
+    let (a, b) = (counting_waker(), counting_waker());
+    let mut dropped = ctx.stopped();
+    let mut live = ctx.stopped();
+    assert_eq!(poll_once(&mut dropped, &a.1), Poll::Pending);
+    assert_eq!(poll_once(&mut live, &b.1), Poll::Pending);
+    // Dropped by a listener: after the level rose, before the deliverer took the list.
+    let slot = Arc::new(Mutex::new(Some(dropped)));
+    let s = slot.clone();
+    ctx.add_listener(move |_| drop(lock(&s).take()));
+    ctx.stop();
+    assert!(lock(&slot).is_none());
+    // The deliverer wakes the stale waker once; the live future is not disturbed.
+    assert_eq!((woken(&a.0), woken(&b.0)), (1, 1));
+    assert_eq!(ctx.waiters(), 0);
+    assert_eq!(poll_once(&mut live, &b.1), Poll::Ready(()));
+}
+
+#[test]
+fn waiters_are_woken_in_registration_order_across_reused_slots() {
+    let ctx = Context::new("r");
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let waker = |id| {
+        Waker::from(Arc::new(OrderWake {
+            id,
+            log: log.clone(),
+        }))
+    };
+    let mut futs: Vec<(usize, Signalled)> = Vec::new();
+    for id in 0..4 {
+        let mut fut = if id == 0 { ctx.killed() } else { ctx.stopped() };
+        assert_eq!(poll_once(&mut fut, &waker(id)), Poll::Pending);
+        futs.push((id, fut));
+    }
+    // Frees the second stop slot; the next future reuses it but is still woken last.
+    futs.retain(|(id, _)| *id != 2);
+    let mut late = ctx.stopped();
+    assert_eq!(poll_once(&mut late, &waker(4)), Poll::Pending);
+    assert_eq!(ctx.waiters(), 4);
+    ctx.kill();
+    // Stop waiters first, then kill waiters, each in the order they were parked.
+    assert_eq!(*lock(&log), vec![1, 3, 4, 0]);
+}
