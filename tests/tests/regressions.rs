@@ -47,6 +47,7 @@ on_both_runtimes!(
     bug2_kill_interrupts_a_slow_setup,
     bug2_dropping_generate_during_setup_records_dropped_and_aborts,
     bug2_decode_drop_during_setup_defers_the_abort_to_the_deadline,
+    bug3_dropped_context_futures_release_their_wakers,
     bug4_deferral_deadline_fires_while_the_consumer_stalls,
     bug4_cancel_grace_fires_while_the_consumer_stalls,
     bug4_a_stalled_consumer_never_times_the_engine_out,
@@ -165,6 +166,45 @@ async fn bug2_decode_drop_during_setup_defers_the_abort_to_the_deadline<R: Scena
     // The setup (a KV transfer) is kept alive and drained; the deadline releases it.
     h.wait_aborts(&script, 1).await;
     assert_waited(&h.rt, h.rt.now() - dropped, DEADLINE);
+    h.assert_clean().await;
+}
+
+// Old code (with a `waiters()` that counts the old lists): "dropped futures left their
+// wakers parked, left: 10000, right: 0" (core/src/context/tests.rs has the unit twin).
+async fn bug3_dropped_context_futures_release_their_wakers<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::new(rt);
+    let (mut s, script, ctx) = h.start("r").await;
+    // A long-lived context, and many short waits on it that give up (a select! whose
+    // other branch won, a request timeout): each parks a waker, then goes away.
+    for i in 0..10_000 {
+        let mut waiter = if i % 2 == 0 {
+            ctx.stopped()
+        } else {
+            ctx.killed()
+        };
+        let parked = poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut waiter).poll(cx))).await;
+        assert!(parked.is_pending());
+        assert_eq!(ctx.waiters(), 1);
+    }
+    assert_eq!(
+        ctx.waiters(),
+        0,
+        "every dropped future took its waker with it"
+    );
+    // One that stays parked is still woken by the stop.
+    let mut kept = ctx.stopped();
+    let parked = poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut kept).poll(cx))).await;
+    assert!(parked.is_pending());
+    assert_eq!(ctx.waiters(), 1);
+    ctx.stop();
+    assert_eq!(ctx.waiters(), 0);
+    kept.await;
+    h.wait_aborts(&script, 1).await;
+    script.terminal(FinishReason::Cancelled);
+    assert_eq!(
+        h.collect(&mut s).await,
+        vec![terminal(FinishReason::Cancelled)]
+    );
     h.assert_clean().await;
 }
 
