@@ -35,9 +35,9 @@
 //! 8. Timeouts kill the request and owe a timeout error terminal.
 //! 9. Exactly one [`Actions::finish`] per request.
 //! 10. Setup is just the pending phase: a kill or a drop during setup is the same event
-//!    as after it.
+//!     as after it.
 //! 11. The deferral deadline and the cancel grace are events that need no consumer poll:
-//!    the abort is released, or the terminal owed, by the event itself.
+//!     the abort is released, or the terminal owed, by the event itself.
 //!
 //! A synthesized terminal is not the engine's terminal: after a decode-mode kill before
 //! the first token the consumer gets `Cancelled` at once while the abort stays owed, to

@@ -195,7 +195,7 @@ impl Adapter {
         request: Request,
         context: Context,
     ) -> Result<ResponseStream, EngineError> {
-        let mut stream = ResponseStream::new(self.inner.clone(), request, context);
+        let mut stream = ResponseStream::new(&self.inner, request, &context);
         // Dropping this future drops `stream`: the request is recorded (`Dropped`) and
         // the engine aborted under rules 1 and 2, as for any dropped stream (rule 10).
         std::future::poll_fn(|cx| stream.poll_setup(cx)).await?;

@@ -195,7 +195,7 @@ impl fmt::Debug for ResponseStream {
 impl ResponseStream {
     /// Everything of a request but the engine's progress: the listener is registered
     /// here, before `generate` is entered, so a kill during setup is seen (rule 10).
-    pub(super) fn new(adapter: Arc<AdapterInner>, request: Request, context: Context) -> Self {
+    pub(super) fn new(adapter: &Arc<AdapterInner>, request: Request, context: &Context) -> Self {
         let cfg = &adapter.config;
         let start = adapter.runtime.now();
         let span = if cfg.spans {

@@ -534,8 +534,8 @@ fn every_reachable_pair_satisfies_every_rule() {
                     panic!("{v} in {path:?}");
                 }
                 let next_key = (next, o.state());
-                if !parent.contains_key(&next_key) {
-                    parent.insert(next_key, Some((key, e)));
+                if let std::collections::hash_map::Entry::Vacant(slot) = parent.entry(next_key) {
+                    slot.insert(Some((key, e)));
                     queue.push_back((next, o));
                 }
             }

@@ -966,7 +966,7 @@ impl Harness {
             // One drain poll is any number of hints, then `Pending` or an item.
             let mut poll_starts = true;
             for did in polls.by_ref() {
-                if poll_starts && !(self.g.deferred && !self.g.engine_ended) {
+                if poll_starts && (!self.g.deferred || self.g.engine_ended) {
                     return fail(format!("the engine was drained after the abort: {did:?}"));
                 }
                 poll_starts = false;
