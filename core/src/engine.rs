@@ -51,8 +51,12 @@ pub trait LlmEngine: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<ChunkStream, EngineError>>;
 
     /// Stop work on the request behind `context` as soon as possible. tether calls it
-    /// at most once per request and never after the engine's own terminal. The default
-    /// does nothing (for engines whose stream stops when dropped).
+    /// at most once per request and never after the engine's own terminal was seen. It
+    /// may arrive while this request's `generate` is still pending (a kill or a drop
+    /// during setup: `generate` is cancellation-safe) and runs on a spawned task. In
+    /// decode mode before the first token it is deferred (SPEC rule 2), and the stream
+    /// is kept alive, not dropped, until it was sent. The default does nothing (for
+    /// engines whose stream stops when dropped).
     fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
         drop(context);
         Box::pin(async {})

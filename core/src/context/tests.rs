@@ -534,3 +534,36 @@ fn waiters_are_woken_in_registration_order_across_reused_slots() {
     // Stop waiters first, then kill waiters, each in the order they were parked.
     assert_eq!(*lock(&log), vec![1, 3, 4, 0]);
 }
+
+#[test]
+fn a_killed_context_does_not_remember_children() {
+    let parent = Context::new("p");
+    parent.kill();
+    let child = Context::new("c");
+    parent.link_child(&child);
+    assert_eq!(child.level(), Level::Killed);
+    // Nothing can follow Kill, so the link would only hold memory.
+    assert_eq!(lock(&parent.inner.state).children.len(), 0);
+    let stopped = Context::new("s");
+    stopped.stop();
+    stopped.link_child(&child);
+    assert_eq!(lock(&stopped.inner.state).children.len(), 1);
+}
+
+#[test]
+fn the_first_listener_takes_one_slot() {
+    let ctx = Context::new("r");
+    let (_log, _id) = recorder(&ctx);
+    // The driver's one listener per request: no 4-slot default growth.
+    assert_eq!(lock(&ctx.inner.state).listeners.capacity(), 1);
+}
+
+#[test]
+fn signalled_debug_names_its_context_and_target() {
+    let ctx = Context::new("r7");
+    assert_eq!(
+        format!("{:?}", ctx.killed()),
+        "Signalled { id: \"r7\", target: Killed }"
+    );
+    assert_eq!(format!("{ctx:?}"), "Context { id: \"r7\", level: Live }");
+}

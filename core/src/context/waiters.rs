@@ -148,7 +148,6 @@ impl Default for Waiters {
 pub(super) struct Drain {
     slots: Vec<Slot>,
     next: u32,
-    left: usize,
 }
 
 impl IntoIterator for Waiters {
@@ -158,7 +157,6 @@ impl IntoIterator for Waiters {
     fn into_iter(self) -> Drain {
         Drain {
             next: self.head,
-            left: self.len(),
             slots: self.slots,
         }
     }
@@ -170,12 +168,7 @@ impl Iterator for Drain {
     fn next(&mut self) -> Option<Waker> {
         let slot = self.slots.get_mut(self.next as usize)?;
         self.next = slot.next;
-        self.left -= 1;
         slot.waker.take()
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (self.left, Some(self.left))
     }
 }
 
@@ -233,5 +226,21 @@ mod tests {
         keys.into_iter().for_each(|k| drop(list.remove(k)));
         assert_eq!((list.slots.len(), list.slots.capacity()), (0, kept));
         assert_eq!(list.insert(Waker::noop().clone()), Key(0));
+    }
+
+    #[test]
+    fn the_slab_is_kept_up_to_exactly_its_limit() {
+        let mut list = Waiters::new();
+        let fill = |list: &mut Waiters, n: usize| -> Vec<Key> {
+            (0..n).map(|_| list.insert(Waker::noop().clone())).collect()
+        };
+        let keys = fill(&mut list, KEEP_CAPACITY);
+        assert_eq!(list.slots.capacity(), KEEP_CAPACITY);
+        keys.into_iter().for_each(|k| drop(list.remove(k)));
+        assert_eq!(list.slots.capacity(), KEEP_CAPACITY, "at the limit: kept");
+        let keys = fill(&mut list, KEEP_CAPACITY + 1);
+        assert!(list.slots.capacity() > KEEP_CAPACITY);
+        keys.into_iter().for_each(|k| drop(list.remove(k)));
+        assert_eq!(list.slots.capacity(), 0, "past the limit: released");
     }
 }

@@ -402,6 +402,16 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
             "the engine is not drained while a deferred abort is owed",
         );
     }
+    let live_after = o.finishes == 0;
+    if after.polls_engine() != (live_after && !o.engine_done && o.owed.is_none()) {
+        return fail(6, "the state's engine polling disagrees with the rules");
+    }
+    if after.is_terminal() != (o.terminals > 0)
+        || after.is_cancelling() != (live_after && o.cancel != Cancel::None)
+        || after.mode() != o.mode
+    {
+        return fail(9, "the state's phase or mode disagrees with the rules");
+    }
     Ok(())
 }
 

@@ -42,6 +42,70 @@ fn pack_round_trips_every_reachable_state() {
     );
 }
 
+/// Every constructible state, reachable or not, round-trips through the shared word
+/// (the reachable ones are a subset: a packing bug in an unreachable corner would still
+/// be a bug the day the machine reaches it).
+#[test]
+fn pack_round_trips_every_constructible_state() {
+    let mut words = std::collections::HashSet::new();
+    for mode in [Mode::Aggregated, Mode::Prefill, Mode::Decode] {
+        for phase in [
+            Phase::Pending,
+            Phase::Streaming,
+            Phase::Cancelling,
+            Phase::Terminal,
+            Phase::Dropped,
+        ] {
+            for cancel in [Cancel::None, Cancel::Stop, Cancel::Kill] {
+                for abort in [Abort::None, Abort::Deferred, Abort::Sent, Abort::Discarded] {
+                    for owed in [
+                        None,
+                        Some(Synth::Cancelled),
+                        Some(Synth::FirstTokenTimeout),
+                        Some(Synth::InterTokenTimeout),
+                        Some(Synth::Incomplete),
+                    ] {
+                        for (first_token, engine_done) in
+                            [(false, false), (false, true), (true, false), (true, true)]
+                        {
+                            let s = State {
+                                mode,
+                                phase,
+                                cancel,
+                                abort,
+                                owed,
+                                first_token,
+                                engine_done,
+                            };
+                            assert_eq!(State::unpack(s.pack()), Some(s), "{s:?}");
+                            assert!(words.insert(s.pack()), "two states share a word");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(words.len(), 3 * 5 * 3 * 4 * 5 * 4);
+}
+
+#[test]
+fn debug_and_accessors_show_every_field() {
+    let (s, a) = step(State::new(Mode::Decode), Kill);
+    assert_eq!(s.mode(), Mode::Decode);
+    assert_eq!(
+        format!("{s:?}"),
+        "State { mode: Decode, phase: Cancelling, cancel: Kill, abort: Deferred, \
+         owed: Some(Cancelled), first_token: false, engine_done: false }"
+    );
+    assert!(s.is_cancelling() && !s.is_terminal() && !s.is_finished());
+    assert!(!a.is_empty());
+    assert!(Actions::default().is_empty());
+    let (t, _) = step(s, ConsumerPoll);
+    assert!(t.is_terminal() && !t.is_cancelling() && t.is_finished());
+    let (d, _) = step(State::new(Mode::Aggregated), ConsumerDropped);
+    assert!(!d.is_terminal() && d.is_finished());
+}
+
 #[test]
 fn unpack_rejects_words_no_state_packs_to() {
     assert_eq!(State::unpack(1 << 14), None);
