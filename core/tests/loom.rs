@@ -1329,3 +1329,47 @@ fn deferral_deadline_races_drained_first_token() {
     });
     seen.expect(&["token released", "deadline released"]);
 }
+
+/// The engine's first-token hint (through the `GenerateContext`'s weak handle on the
+/// request) races the consumer dropping a finished stream: the hint upgrades a request
+/// that is being torn down, or fails to upgrade one that is gone (the loom model of
+/// `Weak` explores the failed upgrade). Either way nothing is aborted, nothing panics,
+/// and the one record stands.
+#[test]
+fn first_token_hint_races_request_teardown() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::new(Mode::Aggregated, None);
+        let (mut stream, gctx) = rig.start();
+        rig.chan
+            .push(Ok(Chunk::terminal(FinishReason::Length)), true);
+        let items = collect(&mut stream);
+        assert_eq!(
+            reason(one_terminal_last(&items)),
+            Some(FinishReason::Length)
+        );
+        let dropped = StdArc::new(loom::sync::atomic::AtomicBool::new(false));
+        let flag = dropped.clone();
+        let dropper = thread::spawn(move || {
+            drop(stream);
+            flag.store(true, SeqCst);
+        });
+        let hinter = thread::spawn(move || {
+            let late = dropped.load(SeqCst);
+            gctx.notify_first_token();
+            drop(gctx);
+            late
+        });
+        dropper.join().unwrap();
+        let hinted_after_drop = hinter.join().unwrap();
+        assert_eq!(rig.aborts(), 0, "rule 1: nothing after the terminal");
+        assert_eq!(
+            rig.record().outcome,
+            Outcome::Finished(FinishReason::Length)
+        );
+        reached.saw(if hinted_after_drop { "late" } else { "early" });
+        rig.shutdown();
+    });
+    seen.expect(&["early", "late"]);
+}
