@@ -45,6 +45,7 @@ on_both_runtimes!(
     kill_inside_engine_poll_racing_final_chunk_yields_one_terminal,
     stop_then_kill_aborts_once,
     stop_after_terminal_does_not_abort,
+    a_watchdog_ends_with_its_request,
     context_killed_before_generate_yields_cancelled,
     context_stopped_before_generate_aborts_once_and_keeps_flowing,
     tokenless_chunks_are_not_the_first_token,
@@ -132,6 +133,10 @@ async fn timeouts_create_a_timer_only_when_the_consumer_waits<R: ScenarioRuntime
         let id = format!("r{i}");
         let (mut s, script, _ctx) = h.start(&id).await;
         assert_eq!(poll_once(&mut s).await, Poll::Pending);
+        // Spurious polls while the engine is silent: the deadline does not move, so
+        // the timer is not touched.
+        assert_eq!(poll_once(&mut s).await, Poll::Pending);
+        assert_eq!(poll_once(&mut s).await, Poll::Pending);
         script.tokens(&[1]);
         assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
         assert_eq!(poll_once(&mut s).await, Poll::Pending);
@@ -143,6 +148,8 @@ async fn timeouts_create_a_timer_only_when_the_consumer_waits<R: ScenarioRuntime
             Outcome::Finished(FinishReason::Length)
         );
         assert_eq!(h.counting.timers(), i, "one timer per waiting request");
+        // Later deadlines are armed lazily, when the earlier one fires: no resets.
+        assert_eq!(h.counting.resets(), 0);
     }
     assert_eq!(h.counting.spawns(), 0);
     h.assert_clean().await;
@@ -346,6 +353,39 @@ async fn stop_then_kill_aborts_once<R: ScenarioRuntime>(rt: R) {
     assert_eq!(h.counting.spawns(), 2);
     assert_eq!(script.aborts(), 1);
     h.assert_clean().await;
+}
+
+async fn a_watchdog_ends_with_its_request<R: ScenarioRuntime>(rt: R) {
+    // A grace far longer than any guard: the watchdog holding it must end when the
+    // request does, not when the grace runs out.
+    let h = Harness::with_config(
+        rt,
+        AdapterConfig {
+            cancel_grace: Some(HOUR),
+            ..AdapterConfig::default()
+        },
+    );
+    let (mut s, script, ctx) = h.start("r").await;
+    assert_eq!(s.request_id(), "r");
+    ctx.stop();
+    h.wait_aborts(&script, 1).await;
+    assert_eq!(h.counting.live_tasks(), 1, "the watchdog holds the grace");
+    let shown = format!("{s:?}");
+    assert!(
+        shown.starts_with("ResponseStream { request_id: \"r\", state: State {"),
+        "{shown}"
+    );
+    script.terminal(FinishReason::Cancelled);
+    assert_eq!(
+        h.collect(&mut s).await,
+        vec![terminal(FinishReason::Cancelled)]
+    );
+    // Woken by the end: no time passes (on the paused clock) before it is gone.
+    let before = h.rt.now();
+    h.assert_clean().await;
+    if h.rt.exact_clock() {
+        assert_eq!(h.rt.now(), before);
+    }
 }
 
 async fn stop_after_terminal_does_not_abort<R: ScenarioRuntime>(rt: R) {

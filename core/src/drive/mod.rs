@@ -202,3 +202,6 @@ impl Adapter {
         Ok(stream)
     }
 }
+
+#[cfg(all(test, not(tether_loom)))]
+mod tests;

@@ -1,0 +1,121 @@
+//! Unit tests of the driver's small pieces; the behaviour is tested on real runtimes by
+//! `tests/` and on a manual one by `core/tests/props.rs`.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext};
+
+#[derive(Debug)]
+struct Never;
+
+impl AsyncTimer for Never {
+    fn reset(self: Pin<&mut Self>, _deadline: Instant) {}
+    fn poll(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<()> {
+        Poll::Pending
+    }
+}
+
+#[derive(Debug)]
+struct Counting {
+    spawns: AtomicUsize,
+    timers: AtomicUsize,
+    at: Instant,
+}
+
+impl Runtime for Counting {
+    fn spawn(&self, future: SpawnFuture) {
+        self.spawns.fetch_add(1, Ordering::SeqCst);
+        drop(future);
+    }
+    fn sleep_until(&self, _deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
+        self.timers.fetch_add(1, Ordering::SeqCst);
+        Box::pin(Never)
+    }
+    fn now(&self) -> Instant {
+        self.at
+    }
+}
+
+struct Idle;
+
+impl LlmEngine for Idle {
+    fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
+        Box::pin(async move {
+            Ok(EngineConfig {
+                model: "idle".into(),
+                worker_id,
+                max_concurrency: None,
+            })
+        })
+    }
+    fn generate(
+        &self,
+        _request: Request,
+        _context: GenerateContext,
+    ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        Box::pin(async { Err(EngineError::invalid_argument("idle")) })
+    }
+    fn cleanup(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[test]
+fn an_arc_of_a_runtime_is_that_runtime() {
+    let at = Instant::now() + Duration::from_secs(7);
+    let inner = Arc::new(Counting {
+        spawns: AtomicUsize::new(0),
+        timers: AtomicUsize::new(0),
+        at,
+    });
+    let rt: &dyn Runtime = &inner;
+    rt.spawn(Box::pin(async {}));
+    drop(rt.sleep_until(at));
+    assert_eq!(rt.now(), at);
+    assert_eq!(inner.spawns.load(Ordering::SeqCst), 1);
+    assert_eq!(inner.timers.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn adapter_shows_its_config_and_runtime() {
+    let config = AdapterConfig {
+        mode: Mode::Decode,
+        cancel_grace: None,
+        ..AdapterConfig::default()
+    };
+    let rt = Counting {
+        spawns: AtomicUsize::new(0),
+        timers: AtomicUsize::new(0),
+        at: Instant::now(),
+    };
+    let adapter = Adapter::new(Arc::new(Idle), rt, config);
+    assert_eq!(adapter.config().mode, Mode::Decode);
+    assert_eq!(adapter.config().cancel_grace, None);
+    let shown = format!("{adapter:?}");
+    assert!(
+        shown.starts_with("Adapter { runtime: Counting {"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(
+            "config: AdapterConfig { mode: Decode, deferral_deadline: 30s, cancel_grace: None, \
+             first_token_timeout: None, inter_token_timeout: None, observer: false, spans: true }"
+        ),
+        "{shown}"
+    );
+}
+
+#[test]
+fn an_observer_shows_as_dyn_observer_and_ignores_aborts_by_default() {
+    struct Quiet;
+    impl Observer for Quiet {
+        fn on_record(&self, _record: &RequestRecord) {}
+    }
+    let observer: Arc<dyn Observer> = Arc::new(Quiet);
+    observer.on_abort("r");
+    assert_eq!(format!("{observer:?}"), "dyn Observer");
+}
