@@ -175,8 +175,9 @@ struct Local {
     /// The waker last registered in `shared.waker` (skips the lock on repeat polls).
     registered: Option<Waker>,
     migration_link: Option<TraceLink>,
-    /// An item decided while `generate` was pending, for the first poll.
-    stash: Option<Annotated<Chunk>>,
+    /// An item decided while `generate` was pending, for the first poll (boxed: it is
+    /// rare, and an inline `Annotated<Chunk>` would grow every stream by its size).
+    stash: Option<Box<Annotated<Chunk>>>,
     stamped: bool,
     done: bool,
     step_cache: StepCache,
@@ -264,7 +265,7 @@ impl ResponseStream {
                         return Poll::Ready(Err(err));
                     }
                     // A kill won the race: the stream yields what is owed.
-                    local.stash = carry_out(shared, local, acts, state, Item::None);
+                    local.stash = carry_out(shared, local, acts, state, Item::None).map(Box::new);
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Pending => {}
@@ -350,7 +351,7 @@ impl Stream for ResponseStream {
         let this = self.project();
         let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
         if let Some(item) = local.stash.take() {
-            return Poll::Ready(Some(item));
+            return Poll::Ready(Some(*item));
         }
         if local.done {
             return Poll::Ready(None);
