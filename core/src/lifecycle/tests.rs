@@ -544,79 +544,101 @@ fn oracle_catches_a_missing_outcome_on_drop() {
     assert_eq!(v.rule, 9);
 }
 
-/// The proof for sequences of every length: a breadth-first search of every pair
-/// (machine state, oracle state) reachable from a fresh request in each mode, trying
-/// every event from every pair with the oracle judging the step, and closing with a
-/// consumer drop at every pair. Both halves are finite, so once no new pair appears
-/// every event sequence of any length has been judged: a sequence longer than the
-/// search's depth only revisits pairs already checked. A violation prints the shortest
-/// sequence that reaches it.
-#[test]
-fn every_reachable_pair_satisfies_every_rule() {
-    use std::collections::HashMap;
-    use std::collections::VecDeque;
+/// What a search of the reachable pairs covered.
+#[derive(Debug, Default)]
+struct Searched {
+    states: std::collections::HashSet<State>,
+    pairs: usize,
+    transitions: u64,
+}
 
-    let started = std::time::Instant::now();
-    let mut states = std::collections::HashSet::new();
-    let mut total_pairs = 0;
-    let mut transitions = 0u64;
-    for mode in [Mode::Aggregated, Mode::Prefill, Mode::Decode] {
-        type Key = (State, super::oracle::OracleState);
-        let start = (State::new(mode), Oracle::new(mode));
-        // How each pair was first reached, for counterexamples.
-        let mut parent: HashMap<Key, Option<(Key, Event)>> = HashMap::new();
-        parent.insert((start.0, start.1.state()), None);
-        let mut queue = VecDeque::from([start]);
-        let path_to = |parent: &HashMap<Key, Option<(Key, Event)>>, mut key: Key| {
-            let mut path = Vec::new();
-            while let Some(Some((prev, e))) = parent.get(&key) {
-                path.push(*e);
-                key = *prev;
+/// A broken rule, with the shortest event sequence (closing drop aside) that breaks it.
+type Counterexample = (super::oracle::Violation, Vec<Event>);
+
+/// Breadth-first search of every pair (machine state, oracle state) reachable from a
+/// fresh request in `mode` under `step_fn`: every event from every pair, judged by the
+/// oracle, and a closing consumer drop at every pair.
+fn search(
+    mode: Mode,
+    step_fn: impl Fn(State, Event) -> (State, Actions),
+    into: &mut Searched,
+) -> Result<(), Counterexample> {
+    use std::collections::hash_map::{Entry, HashMap};
+    type Key = (State, super::oracle::OracleState);
+    let start = (State::new(mode), Oracle::new(mode));
+    // How each pair was first reached, for counterexamples.
+    let mut parent: HashMap<Key, Option<(Key, Event)>> = HashMap::new();
+    parent.insert((start.0, start.1.state()), None);
+    let mut queue = std::collections::VecDeque::from([start]);
+    let path_to = |parent: &HashMap<Key, Option<(Key, Event)>>, mut key: Key| {
+        let mut path = Vec::new();
+        while let Some(Some((prev, e))) = parent.get(&key) {
+            path.push(*e);
+            key = *prev;
+        }
+        path.reverse();
+        path
+    };
+    while let Some((state, oracle)) = queue.pop_front() {
+        into.states.insert(state);
+        let key = (state, oracle.state());
+        // Close here: the consumer drops the stream now.
+        let mut closing = oracle.clone();
+        let (s, a) = step_fn(state, ConsumerDropped);
+        if let Err(v) = closing
+            .observe(ConsumerDropped, a, s)
+            .and_then(|()| closing.close())
+        {
+            return Err((v, path_to(&parent, key)));
+        }
+        for e in Event::ALL {
+            into.transitions += 1;
+            let (next, acts) = step_fn(state, e);
+            let mut o = oracle.clone();
+            if let Err(v) = o.observe(e, acts, next) {
+                let mut path = path_to(&parent, key);
+                path.push(e);
+                return Err((v, path));
             }
-            path.reverse();
-            path
-        };
-        while let Some((state, oracle)) = queue.pop_front() {
-            states.insert(state);
-            let key = (state, oracle.state());
-            // Close here: the consumer drops the stream now.
-            let mut closing = oracle.clone();
-            let (s, a) = step(state, ConsumerDropped);
-            if let Err(v) = closing
-                .observe(ConsumerDropped, a, s)
-                .and_then(|()| closing.close())
-            {
-                panic!("{v} when closing after {:?}", path_to(&parent, key));
-            }
-            for e in Event::ALL {
-                transitions += 1;
-                let (next, acts) = step(state, e);
-                let mut o = oracle.clone();
-                if let Err(v) = o.observe(e, acts, next) {
-                    let mut path = path_to(&parent, key);
-                    path.push(e);
-                    panic!("{v} in {path:?}");
-                }
-                let next_key = (next, o.state());
-                if let std::collections::hash_map::Entry::Vacant(slot) = parent.entry(next_key) {
-                    slot.insert(Some((key, e)));
-                    queue.push_back((next, o));
-                }
+            if let Entry::Vacant(slot) = parent.entry((next, o.state())) {
+                slot.insert(Some((key, e)));
+                queue.push_back((next, o));
             }
         }
-        println!("{mode:?}: {} reachable (state, oracle) pairs", parent.len());
-        total_pairs += parent.len();
+    }
+    into.pairs += parent.len();
+    Ok(())
+}
+
+/// The proof for sequences of every length: the search above in every mode. Both
+/// halves of a pair are finite, so once no new pair appears every event sequence of any
+/// length has been judged: a sequence longer than the search's depth only revisits
+/// pairs already checked. A violation prints the shortest sequence that reaches it.
+#[test]
+fn every_reachable_pair_satisfies_every_rule() {
+    let started = std::time::Instant::now();
+    let mut searched = Searched::default();
+    for mode in [Mode::Aggregated, Mode::Prefill, Mode::Decode] {
+        let before = searched.pairs;
+        if let Err((v, path)) = search(mode, step, &mut searched) {
+            panic!("{v} in {mode:?} after {path:?}");
+        }
+        println!(
+            "{mode:?}: {} reachable (state, oracle) pairs",
+            searched.pairs - before
+        );
     }
     println!(
-        "reachable-state proof: {} machine states, {total_pairs} pairs, {transitions} \
-         transitions judged in {:?}",
-        states.len(),
+        "reachable-state proof: {} machine states, {} pairs, {} transitions judged in {:?}",
+        searched.states.len(),
+        searched.pairs,
+        searched.transitions,
         started.elapsed()
     );
     // The counts are what make this a proof rather than a sample: pin them, so a
     // change to the machine or the oracle that changes the space is seen.
     assert_eq!(
-        (states.len(), total_pairs),
+        (searched.states.len(), searched.pairs),
         (EXPECTED_STATES, EXPECTED_PAIRS)
     );
 }
@@ -624,7 +646,8 @@ fn every_reachable_pair_satisfies_every_rule() {
 const EXPECTED_STATES: usize = 86;
 const EXPECTED_PAIRS: usize = 86;
 
-/// The search above must be able to fail: a machine with one rule broken is caught.
+/// The search must be able to fail: a machine with one rule broken is caught, with the
+/// shortest sequence that shows it.
 #[test]
 fn the_reachable_pair_search_catches_a_broken_machine() {
     // The old rule 4: a decode-mode drop before the first token discards the abort.
@@ -635,33 +658,8 @@ fn the_reachable_pair_search_catches_a_broken_machine() {
         }
         (n, a)
     };
-    let err = check_with(Mode::Decode, broken).unwrap_err();
-    assert_eq!(err.rule, 2, "{err}");
-}
-
-/// Breadth-first search over reachable pairs for one mode with a given step function.
-fn check_with(
-    mode: Mode,
-    step_fn: impl Fn(State, Event) -> (State, Actions),
-) -> Result<usize, super::oracle::Violation> {
-    let mut seen = std::collections::HashSet::new();
-    let mut queue = std::collections::VecDeque::from([(State::new(mode), Oracle::new(mode))]);
-    while let Some((state, oracle)) = queue.pop_front() {
-        if !seen.insert((state, oracle.state())) {
-            continue;
-        }
-        let mut closing = oracle.clone();
-        let (s, a) = step_fn(state, ConsumerDropped);
-        closing.observe(ConsumerDropped, a, s)?;
-        closing.close()?;
-        for e in Event::ALL {
-            let (next, acts) = step_fn(state, e);
-            let mut o = oracle.clone();
-            o.observe(e, acts, next)?;
-            queue.push_back((next, o));
-        }
-    }
-    Ok(seen.len())
+    let (v, path) = search(Mode::Decode, broken, &mut Searched::default()).unwrap_err();
+    assert_eq!((v.rule, v.event, path), (2, ConsumerDropped, vec![]));
 }
 
 #[test]
