@@ -39,6 +39,24 @@ pub(crate) struct Watchdog {
     pub(crate) engine: Option<EngineSlot>,
 }
 
+impl Watchdog {
+    /// Nothing is left to do: step down under the lock, so that an engine handed over
+    /// after this point finds no watchdog and spawns a new one (which lets it go at
+    /// once) instead of waiting forever in the mailbox. `false` if one arrived first.
+    fn retire(shared: &Shared) -> bool {
+        let mut off = lock(&shared.off);
+        let Some(off) = off.as_mut() else {
+            return true;
+        };
+        if off.handoff.is_some() {
+            return false;
+        }
+        off.spawned = false;
+        off.waker = None;
+        true
+    }
+}
+
 impl Future for Watchdog {
     type Output = ();
 
@@ -87,7 +105,10 @@ impl Future for Watchdog {
                         // or a handover settles it, and each of them wakes us.
                         return Poll::Pending;
                     }
-                    return Poll::Ready(());
+                    if Watchdog::retire(shared) {
+                        return Poll::Ready(());
+                    }
+                    break; // an engine was handed over meanwhile: see to it first
                 };
                 if !this.timer.poll_until(next, cx, rt) {
                     return Poll::Pending;
