@@ -533,10 +533,10 @@ fn finish(
         Shared::arm(shared, Actions::default(), engine);
     } else {
         release(engine, &shared.request_id);
-        if state.abort() != crate::lifecycle::Abort::None
-            || state.cancel() != crate::lifecycle::Cancel::None
-        {
-            // A watchdog waiting on a grace that no longer matters can end now.
+        // Here, a watchdog exists only if a stop, kill or timeout armed one (a drop that
+        // defers hands the engine over above); one waiting on a grace that no longer
+        // matters can end now. The check keeps the happy path off the lock.
+        if state.cancel() != crate::lifecycle::Cancel::None {
             Shared::wake_watchdog(shared);
         }
     }
