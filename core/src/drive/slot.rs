@@ -64,18 +64,18 @@ impl EngineSlot {
     /// The next engine event (setup first, then the stream's items).
     #[inline]
     pub(crate) fn poll_event(&mut self, cx: &mut TaskContext<'_>) -> Poll<(Event, Item)> {
-        let stream = match self {
-            EngineSlot::Stream(stream) => stream,
-            EngineSlot::Setup(_) => match self.poll_setup(cx) {
-                Poll::Pending => return Poll::Pending,
+        if let EngineSlot::Setup(_) = self {
+            match self.poll_setup(cx) {
+                Poll::Ready(None) => {}
                 Poll::Ready(Some(err)) => {
                     return Poll::Ready((Event::EngineError, Item::Error(err)))
                 }
-                Poll::Ready(None) => match self {
-                    EngineSlot::Stream(stream) => stream,
-                    EngineSlot::Setup(_) => return Poll::Pending,
-                },
-            },
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let EngineSlot::Stream(stream) = self else {
+            // `poll_setup` answers `Ready(None)` only once the stream exists.
+            return Poll::Pending;
         };
         let polled = catch_unwind(AssertUnwindSafe(|| stream.as_mut().poll_next(cx)));
         Poll::Ready(match polled {

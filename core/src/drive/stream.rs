@@ -10,6 +10,7 @@
 //! and the watchdog never decide the same thing twice.
 
 use std::fmt;
+use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, Waker};
 
 use futures_core::Stream;
@@ -66,9 +67,7 @@ impl Shared {
         if acts.abort {
             Shared::spawn_abort(this);
         }
-        if acts.arm_grace || acts.arm_deferral {
-            Shared::arm(this, acts, None);
-        }
+        Shared::arm(this, acts, None);
         if acts.wake {
             if let Some(w) = lock(&this.waker).as_ref() {
                 w.wake_by_ref();
@@ -90,7 +89,8 @@ impl Shared {
     }
 
     /// Arm the cancel deadlines `acts` asks for and hand over `engine` for draining;
-    /// spawn the watchdog the first time, wake it afterwards.
+    /// spawn the watchdog the first time, wake it afterwards. Nothing (no clock read,
+    /// no lock) when there is nothing to arm or hand over.
     fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
         let cfg = &this.adapter.config;
         let rt = &this.adapter.runtime;
@@ -143,12 +143,9 @@ impl Shared {
         )
     }
 
+    /// Store the consumer's waker (only [`register`] calls this, when it changed).
     fn register(&self, waker: &Waker) {
-        let mut slot = lock(&self.waker);
-        match &*slot {
-            Some(old) if old.will_wake(waker) => {}
-            _ => *slot = Some(waker.clone()),
-        }
+        *lock(&self.waker) = Some(waker.clone());
     }
 }
 
@@ -344,10 +341,7 @@ fn poll_silence(
 impl Stream for ResponseStream {
     type Item = Annotated<Chunk>;
 
-    fn poll_next(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Self::Item>> {
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
         let this = self.project();
         let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
         if let Some(item) = local.stash.take() {
@@ -437,9 +431,7 @@ fn carry_out(
     if acts.abort {
         Shared::spawn_abort(shared);
     }
-    if acts.arm_grace || acts.arm_deferral {
-        Shared::arm(shared, acts, None);
-    }
+    Shared::arm(shared, acts, None);
     let cfg = &shared.adapter.config;
     let mut timeout_kind = None;
     let (out, outcome) = if acts.forward {
@@ -544,7 +536,7 @@ fn finish(
 
 #[pinned_drop]
 impl PinnedDrop for ResponseStream {
-    fn drop(self: std::pin::Pin<&mut Self>) {
+    fn drop(self: Pin<&mut Self>) {
         let this = self.project();
         let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
         if local.done {

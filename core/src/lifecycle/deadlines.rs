@@ -77,7 +77,7 @@ impl Silence {
     /// The consumer asked for an item and the engine had none: silence counts from
     /// `now`, unless it already counts since an earlier wait with no token between.
     pub fn waiting(&mut self, now: Instant) {
-        if self.waiting_since.is_none() && self.limit().is_some() {
+        if self.needs_wait_start() {
             self.waiting_since = Some(now);
         }
     }
