@@ -995,7 +995,8 @@ impl Harness {
         // 2. Deadlines, deferral first.
         let now = self.now();
         if self.g.deferred && self.g.deferral_due.is_some_and(|at| at <= now) {
-            lock(&self.track).deadline_passed = true;
+            // (The engine's rule-2 check was told the deadline passed when the clock
+            // moved: `update_deadline_passed`.)
             aborted |= self.abort_now();
         }
         let grace_pending = self.g.live && self.g.cancel == Cancel::Stop && self.g.owed.is_none();
