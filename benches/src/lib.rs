@@ -62,9 +62,5 @@ impl Observer for CountingObserver {
 /// The adapter configuration the benches use unless they measure spans: spans off,
 /// an observer on, everything else default (no timeouts configured).
 pub fn tether_config(observer: Arc<CountingObserver>) -> AdapterConfig {
-    AdapterConfig {
-        spans: false,
-        observer: Some(observer),
-        ..AdapterConfig::default()
-    }
+    AdapterConfig::default().spans(false).observer(observer)
 }

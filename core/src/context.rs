@@ -68,6 +68,59 @@ impl Level {
     }
 }
 
+/// Why a context was cancelled: the first [`Context::stop_with`] or
+/// [`Context::kill_with`] that moved it off [`Level::Live`] sets it, and nothing
+/// changes it afterwards ("first cause wins"). A child linked with
+/// [`Context::link_child`] inherits the cause of the parent that cancelled it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Cause {
+    /// The code holding the context asked ([`Context::stop`] and [`Context::kill`]).
+    Caller,
+    /// The client went away (an HTTP edge's disconnect, a kill-on-drop stream).
+    ClientDisconnect,
+    /// The server is shutting down.
+    Shutdown,
+    /// A deadline expired (a router's or a client's timeout, or one of tether's own).
+    Timeout,
+}
+
+impl Cause {
+    /// A short lowercase label: `caller`, `client_disconnect`, `shutdown`, `timeout`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Cause::Caller => "caller",
+            Cause::ClientDisconnect => "client_disconnect",
+            Cause::Shutdown => "shutdown",
+            Cause::Timeout => "timeout",
+        }
+    }
+
+    const fn code(self) -> u8 {
+        match self {
+            Cause::Caller => 0,
+            Cause::ClientDisconnect => 1,
+            Cause::Shutdown => 2,
+            Cause::Timeout => 3,
+        }
+    }
+
+    const fn from_code(v: u8) -> Cause {
+        match v {
+            0 => Cause::Caller,
+            1 => Cause::ClientDisconnect,
+            2 => Cause::Shutdown,
+            _ => Cause::Timeout,
+        }
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
 /// What a listener is told when its context's level rises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Signal {
@@ -92,13 +145,16 @@ pub struct Context {
 
 struct Inner {
     id: String,
-    /// Lock-free mirror of `State::level`; written only under the lock.
+    /// Lock-free mirror of `State::level` (low 2 bits) and of the cause (the next 2
+    /// bits, meaningful once the level is above `Live`); written only under the lock.
     level: AtomicU8,
     state: Mutex<State>,
 }
 
 struct State {
     level: Level,
+    /// Why the level first rose; meaningless while `Live`.
+    cause: Cause,
     /// The level of the round most recently started by a deliverer.
     delivered: Level,
     delivering: bool,
@@ -129,6 +185,7 @@ impl Context {
                 level: AtomicU8::new(Level::Live as u8),
                 state: Mutex::new(State {
                     level: Level::Live,
+                    cause: Cause::Caller,
                     delivered: Level::Live,
                     delivering: false,
                     late: false,
@@ -152,14 +209,33 @@ impl Context {
         self.inner.load()
     }
 
-    /// Ask for a graceful stop. No-op if already stopped or killed.
+    /// Ask for a graceful stop ([`Cause::Caller`]). No-op if already stopped or killed.
     pub fn stop(&self) {
-        self.inner.raise(Level::Stopped);
+        self.stop_with(Cause::Caller);
     }
 
-    /// Ask for an immediate stop. No-op if already killed.
+    /// Ask for an immediate stop ([`Cause::Caller`]). No-op if already killed.
     pub fn kill(&self) {
-        self.inner.raise(Level::Killed);
+        self.kill_with(Cause::Caller);
+    }
+
+    /// [`stop`](Context::stop), saying why. The cause is kept only if this is the
+    /// context's first cancellation.
+    pub fn stop_with(&self, cause: Cause) {
+        self.inner.raise(Level::Stopped, cause);
+    }
+
+    /// [`kill`](Context::kill), saying why. The cause is kept only if this is the
+    /// context's first cancellation (a kill after a stop keeps the stop's cause).
+    pub fn kill_with(&self, cause: Cause) {
+        self.inner.raise(Level::Killed, cause);
+    }
+
+    /// Why the context was cancelled: `None` while live, else the first cause given
+    /// (one atomic load, no lock).
+    pub fn cause(&self) -> Option<Cause> {
+        let word = self.inner.level.load(Ordering::Acquire);
+        (Level::from_u8(word & 0b11) > Level::Live).then(|| Cause::from_code(word >> 2))
     }
 
     /// True once the context has been stopped **or** killed.
@@ -203,7 +279,7 @@ impl Context {
     /// is pruned. If this context is already stopped or killed, the child is signalled
     /// at once.
     pub fn link_child(&self, child: &Context) {
-        let level = {
+        let (level, cause) = {
             let mut st = lock(&self.inner.state);
             // A killed context never signals again, so it need not remember the child.
             if st.level < Level::Killed {
@@ -214,12 +290,12 @@ impl Context {
                 }
                 st.children.push(downgrade(&child.inner));
             }
-            st.level
+            (st.level, st.cause)
         };
         // Outside the lock: the child may be this context (a cycle), and its level check
         // is what ends the recursion. A later round may signal it again; that is a no-op.
         if level > Level::Live {
-            child.inner.raise(level);
+            child.inner.raise(level, cause);
         }
     }
 
@@ -281,10 +357,10 @@ impl Inner {
     fn load(&self) -> Level {
         // Acquire: pairs with the Release store in `raise`, so a reader that sees the new
         // level also sees what the stopping thread wrote before calling stop()/kill().
-        Level::from_u8(self.level.load(Ordering::Acquire))
+        Level::from_u8(self.level.load(Ordering::Acquire) & 0b11)
     }
 
-    fn raise(&self, target: Level) {
+    fn raise(&self, target: Level, cause: Cause) {
         if self.load() >= target {
             return;
         }
@@ -292,9 +368,13 @@ impl Inner {
         if st.level >= target {
             return;
         }
+        if st.level == Level::Live {
+            st.cause = cause; // the first cause wins
+        }
         st.level = target;
         // Release: pairs with the Acquire load in `load`.
-        self.level.store(target as u8, Ordering::Release);
+        self.level
+            .store(target as u8 | st.cause.code() << 2, Ordering::Release);
         // Someone else is delivering: they loop until they have delivered this level.
         if !st.delivering {
             st.delivering = true;
@@ -315,6 +395,7 @@ impl Inner {
         let mut orphans: Vec<Listener> = Vec::new();
         loop {
             let target = st.level;
+            let cause = st.cause;
             let fresh = target > st.delivered;
             if !fresh && !st.late {
                 st.delivering = false;
@@ -339,7 +420,7 @@ impl Inner {
 
             for w in &children {
                 if let Some(child) = upgrade(w) {
-                    child.raise(target);
+                    child.raise(target, cause);
                 }
             }
             drop(children);

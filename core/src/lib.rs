@@ -26,10 +26,11 @@ pub mod lifecycle;
 pub mod protocol;
 pub mod sync;
 
-pub use context::Context;
+pub use context::{Cause, Context};
 pub use drive::run_runtime_conformance;
 pub use drive::{
-    Adapter, AdapterConfig, AsyncTimer, Observer, Outcome, RequestRecord, ResponseStream, Runtime,
+    AbortStatus, Adapter, AdapterConfig, AsyncTimer, Generate, Generating, Observer, Outcome,
+    RequestRecord, ResponseStream, Results, Runtime,
 };
 pub use engine::{ChunkStream, EngineConfig, GenerateContext, LlmEngine};
 pub use error::{BackendError, EngineError, ErrorKind};

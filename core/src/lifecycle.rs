@@ -38,6 +38,9 @@
 //!     as after it.
 //! 11. The deferral deadline and the cancel grace are events that need no consumer poll:
 //!     the abort is released, or the terminal owed, by the event itself.
+//! 12. An early finish ([`Event::EarlyFinish`]) ends the request as
+//!     [`OutcomeKind::Finished`] with the caller's terminal and asks for the abort under
+//!     rules 1 and 2, unless a synthesized terminal is already owed.
 //!
 //! A synthesized terminal is not the engine's terminal: after a decode-mode kill before
 //! the first token the consumer gets `Cancelled` at once while the abort stays owed, to
@@ -137,11 +140,14 @@ pub enum Event {
     Timeout(Timeout),
     /// The consumer polls: deliver any terminal that is owed.
     ConsumerPoll,
+    /// The serving side ends the stream itself with a finish reason of its choosing
+    /// (a stop string matched, `ResponseStream::finish`): rule 12.
+    EarlyFinish,
 }
 
 impl Event {
     /// Every event, for exhaustive tests and fuzzers.
-    pub const ALL: [Event; 14] = [
+    pub const ALL: [Event; 15] = [
         Event::Chunk,
         Event::TokenlessChunk,
         Event::TerminalChunk,
@@ -156,6 +162,7 @@ impl Event {
         Event::Timeout(Timeout::InterToken),
         Event::Timeout(Timeout::CancelGrace),
         Event::ConsumerPoll,
+        Event::EarlyFinish,
     ];
 
     /// Whether this event comes from the engine's stream (only the poller produces it,
@@ -603,6 +610,15 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
         Event::ConsumerPoll => {
             if s.is_live() {
                 s.deliver_owed(&mut acts);
+            }
+        }
+        Event::EarlyFinish => {
+            // Rule 12: the caller's terminal ends the stream, unless a kill or timeout
+            // already owes one (it won the race). The engine is aborted like for a drop.
+            if s.is_live() && s.owed.is_none() {
+                s.phase = Phase::Terminal;
+                acts.finish = Some(OutcomeKind::Finished);
+                s.request_abort(&mut acts);
             }
         }
     }

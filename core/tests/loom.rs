@@ -29,6 +29,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
+use tether_core::AbortStatus;
 
 use futures_core::Stream;
 use futures_util::StreamExt;
@@ -457,15 +458,14 @@ impl Rig {
             gctx: gctx.clone(),
         });
         let observer: StdArc<dyn Observer> = StdArc::new(LoomObserver(records.clone()));
-        let config = AdapterConfig {
-            mode,
-            deferral_deadline: DEFERRAL,
-            cancel_grace: None,
-            first_token_timeout,
-            inter_token_timeout: None,
-            observer: Some(Arc::from_std(observer)),
-            spans: false,
-        };
+        let config = AdapterConfig::default()
+            .mode(mode)
+            .deferral_deadline(DEFERRAL)
+            .cancel_grace(None)
+            .first_token_timeout(first_token_timeout)
+            .inter_token_timeout(None)
+            .observer(Arc::from_std(observer))
+            .spans(false);
         let adapter = Adapter::new(Arc::from_std(engine), rt.clone(), config);
         Rig {
             adapter,
@@ -510,13 +510,16 @@ impl Rig {
         // then says `Deferred`); an abort issued while the record says `None` or
         // `Discarded` is a bug.
         assert!(
-            aborts_then == 0 || matches!(record.abort, Abort::Sent | Abort::Deferred),
+            aborts_then == 0 || matches!(record.abort, AbortStatus::Sent | AbortStatus::Deferred),
             "an abort was issued but the record says {record:?}"
         );
-        if record.abort == Abort::Sent {
+        if record.abort == AbortStatus::Sent {
             assert_eq!(aborts, 1, "a decided abort is carried out: {record:?}");
         }
-        if matches!(record.abort, Abort::None | Abort::Discarded) {
+        if matches!(
+            record.abort,
+            AbortStatus::NotNeeded | AbortStatus::Discarded
+        ) {
             // Rule 1: nothing may follow a terminal (or drop) that owed no abort.
             assert_eq!(
                 aborts, 0,
@@ -1210,7 +1213,7 @@ fn observer_record_exactly_once_under_all_enders() {
                 },
                 Poll::Pending => {
                     assert_eq!(record.outcome, Outcome::Dropped);
-                    assert_eq!(rig.aborts(), usize::from(record.abort == Abort::Sent));
+                    assert_eq!(rig.aborts(), usize::from(record.abort == AbortStatus::Sent));
                 }
                 Poll::Ready(None) => panic!("rule 6: the stream ended without a terminal"),
             }

@@ -209,10 +209,7 @@ fn main() {
     let adapter = Adapter::new(
         engine,
         ThreadRuntime,
-        AdapterConfig {
-            first_token_timeout: Some(Duration::from_secs(5)),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default().first_token_timeout(Some(Duration::from_secs(5))),
     );
 
     // A request that runs to its end: 49 tokens, then `Length`, no abort.

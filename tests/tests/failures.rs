@@ -4,9 +4,9 @@
 //! probe adapter and the `ResponseStream` bounds.
 
 use std::task::Poll;
+use tether_core::AbortStatus;
 
 use tether_core::drive::ProbeAdapter;
-use tether_core::lifecycle::Abort;
 use tether_core::{
     AdapterConfig, Annotated, BackendError, Chunk, EngineError, ErrorKind, FinishReason, Outcome,
     ResponseStream,
@@ -53,7 +53,7 @@ async fn engine_end_without_terminal_yields_stream_incomplete<R: ScenarioRuntime
         rec.outcome,
         Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete))
     );
-    assert_eq!((rec.output_tokens, rec.abort), (1, Abort::None));
+    assert_eq!((rec.output_tokens, rec.abort), (1, AbortStatus::NotNeeded));
     assert_eq!(h.observer.aborts("r"), 0);
     assert_eq!(h.counting.spawns(), 0);
     h.assert_clean().await;
@@ -83,7 +83,7 @@ async fn engine_error_mid_stream_is_forwarded_and_ends_stream<R: ScenarioRuntime
         rec.outcome,
         Outcome::Failed(ErrorKind::Backend(BackendError::EngineShutdown))
     );
-    assert_eq!(rec.abort, Abort::None);
+    assert_eq!(rec.abort, AbortStatus::NotNeeded);
     assert_eq!(h.observer.aborts("r"), 0);
     h.assert_clean().await;
 }
@@ -105,7 +105,7 @@ async fn engine_panic_becomes_error_item_and_consumer_keeps_working<R: ScenarioR
         rec.outcome,
         Outcome::Failed(ErrorKind::Backend(BackendError::Unknown))
     );
-    assert_eq!(rec.abort, Abort::None);
+    assert_eq!(rec.abort, AbortStatus::NotNeeded);
     // The panicked engine stream is released, never polled again, never aborted.
     assert_eq!(h.engine.live_streams(), 0);
     ctx.kill();
@@ -137,7 +137,7 @@ async fn setup_error_is_returned_without_abort_and_recorded_failed<R: ScenarioRu
     assert_eq!(rec.outcome, Outcome::Failed(ErrorKind::InvalidArgument));
     assert_eq!(
         (rec.ttft, rec.output_tokens, rec.abort),
-        (None, 0, Abort::None)
+        (None, 0, AbortStatus::NotNeeded)
     );
     h.assert_clean().await;
 }
@@ -145,10 +145,7 @@ async fn setup_error_is_returned_without_abort_and_recorded_failed<R: ScenarioRu
 async fn first_token_timeout_yields_error_and_aborts_once<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(
         rt,
-        AdapterConfig {
-            first_token_timeout: Some(DEADLINE),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default().first_token_timeout(Some(DEADLINE)),
     );
     let before = h.rt.now();
     let (mut s, script, _ctx) = h.start("r").await;
@@ -169,7 +166,10 @@ async fn first_token_timeout_yields_error_and_aborts_once<R: ScenarioRuntime>(rt
     script.tokens(&[1]);
     assert_eq!(poll_once(&mut s).await, Poll::Ready(None));
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::TimedOut, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::TimedOut, AbortStatus::Sent)
+    );
     assert_eq!((rec.ttft, rec.output_tokens), (None, 0));
     h.wait_aborts(&script, 1).await;
     assert_eq!((h.counting.spawns(), h.counting.timers()), (1, 1));
@@ -179,10 +179,7 @@ async fn first_token_timeout_yields_error_and_aborts_once<R: ScenarioRuntime>(rt
 async fn tokenless_chunk_does_not_meet_first_token_timeout<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(
         rt,
-        AdapterConfig {
-            first_token_timeout: Some(DEADLINE),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default().first_token_timeout(Some(DEADLINE)),
     );
     let (mut s, script, _ctx) = h.start("r").await;
     script.tokens(&[]);
@@ -202,10 +199,7 @@ async fn tokenless_chunk_does_not_meet_first_token_timeout<R: ScenarioRuntime>(r
 async fn inter_token_timeout_yields_error_and_aborts_once<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(
         rt,
-        AdapterConfig {
-            inter_token_timeout: Some(DEADLINE),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default().inter_token_timeout(Some(DEADLINE)),
     );
     let (mut s, script, _ctx) = h.start("r").await;
     script.tokens(&[1]);
@@ -225,7 +219,10 @@ async fn inter_token_timeout_yields_error_and_aborts_once<R: ScenarioRuntime>(rt
     }
     assert_eq!(h.next(&mut s).await, None);
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::TimedOut, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::TimedOut, AbortStatus::Sent)
+    );
     assert_eq!(rec.output_tokens, 1);
     assert!(rec.ttft.is_some());
     h.wait_aborts(&script, 1).await;
@@ -234,13 +231,7 @@ async fn inter_token_timeout_yields_error_and_aborts_once<R: ScenarioRuntime>(rt
 }
 
 async fn cancel_grace_expiry_after_stop_forces_cancelled<R: ScenarioRuntime>(rt: R) {
-    let h = Harness::with_config(
-        rt,
-        AdapterConfig {
-            cancel_grace: Some(DEADLINE),
-            ..AdapterConfig::default()
-        },
-    );
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
     let (mut s, script, ctx) = h.start("r").await;
     script.tokens(&[1]);
     assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
@@ -260,7 +251,10 @@ async fn cancel_grace_expiry_after_stop_forces_cancelled<R: ScenarioRuntime>(rt:
         assert!(waited >= DEADLINE, "forced after {waited:?}");
     }
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Cancelled, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Cancelled, AbortStatus::Sent)
+    );
     assert_eq!(h.observer.aborts("r"), 1);
     // The abort, and the watchdog that runs the grace off the consumer's path (rule 11).
     assert_eq!((h.counting.spawns(), h.counting.timers()), (2, 1));

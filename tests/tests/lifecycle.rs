@@ -5,6 +5,7 @@
 
 use std::task::Poll;
 use std::time::Duration;
+use tether_core::AbortStatus;
 
 use futures_util::future::join;
 use tether_core::lifecycle::{Abort, Phase};
@@ -16,11 +17,9 @@ use tether_tests::{
 const HOUR: Duration = Duration::from_secs(3600);
 
 fn decode(deferral_deadline: Duration) -> AdapterConfig {
-    AdapterConfig {
-        mode: Mode::Decode,
-        deferral_deadline,
-        ..AdapterConfig::default()
-    }
+    AdapterConfig::default()
+        .mode(Mode::Decode)
+        .deferral_deadline(deferral_deadline)
 }
 
 fn tokens(t: &[u32]) -> tether_core::Annotated<Chunk> {
@@ -95,7 +94,7 @@ async fn happy_path_forwards_chunks_then_terminal_without_spawns_or_timers<R: Sc
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Finished(FinishReason::Eos));
     assert_eq!(rec.output_tokens, 3);
-    assert_eq!(rec.abort, Abort::None);
+    assert_eq!(rec.abort, AbortStatus::NotNeeded);
     assert_eq!(rec.itl.count, 1);
     if h.rt.exact_clock() {
         assert_eq!(rec.ttft, Some(Duration::ZERO));
@@ -113,11 +112,9 @@ async fn happy_path_forwards_chunks_then_terminal_without_spawns_or_timers<R: Sc
 async fn timeouts_create_a_timer_only_when_the_consumer_waits<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(
         rt,
-        AdapterConfig {
-            first_token_timeout: Some(HOUR),
-            inter_token_timeout: Some(HOUR),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default()
+            .first_token_timeout(Some(HOUR))
+            .inter_token_timeout(Some(HOUR)),
     );
     // The engine always has the next item ready: the consumer never waits, so the
     // silence limits (rule 11) never start and no timer exists.
@@ -192,7 +189,7 @@ async fn stop_before_terminal_aborts_once_and_chunks_flow_to_engine_terminal<R: 
     );
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Finished(FinishReason::Length));
-    assert_eq!((rec.output_tokens, rec.abort), (3, Abort::Sent));
+    assert_eq!((rec.output_tokens, rec.abort), (3, AbortStatus::Sent));
     // The abort, and the watchdog holding the 5 s cancel grace (ended by the terminal).
     assert_eq!(h.counting.spawns(), 2);
     assert_eq!(script.aborts(), 1);
@@ -212,7 +209,10 @@ async fn stop_answered_by_engine_cancelled_terminal_records_cancelled<R: Scenari
     ctx.stop();
     assert_eq!(h.collect(&mut s).await, vec![data(answer)]);
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Cancelled, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Cancelled, AbortStatus::Sent)
+    );
     assert_eq!(script.aborts(), 1);
     h.assert_clean().await;
 }
@@ -231,7 +231,7 @@ async fn stop_then_engine_ends_without_terminal_synthesizes_cancelled<R: Scenari
     );
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Cancelled);
-    assert_eq!((rec.output_tokens, rec.abort), (2, Abort::Sent));
+    assert_eq!((rec.output_tokens, rec.abort), (2, AbortStatus::Sent));
     assert_eq!(h.observer.aborts("r"), 1);
     h.assert_clean().await;
 }
@@ -255,7 +255,7 @@ async fn kill_yields_cancelled_at_next_poll_and_aborts_once<R: ScenarioRuntime>(
     assert_eq!(h.engine.live_streams(), 0);
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Cancelled);
-    assert_eq!((rec.output_tokens, rec.abort), (1, Abort::Sent));
+    assert_eq!((rec.output_tokens, rec.abort), (1, AbortStatus::Sent));
     h.wait_aborts(&script, 1).await;
     assert_eq!(h.counting.spawns(), 1);
     h.assert_clean().await;
@@ -309,7 +309,7 @@ async fn final_chunk_consumed_before_kill_finishes_without_abort<R: ScenarioRunt
     assert_eq!(h.counting.spawns(), 0);
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Finished(FinishReason::Eos));
-    assert_eq!(rec.abort, Abort::None);
+    assert_eq!(rec.abort, AbortStatus::NotNeeded);
     h.assert_clean().await;
 }
 
@@ -329,7 +329,10 @@ async fn kill_inside_engine_poll_racing_final_chunk_yields_one_terminal<R: Scena
         vec![terminal(FinishReason::Cancelled)]
     );
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Cancelled, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Cancelled, AbortStatus::Sent)
+    );
     assert_eq!(h.observer.aborts("r"), 1);
     h.wait_aborts(&script, 1).await;
     h.assert_clean_allowing_late_abort_entry().await;
@@ -358,13 +361,7 @@ async fn stop_then_kill_aborts_once<R: ScenarioRuntime>(rt: R) {
 async fn a_watchdog_ends_with_its_request<R: ScenarioRuntime>(rt: R) {
     // A grace far longer than any guard: the watchdog holding it must end when the
     // request does, not when the grace runs out.
-    let h = Harness::with_config(
-        rt,
-        AdapterConfig {
-            cancel_grace: Some(HOUR),
-            ..AdapterConfig::default()
-        },
-    );
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(HOUR)));
     let (mut s, script, ctx) = h.start("r").await;
     assert_eq!(s.request_id(), "r");
     ctx.stop();
@@ -470,7 +467,7 @@ async fn tokenless_chunks_are_not_the_first_token<R: ScenarioRuntime>(rt: R) {
     );
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Cancelled);
-    assert_eq!((rec.output_tokens, rec.abort), (1, Abort::Sent));
+    assert_eq!((rec.output_tokens, rec.abort), (1, AbortStatus::Sent));
     h.assert_clean().await;
 }
 
@@ -492,7 +489,10 @@ async fn decode_stop_before_first_token_defers_abort_until_token<R: ScenarioRunt
         vec![tokens(&[6]), terminal(FinishReason::Cancelled)]
     );
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Cancelled, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Cancelled, AbortStatus::Sent)
+    );
     h.assert_clean().await;
 }
 
@@ -512,7 +512,10 @@ async fn decode_stop_before_first_token_defers_abort_until_hint<R: ScenarioRunti
         vec![terminal(FinishReason::Cancelled)]
     );
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Cancelled, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Cancelled, AbortStatus::Sent)
+    );
     // The hint is not a token.
     assert_eq!((rec.ttft, rec.output_tokens), (None, 0));
     h.assert_clean().await;
@@ -535,18 +538,12 @@ async fn decode_stop_before_first_token_defers_abort_until_in_stream_hint<R: Sce
         h.collect(&mut s).await,
         vec![terminal(FinishReason::Cancelled)]
     );
-    assert_eq!(h.observer.record("r").abort, Abort::Sent);
+    assert_eq!(h.observer.record("r").abort, AbortStatus::Sent);
     h.assert_clean().await;
 }
 
 async fn decode_stop_before_first_token_aborts_at_deferral_deadline<R: ScenarioRuntime>(rt: R) {
-    let h = Harness::with_config(
-        rt,
-        AdapterConfig {
-            cancel_grace: None,
-            ..decode(DEADLINE)
-        },
-    );
+    let h = Harness::with_config(rt, decode(DEADLINE).cancel_grace(None));
     let (mut s, script, ctx) = h.start("r").await;
     let before = h.rt.now();
     ctx.stop();
@@ -566,7 +563,10 @@ async fn decode_stop_before_first_token_aborts_at_deferral_deadline<R: ScenarioR
         vec![terminal(FinishReason::Cancelled)]
     );
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Cancelled, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Cancelled, AbortStatus::Sent)
+    );
     assert_eq!(h.counting.timers(), 1);
     h.assert_clean().await;
 }
@@ -583,7 +583,7 @@ async fn decode_kill_before_first_token_cancels_now_and_aborts_on_hint<R: Scenar
     // The consumer is done, the abort is still owed to the engine.
     assert_eq!(
         (rec.outcome, rec.abort),
-        (Outcome::Cancelled, Abort::Deferred)
+        (Outcome::Cancelled, AbortStatus::Deferred)
     );
     assert_eq!(h.observer.aborts("r"), 0);
     // Rule 2: the engine may be mid KV transfer; its stream is kept alive (drained by
@@ -622,7 +622,7 @@ async fn decode_kill_before_first_token_aborts_at_deadline_after_stream_ended<
     } else {
         assert!(waited >= DEADLINE, "released after {waited:?}");
     }
-    assert_eq!(h.observer.record("r").abort, Abort::Deferred);
+    assert_eq!(h.observer.record("r").abort, AbortStatus::Deferred);
     h.assert_clean().await;
 }
 
@@ -639,7 +639,7 @@ async fn decode_engine_terminal_discards_deferred_abort<R: ScenarioRuntime>(rt: 
     let rec = h.observer.record("r");
     assert_eq!(
         (rec.outcome, rec.abort),
-        (Outcome::Cancelled, Abort::Discarded)
+        (Outcome::Cancelled, AbortStatus::Discarded)
     );
     drop(s);
     // Past the deadline, still nothing: the engine ended by itself.
@@ -661,7 +661,7 @@ async fn decode_drop_before_first_token_aborts_at_the_deadline<R: ScenarioRuntim
     // Rule 4 with rule 2's deferral: the work must not leak, nor be cut mid transfer.
     assert_eq!(
         (rec.outcome, rec.abort),
-        (Outcome::Dropped, Abort::Deferred)
+        (Outcome::Dropped, AbortStatus::Deferred)
     );
     assert_eq!(
         h.engine.live_streams(),
@@ -686,7 +686,7 @@ async fn decode_drop_before_first_token_aborts_at_the_drained_first_token<R: Sce
     let h = Harness::with_config(rt, decode(HOUR));
     let (s, script, _ctx) = h.start("r").await;
     drop(s);
-    assert_eq!(h.observer.record("r").abort, Abort::Deferred);
+    assert_eq!(h.observer.record("r").abort, AbortStatus::Deferred);
     // Nobody reads the stream any more, but the watchdog drains it: the first token
     // (not the handshake) releases the abort, and the stream is dropped after it.
     script.tokens(&[]);
@@ -723,7 +723,7 @@ async fn decode_stop_then_drop_before_first_token_aborts_at_the_deadline<R: Scen
     let rec = h.observer.record("r");
     assert_eq!(
         (rec.outcome, rec.abort),
-        (Outcome::Dropped, Abort::Deferred)
+        (Outcome::Dropped, AbortStatus::Deferred)
     );
     h.wait_aborts(&script, 1).await;
     // Counted from the stop that deferred it, not from the drop.
@@ -746,7 +746,7 @@ async fn drop_before_terminal_aborts_once_and_records_dropped<R: ScenarioRuntime
     assert_eq!(h.engine.live_streams(), 0);
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Dropped);
-    assert_eq!((rec.output_tokens, rec.abort), (2, Abort::Sent));
+    assert_eq!((rec.output_tokens, rec.abort), (2, AbortStatus::Sent));
     h.wait_aborts(&script, 1).await;
     assert_eq!(h.counting.spawns(), 1);
     h.assert_clean().await;
@@ -757,7 +757,10 @@ async fn drop_before_first_poll_aborts_once<R: ScenarioRuntime>(rt: R) {
     let (s, script, _ctx) = h.start("r").await;
     drop(s);
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Dropped, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Dropped, AbortStatus::Sent)
+    );
     assert_eq!((rec.ttft, rec.output_tokens), (None, 0));
     h.wait_aborts(&script, 1).await;
     h.assert_clean().await;
@@ -773,7 +776,10 @@ async fn drop_after_stop_does_not_abort_twice<R: ScenarioRuntime>(rt: R) {
     drop(s);
     assert_eq!(h.observer.aborts("r"), 1);
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Dropped, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Dropped, AbortStatus::Sent)
+    );
     // The abort, and the stop's grace watchdog (ended by the drop).
     assert_eq!(h.counting.spawns(), 2);
     h.assert_clean().await;

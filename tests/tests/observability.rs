@@ -3,8 +3,8 @@
 //! (thread-local), so no test here ever runs without one.
 
 use std::time::Duration;
+use tether_core::AbortStatus;
 
-use tether_core::lifecycle::Abort;
 use tether_core::{
     AdapterConfig, Annotated, Chunk, Context, EngineError, FinishReason, Mode, Outcome, TraceLink,
     Usage,
@@ -183,13 +183,7 @@ async fn migration_link_sets_trace_of_worker_trace_link<R: ScenarioRuntime>(rt: 
 async fn prefill_terminal_carries_worker_trace_link_when_no_token_did<R: ScenarioRuntime>(rt: R) {
     let capture = SpanCapture::new();
     let _guard = capture.install();
-    let h = Harness::with_config(
-        rt,
-        AdapterConfig {
-            mode: Mode::Prefill,
-            ..AdapterConfig::default()
-        },
-    );
+    let h = Harness::with_config(rt, AdapterConfig::default().mode(Mode::Prefill));
     // A prefill worker that yields no token: its terminal carries the link.
     let usage = Usage {
         prompt_tokens: 3,
@@ -226,10 +220,7 @@ async fn timed_out_span_records_error_kind<R: ScenarioRuntime>(rt: R) {
     let _guard = capture.install();
     let h = Harness::with_config(
         rt,
-        AdapterConfig {
-            first_token_timeout: Some(DEADLINE),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default().first_token_timeout(Some(DEADLINE)),
     );
     let (mut s, script, _ctx) = h.start("r").await;
     assert_eq!(
@@ -246,7 +237,10 @@ async fn timed_out_span_records_error_kind<R: ScenarioRuntime>(rt: R) {
     assert_eq!(span.get("ttft_ms"), None);
     assert_eq!(span.get("avg_itl_ms"), None);
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::TimedOut, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::TimedOut, AbortStatus::Sent)
+    );
     h.wait_aborts(&script, 1).await;
     h.assert_clean().await;
 }

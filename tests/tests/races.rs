@@ -5,9 +5,9 @@
 use std::sync::{Arc, Barrier};
 use std::task::Poll;
 use std::time::Duration;
+use tether_core::AbortStatus;
 
 use futures_util::StreamExt;
-use tether_core::lifecycle::Abort;
 use tether_core::{AdapterConfig, Annotated, Chunk, FinishReason, Mode, Outcome};
 use tether_tests::{data, guarded, on_both_runtimes, poll_once, Harness, ScenarioRuntime};
 
@@ -104,7 +104,7 @@ async fn drop_racing_kill_from_another_thread_aborts_once<R: ScenarioRuntime>(rt
         let rec = h.observer.record(&id);
         assert_eq!(
             (rec.outcome, rec.abort),
-            (Outcome::Dropped, Abort::Sent),
+            (Outcome::Dropped, AbortStatus::Sent),
             "{id}"
         );
         assert_eq!(h.observer.aborts(&id), 1, "{id}");
@@ -115,11 +115,9 @@ async fn drop_racing_kill_from_another_thread_aborts_once<R: ScenarioRuntime>(rt
 async fn decode_stop_racing_first_token_hint_aborts_once<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(
         rt,
-        AdapterConfig {
-            mode: Mode::Decode,
-            deferral_deadline: Duration::from_secs(3600),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default()
+            .mode(Mode::Decode)
+            .deferral_deadline(Duration::from_secs(3600)),
     );
     for i in 0..ROUNDS {
         let id = format!("h{i}");
@@ -139,7 +137,7 @@ async fn decode_stop_racing_first_token_hint_aborts_once<R: ScenarioRuntime>(rt:
             h.collect(&mut s).await,
             vec![terminal(FinishReason::Cancelled)]
         );
-        assert_eq!(h.observer.record(&id).abort, Abort::Sent, "{id}");
+        assert_eq!(h.observer.record(&id).abort, AbortStatus::Sent, "{id}");
     }
     h.assert_clean().await;
 }

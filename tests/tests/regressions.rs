@@ -6,8 +6,9 @@ use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::task::Poll;
 use std::time::Duration;
+use tether_core::AbortStatus;
 
-use tether_core::lifecycle::{Abort, Cancel, Synth};
+use tether_core::lifecycle::{Cancel, Synth};
 use tether_core::{AdapterConfig, Chunk, Context, ErrorKind, FinishReason, Mode, Outcome};
 use tether_tests::{
     data, error_kind, on_both_runtimes, poll_once, sleep, Harness, ScenarioRuntime, DEADLINE,
@@ -24,12 +25,10 @@ fn terminal(reason: FinishReason) -> tether_core::Annotated<Chunk> {
 }
 
 fn decode(deferral: Duration, grace: Option<Duration>) -> AdapterConfig {
-    AdapterConfig {
-        mode: Mode::Decode,
-        deferral_deadline: deferral,
-        cancel_grace: grace,
-        ..AdapterConfig::default()
-    }
+    AdapterConfig::default()
+        .mode(Mode::Decode)
+        .deferral_deadline(deferral)
+        .cancel_grace(grace)
 }
 
 /// On an exact clock, `waited` is exactly `want`; on a real one, at least `want`.
@@ -75,7 +74,10 @@ async fn bug1_grace_fires_after_the_deferral_deadline_fired<R: ScenarioRuntime>(
     );
     assert_waited(&h.rt, h.rt.now() - stopped, grace);
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Cancelled, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Cancelled, AbortStatus::Sent)
+    );
     h.assert_clean().await;
 }
 
@@ -84,13 +86,7 @@ async fn bug1_inter_token_timeout_fires_after_the_deferral_deadline_fired<R: Sce
     rt: R,
 ) {
     let itl = DEADLINE * 3;
-    let h = Harness::with_config(
-        rt,
-        AdapterConfig {
-            inter_token_timeout: Some(itl),
-            ..decode(DEADLINE, None)
-        },
-    );
+    let h = Harness::with_config(rt, decode(DEADLINE, None).inter_token_timeout(Some(itl)));
     let (mut s, script, ctx) = h.start("r").await;
     ctx.stop();
     assert_eq!(h.drive_until_abort(&mut s, &script).await, vec![]);
@@ -144,7 +140,10 @@ async fn bug2_dropping_generate_during_setup_records_dropped_and_aborts<R: Scena
         // A caller's timeout or a client hanging up: the future goes away.
     }
     let rec = h.observer.record("r");
-    assert_eq!((rec.outcome, rec.abort), (Outcome::Dropped, Abort::Sent));
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Dropped, AbortStatus::Sent)
+    );
     h.wait_aborts(&script, 1).await;
     assert_eq!(h.observer.aborts("r"), 1);
     h.assert_clean().await;
@@ -161,7 +160,7 @@ async fn bug2_decode_drop_during_setup_defers_the_abort_to_the_deadline<R: Scena
         assert!(!ready);
         h.rt.now()
     };
-    assert_eq!(h.observer.record("r").abort, Abort::Deferred);
+    assert_eq!(h.observer.record("r").abort, AbortStatus::Deferred);
     assert_eq!(h.observer.aborts("r"), 0);
     // The setup (a KV transfer) is kept alive and drained; the deadline releases it.
     h.wait_aborts(&script, 1).await;
@@ -228,13 +227,7 @@ async fn bug4_deferral_deadline_fires_while_the_consumer_stalls<R: ScenarioRunti
 
 // Old code: the state was still `Stop` after the grace (forced only at the next poll).
 async fn bug4_cancel_grace_fires_while_the_consumer_stalls<R: ScenarioRuntime>(rt: R) {
-    let h = Harness::with_config(
-        rt,
-        AdapterConfig {
-            cancel_grace: Some(DEADLINE),
-            ..AdapterConfig::default()
-        },
-    );
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
     let (mut s, script, ctx) = h.start("r").await;
     script.tokens(&[1]);
     assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
@@ -256,10 +249,7 @@ async fn bug4_cancel_grace_fires_while_the_consumer_stalls<R: ScenarioRuntime>(r
 async fn bug4_a_stalled_consumer_never_times_the_engine_out<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(
         rt,
-        AdapterConfig {
-            inter_token_timeout: Some(DEADLINE),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default().inter_token_timeout(Some(DEADLINE)),
     );
     let (mut s, script, _ctx) = h.start("r").await;
     script.tokens(&[1]);
@@ -284,7 +274,7 @@ async fn bug5_decode_kill_then_drop_still_owes_the_abort<R: ScenarioRuntime>(rt:
     let (s, script, ctx) = h.start("r").await;
     ctx.kill();
     drop(s);
-    assert_eq!(h.observer.record("r").abort, Abort::Deferred);
+    assert_eq!(h.observer.record("r").abort, AbortStatus::Deferred);
     script.notify_first_token();
     h.wait_aborts(&script, 1).await;
     assert_eq!(h.observer.aborts("r"), 1);
@@ -344,13 +334,7 @@ async fn bug7_stop_from_a_foreign_thread_counts_the_grace_on_the_runtime_clock<
     rt: R,
 ) {
     let grace = DEADLINE * 3;
-    let h = Harness::with_config(
-        rt,
-        AdapterConfig {
-            cancel_grace: Some(grace),
-            ..AdapterConfig::default()
-        },
-    );
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(grace)));
     // Move the paused clock away from the wall clock (a no-op wait on smol).
     if h.rt.exact_clock() {
         sleep(&h.rt, HOUR).await;

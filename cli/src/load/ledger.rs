@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use tether_core::error::{BackendError, EngineError, ErrorKind};
-use tether_core::lifecycle::Abort;
 use tether_core::protocol::{FinishReason, Mode};
-use tether_core::{Observer, Outcome, RequestRecord};
+use tether_core::{AbortStatus, Observer, Outcome, RequestRecord};
 use tether_engines::AbortReceipt;
 
 use super::plan::{expected_aborts, Action, Planned};
@@ -215,7 +214,7 @@ fn check_one(
     let received = slot.engine_aborts.load(Ordering::Relaxed);
     let late = slot.engine_late.load(Ordering::Relaxed);
     let expected = expected_aborts(action, mode, max_tokens)
-        .unwrap_or_else(|| u32::from(record.is_some_and(|r| r.abort == Abort::Sent)));
+        .unwrap_or_else(|| u32::from(record.is_some_and(|r| r.abort == AbortStatus::Sent)));
     totals.aborts_expected += u64::from(expected);
     if sent > 1 {
         v.push(format!("{tag}: aborted {sent} times"));
@@ -349,7 +348,6 @@ fn outcome_fits_plan(action: Action, outcome: &Outcome, seen: &Seen, max_tokens:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_core::drive::ItlStats;
 
     type Tamper = Box<dyn FnOnce(&Ledger, &mut Seen)>;
 
@@ -360,15 +358,11 @@ mod tests {
         }
     }
 
-    fn record(id: &str, outcome: Outcome, tokens: u32, abort: Abort) -> RequestRecord {
-        RequestRecord {
-            id: id.to_owned(),
-            outcome,
-            ttft: None,
-            itl: ItlStats::default(),
-            output_tokens: tokens,
-            abort,
-        }
+    fn record(id: &str, outcome: Outcome, tokens: u32, abort: AbortStatus) -> RequestRecord {
+        let mut record = RequestRecord::new(id, outcome);
+        record.output_tokens = tokens;
+        record.abort = abort;
+        record
     }
 
     fn finished(tokens: u32) -> Seen {
@@ -391,7 +385,7 @@ mod tests {
             "r0",
             Outcome::Finished(FinishReason::Length),
             4,
-            Abort::None,
+            AbortStatus::NotNeeded,
         ));
         tamper(&ledger, &mut seen);
         ledger.client_done(0, seen);
@@ -409,7 +403,7 @@ mod tests {
             (
                 "2 records",
                 Box::new(|l, _| {
-                    l.on_record(&record("r0", Outcome::Dropped, 4, Abort::None));
+                    l.on_record(&record("r0", Outcome::Dropped, 4, AbortStatus::NotNeeded));
                 }),
             ),
             (
@@ -469,7 +463,7 @@ mod tests {
     #[test]
     fn a_missing_abort_is_a_violation() {
         let ledger = Ledger::new(1);
-        ledger.on_record(&record("r0", Outcome::Dropped, 1, Abort::Sent));
+        ledger.on_record(&record("r0", Outcome::Dropped, 1, AbortStatus::Sent));
         ledger.client_done(
             0,
             Seen {

@@ -316,14 +316,12 @@ pub async fn run_on(
     let adapter = Adapter::new(
         engine.llm(),
         adapter_rt,
-        AdapterConfig {
-            mode: opts.mode,
-            deferral_deadline: opts.deferral_deadline,
-            first_token_timeout: opts.first_token_timeout,
-            inter_token_timeout: opts.inter_token_timeout,
-            observer: Some(ledger.clone()),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default()
+            .mode(opts.mode)
+            .deferral_deadline(opts.deferral_deadline)
+            .first_token_timeout(opts.first_token_timeout)
+            .inter_token_timeout(opts.inter_token_timeout)
+            .observer(ledger.clone()),
     );
     let clients = Arc::new(Clients {
         adapter,

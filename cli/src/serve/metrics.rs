@@ -284,18 +284,12 @@ impl Observer for MetricsObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_core::drive::ItlStats;
-    use tether_core::lifecycle::Abort;
 
     fn record(outcome: Outcome) -> RequestRecord {
-        RequestRecord {
-            id: "r".to_owned(),
-            outcome,
-            ttft: Some(Duration::from_micros(700)),
-            itl: ItlStats::default(),
-            output_tokens: 3,
-            abort: Abort::None,
-        }
+        let mut record = RequestRecord::new("r", outcome);
+        record.ttft = Some(Duration::from_micros(700));
+        record.output_tokens = 3;
+        record
     }
 
     #[test]

@@ -314,22 +314,17 @@ pub async fn start(
     let adapter = Adapter::new(
         engine.engine.clone(),
         runtime.clone(),
-        AdapterConfig {
-            first_token_timeout: config.first_token_timeout,
-            inter_token_timeout: config.inter_token_timeout,
-            observer: Some(Arc::new(MetricsObserver(metrics.clone()))),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default()
+            .first_token_timeout(config.first_token_timeout)
+            .inter_token_timeout(config.inter_token_timeout)
+            .observer(Arc::new(MetricsObserver(metrics.clone()))),
     );
     // Health canaries are not client requests: they get their own adapter, without
     // the metrics observer and without spans.
     let probe = ProbeAdapter::new(Adapter::new(
         engine.engine.clone(),
         runtime.clone(),
-        AdapterConfig {
-            spans: false,
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default().spans(false),
     ));
     let app = Arc::new(App {
         adapter,

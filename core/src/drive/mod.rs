@@ -17,7 +17,9 @@
 //! engine whose abort is still deferred after the consumer's end.
 
 mod probe;
+mod request;
 mod runtime_check;
+mod shared;
 mod slot;
 mod span;
 mod stats;
@@ -27,22 +29,24 @@ mod watchdog;
 
 use std::fmt;
 use std::future::Future;
+use std::future::IntoFuture;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 pub use probe::{ProbeAdapter, ProbeError};
+pub use request::{Generate, Generating, Results};
 pub use runtime_check::{
     run_runtime_conformance, RuntimeCheckFailure, RuntimeCheckReport, RUNTIME_CHECKS,
     RUNTIME_CHECK_GUARD,
 };
+pub(crate) use shared::Shared;
 pub use span::TARGET as SPAN_TARGET;
-pub use stats::{itl_stats, ItlStats, Observer, Outcome, RequestRecord};
+pub use stats::{itl_stats, AbortStatus, ItlStats, Observer, Outcome, RequestRecord};
 pub use stream::ResponseStream;
-pub(crate) use stream::Shared;
 
 use crate::context::Context;
-use crate::engine::LlmEngine;
+use crate::engine::{EngineConfig, LlmEngine};
 use crate::error::EngineError;
 use crate::protocol::{Mode, Request};
 use crate::sync::Arc;
@@ -85,8 +89,23 @@ impl<R: Runtime + ?Sized> Runtime for Arc<R> {
     }
 }
 
-/// How an [`Adapter`] runs its requests. Every field has a sensible default.
+/// How an [`Adapter`] runs its requests. Every field has a sensible default; build one
+/// with the setters (`AdapterConfig::default().mode(Mode::Decode)`), and override any
+/// of them for one request with [`Adapter::request`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tether_core::{AdapterConfig, Mode};
+///
+/// let config = AdapterConfig::default()
+///     .mode(Mode::Decode)
+///     .first_token_timeout(Some(Duration::from_secs(10)))
+///     .cancel_grace(Some(Duration::from_secs(2)))
+///     .kill_on_drop(true);
+/// assert_eq!(config.mode, Mode::Decode);
+/// ```
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct AdapterConfig {
     /// The disaggregation role: in [`Mode::Decode`], aborts before the first token are deferred.
     pub mode: Mode,
@@ -103,6 +122,53 @@ pub struct AdapterConfig {
     /// Create the `engine.generate` tracing span (it costs nothing when no subscriber
     /// listens to target `request_span`).
     pub spans: bool,
+    /// Streams start with [kill-on-drop](ResponseStream::set_kill_on_drop): a drop
+    /// before the terminal kills the context (cause client disconnect) and records
+    /// `Cancelled`. Off by default (a drop records `Dropped`); an HTTP edge turns it on.
+    pub kill_on_drop: bool,
+}
+
+impl AdapterConfig {
+    /// Set [`mode`](AdapterConfig::mode).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+    /// Set [`deferral_deadline`](AdapterConfig::deferral_deadline).
+    pub fn deferral_deadline(mut self, deadline: Duration) -> Self {
+        self.deferral_deadline = deadline;
+        self
+    }
+    /// Set [`cancel_grace`](AdapterConfig::cancel_grace).
+    pub fn cancel_grace(mut self, grace: Option<Duration>) -> Self {
+        self.cancel_grace = grace;
+        self
+    }
+    /// Set [`first_token_timeout`](AdapterConfig::first_token_timeout).
+    pub fn first_token_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.first_token_timeout = limit;
+        self
+    }
+    /// Set [`inter_token_timeout`](AdapterConfig::inter_token_timeout).
+    pub fn inter_token_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.inter_token_timeout = limit;
+        self
+    }
+    /// Set [`observer`](AdapterConfig::observer).
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+    /// Set [`spans`](AdapterConfig::spans).
+    pub fn spans(mut self, on: bool) -> Self {
+        self.spans = on;
+        self
+    }
+    /// Set [`kill_on_drop`](AdapterConfig::kill_on_drop).
+    pub fn kill_on_drop(mut self, on: bool) -> Self {
+        self.kill_on_drop = on;
+        self
+    }
 }
 
 impl Default for AdapterConfig {
@@ -115,6 +181,7 @@ impl Default for AdapterConfig {
             inter_token_timeout: None,
             observer: None,
             spans: true,
+            kill_on_drop: false,
         }
     }
 }
@@ -129,6 +196,7 @@ impl fmt::Debug for AdapterConfig {
             .field("inter_token_timeout", &self.inter_token_timeout)
             .field("observer", &self.observer.is_some())
             .field("spans", &self.spans)
+            .field("kill_on_drop", &self.kill_on_drop)
             .finish()
     }
 }
@@ -181,6 +249,19 @@ impl Adapter {
         &self.inner.config
     }
 
+    /// Start the engine as worker `worker_id` (`LlmEngine::start`). The adapter does
+    /// not call it by itself: an engine is started once, before the first request, by
+    /// whoever owns it (this method, or code that shares the engine between adapters).
+    pub async fn start(&self, worker_id: u64) -> Result<EngineConfig, EngineError> {
+        self.inner.engine.start(worker_id).await
+    }
+
+    /// Release the engine (`LlmEngine::cleanup`, idempotent): call it once no request
+    /// is running any more, e.g. after a graceful shutdown drained them.
+    pub async fn cleanup(&self) -> Result<(), EngineError> {
+        self.inner.engine.cleanup().await
+    }
+
     /// Start `request` under `context`. A setup error from the engine comes back here,
     /// typed, and nothing is aborted (rule 7); otherwise the stream carries everything,
     /// ending with exactly one terminal.
@@ -190,16 +271,18 @@ impl Adapter {
     /// resolves this future at once with a stream that yields the terminal, and dropping
     /// this future records the request as `Dropped` and aborts the engine. A panic in
     /// the engine's `generate` comes back as a typed error.
-    pub async fn generate(
-        &self,
-        request: Request,
-        context: Context,
-    ) -> Result<ResponseStream, EngineError> {
-        let mut stream = ResponseStream::new(&self.inner, request, &context);
-        // Dropping this future drops `stream`: the request is recorded (`Dropped`) and
-        // the engine aborted under rules 1 and 2, as for any dropped stream (rule 10).
-        std::future::poll_fn(|cx| stream.poll_setup(cx)).await?;
-        Ok(stream)
+    ///
+    /// [`Adapter::request`] does the same with per-request settings, and makes the
+    /// context itself when the caller has none.
+    pub fn generate(&self, request: Request, context: Context) -> Generating {
+        self.request(request).context(context).into_future()
+    }
+
+    /// A request with settings of its own (mode, timeouts, deferral deadline, cancel
+    /// grace, kill-on-drop, a record callback, a context): `.await` it to start it. See
+    /// [`Generate`].
+    pub fn request(&self, request: Request) -> Generate<'_> {
+        Generate::new(self, request)
     }
 }
 

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use crate::context::Cause;
 use crate::error::ErrorKind;
 use crate::lifecycle::Abort;
 use crate::protocol::FinishReason;
@@ -53,13 +54,46 @@ pub struct ItlStats {
     pub max_ms: f64,
 }
 
+/// What became of the engine abort, as it stood when a request's outcome was recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AbortStatus {
+    /// No abort was due (the engine ended by itself, or nothing cancelled it).
+    NotNeeded,
+    /// Due but held back (decode mode, before the first token): it is sent at the first
+    /// token, the hint or the deferral deadline, unless the engine ends first.
+    Deferred,
+    /// Handed to the runtime (`LlmEngine::abort` runs on a spawned task).
+    Sent,
+    /// Was deferred, and the engine ended by itself first: never sent.
+    Discarded,
+}
+
+impl From<Abort> for AbortStatus {
+    fn from(abort: Abort) -> AbortStatus {
+        match abort {
+            Abort::None => AbortStatus::NotNeeded,
+            Abort::Deferred => AbortStatus::Deferred,
+            Abort::Sent => AbortStatus::Sent,
+            Abort::Discarded => AbortStatus::Discarded,
+        }
+    }
+}
+
 /// Everything the driver knows about a request once it is over.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct RequestRecord {
     /// The request id.
     pub id: String,
     /// How it ended.
     pub outcome: Outcome,
+    /// Why it was cancelled, if it was: the first cause given to its context
+    /// ([`crate::Context::stop_with`], [`crate::Context::kill_with`]), or
+    /// [`Cause::Timeout`] for tether's own first-token and inter-token timeouts. A
+    /// request stopped gracefully that still finished has its outcome `Finished` and
+    /// the stop's cause here.
+    pub cause: Option<Cause>,
     /// Time to the first non-empty chunk, if one arrived.
     pub ttft: Option<Duration>,
     /// Inter-token latencies.
@@ -69,7 +103,23 @@ pub struct RequestRecord {
     /// The engine abort as it stood when the outcome was recorded (a deferred abort
     /// may still be released later by the first-token hint or the deadline; the
     /// observer hears of it through [`Observer::on_abort`]).
-    pub abort: Abort,
+    pub abort: AbortStatus,
+}
+
+impl RequestRecord {
+    /// A record for `id` with `outcome` and nothing measured (for observers' tests and
+    /// for code that replays records); set the public fields to fill in the rest.
+    pub fn new(id: impl Into<String>, outcome: Outcome) -> RequestRecord {
+        RequestRecord {
+            id: id.into(),
+            outcome,
+            cause: None,
+            ttft: None,
+            itl: ItlStats::default(),
+            output_tokens: 0,
+            abort: AbortStatus::NotNeeded,
+        }
+    }
 }
 
 /// Receives one [`RequestRecord`] per request, however it ends, and each abort sent.

@@ -1,6 +1,6 @@
-//! [`ResponseStream`]: the consumer's side of one request, and [`Shared`], the part of
-//! it that the context listener, the first-token hint, `Drop` and the watchdog also
-//! reach.
+//! [`ResponseStream`]: the consumer's side of one request (the poller, setup, `Drop`).
+//! What other threads reach is in [`super::shared`]; what integrators call on a stream
+//! (early finish, its record, the result view) is in [`super::request`].
 //!
 //! The driver loop (`poll_next`, and `poll_setup` while `generate` is pending) is "feed
 //! events, then carry out actions until there is an item to yield or nothing left to
@@ -17,152 +17,36 @@ use futures_core::Stream;
 use pin_project::{pin_project, pinned_drop};
 use tracing::Span;
 
+use super::request::{Limits, RecordFn};
+use super::shared::Shared;
 use super::slot::{release, EngineSlot, Item, SetupFuture};
 use super::span;
 use super::stats::{Outcome, RequestRecord, StatsRecorder};
 use super::timers::Timer;
-use super::watchdog::{OffPoller, Watchdog};
 use super::AdapterInner;
-use crate::context::{Context, ListenerId, Signal};
-use crate::engine::GenerateContext;
+use crate::context::{Cause, Context, ListenerId};
 use crate::error::{BackendError, EngineError, ErrorKind};
 use crate::lifecycle::deadlines::Silence;
 use crate::lifecycle::{Actions, Cell, Event, OutcomeKind, State, StepCache, Synth};
 use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
-use crate::sync::{downgrade, lock, upgrade, Arc, Mutex};
-
-/// The part of a request reachable from other threads.
-pub(crate) struct Shared {
-    pub(super) cell: Cell,
-    /// The consumer's waker (the poller's, or `generate`'s during setup).
-    waker: Mutex<Option<Waker>>,
-    pub(super) adapter: Arc<AdapterInner>,
-    context: Context,
-    pub(super) request_id: std::sync::Arc<str>,
-    /// The watchdog's side: `None` until a cancel deadline is armed or the engine is
-    /// handed over, so the happy path carries one empty word here.
-    pub(super) off: Mutex<Option<Box<OffPoller>>>,
-}
-
-impl Shared {
-    /// The engine's out-of-band first-token hint.
-    pub(crate) fn first_token_hint(this: &Arc<Self>) {
-        let (_, acts) = this.cell.apply(Event::FirstTokenHint);
-        Shared::act_off_poller(this, acts);
-    }
-
-    fn signal(this: &Arc<Self>, signal: Signal) {
-        let event = match signal {
-            Signal::Stop => Event::Stop,
-            Signal::Kill => Event::Kill,
-        };
-        let (_, acts) = this.cell.apply(event);
-        Shared::act_off_poller(this, acts);
-    }
-
-    /// Carry out actions decided away from the poller (listener, hint, watchdog).
-    /// Those events never forward, emit or finish: that is the consumer's side.
-    pub(super) fn act_off_poller(this: &Arc<Self>, acts: Actions) {
-        debug_assert!(!acts.forward && acts.emit.is_none() && acts.finish.is_none());
-        if acts.abort {
-            Shared::spawn_abort(this);
-        }
-        Shared::arm(this, acts, None);
-        if acts.wake {
-            if let Some(w) = lock(&this.waker).as_ref() {
-                w.wake_by_ref();
-            }
-        }
-    }
-
-    fn spawn_abort(this: &Arc<Self>) {
-        if let Some(obs) = &this.adapter.config.observer {
-            obs.on_abort(&this.request_id);
-        }
-        let ctx = Shared::generate_context(this);
-        let adapter = this.adapter.clone();
-        this.adapter
-            .runtime
-            .spawn(Box::pin(async move { adapter.engine.abort(ctx).await }));
-        // A watchdog waiting on this abort's deadline, or draining for it, is done.
-        Shared::wake_watchdog(this);
-    }
-
-    /// Arm the cancel deadlines `acts` asks for and hand over `engine` for draining;
-    /// spawn the watchdog the first time, wake it afterwards. Nothing (no clock read,
-    /// no lock) when there is nothing to arm or hand over.
-    fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
-        let cfg = &this.adapter.config;
-        let rt = &this.adapter.runtime;
-        let grace = if acts.arm_grace {
-            cfg.cancel_grace
-        } else {
-            None
-        };
-        if grace.is_none() && !acts.arm_deferral && engine.is_none() {
-            return;
-        }
-        let now = rt.now();
-        let (spawn, waker) = {
-            let mut off = lock(&this.off);
-            let off = off.get_or_insert_with(Box::default);
-            off.deadlines.arm_grace(now, grace);
-            if acts.arm_deferral {
-                off.deadlines.arm_deferral(now, cfg.deferral_deadline);
-            }
-            if engine.is_some() {
-                off.handoff = engine;
-            }
-            let spawn = !off.spawned;
-            off.spawned = true;
-            (spawn, off.waker.clone())
-        };
-        if spawn {
-            rt.spawn(Box::pin(Watchdog {
-                shared: this.clone(),
-                timer: Timer::default(),
-                engine: None,
-            }));
-        } else if let Some(w) = waker {
-            w.wake();
-        }
-    }
-
-    fn wake_watchdog(this: &Arc<Self>) {
-        let waker = lock(&this.off).as_ref().and_then(|off| off.waker.clone());
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-
-    fn generate_context(this: &Arc<Self>) -> GenerateContext {
-        GenerateContext::with_hint(
-            this.context.clone(),
-            this.request_id.clone(),
-            downgrade(this),
-        )
-    }
-
-    /// Store the consumer's waker (only [`register`] calls this, when it changed).
-    fn register(&self, waker: &Waker) {
-        *lock(&self.waker) = Some(waker.clone());
-    }
-}
+use crate::sync::{downgrade, upgrade, Arc, Mutex};
 
 /// The consumer's stream for one request: engine chunks as [`Annotated`] items, ending
 /// with exactly one terminal (a chunk with a finish reason, or an error item).
 ///
 /// Dropping it before its terminal aborts the engine (see the lifecycle rules) and
-/// records [`Outcome::Dropped`]. `Send + 'static`: return it from a handler or move it
-/// to a task.
+/// records [`Outcome::Dropped`], or, with [kill-on-drop](ResponseStream::set_kill_on_drop),
+/// kills the request's context with [`Cause::ClientDisconnect`] and records
+/// [`Outcome::Cancelled`]. `Send + 'static`: return it from a handler or move it to a
+/// task.
 #[pin_project(PinnedDrop)]
 pub struct ResponseStream {
-    shared: Arc<Shared>,
-    local: Local,
+    pub(super) shared: Arc<Shared>,
+    pub(super) local: Local,
 }
 
 /// What only the consumer's side (poller, setup, `Drop`) touches.
-struct Local {
+pub(super) struct Local {
     engine: Option<EngineSlot>,
     silence: Silence,
     timer: Timer,
@@ -174,10 +58,18 @@ struct Local {
     migration_link: Option<TraceLink>,
     /// An item decided while `generate` was pending, for the first poll (boxed: it is
     /// rare, and an inline `Annotated<Chunk>` would grow every stream by its size).
-    stash: Option<Box<Annotated<Chunk>>>,
+    pub(super) stash: Option<Box<Annotated<Chunk>>>,
     stamped: bool,
-    done: bool,
+    pub(super) done: bool,
     step_cache: StepCache,
+    /// A drop before the terminal is a kill with cause client disconnect (rule 4).
+    pub(super) kill_on_drop: bool,
+    /// The per-request record callback, called once at the end.
+    on_record: Option<RecordFn>,
+    /// Kept alive until the request is over for the consumer (a concurrency permit).
+    pub(super) attached: Option<Box<dyn std::any::Any + Send>>,
+    /// The request's record, once it ended (for [`ResponseStream::record`]).
+    pub(super) ended: Option<RequestRecord>,
 }
 
 impl fmt::Debug for ResponseStream {
@@ -193,20 +85,26 @@ impl fmt::Debug for ResponseStream {
 impl ResponseStream {
     /// Everything of a request but the engine's progress: the listener is registered
     /// here, before `generate` is entered, so a kill during setup is seen (rule 10).
-    pub(super) fn new(adapter: &Arc<AdapterInner>, request: Request, context: &Context) -> Self {
-        let cfg = &adapter.config;
+    pub(super) fn new(
+        adapter: &Arc<AdapterInner>,
+        request: Request,
+        context: &Context,
+        limits: Limits,
+        on_record: Option<RecordFn>,
+    ) -> Self {
         let start = adapter.runtime.now();
-        let span = if cfg.spans {
-            span::open(&request, cfg.mode)
+        let span = if adapter.config.spans {
+            span::open(&request, limits.mode)
         } else {
             Span::none()
         };
         let shared = Arc::new(Shared {
-            cell: Cell::new(State::new(cfg.mode)),
+            cell: Cell::new(State::new(limits.mode)),
             waker: Mutex::new(None),
             adapter: adapter.clone(),
             context: context.clone(),
             request_id: std::sync::Arc::from(request.id.as_str()),
+            limits: limits.cancel,
             off: Mutex::new(None),
         });
         let migration_link = request.migration_link;
@@ -224,7 +122,7 @@ impl ResponseStream {
             shared,
             local: Local {
                 engine: Some(EngineSlot::Setup(setup)),
-                silence: Silence::new(cfg.first_token_timeout, cfg.inter_token_timeout),
+                silence: Silence::new(limits.first_token_timeout, limits.inter_token_timeout),
                 timer: Timer::default(),
                 stats: StatsRecorder::new(start),
                 span,
@@ -235,6 +133,10 @@ impl ResponseStream {
                 stamped: false,
                 done: false,
                 step_cache: StepCache::default(),
+                kill_on_drop: limits.kill_on_drop,
+                on_record,
+                attached: None,
+                ended: None,
             },
         }
     }
@@ -276,22 +178,12 @@ impl ResponseStream {
             }
         }
     }
-
-    /// The request's current lifecycle state (for diagnostics and tests).
-    pub fn state(&self) -> State {
-        self.shared.cell.load()
-    }
-
-    /// The id of the request.
-    pub fn request_id(&self) -> &str {
-        &self.shared.request_id
-    }
 }
 
 /// Register the consumer's waker before reading the state: an actor that changes it
 /// after the read finds this waker (no lost wake-up).
 #[inline]
-fn register(shared: &Shared, local: &mut Local, cx: &TaskContext<'_>) {
+pub(super) fn register(shared: &Shared, local: &mut Local, cx: &TaskContext<'_>) {
     if !local
         .registered
         .as_ref()
@@ -414,7 +306,7 @@ fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annota
 }
 
 /// Carry out the consumer side's actions; returns the item to yield, if any.
-fn carry_out(
+pub(super) fn carry_out(
     shared: &Arc<Shared>,
     local: &mut Local,
     acts: Actions,
@@ -432,7 +324,7 @@ fn carry_out(
         Shared::spawn_abort(shared);
     }
     Shared::arm(shared, acts, None);
-    let cfg = &shared.adapter.config;
+    let (first_token_timeout, inter_token_timeout) = local.silence.limits();
     let mut timeout_kind = None;
     let (out, outcome) = if acts.forward {
         match item {
@@ -460,7 +352,7 @@ fn carry_out(
                 Outcome::Cancelled,
             ),
             Synth::FirstTokenTimeout => {
-                let after = cfg.first_token_timeout.unwrap_or_default();
+                let after = first_token_timeout.unwrap_or_default();
                 timeout_kind = Some(ErrorKind::FirstTokenTimeout);
                 (
                     Annotated::from_error(EngineError::first_token_timeout(after)),
@@ -468,7 +360,7 @@ fn carry_out(
                 )
             }
             Synth::InterTokenTimeout => {
-                let after = cfg.inter_token_timeout.unwrap_or_default();
+                let after = inter_token_timeout.unwrap_or_default();
                 timeout_kind = Some(ErrorKind::InterTokenTimeout);
                 (
                     Annotated::from_error(EngineError::inter_token_timeout(after)),
@@ -497,7 +389,7 @@ fn carry_out(
 /// The request is over for the consumer: record it once, let go of the context, and
 /// of the engine, unless an abort is still deferred: then the engine goes to the
 /// watchdog, which drains it until the abort is sent or discarded (rule 2).
-fn finish(
+pub(super) fn finish(
     shared: &Arc<Shared>,
     local: &mut Local,
     outcome: Outcome,
@@ -508,18 +400,29 @@ fn finish(
     if let Some(id) = local.listener.take() {
         shared.context.remove_listener(id);
     }
+    let cause = match (shared.context.cause(), &outcome) {
+        (None, Outcome::TimedOut) => Some(Cause::Timeout),
+        (cause, _) => cause,
+    };
     let rec = RequestRecord {
         id: String::from(&*shared.request_id),
         outcome,
+        cause,
         ttft: local.stats.ttft(),
         itl: local.stats.itl(),
         output_tokens: local.stats.output_tokens(),
-        abort: state.abort(),
+        abort: state.abort().into(),
     };
     span::record(&local.span, &rec, timeout_kind);
     if let Some(obs) = &shared.adapter.config.observer {
         obs.on_record(&rec);
     }
+    if let Some(f) = local.on_record.take() {
+        f(&rec);
+    }
+    local.ended = Some(rec);
+    // Released now that the consumer is done (a concurrency permit frees its slot).
+    drop(local.attached.take());
     let engine = local.engine.take();
     if state.drains_engine() && engine.is_some() {
         Shared::arm(shared, Actions::default(), engine);
@@ -541,6 +444,20 @@ impl PinnedDrop for ResponseStream {
         let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
         if local.done {
             return;
+        }
+        if local.kill_on_drop {
+            // Rule 4, kill-on-drop: the drop is a kill with cause client disconnect
+            // (linked children are killed too). The listener may be mid-delivery on
+            // another thread, so the kill is also applied here (a repeat is a no-op);
+            // the owed terminal is then taken at once and the outcome is `Cancelled`.
+            shared.context.kill_with(Cause::ClientDisconnect);
+            let (_, acts) = shared.cell.apply(Event::Kill);
+            Shared::act_off_poller(shared, acts);
+            let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
+            let _ = carry_out(shared, local, acts, state, Item::None);
+            if local.done {
+                return;
+            }
         }
         let (state, acts) = shared.cell.apply(Event::ConsumerDropped);
         // Finishes (records Dropped, lets go of the listener, hands a still-owed

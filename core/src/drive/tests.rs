@@ -82,11 +82,9 @@ fn an_arc_of_a_runtime_is_that_runtime() {
 
 #[test]
 fn adapter_shows_its_config_and_runtime() {
-    let config = AdapterConfig {
-        mode: Mode::Decode,
-        cancel_grace: None,
-        ..AdapterConfig::default()
-    };
+    let config = AdapterConfig::default()
+        .mode(Mode::Decode)
+        .cancel_grace(None);
     let rt = Counting {
         spawns: AtomicUsize::new(0),
         timers: AtomicUsize::new(0),
@@ -103,7 +101,8 @@ fn adapter_shows_its_config_and_runtime() {
     assert!(
         shown.contains(
             "config: AdapterConfig { mode: Decode, deferral_deadline: 30s, cancel_grace: None, \
-             first_token_timeout: None, inter_token_timeout: None, observer: false, spans: true }"
+             first_token_timeout: None, inter_token_timeout: None, observer: false, spans: true, \
+             kill_on_drop: false }"
         ),
         "{shown}"
     );

@@ -16,8 +16,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, Waker};
 
+use super::shared::Shared;
 use super::slot::{release, EngineSlot};
-use super::stream::Shared;
 use super::timers::Timer;
 use crate::lifecycle::deadlines::CancelDeadlines;
 use crate::sync::{lock, Arc};

@@ -61,6 +61,11 @@ impl Silence {
         }
     }
 
+    /// The first-token and inter-token limits.
+    pub fn limits(&self) -> (Option<Duration>, Option<Duration>) {
+        (self.first_token, self.inter_token)
+    }
+
     /// Whether any limit is configured (the driver skips the clock otherwise).
     pub fn any(&self) -> bool {
         self.first_token.is_some() || self.inter_token.is_some()

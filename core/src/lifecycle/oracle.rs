@@ -30,7 +30,10 @@
 //! - 9: exactly one outcome, matching the end;
 //! - 10: a kill or drop during setup is the same event as after it (nothing to add);
 //! - 11: the deferral deadline and the cancel grace act in their own step, without a
-//!   consumer poll.
+//!   consumer poll;
+//! - 12: an early finish while live and nothing owed ends the request with the caller's
+//!   terminal (neither forwarded nor synthesized by the machine), records `Finished`
+//!   and aborts like a drop (same deferral).
 
 use super::{Abort, Actions, Cancel, Event, OutcomeKind, State, Synth, Timeout};
 use crate::protocol::Mode;
@@ -39,7 +42,7 @@ use crate::protocol::Mode;
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("rule {rule} broken at step {step} ({event:?}): {what}")]
 pub struct Violation {
-    /// The rule number (1 to 11).
+    /// The rule number (1 to 12).
     pub rule: u8,
     /// The index of the offending event in the sequence.
     pub step: usize,
@@ -164,6 +167,8 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
     let first_now =
         !o.first && ((event == Event::Chunk && engine_item) || event == Event::FirstTokenHint);
     let first_before = o.first;
+    // Rule 12: the caller ends the stream with its own terminal.
+    let early = live && event == Event::EarlyFinish && o.owed.is_none();
 
     // ---- what this event owes the consumer (rules 5, 8) ----
     let newly_owed = if live && o.owed.is_none() && !o.engine_done {
@@ -195,6 +200,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         && match event {
             Event::Stop => o.cancel == Cancel::None,
             Event::ConsumerDropped => true,
+            Event::EarlyFinish => early,
             _ => newly_owed.is_some(),
         };
     let arms_grace = live && event == Event::Stop && o.cancel == Cancel::None;
@@ -255,7 +261,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
             }
         }
     }
-    let delivers = expected_delivery.is_some();
+    let delivers = expected_delivery.is_some() || early;
     if delivers {
         o.terminals = o.terminals.saturating_add(1);
         o.owed = None;
@@ -358,6 +364,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
                     }
                     (None, Event::TerminalChunk) if delivers => Some(OutcomeKind::Finished),
                     (None, Event::EngineError) if delivers => Some(OutcomeKind::Failed),
+                    (None, Event::EarlyFinish) if early => Some(OutcomeKind::Finished),
                     _ => None,
                 }
             };

@@ -643,8 +643,10 @@ fn every_reachable_pair_satisfies_every_rule() {
     );
 }
 
-const EXPECTED_STATES: usize = 86;
-const EXPECTED_PAIRS: usize = 86;
+// 86 before rule 12; an early finish adds the terminal states with no cancellation and
+// an abort sent or deferred (and, in decode mode, their drained successors).
+const EXPECTED_STATES: usize = 102;
+const EXPECTED_PAIRS: usize = 102;
 
 /// The search must be able to fail: a machine with one rule broken is caught, with the
 /// shortest sequence that shows it.
@@ -660,6 +662,55 @@ fn the_reachable_pair_search_catches_a_broken_machine() {
     };
     let (v, path) = search(Mode::Decode, broken, &mut Searched::default()).unwrap_err();
     assert_eq!((v.rule, v.event, path), (2, ConsumerDropped, vec![]));
+}
+
+/// Rule 12 is checked by the search too: a machine whose early finish forgets the abort
+/// is caught at once.
+#[test]
+fn the_reachable_pair_search_catches_an_early_finish_that_leaks_the_engine() {
+    let broken = |s: State, e: Event| {
+        let (mut n, mut a) = step(s, e);
+        if e == EarlyFinish && a.abort {
+            a.abort = false;
+            n.abort = Abort::None;
+        }
+        (n, a)
+    };
+    let (v, path) = search(Mode::Aggregated, broken, &mut Searched::default()).unwrap_err();
+    assert_eq!((v.rule, v.event, path), (2, EarlyFinish, vec![EarlyFinish]));
+}
+
+#[test]
+fn early_finish_records_finished_and_aborts_once() {
+    let (s, a) = step(State::new(Mode::Aggregated), EarlyFinish);
+    assert!(s.is_terminal());
+    assert_eq!(
+        (a.finish, a.abort, a.emit, a.forward),
+        (Some(OutcomeKind::Finished), true, None, false)
+    );
+    // Nothing after it: a later kill, drop or engine end decides nothing.
+    for e in [Kill, ConsumerDropped, EngineEnded, EarlyFinish] {
+        assert!(step(s, e).1.is_empty(), "{e:?}");
+    }
+}
+
+#[test]
+fn early_finish_in_decode_before_the_first_token_defers_and_drains() {
+    let (s, a) = step(State::new(Mode::Decode), EarlyFinish);
+    assert_eq!(
+        (a.finish, a.abort, a.arm_deferral),
+        (Some(OutcomeKind::Finished), false, true)
+    );
+    assert!(s.drains_engine());
+    let (s, a) = step(s, Chunk);
+    assert!(a.abort && !a.forward && s.abort() == Abort::Sent && !s.drains_engine());
+}
+
+#[test]
+fn early_finish_loses_to_an_owed_terminal() {
+    let (s, _) = step(State::new(Mode::Aggregated), Kill);
+    let (after, a) = step(s, EarlyFinish);
+    assert_eq!((after, a.is_empty()), (s, true));
 }
 
 #[test]

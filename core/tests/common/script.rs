@@ -33,11 +33,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
+use tether_core::AbortStatus;
 
 use futures_core::Stream;
 use tether_core::drive::SpawnFuture;
 use tether_core::engine::BoxFuture;
-use tether_core::lifecycle::Abort;
 use tether_core::{
     Adapter, AdapterConfig, Annotated, AsyncTimer, BackendError, Chunk, ChunkStream, Context,
     EngineConfig, EngineError, ErrorKind, FinishReason, GenerateContext, LlmEngine, Mode, Observer,
@@ -635,15 +635,14 @@ pub(crate) fn run(script: &Script) -> Result<Summary, String> {
     let observer = ScriptObserver {
         track: track.clone(),
     };
-    let config = AdapterConfig {
-        mode: script.mode,
-        deferral_deadline: DEFERRAL,
-        cancel_grace: script.grace,
-        first_token_timeout: script.ttft,
-        inter_token_timeout: script.itl,
-        observer: Some(Arc::new(observer)),
-        spans: false,
-    };
+    let config = AdapterConfig::default()
+        .mode(script.mode)
+        .deferral_deadline(DEFERRAL)
+        .cancel_grace(script.grace)
+        .first_token_timeout(script.ttft)
+        .inter_token_timeout(script.itl)
+        .observer(Arc::new(observer))
+        .spans(false);
     let adapter = Adapter::new(Arc::new(engine), rt.clone(), config);
     let ctx = Context::new("script");
     let request = Request::new("script", "script", vec![1, 2, 3]);
@@ -733,7 +732,8 @@ fn setup_failed(
         return fail("rule 7: a setup error aborted or spawned");
     }
     match t.records.as_slice() {
-        [(rec, _)] if rec.outcome == Outcome::Failed(kind) && rec.abort == Abort::None => {}
+        [(rec, _)]
+            if rec.outcome == Outcome::Failed(kind) && rec.abort == AbortStatus::NotNeeded => {}
         other => return fail(format!("rule 9: setup error records {other:?}")),
     }
     Ok(Summary {
@@ -1239,7 +1239,7 @@ impl Harness {
                         self.g.tokens
                     ));
                 }
-                if (rec.abort == Abort::Sent) != (*aborts_then == 1) {
+                if (rec.abort == AbortStatus::Sent) != (*aborts_then == 1) {
                     return fail(format!(
                         "record says abort {:?} with {aborts_then} abort(s) issued",
                         rec.abort

@@ -135,10 +135,7 @@ pub fn observed_adapter(engine: Arc<dyn LlmEngine>, rt: &Rt) -> (Adapter, Arc<Re
     let adapter = Adapter::new(
         engine,
         rt.clone(),
-        AdapterConfig {
-            observer: Some(records.clone()),
-            ..AdapterConfig::default()
-        },
+        AdapterConfig::default().observer(records.clone()),
     );
     (adapter, records)
 }

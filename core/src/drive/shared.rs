@@ -1,0 +1,142 @@
+//! [`Shared`]: the part of a request that the context listener, the first-token hint,
+//! the consumer's `Drop` and the watchdog reach from other threads, and the actions they
+//! carry out off the consumer's poller (spawn the abort, arm the cancel deadlines, wake
+//! the consumer).
+
+use std::task::Waker;
+use std::time::Duration;
+
+use super::slot::EngineSlot;
+use super::timers::Timer;
+use super::watchdog::{OffPoller, Watchdog};
+use super::AdapterInner;
+use crate::context::{Context, Signal};
+use crate::engine::GenerateContext;
+use crate::lifecycle::{Actions, Cell, Event};
+use crate::sync::{downgrade, lock, Arc, Mutex};
+
+/// The cancel deadlines one request runs under (the adapter's, or its own overrides).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CancelLimits {
+    pub(super) deferral_deadline: Duration,
+    pub(super) cancel_grace: Option<Duration>,
+}
+
+/// The part of a request reachable from other threads.
+pub(crate) struct Shared {
+    pub(super) cell: Cell,
+    /// The consumer's waker (the poller's, or `generate`'s during setup).
+    pub(super) waker: Mutex<Option<Waker>>,
+    pub(super) adapter: Arc<AdapterInner>,
+    pub(super) context: Context,
+    pub(super) request_id: std::sync::Arc<str>,
+    pub(super) limits: CancelLimits,
+    /// The watchdog's side: `None` until a cancel deadline is armed or the engine is
+    /// handed over, so the happy path carries one empty word here.
+    pub(super) off: Mutex<Option<Box<OffPoller>>>,
+}
+
+impl Shared {
+    /// The engine's out-of-band first-token hint.
+    pub(crate) fn first_token_hint(this: &Arc<Self>) {
+        let (_, acts) = this.cell.apply(Event::FirstTokenHint);
+        Shared::act_off_poller(this, acts);
+    }
+
+    pub(super) fn signal(this: &Arc<Self>, signal: Signal) {
+        let event = match signal {
+            Signal::Stop => Event::Stop,
+            Signal::Kill => Event::Kill,
+        };
+        let (_, acts) = this.cell.apply(event);
+        Shared::act_off_poller(this, acts);
+    }
+
+    /// Carry out actions decided away from the poller (listener, hint, watchdog).
+    /// Those events never forward, emit or finish: that is the consumer's side.
+    pub(super) fn act_off_poller(this: &Arc<Self>, acts: Actions) {
+        debug_assert!(!acts.forward && acts.emit.is_none() && acts.finish.is_none());
+        if acts.abort {
+            Shared::spawn_abort(this);
+        }
+        Shared::arm(this, acts, None);
+        if acts.wake {
+            if let Some(w) = lock(&this.waker).as_ref() {
+                w.wake_by_ref();
+            }
+        }
+    }
+
+    pub(super) fn spawn_abort(this: &Arc<Self>) {
+        if let Some(obs) = &this.adapter.config.observer {
+            obs.on_abort(&this.request_id);
+        }
+        let ctx = Shared::generate_context(this);
+        let adapter = this.adapter.clone();
+        this.adapter
+            .runtime
+            .spawn(Box::pin(async move { adapter.engine.abort(ctx).await }));
+        // A watchdog waiting on this abort's deadline, or draining for it, is done.
+        Shared::wake_watchdog(this);
+    }
+
+    /// Arm the cancel deadlines `acts` asks for and hand over `engine` for draining;
+    /// spawn the watchdog the first time, wake it afterwards. Nothing (no clock read,
+    /// no lock) when there is nothing to arm or hand over.
+    pub(super) fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
+        let limits = this.limits;
+        let rt = &this.adapter.runtime;
+        let grace = if acts.arm_grace {
+            limits.cancel_grace
+        } else {
+            None
+        };
+        if grace.is_none() && !acts.arm_deferral && engine.is_none() {
+            return;
+        }
+        let now = rt.now();
+        let (spawn, waker) = {
+            let mut off = lock(&this.off);
+            let off = off.get_or_insert_with(Box::default);
+            off.deadlines.arm_grace(now, grace);
+            if acts.arm_deferral {
+                off.deadlines.arm_deferral(now, limits.deferral_deadline);
+            }
+            if engine.is_some() {
+                off.handoff = engine;
+            }
+            let spawn = !off.spawned;
+            off.spawned = true;
+            (spawn, off.waker.clone())
+        };
+        if spawn {
+            rt.spawn(Box::pin(Watchdog {
+                shared: this.clone(),
+                timer: Timer::default(),
+                engine: None,
+            }));
+        } else if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub(super) fn wake_watchdog(this: &Arc<Self>) {
+        let waker = lock(&this.off).as_ref().and_then(|off| off.waker.clone());
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    pub(super) fn generate_context(this: &Arc<Self>) -> GenerateContext {
+        GenerateContext::with_hint(
+            this.context.clone(),
+            this.request_id.clone(),
+            downgrade(this),
+        )
+    }
+
+    /// Store the consumer's waker (only [`register`] calls this, when it changed).
+    pub(super) fn register(&self, waker: &Waker) {
+        *lock(&self.waker) = Some(waker.clone());
+    }
+}
