@@ -567,3 +567,67 @@ fn signalled_debug_names_its_context_and_target() {
     );
     assert_eq!(format!("{ctx:?}"), "Context { id: \"r7\", level: Live }");
 }
+
+#[test]
+fn a_live_context_has_no_cause_and_stop_and_kill_say_caller() {
+    let ctx = Context::new("r");
+    assert_eq!(ctx.cause(), None);
+    ctx.stop();
+    assert_eq!(ctx.cause(), Some(Cause::Caller));
+    let ctx = Context::new("r");
+    ctx.kill();
+    assert_eq!(
+        (ctx.level(), ctx.cause()),
+        (Level::Killed, Some(Cause::Caller))
+    );
+}
+
+#[test]
+fn the_first_cause_wins() {
+    let ctx = Context::new("r");
+    ctx.stop_with(Cause::Timeout);
+    ctx.kill_with(Cause::Shutdown);
+    ctx.stop_with(Cause::ClientDisconnect);
+    assert_eq!(
+        (ctx.level(), ctx.cause()),
+        (Level::Killed, Some(Cause::Timeout))
+    );
+}
+
+#[test]
+fn children_inherit_the_parents_cause_linked_before_or_after() {
+    let root = Context::new("root");
+    let before = Context::new("before");
+    root.link_child(&before);
+    root.kill_with(Cause::Shutdown);
+    let after = Context::new("after");
+    root.link_child(&after);
+    assert_eq!(before.cause(), Some(Cause::Shutdown));
+    assert_eq!(after.cause(), Some(Cause::Shutdown));
+    assert!(before.is_killed() && after.is_killed());
+    // A child cancelled first keeps its own cause.
+    let root = Context::new("root");
+    let child = Context::new("child");
+    root.link_child(&child);
+    child.stop_with(Cause::ClientDisconnect);
+    root.kill_with(Cause::Shutdown);
+    assert_eq!(
+        (child.level(), child.cause()),
+        (Level::Killed, Some(Cause::ClientDisconnect))
+    );
+}
+
+#[test]
+fn cause_labels() {
+    let labels = [
+        Cause::Caller,
+        Cause::ClientDisconnect,
+        Cause::Shutdown,
+        Cause::Timeout,
+    ]
+    .map(|c| c.to_string());
+    assert_eq!(
+        labels,
+        ["caller", "client_disconnect", "shutdown", "timeout"]
+    );
+}

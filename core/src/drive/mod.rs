@@ -19,6 +19,8 @@
 mod probe;
 mod request;
 mod runtime_check;
+#[cfg(feature = "tower")]
+mod service;
 mod shared;
 mod slot;
 mod span;
