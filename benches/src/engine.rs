@@ -106,11 +106,7 @@ impl BenchEngine {
 impl LlmEngine for BenchEngine {
     fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
         Box::pin(async move {
-            Ok(EngineConfig {
-                model: "bench".to_owned(),
-                worker_id,
-                max_concurrency: None,
-            })
+            Ok(EngineConfig::new("bench".to_owned(), worker_id).with_max_concurrency(None))
         })
     }
 

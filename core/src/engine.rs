@@ -28,6 +28,7 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, EngineError>> + S
 
 /// What an engine reports once started.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EngineConfig {
     /// The model name served. Must not be empty.
     pub model: String,
@@ -35,6 +36,24 @@ pub struct EngineConfig {
     pub worker_id: u64,
     /// How many sequences the engine runs at once, if it has a limit.
     pub max_concurrency: Option<usize>,
+}
+
+impl EngineConfig {
+    /// An engine serving `model` as worker `worker_id`, with no concurrency limit.
+    pub fn new(model: impl Into<String>, worker_id: u64) -> EngineConfig {
+        EngineConfig {
+            model: model.into(),
+            worker_id,
+            max_concurrency: None,
+        }
+    }
+
+    /// Set [`max_concurrency`](EngineConfig::max_concurrency).
+    #[must_use]
+    pub fn with_max_concurrency(mut self, max: Option<usize>) -> Self {
+        self.max_concurrency = max;
+        self
+    }
 }
 
 /// An inference engine, as tether drives it. Object-safe: `Arc<dyn LlmEngine>` works.

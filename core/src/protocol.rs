@@ -18,9 +18,14 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::EngineError;
 
+mod trace_link;
+
+pub use trace_link::{TraceIdField, TraceLink, TraceLinkError};
+
 /// When the engine must stop generating for a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct StopConditions {
     /// Stop after this many generated tokens (`None`: the engine's own limit).
     pub max_tokens: Option<u32>,
@@ -30,6 +35,12 @@ pub struct StopConditions {
     pub min_tokens: Option<u32>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Stop when the decoded text contains any of these strings, for an engine or an
+    /// edge that matches text. tether carries them and does not match them itself: the
+    /// side that matches ends the stream with `FinishReason::Stop` (an engine by its own
+    /// terminal, an edge with `ResponseStream::finish`, SPEC rule 12).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
 }
 
 /// Sampling parameters. `None` means "the engine's default".
@@ -39,6 +50,7 @@ pub struct StopConditions {
 /// write as `null`), so a value always survives a round trip unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct SamplingOptions {
     /// Softmax temperature.
     #[serde(
@@ -97,193 +109,12 @@ mod finite_f32 {
     }
 }
 
-/// Which id of a [`TraceLink`] an error is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TraceIdField {
-    /// The 16-byte trace id.
-    TraceId,
-    /// The 8-byte span id.
-    SpanId,
-}
-
-impl fmt::Display for TraceIdField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TraceIdField::TraceId => "trace_id",
-            TraceIdField::SpanId => "span_id",
-        })
-    }
-}
-
-/// Why a trace or span id string was rejected by [`TraceLink::parse`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TraceLinkError {
-    /// The id does not have the required number of hex characters.
-    #[error("{field} must be {expected} hex characters, got {actual}")]
-    WrongLength {
-        /// Which id.
-        field: TraceIdField,
-        /// The required length in characters (32 or 16).
-        expected: usize,
-        /// The length that was given, in bytes.
-        actual: usize,
-    },
-    /// The id contains a character that is not a hex digit.
-    #[error("{field} has a non-hex character at byte {position}")]
-    NotHex {
-        /// Which id.
-        field: TraceIdField,
-        /// Byte offset of the first offending character.
-        position: usize,
-    },
-    /// The id contains an uppercase hex digit (W3C trace context requires lowercase).
-    #[error("{field} has an uppercase hex digit at byte {position}, ids must be lowercase")]
-    Uppercase {
-        /// Which id.
-        field: TraceIdField,
-        /// Byte offset of the first uppercase digit.
-        position: usize,
-    },
-    /// The id is all zeros, which W3C trace context defines as invalid.
-    #[error("{field} is all zeros, which is not a valid id")]
-    AllZeros {
-        /// Which id.
-        field: TraceIdField,
-    },
-}
-
-/// A link to a tracing span elsewhere (a W3C trace context trace id and span id), used
-/// to connect a migrated request to its previous worker and a worker's span to the
-/// frontend's.
-///
-/// Both ids are non-zero by construction. On the wire it is
-/// `{"trace_id": "<32 lowercase hex>", "span_id": "<16 lowercase hex>"}`.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "TraceLinkRepr", into = "TraceLinkRepr")]
-pub struct TraceLink {
-    trace_id: [u8; 16],
-    span_id: [u8; 8],
-}
-
-/// The wire form of a [`TraceLink`]; decoding goes through [`TraceLink::parse`].
-#[derive(Serialize, Deserialize)]
-struct TraceLinkRepr {
-    trace_id: String,
-    span_id: String,
-}
-
-impl TryFrom<TraceLinkRepr> for TraceLink {
-    type Error = TraceLinkError;
-
-    fn try_from(repr: TraceLinkRepr) -> Result<Self, Self::Error> {
-        TraceLink::parse(&repr.trace_id, &repr.span_id)
-    }
-}
-
-impl From<TraceLink> for TraceLinkRepr {
-    fn from(link: TraceLink) -> Self {
-        TraceLinkRepr {
-            trace_id: link.trace_id_hex(),
-            span_id: link.span_id_hex(),
-        }
-    }
-}
-
-impl TraceLink {
-    /// Parse a 32-character trace id and a 16-character span id, both lowercase hex
-    /// and not all zeros. Malformed input is an error value, never a panic.
-    ///
-    /// # Errors
-    ///
-    /// A [`TraceLinkError`] naming the id and what is wrong with it: wrong length,
-    /// a non-hex or uppercase character, or all zeros. The trace id is checked first.
-    pub fn parse(trace_id: &str, span_id: &str) -> Result<TraceLink, TraceLinkError> {
-        Ok(TraceLink {
-            trace_id: decode_hex_id(trace_id, TraceIdField::TraceId)?,
-            span_id: decode_hex_id(span_id, TraceIdField::SpanId)?,
-        })
-    }
-
-    /// Build a link from numeric ids; `None` if either is zero (invalid in W3C).
-    pub fn from_ids(trace: u128, span: u64) -> Option<TraceLink> {
-        (trace != 0 && span != 0).then(|| TraceLink {
-            trace_id: trace.to_be_bytes(),
-            span_id: span.to_be_bytes(),
-        })
-    }
-
-    /// The trace id as 32 lowercase hex characters.
-    pub fn trace_id_hex(&self) -> String {
-        encode_hex(&self.trace_id)
-    }
-
-    /// The span id as 16 lowercase hex characters.
-    pub fn span_id_hex(&self) -> String {
-        encode_hex(&self.span_id)
-    }
-
-    /// The trace id as a number (big-endian, as in the hex form).
-    pub fn trace_id(&self) -> u128 {
-        u128::from_be_bytes(self.trace_id)
-    }
-
-    /// The span id as a number (big-endian, as in the hex form).
-    pub fn span_id(&self) -> u64 {
-        u64::from_be_bytes(self.span_id)
-    }
-}
-
-impl fmt::Debug for TraceLink {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TraceLink")
-            .field("trace_id", &self.trace_id_hex())
-            .field("span_id", &self.span_id_hex())
-            .finish()
-    }
-}
-
-fn decode_hex_id<const N: usize>(s: &str, field: TraceIdField) -> Result<[u8; N], TraceLinkError> {
-    let bytes = s.as_bytes();
-    if bytes.len() != 2 * N {
-        return Err(TraceLinkError::WrongLength {
-            field,
-            expected: 2 * N,
-            actual: bytes.len(),
-        });
-    }
-    let nibble = |position: usize| -> Result<u8, TraceLinkError> {
-        match bytes[position] {
-            b @ b'0'..=b'9' => Ok(b - b'0'),
-            b @ b'a'..=b'f' => Ok(b - b'a' + 10),
-            b'A'..=b'F' => Err(TraceLinkError::Uppercase { field, position }),
-            _ => Err(TraceLinkError::NotHex { field, position }),
-        }
-    };
-    let mut out = [0u8; N];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = (nibble(2 * i)? << 4) | nibble(2 * i + 1)?;
-    }
-    if out.iter().all(|&b| b == 0) {
-        return Err(TraceLinkError::AllZeros { field });
-    }
-    Ok(out)
-}
-
-fn encode_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
 /// One generation request, as handed to an engine.
 ///
 /// Only `id` and `model` are required on the wire; every other field defaults when
 /// missing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Request {
     /// Caller-chosen request id (used in logs, spans and aborts).
     pub id: String,
@@ -324,6 +155,20 @@ impl Request {
     #[must_use]
     pub fn with_max_tokens(mut self, max_tokens: u32) -> Self {
         self.stop.max_tokens = Some(max_tokens);
+        self
+    }
+
+    /// Set the stop conditions.
+    #[must_use]
+    pub fn with_stop(mut self, stop: StopConditions) -> Self {
+        self.stop = stop;
+        self
+    }
+
+    /// Set the sampling options.
+    #[must_use]
+    pub fn with_sampling(mut self, sampling: SamplingOptions) -> Self {
+        self.sampling = sampling;
         self
     }
 }
@@ -434,11 +279,22 @@ impl<'de> Deserialize<'de> for FinishReason {
 /// Token accounting for a request.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct Usage {
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
     /// Tokens generated so far.
     pub completion_tokens: u32,
+}
+
+impl Usage {
+    /// Usage of `prompt_tokens` in and `completion_tokens` out.
+    pub fn new(prompt_tokens: u32, completion_tokens: u32) -> Usage {
+        Usage {
+            prompt_tokens,
+            completion_tokens,
+        }
+    }
 }
 
 /// One piece of an engine's output stream.
@@ -449,6 +305,7 @@ pub struct Usage {
 /// missing, so `{"token_ids":[1]}` is a valid chunk.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
+#[non_exhaustive]
 pub struct Chunk {
     /// Generated token ids in this chunk (possibly empty).
     pub token_ids: Vec<u32>,
@@ -489,6 +346,13 @@ impl Chunk {
     #[must_use]
     pub fn with_usage(mut self, usage: Usage) -> Self {
         self.usage = Some(usage);
+        self
+    }
+
+    /// Set the chunk's detokenized text.
+    #[must_use]
+    pub fn with_text(mut self, text: impl Into<String>) -> Self {
+        self.text = Some(text.into());
         self
     }
 

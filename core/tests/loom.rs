@@ -319,13 +319,7 @@ struct LoomEngine {
 
 impl LlmEngine for LoomEngine {
     fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
-        Box::pin(async move {
-            Ok(EngineConfig {
-                model: "loom".into(),
-                worker_id,
-                max_concurrency: None,
-            })
-        })
+        Box::pin(async move { Ok(EngineConfig::new("loom", worker_id).with_max_concurrency(None)) })
     }
 
     fn generate(

@@ -139,13 +139,17 @@ fn request() -> impl Strategy<Value = Request> {
         prop::collection::vec(any::<u32>(), 0..4),
         prop::option::of(any::<u32>()),
         any::<bool>(),
+        prop::collection::vec(text(), 0..3),
     )
         .prop_map(
-            |(max_tokens, stop_token_ids, min_tokens, ignore_eos)| StopConditions {
-                max_tokens,
-                stop_token_ids,
-                min_tokens,
-                ignore_eos,
+            |(max_tokens, stop_token_ids, min_tokens, ignore_eos, strings)| {
+                let mut stop = StopConditions::default();
+                stop.max_tokens = max_tokens;
+                stop.stop_token_ids = stop_token_ids;
+                stop.min_tokens = min_tokens;
+                stop.ignore_eos = ignore_eos;
+                stop.stop = strings;
+                stop
             },
         );
     let sampling = (
@@ -154,11 +158,13 @@ fn request() -> impl Strategy<Value = Request> {
         prop::option::of(any::<u32>()),
         prop::option::of(any::<u64>()),
     )
-        .prop_map(|(temperature, top_p, top_k, seed)| SamplingOptions {
-            temperature,
-            top_p,
-            top_k,
-            seed,
+        .prop_map(|(temperature, top_p, top_k, seed)| {
+            let mut sampling = SamplingOptions::default();
+            sampling.temperature = temperature;
+            sampling.top_p = top_p;
+            sampling.top_k = top_k;
+            sampling.seed = seed;
+            sampling
         });
     (
         text(),
@@ -172,16 +178,13 @@ fn request() -> impl Strategy<Value = Request> {
     )
         .prop_map(
             |(id, model, token_ids, stop, sampling, eos_token_ids, migration_link, annotations)| {
-                Request {
-                    id,
-                    model,
-                    token_ids,
-                    stop,
-                    sampling,
-                    eos_token_ids,
-                    migration_link,
-                    annotations,
-                }
+                let mut request = Request::new(id, model, token_ids)
+                    .with_stop(stop)
+                    .with_sampling(sampling);
+                request.eos_token_ids = eos_token_ids;
+                request.migration_link = migration_link;
+                request.annotations = annotations;
+                request
             },
         )
 }
@@ -196,16 +199,14 @@ fn chunk() -> impl Strategy<Value = Chunk> {
         prop::option::of(trace_link()),
     )
         .prop_map(
-            |(token_ids, text, finish_reason, usage, index, worker_trace_link)| Chunk {
-                token_ids,
-                text,
-                finish_reason,
-                usage: usage.map(|(prompt_tokens, completion_tokens)| Usage {
-                    prompt_tokens,
-                    completion_tokens,
-                }),
-                index,
-                worker_trace_link,
+            |(token_ids, text, finish_reason, usage, index, worker_trace_link)| {
+                let mut chunk = Chunk::tokens(token_ids);
+                chunk.text = text;
+                chunk.finish_reason = finish_reason;
+                chunk.usage = usage.map(|(prompt, completion)| Usage::new(prompt, completion));
+                chunk.index = index;
+                chunk.worker_trace_link = worker_trace_link;
+                chunk
             },
         )
 }

@@ -92,13 +92,7 @@ async fn deterministic_tokens(rt: Rt) {
         .all(|i| i.as_ref().unwrap().token_ids.len() == 1));
     let end = terminal(&a);
     assert_eq!(end.finish_reason, Some(FinishReason::Length));
-    assert_eq!(
-        end.usage,
-        Some(Usage {
-            prompt_tokens: 3,
-            completion_tokens: 8
-        })
-    );
+    assert_eq!(end.usage, Some(Usage::new(3, 8)));
     let other_seed = started(
         SimConfig {
             seed: 9,
@@ -134,13 +128,7 @@ async fn max_tokens_zero_ends_at_once(rt: Rt) {
     assert_eq!(items.len(), 1, "{items:?}");
     let end = terminal(&items);
     assert_eq!(end.finish_reason, Some(FinishReason::Length));
-    assert_eq!(
-        end.usage,
-        Some(Usage {
-            prompt_tokens: 2,
-            completion_tokens: 0
-        })
-    );
+    assert_eq!(end.usage, Some(Usage::new(2, 0)));
     assert!(rt.now() - t0 < Duration::from_millis(500));
     idle(engine.gauges());
     assert_eq!(engine.gauges().lingering, 0);

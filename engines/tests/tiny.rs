@@ -86,10 +86,7 @@ async fn gen(engine: &TinyEngine, request: Request) -> ChunkStream {
 }
 
 fn usage(prompt: usize, completion: usize) -> Option<Usage> {
-    Some(Usage {
-        prompt_tokens: prompt as u32,
-        completion_tokens: completion as u32,
-    })
+    Some(Usage::new(prompt as u32, completion as u32))
 }
 
 fn idle(g: TinyGauges) {

@@ -129,13 +129,7 @@ struct Ticker {
 
 impl LlmEngine for Ticker {
     fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
-        Box::pin(async move {
-            Ok(EngineConfig {
-                model: "ticker".into(),
-                worker_id,
-                ..EngineConfig::default()
-            })
-        })
+        Box::pin(async move { Ok(EngineConfig::new("ticker", worker_id)) })
     }
 
     fn generate(

@@ -193,11 +193,7 @@ impl ScriptEngine {
 impl LlmEngine for ScriptEngine {
     fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
         Box::pin(async move {
-            Ok(EngineConfig {
-                model: "script".to_owned(),
-                worker_id,
-                max_concurrency: None,
-            })
+            Ok(EngineConfig::new("script".to_owned(), worker_id).with_max_concurrency(None))
         })
     }
 

@@ -102,11 +102,7 @@ impl LlmEngine for TestEngine {
             } else {
                 MODEL.to_owned()
             };
-            Ok(EngineConfig {
-                model,
-                worker_id,
-                max_concurrency: None,
-            })
+            Ok(EngineConfig::new(model, worker_id).with_max_concurrency(None))
         })
     }
 

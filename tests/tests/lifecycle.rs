@@ -70,10 +70,7 @@ async fn happy_path_forwards_chunks_then_terminal_without_spawns_or_timers<R: Sc
 ) {
     let h = Harness::new(rt);
     let (mut s, script, _ctx) = h.start("r").await;
-    let usage = Usage {
-        prompt_tokens: 3,
-        completion_tokens: 3,
-    };
+    let usage = Usage::new(3, 3);
     script
         .tokens(&[10, 11])
         .tokens(&[12])
@@ -199,10 +196,7 @@ async fn stop_before_terminal_aborts_once_and_chunks_flow_to_engine_terminal<R: 
 async fn stop_answered_by_engine_cancelled_terminal_records_cancelled<R: ScenarioRuntime>(rt: R) {
     let h = Harness::new(rt);
     let (mut s, script, ctx) = h.start("r").await;
-    let answer = Chunk::terminal(FinishReason::Cancelled).with_usage(Usage {
-        prompt_tokens: 3,
-        completion_tokens: 1,
-    });
+    let answer = Chunk::terminal(FinishReason::Cancelled).with_usage(Usage::new(3, 1));
     script.reply_to_abort(vec![Step::Item(Ok(answer.clone()))]);
     script.tokens(&[1]);
     assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));

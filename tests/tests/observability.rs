@@ -185,10 +185,7 @@ async fn prefill_terminal_carries_worker_trace_link_when_no_token_did<R: Scenari
     let _guard = capture.install();
     let h = Harness::with_config(rt, AdapterConfig::default().mode(Mode::Prefill));
     // A prefill worker that yields no token: its terminal carries the link.
-    let usage = Usage {
-        prompt_tokens: 3,
-        completion_tokens: 0,
-    };
+    let usage = Usage::new(3, 0);
     let (mut s, script, _ctx) = h.start("p1").await;
     script
         .tokens(&[])

@@ -151,10 +151,9 @@ impl Reply {
         tail.push_str(&self.decoder.finish());
         match openai_finish_reason(&reason) {
             Some(fr) => {
-                let usage = chunk.usage.unwrap_or(Usage {
-                    prompt_tokens: self.prompt_tokens,
-                    completion_tokens: self.completion_tokens,
-                });
+                let usage = chunk
+                    .usage
+                    .unwrap_or(Usage::new(self.prompt_tokens, self.completion_tokens));
                 Err(End::Finished(fr, usage.into()))
             }
             None => Err(End::Failed(match reason {

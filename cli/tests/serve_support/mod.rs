@@ -85,11 +85,7 @@ pub struct BrokenEngine;
 impl LlmEngine for BrokenEngine {
     fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
         Box::pin(async move {
-            Ok(EngineConfig {
-                model: "broken".to_owned(),
-                worker_id,
-                max_concurrency: None,
-            })
+            Ok(EngineConfig::new("broken".to_owned(), worker_id).with_max_concurrency(None))
         })
     }
     fn generate(

@@ -376,13 +376,9 @@ struct ScriptEngine {
 
 impl LlmEngine for ScriptEngine {
     fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
-        Box::pin(async move {
-            Ok(EngineConfig {
-                model: "script".into(),
-                worker_id,
-                max_concurrency: None,
-            })
-        })
+        Box::pin(
+            async move { Ok(EngineConfig::new("script", worker_id).with_max_concurrency(None)) },
+        )
     }
 
     fn generate(

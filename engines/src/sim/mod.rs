@@ -183,11 +183,8 @@ impl LlmEngine for SimEngine {
                     .runtime
                     .spawn(Box::pin(scheduler::run(core, epoch, kicks)));
             }
-            Ok(EngineConfig {
-                model: cfg.model.clone(),
-                worker_id,
-                max_concurrency: Some(cfg.max_sequences),
-            })
+            Ok(EngineConfig::new(cfg.model.clone(), worker_id)
+                .with_max_concurrency(Some(cfg.max_sequences)))
         })
     }
 

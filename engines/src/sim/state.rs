@@ -95,10 +95,7 @@ struct Seq {
 
 impl Seq {
     fn usage(&self) -> Usage {
-        Usage {
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.emitted,
-        }
+        Usage::new(self.prompt_tokens, self.emitted)
     }
 }
 

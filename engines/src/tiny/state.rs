@@ -57,10 +57,10 @@ struct Seq {
 
 impl Seq {
     fn usage(&self) -> Usage {
-        Usage {
-            prompt_tokens: u32::try_from(self.prompt.len()).unwrap_or(u32::MAX),
-            completion_tokens: self.emitted,
-        }
+        Usage::new(
+            u32::try_from(self.prompt.len()).unwrap_or(u32::MAX),
+            self.emitted,
+        )
     }
 }
 
