@@ -4,7 +4,7 @@
 //! probe adapter and the `ResponseStream` bounds.
 
 use std::task::Poll;
-use tether_core::AbortStatus;
+use tether_core::{AbortStatus, Request};
 
 use tether_core::drive::ProbeAdapter;
 use tether_core::{
@@ -399,9 +399,13 @@ async fn probe_reports_unhealthy_on_error_finish_reason<R: ScenarioRuntime>(rt: 
         .script("sick")
         .tokens(&[1])
         .terminal(FinishReason::Error("out of memory".to_owned()));
-    let items = guarded(&h.rt, "probe", probe.probe(r#"{"id":"sick","model":"m"}"#))
-        .await
-        .expect("probe runs");
+    let items = guarded(
+        &h.rt,
+        "probe",
+        probe.probe(Request::new("sick", "m", Vec::new())),
+    )
+    .await
+    .expect("probe runs");
     assert_eq!(items.len(), 2);
     assert_eq!(items[0], tokens(&[1]));
     assert!(items[1].is_error(), "{:?}", items[1]);
@@ -415,16 +419,24 @@ async fn probe_reports_unhealthy_on_error_finish_reason<R: ScenarioRuntime>(rt: 
         .script("well")
         .tokens(&[1])
         .terminal(FinishReason::Eos);
-    let items = guarded(&h.rt, "probe", probe.probe(r#"{"id":"well","model":"m"}"#))
-        .await
-        .expect("probe runs");
+    let items = guarded(
+        &h.rt,
+        "probe",
+        probe.probe(Request::new("well", "m", Vec::new())),
+    )
+    .await
+    .expect("probe runs");
     assert_eq!(items, vec![tokens(&[1]), terminal(FinishReason::Eos)]);
     assert!(ProbeAdapter::is_healthy(&items));
 
     h.engine.script("mute").close();
-    let items = guarded(&h.rt, "probe", probe.probe(r#"{"id":"mute","model":"m"}"#))
-        .await
-        .expect("probe runs");
+    let items = guarded(
+        &h.rt,
+        "probe",
+        probe.probe(Request::new("mute", "m", Vec::new())),
+    )
+    .await
+    .expect("probe runs");
     assert!(!ProbeAdapter::is_healthy(&items));
     h.assert_clean().await;
 }

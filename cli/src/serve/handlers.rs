@@ -259,11 +259,7 @@ pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
         tokenizer::encode("ok"),
     )
     .with_max_tokens(1);
-    let json = match serde_json::to_string(&canary) {
-        Ok(json) => json,
-        Err(e) => return unhealthy(format!("cannot write the canary: {e}")),
-    };
-    match tokio::time::timeout(app.health_timeout, app.probe.probe(&json)).await {
+    match tokio::time::timeout(app.health_timeout, app.probe.probe(canary)).await {
         Ok(Ok(items)) if ProbeAdapter::is_healthy(&items) => {
             let body = serde_json::json!({"status": "ok", "model": app.limits.model});
             ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response()

@@ -1,6 +1,7 @@
-//! [`ProbeAdapter`]: a health-check canary. A JSON request goes in, the stream's items
-//! come out, and a chunk whose finish reason is `Error` is surfaced as an error item,
-//! so a probe never reports healthy on an engine error.
+//! [`ProbeAdapter`]: a health-check canary. A request goes in (the caller reads it from
+//! JSON or builds it), the stream's items come out, and a chunk whose finish reason is
+//! `Error` is surfaced as an error item, so a probe never reports healthy on an engine
+//! error.
 
 use futures_core::Stream;
 
@@ -8,17 +9,6 @@ use super::Adapter;
 use crate::context::Context;
 use crate::error::{EngineError, ErrorKind};
 use crate::protocol::{Annotated, Chunk, FinishReason, Request};
-
-/// Why a probe could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    /// The canary JSON is not a valid request.
-    #[error("invalid probe request: {0}")]
-    InvalidRequest(#[from] serde_json::Error),
-    /// The engine refused to start the canary.
-    #[error("probe generate failed: {0}")]
-    Generate(#[from] EngineError),
-}
 
 /// Runs canary requests through an [`Adapter`].
 #[derive(Debug, Clone)]
@@ -32,10 +22,9 @@ impl ProbeAdapter {
         ProbeAdapter { adapter }
     }
 
-    /// Run the canary `request_json` to its end. `FinishReason::Error` chunks come back
-    /// as [`Annotated`] error items.
-    pub async fn probe(&self, request_json: &str) -> Result<Vec<Annotated<Chunk>>, ProbeError> {
-        let request: Request = serde_json::from_str(request_json)?;
+    /// Run the canary `request` to its end. `FinishReason::Error` chunks come back as
+    /// [`Annotated`] error items; an engine that refuses the canary is the `Err`.
+    pub async fn probe(&self, request: Request) -> Result<Vec<Annotated<Chunk>>, EngineError> {
         let context = Context::new(format!("probe-{}", request.id));
         let mut stream = self.adapter.generate(request, context).await?;
         let mut items = Vec::new();

@@ -36,7 +36,7 @@ use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
-pub use probe::{ProbeAdapter, ProbeError};
+pub use probe::ProbeAdapter;
 pub use request::{Generate, Generating, Results};
 pub use runtime_check::{
     run_runtime_conformance, RuntimeCheckFailure, RuntimeCheckReport, RUNTIME_CHECKS,
