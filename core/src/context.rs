@@ -35,7 +35,10 @@ use crate::sync::{downgrade, is_dead, lock, upgrade, Arc, Mutex, MutexGuard, Wea
 
 use waiters::{Key, Waiters};
 
+mod cause;
 mod waiters;
+
+pub use cause::Cause;
 
 /// How far a context has been cancelled. Ordered: `Live < Stopped < Killed`, and a
 /// context only ever moves forward.
@@ -65,59 +68,6 @@ impl Level {
             Level::Live | Level::Stopped => Signal::Stop,
             Level::Killed => Signal::Kill,
         }
-    }
-}
-
-/// Why a context was cancelled: the first [`Context::stop_with`] or
-/// [`Context::kill_with`] that moved it off [`Level::Live`] sets it, and nothing
-/// changes it afterwards ("first cause wins"). A child linked with
-/// [`Context::link_child`] inherits the cause of the parent that cancelled it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Cause {
-    /// The code holding the context asked ([`Context::stop`] and [`Context::kill`]).
-    Caller,
-    /// The client went away (an HTTP edge's disconnect, a kill-on-drop stream).
-    ClientDisconnect,
-    /// The server is shutting down.
-    Shutdown,
-    /// A deadline expired (a router's or a client's timeout, or one of tether's own).
-    Timeout,
-}
-
-impl Cause {
-    /// A short lowercase label: `caller`, `client_disconnect`, `shutdown`, `timeout`.
-    pub fn label(self) -> &'static str {
-        match self {
-            Cause::Caller => "caller",
-            Cause::ClientDisconnect => "client_disconnect",
-            Cause::Shutdown => "shutdown",
-            Cause::Timeout => "timeout",
-        }
-    }
-
-    const fn code(self) -> u8 {
-        match self {
-            Cause::Caller => 0,
-            Cause::ClientDisconnect => 1,
-            Cause::Shutdown => 2,
-            Cause::Timeout => 3,
-        }
-    }
-
-    const fn from_code(v: u8) -> Cause {
-        match v {
-            0 => Cause::Caller,
-            1 => Cause::ClientDisconnect,
-            2 => Cause::Shutdown,
-            _ => Cause::Timeout,
-        }
-    }
-}
-
-impl fmt::Display for Cause {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
     }
 }
 

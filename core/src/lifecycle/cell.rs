@@ -1,0 +1,109 @@
+//! [`Cell`]: the shared copy of a request's [`State`] in one atomic word, updated by
+//! compare-exchange, and the poller's one-entry memo ([`StepCache`]).
+
+use super::{step, Actions, Event, State};
+use crate::sync::atomic::{AtomicU32, Ordering};
+
+/// The shared copy of a request's [`State`]: one atomic word, updated by
+/// compare-exchange so that of several racing actors exactly one wins each decision.
+#[derive(Debug)]
+pub struct Cell {
+    word: AtomicU32,
+}
+
+impl Cell {
+    /// A cell holding `state`.
+    pub fn new(state: State) -> Cell {
+        Cell {
+            word: AtomicU32::new(state.pack()),
+        }
+    }
+
+    /// The current state.
+    #[inline]
+    pub fn load(&self) -> State {
+        // Acquire pairs with the AcqRel exchange in `apply`: whoever reads a state sees
+        // everything the actor that wrote it did before.
+        State::unpack(self.word.load(Ordering::Acquire)).expect("cell holds a packed state")
+    }
+
+    /// Apply `event` atomically; returns the state it moved to and the actions that the
+    /// caller, and only the caller, must carry out. Retries on contention; `step` is
+    /// pure, so a retry just recomputes.
+    #[inline]
+    pub fn apply(&self, event: Event) -> (State, Actions) {
+        // Acquire: see the state the last writer published (pairs with AcqRel below).
+        let mut current = self.word.load(Ordering::Acquire);
+        loop {
+            let old = State::unpack(current).expect("cell holds a packed state");
+            let (new, acts) = step(old, event);
+            if new == old {
+                return (new, acts);
+            }
+            // AcqRel: release this decision to the next actor, acquire the previous one.
+            match self.word.compare_exchange_weak(
+                current,
+                new.pack(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return (new, acts),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+/// A one-entry memo of a transition that left the state unchanged, for
+/// [`Cell::apply_cached`] and [`Cell::load_cached`]. Owned by one caller (the poller).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepCache {
+    loaded: Option<(u32, State)>,
+    noop: Option<(u32, Event, State, Actions)>,
+}
+
+impl Cell {
+    /// [`load`](Self::load), skipping the unpack when the word is the one seen last.
+    #[inline]
+    pub fn load_cached(&self, cache: &mut StepCache) -> State {
+        // Acquire: as in `load`.
+        let word = self.word.load(Ordering::Acquire);
+        match cache.loaded {
+            Some((w, state)) if w == word => state,
+            _ => {
+                let state = State::unpack(word).expect("cell holds a packed state");
+                cache.loaded = Some((word, state));
+                state
+            }
+        }
+    }
+
+    /// [`apply`](Self::apply) for a caller that repeats an event (the poller, one chunk
+    /// after another): a transition that leaves the state unchanged decides nothing
+    /// and needs no exchange, and since [`step`] is pure, the same packed state and
+    /// event give the same result: it is remembered and returned without stepping.
+    #[inline]
+    pub fn apply_cached(&self, event: Event, cache: &mut StepCache) -> (State, Actions) {
+        // Acquire: as in `apply`.
+        let word = self.word.load(Ordering::Acquire);
+        if let Some((w, e, state, acts)) = cache.noop {
+            if w == word && e == event {
+                return (state, acts);
+            }
+        }
+        let old = State::unpack(word).expect("cell holds a packed state");
+        let (new, acts) = step(old, event);
+        if new == old {
+            cache.noop = Some((word, event, new, acts));
+            return (new, acts);
+        }
+        // AcqRel/Acquire: as in `apply`; on contention, `apply` retries from scratch.
+        match self
+            .word
+            .compare_exchange(word, new.pack(), Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => (new, acts),
+            Err(_) => self.apply(event),
+        }
+    }
+}

@@ -1,0 +1,70 @@
+//! The packed state and the atomic cell agree with [`step`](super::super::step).
+
+use super::super::oracle::check_sequence;
+use super::super::*;
+use Event::*;
+
+#[test]
+fn state_fits_in_a_u64() {
+    assert!(std::mem::size_of::<State>() <= 8);
+    // and its packed form in the low 14 bits of the shared word
+    let mut s = State::new(Mode::Decode);
+    for e in [Stop, Chunk, Kill, ConsumerPoll] {
+        s = step(s, e).0;
+        assert_eq!(s.pack() >> 14, 0);
+    }
+}
+
+#[test]
+fn check_sequence_reports_the_final_state() {
+    let s = check_sequence(Mode::Decode, &[Kill, ConsumerPoll]).unwrap();
+    assert!(s.is_terminal());
+    assert_eq!(s.abort(), Abort::Deferred);
+}
+
+#[test]
+fn cell_apply_agrees_with_step() {
+    let cell = Cell::new(State::new(Mode::Decode));
+    let mut s = State::new(Mode::Decode);
+    for e in [
+        TokenlessChunk,
+        Stop,
+        Chunk,
+        Kill,
+        ConsumerPoll,
+        ConsumerDropped,
+    ] {
+        let (expect, expect_acts) = step(s, e);
+        let (got, acts) = cell.apply(e);
+        assert_eq!((got, acts), (expect, expect_acts), "{e:?}");
+        assert_eq!(cell.load(), expect);
+        s = expect;
+    }
+}
+
+/// The poller's memoized transitions must decide exactly what `step` decides, for every
+/// sequence of up to 5 events in every mode (the cache sees repeats, changes and misses).
+#[test]
+fn cell_apply_cached_agrees_with_step() {
+    fn walk(mode: Mode, path: &mut Vec<Event>, depth: usize) {
+        let cell = Cell::new(State::new(mode));
+        let mut cache = StepCache::default();
+        let mut s = State::new(mode);
+        for &e in path.iter() {
+            let expected = step(s, e);
+            assert_eq!(cell.apply_cached(e, &mut cache), expected, "{path:?}");
+            assert_eq!(cell.load_cached(&mut cache), expected.0, "{path:?}");
+            s = expected.0;
+        }
+        if depth > 0 {
+            for e in Event::ALL {
+                path.push(e);
+                walk(mode, path, depth - 1);
+                path.pop();
+            }
+        }
+    }
+    for mode in [Mode::Aggregated, Mode::Prefill, Mode::Decode] {
+        walk(mode, &mut Vec::new(), 4);
+    }
+}
