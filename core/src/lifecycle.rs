@@ -33,7 +33,7 @@
 //! 7. A setup error is [`Event::EngineError`] while pending: forwarded (returned to the
 //!    caller), no abort.
 //! 8. Timeouts kill the request and owe a timeout error terminal.
-//! 9. Exactly one [`Actions::finish`] per request.
+//! 9. Exactly one [`Actions::record`] per request.
 //! 10. Setup is just the pending phase: a kill or a drop during setup is the same event
 //!     as after it.
 //! 11. The deferral deadline and the cancel grace are events that need no consumer poll:
@@ -51,7 +51,7 @@ mod cell;
 mod state;
 
 pub use cell::{Cell, StepCache};
-pub use state::{Abort, Cancel, Phase, State, Synth};
+pub use state::{Abort, Cancel, Phase, State, Synthesized};
 
 use crate::protocol::Mode;
 
@@ -62,8 +62,6 @@ pub enum Timeout {
     FirstToken,
     /// No token within the inter-token limit after the previous one.
     InterToken,
-    /// A stopped request did not end within the cancel grace: force it like a kill.
-    CancelGrace,
 }
 
 /// Everything that can happen to a request.
@@ -89,6 +87,8 @@ pub enum Event {
     ConsumerDropped,
     /// The deferral deadline of a deferred abort passed.
     DeferralDeadline,
+    /// A stopped request did not end within the cancel grace: force it like a kill.
+    CancelGraceExpired,
     /// A configured timeout fired.
     Timeout(Timeout),
     /// The consumer polls: deliver any terminal that is owed.
@@ -113,7 +113,7 @@ impl Event {
         Event::DeferralDeadline,
         Event::Timeout(Timeout::FirstToken),
         Event::Timeout(Timeout::InterToken),
-        Event::Timeout(Timeout::CancelGrace),
+        Event::CancelGraceExpired,
         Event::ConsumerPoll,
         Event::EarlyFinish,
     ];
@@ -157,9 +157,9 @@ pub struct Actions {
     /// Call `LlmEngine::abort` now (exactly once per request: this is set at most once).
     pub abort: bool,
     /// Deliver this synthesized terminal to the consumer instead of any engine item.
-    pub emit: Option<Synth>,
+    pub emit: Option<Synthesized>,
     /// Record the outcome (exactly once per request). The stream ends after it.
-    pub finish: Option<OutcomeKind>,
+    pub record: Option<OutcomeKind>,
     /// Wake the consumer's poller: a synthesized terminal is newly owed to it.
     pub wake: bool,
     /// The abort was just deferred: start the deferral deadline now, off the consumer's
@@ -217,19 +217,19 @@ impl State {
     }
 
     /// Deliver the owed synthesized terminal: the request is over for the consumer.
-    fn deliver_owed(&mut self, acts: &mut Actions) {
-        if let Some(synth) = self.owed.take() {
+    fn deliver_pending(&mut self, acts: &mut Actions) {
+        if let Some(synth) = self.pending_terminal.take() {
             self.phase = Phase::Terminal;
             acts.emit = Some(synth);
-            acts.finish = Some(outcome_of(synth));
+            acts.record = Some(outcome_of(synth));
         }
     }
 
     /// Kill-like cancellation: owe `synth`, ask for the abort.
-    fn force(&mut self, synth: Synth, acts: &mut Actions) {
+    fn force(&mut self, synth: Synthesized, acts: &mut Actions) {
         self.cancel = Cancel::Kill;
         self.phase = Phase::Cancelling;
-        self.owed = Some(synth);
+        self.pending_terminal = Some(synth);
         self.request_abort(acts);
         acts.wake = true; // the consumer must come and take its terminal
     }
@@ -254,15 +254,15 @@ impl State {
     }
 
     fn is_live(&self) -> bool {
-        !self.is_finished()
+        !self.is_over()
     }
 }
 
-fn outcome_of(synth: Synth) -> OutcomeKind {
+fn outcome_of(synth: Synthesized) -> OutcomeKind {
     match synth {
-        Synth::Cancelled => OutcomeKind::Cancelled,
-        Synth::FirstTokenTimeout | Synth::InterTokenTimeout => OutcomeKind::TimedOut,
-        Synth::Incomplete => OutcomeKind::Failed,
+        Synthesized::Cancelled => OutcomeKind::Cancelled,
+        Synthesized::FirstTokenTimeout | Synthesized::InterTokenTimeout => OutcomeKind::TimedOut,
+        Synthesized::Incomplete => OutcomeKind::Failed,
     }
 }
 
@@ -279,17 +279,17 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
         }
         Event::Chunk => {
             s.saw_first_token(&mut acts);
-            if s.owed.is_some() {
+            if s.pending_terminal.is_some() {
                 // A kill (or timeout) won the race against this chunk: the consumer
                 // gets the synthesized terminal instead.
-                s.deliver_owed(&mut acts);
+                s.deliver_pending(&mut acts);
             } else {
                 acts.forward = true;
             }
         }
         Event::TokenlessChunk => {
-            if s.owed.is_some() {
-                s.deliver_owed(&mut acts);
+            if s.pending_terminal.is_some() {
+                s.deliver_pending(&mut acts);
             } else {
                 acts.forward = true;
             }
@@ -297,12 +297,12 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
         Event::TerminalChunk | Event::EngineError => {
             s.engine_done = true;
             s.discard_deferred();
-            if s.owed.is_some() {
-                s.deliver_owed(&mut acts);
+            if s.pending_terminal.is_some() {
+                s.deliver_pending(&mut acts);
             } else {
                 s.phase = Phase::Terminal;
                 acts.forward = true;
-                acts.finish = Some(if event == Event::TerminalChunk {
+                acts.record = Some(if event == Event::TerminalChunk {
                     OutcomeKind::Finished
                 } else {
                     OutcomeKind::Failed
@@ -312,14 +312,14 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
         Event::EngineEnded => {
             s.engine_done = true;
             s.discard_deferred();
-            if s.owed.is_none() {
-                s.owed = Some(if s.cancel == Cancel::None {
-                    Synth::Incomplete
+            if s.pending_terminal.is_none() {
+                s.pending_terminal = Some(if s.cancel == Cancel::None {
+                    Synthesized::Incomplete
                 } else {
-                    Synth::Cancelled
+                    Synthesized::Cancelled
                 });
             }
-            s.deliver_owed(&mut acts);
+            s.deliver_pending(&mut acts);
         }
         Event::FirstTokenHint => {
             if !s.first_token {
@@ -342,46 +342,46 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
         }
         Event::Kill => {
             if s.is_live() && s.cancel != Cancel::Kill {
-                s.force(Synth::Cancelled, &mut acts);
+                s.force(Synthesized::Cancelled, &mut acts);
             }
         }
         Event::ConsumerDropped => {
             if s.is_live() {
                 s.phase = Phase::Dropped;
-                s.owed = None;
-                acts.finish = Some(OutcomeKind::Dropped);
+                s.pending_terminal = None;
+                acts.record = Some(OutcomeKind::Dropped);
                 // Rule 4: the work must not leak, with rule 2's deferral; a deferred
                 // abort stays owed and the driver drains the engine until it is settled.
                 s.request_abort(&mut acts);
             }
         }
         Event::DeferralDeadline => s.release_deferred(&mut acts),
-        Event::Timeout(Timeout::CancelGrace) => {
-            if s.is_live() && s.cancel == Cancel::Stop && s.owed.is_none() {
-                s.force(Synth::Cancelled, &mut acts);
+        Event::CancelGraceExpired => {
+            if s.is_live() && s.cancel == Cancel::Stop && s.pending_terminal.is_none() {
+                s.force(Synthesized::Cancelled, &mut acts);
             }
         }
         Event::Timeout(Timeout::FirstToken) => {
-            if s.is_live() && !s.first_token && s.owed.is_none() && !s.engine_done {
-                s.force(Synth::FirstTokenTimeout, &mut acts);
+            if s.is_live() && !s.first_token && s.pending_terminal.is_none() && !s.engine_done {
+                s.force(Synthesized::FirstTokenTimeout, &mut acts);
             }
         }
         Event::Timeout(Timeout::InterToken) => {
-            if s.is_live() && s.first_token && s.owed.is_none() && !s.engine_done {
-                s.force(Synth::InterTokenTimeout, &mut acts);
+            if s.is_live() && s.first_token && s.pending_terminal.is_none() && !s.engine_done {
+                s.force(Synthesized::InterTokenTimeout, &mut acts);
             }
         }
         Event::ConsumerPoll => {
             if s.is_live() {
-                s.deliver_owed(&mut acts);
+                s.deliver_pending(&mut acts);
             }
         }
         Event::EarlyFinish => {
             // Rule 12: the caller's terminal ends the stream, unless a kill or timeout
             // already owes one (it won the race). The engine is aborted like for a drop.
-            if s.is_live() && s.owed.is_none() {
+            if s.is_live() && s.pending_terminal.is_none() {
                 s.phase = Phase::Terminal;
-                acts.finish = Some(OutcomeKind::Finished);
+                acts.record = Some(OutcomeKind::Finished);
                 s.request_abort(&mut acts);
             }
         }

@@ -8,7 +8,7 @@ use std::task::Poll;
 use std::time::Duration;
 use tether_core::AbortStatus;
 
-use tether_core::lifecycle::{Cancel, Synth};
+use tether_core::lifecycle::{Cancel, Synthesized};
 use tether_core::{AdapterConfig, Chunk, Context, ErrorKind, FinishReason, Mode, Outcome};
 use tether_tests::{
     data, error_kind, on_both_runtimes, poll_once, sleep, Harness, ScenarioRuntime, DEADLINE,
@@ -236,7 +236,7 @@ async fn bug4_cancel_grace_fires_while_the_consumer_stalls<R: ScenarioRuntime>(r
     sleep(&h.rt, DEADLINE * 2).await;
     // Forced like a kill without a poll: the terminal waits for the consumer.
     assert_eq!(s.state().cancel(), Cancel::Kill);
-    assert_eq!(s.state().owed(), Some(Synth::Cancelled));
+    assert_eq!(s.state().pending_terminal(), Some(Synthesized::Cancelled));
     assert_eq!(
         h.collect(&mut s).await,
         vec![terminal(FinishReason::Cancelled)]

@@ -3,14 +3,14 @@
 
 use core::fmt;
 
-/// Why a context was cancelled: the first [`Context::stop_with`] or
-/// [`Context::kill_with`] that moved it off [`Level::Live`] sets it, and nothing
+/// Why a context was cancelled: the first [`Context::stop_with`](super::Context::stop_with) or
+/// [`Context::kill_with`](super::Context::kill_with) that moved it off [`Level::Live`](super::Level::Live) sets it, and nothing
 /// changes it afterwards ("first cause wins"). A child linked with
-/// [`Context::link_child`] inherits the cause of the parent that cancelled it.
+/// [`Context::link_child`](super::Context::link_child) inherits the cause of the parent that cancelled it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Cause {
-    /// The code holding the context asked ([`Context::stop`] and [`Context::kill`]).
+    /// The code holding the context asked ([`Context::stop`](super::Context::stop) and [`Context::kill`](super::Context::kill)).
     Caller,
     /// The client went away (an HTTP edge's disconnect, a kill-on-drop stream).
     ClientDisconnect,

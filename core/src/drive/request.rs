@@ -15,7 +15,7 @@ use futures_core::Stream;
 
 use super::shared::{CancelLimits, Shared};
 use super::stats::{Outcome, RequestRecord};
-use super::stream::{finish, ResponseStream};
+use super::stream::{end_for_consumer, ResponseStream};
 use super::{Adapter, AdapterConfig};
 use crate::context::Context;
 use crate::error::EngineError;
@@ -250,7 +250,7 @@ impl ResponseStream {
             return false;
         }
         let (state, acts) = shared.cell.apply(Event::EarlyFinish);
-        if acts.finish.is_none() {
+        if acts.record.is_none() {
             return false;
         }
         if acts.abort {
@@ -260,7 +260,7 @@ impl ResponseStream {
         local.stash = Some(Box::new(Annotated::from_data(Chunk::terminal(
             reason.clone(),
         ))));
-        finish(shared, local, Outcome::Finished(reason), state, None);
+        end_for_consumer(shared, local, Outcome::Finished(reason), state, None);
         true
     }
 

@@ -40,7 +40,7 @@ impl Shared {
     /// The engine's out-of-band first-token hint.
     pub(crate) fn first_token_hint(this: &Arc<Self>) {
         let (_, acts) = this.cell.apply(Event::FirstTokenHint);
-        Shared::act_off_poller(this, acts);
+        Shared::perform_off_consumer(this, acts);
     }
 
     pub(super) fn signal(this: &Arc<Self>, signal: Signal) {
@@ -49,13 +49,13 @@ impl Shared {
             Signal::Kill => Event::Kill,
         };
         let (_, acts) = this.cell.apply(event);
-        Shared::act_off_poller(this, acts);
+        Shared::perform_off_consumer(this, acts);
     }
 
     /// Carry out actions decided away from the poller (listener, hint, watchdog).
     /// Those events never forward, emit or finish: that is the consumer's side.
-    pub(super) fn act_off_poller(this: &Arc<Self>, acts: Actions) {
-        debug_assert!(!acts.forward && acts.emit.is_none() && acts.finish.is_none());
+    pub(super) fn perform_off_consumer(this: &Arc<Self>, acts: Actions) {
+        debug_assert!(!acts.forward && acts.emit.is_none() && acts.record.is_none());
         if acts.abort {
             Shared::spawn_abort(this);
         }

@@ -27,7 +27,7 @@ use super::AdapterInner;
 use crate::context::{Cause, Context, ListenerId};
 use crate::error::{BackendError, EngineError, ErrorKind};
 use crate::lifecycle::deadlines::Silence;
-use crate::lifecycle::{Actions, Cell, Event, OutcomeKind, State, StepCache, Synth};
+use crate::lifecycle::{Actions, Cell, Event, OutcomeKind, State, StepCache, Synthesized};
 use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
 use crate::sync::{downgrade, upgrade, Arc, Mutex};
 
@@ -160,17 +160,17 @@ impl ResponseStream {
                     if acts.forward {
                         // Rule 7: typed back to the caller; recorded once, no abort.
                         let outcome = Outcome::Failed(err.kind());
-                        finish(shared, local, outcome, state, None);
+                        end_for_consumer(shared, local, outcome, state, None);
                         return Poll::Ready(Err(err));
                     }
                     // A kill won the race: the stream yields what is owed.
-                    local.stash = carry_out(shared, local, acts, state, Item::None).map(Box::new);
+                    local.stash = perform(shared, local, acts, state, Item::None).map(Box::new);
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Pending => {}
             }
             let state = shared.cell.load();
-            if state.owed().is_some() || state.is_finished() {
+            if state.pending_terminal().is_some() || state.is_over() {
                 return Poll::Ready(Ok(()));
             }
             if !poll_silence(shared, local, cx, rt) {
@@ -224,7 +224,7 @@ fn poll_silence(
             let (state, acts) = shared.cell.apply(due.event());
             // Timer events never forward; a timeout owes a terminal that the next
             // turn of the poller's loop delivers.
-            let _ = carry_out(shared, local, acts, state, Item::None);
+            let _ = perform(shared, local, acts, state, Item::None);
             return true;
         }
     }
@@ -246,13 +246,13 @@ impl Stream for ResponseStream {
         let rt = &*shared.adapter.runtime;
         loop {
             let state = shared.cell.load_cached(&mut local.step_cache);
-            if state.is_finished() {
+            if state.is_over() {
                 local.done = true;
                 return Poll::Ready(None);
             }
-            if state.owed().is_some() {
+            if state.pending_terminal().is_some() {
                 let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
-                if let Some(item) = carry_out(shared, local, acts, state, Item::None) {
+                if let Some(item) = perform(shared, local, acts, state, Item::None) {
                     return Poll::Ready(Some(item));
                 }
                 continue;
@@ -260,7 +260,7 @@ impl Stream for ResponseStream {
             let Some(engine) = local.engine.as_mut() else {
                 // Unreachable by the machine (engine_done implies finished), kept total.
                 let (state, acts) = shared.cell.apply(Event::EngineEnded);
-                if let Some(item) = carry_out(shared, local, acts, state, Item::None) {
+                if let Some(item) = perform(shared, local, acts, state, Item::None) {
                     return Poll::Ready(Some(item));
                 }
                 continue;
@@ -281,7 +281,7 @@ impl Stream for ResponseStream {
                 // Never poll a finished (or panicked) engine stream again.
                 release(local.engine.take(), &shared.request_id);
             }
-            if let Some(item) = carry_out(shared, local, acts, state, item) {
+            if let Some(item) = perform(shared, local, acts, state, item) {
                 return Poll::Ready(Some(item));
             }
         }
@@ -306,14 +306,14 @@ fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annota
 }
 
 /// Carry out the consumer side's actions; returns the item to yield, if any.
-pub(super) fn carry_out(
+pub(super) fn perform(
     shared: &Arc<Shared>,
     local: &mut Local,
     acts: Actions,
     state: State,
     item: Item,
 ) -> Option<Annotated<Chunk>> {
-    if acts.forward && acts.finish.is_none() && !acts.abort {
+    if acts.forward && acts.record.is_none() && !acts.abort {
         // The steady state: a non-terminal chunk to pass on, nothing else to do.
         return match item {
             Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
@@ -347,11 +347,11 @@ pub(super) fn carry_out(
         }
     } else if let Some(synth) = acts.emit {
         let (annotated, outcome) = match synth {
-            Synth::Cancelled => (
+            Synthesized::Cancelled => (
                 Annotated::from_data(Chunk::terminal(FinishReason::Cancelled)),
                 Outcome::Cancelled,
             ),
-            Synth::FirstTokenTimeout => {
+            Synthesized::FirstTokenTimeout => {
                 let after = first_token_timeout.unwrap_or_default();
                 timeout_kind = Some(ErrorKind::FirstTokenTimeout);
                 (
@@ -359,7 +359,7 @@ pub(super) fn carry_out(
                     Outcome::TimedOut,
                 )
             }
-            Synth::InterTokenTimeout => {
+            Synthesized::InterTokenTimeout => {
                 let after = inter_token_timeout.unwrap_or_default();
                 timeout_kind = Some(ErrorKind::InterTokenTimeout);
                 (
@@ -367,7 +367,7 @@ pub(super) fn carry_out(
                     Outcome::TimedOut,
                 )
             }
-            Synth::Incomplete => (
+            Synthesized::Incomplete => (
                 Annotated::from_error(EngineError::stream_incomplete()),
                 Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete)),
             ),
@@ -376,12 +376,12 @@ pub(super) fn carry_out(
     } else {
         (None, None)
     };
-    if let Some(kind) = acts.finish {
+    if let Some(kind) = acts.record {
         let outcome = match kind {
             OutcomeKind::Dropped => Outcome::Dropped,
             _ => outcome.unwrap_or(Outcome::Failed(ErrorKind::Unknown)),
         };
-        finish(shared, local, outcome, state, timeout_kind);
+        end_for_consumer(shared, local, outcome, state, timeout_kind);
     }
     out
 }
@@ -389,7 +389,7 @@ pub(super) fn carry_out(
 /// The request is over for the consumer: record it once, let go of the context, and
 /// of the engine, unless an abort is still deferred: then the engine goes to the
 /// watchdog, which drains it until the abort is sent or discarded (rule 2).
-pub(super) fn finish(
+pub(super) fn end_for_consumer(
     shared: &Arc<Shared>,
     local: &mut Local,
     outcome: Outcome,
@@ -452,9 +452,9 @@ impl PinnedDrop for ResponseStream {
             // the owed terminal is then taken at once and the outcome is `Cancelled`.
             shared.context.kill_with(Cause::ClientDisconnect);
             let (_, acts) = shared.cell.apply(Event::Kill);
-            Shared::act_off_poller(shared, acts);
+            Shared::perform_off_consumer(shared, acts);
             let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
-            let _ = carry_out(shared, local, acts, state, Item::None);
+            let _ = perform(shared, local, acts, state, Item::None);
             if local.done {
                 return;
             }
@@ -462,6 +462,6 @@ impl PinnedDrop for ResponseStream {
         let (state, acts) = shared.cell.apply(Event::ConsumerDropped);
         // Finishes (records Dropped, lets go of the listener, hands a still-owed
         // engine to the watchdog) and spawns the abort when one is due.
-        let _ = carry_out(shared, local, acts, state, Item::None);
+        let _ = perform(shared, local, acts, state, Item::None);
     }
 }

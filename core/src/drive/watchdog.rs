@@ -86,7 +86,7 @@ impl Future for Watchdog {
                     if let Poll::Ready((event, _item)) = engine.poll_event(cx) {
                         // The item itself goes nowhere: the consumer is over.
                         let (_, acts) = shared.cell.apply(event);
-                        Shared::act_off_poller(shared, acts);
+                        Shared::perform_off_consumer(shared, acts);
                         continue;
                     }
                     // The poll may have released the abort (an in-stream hint).
@@ -117,7 +117,7 @@ impl Future for Watchdog {
                 // later), the next turn re-arms.
                 if let Some(due) = deadlines.handle_timeout(state, rt.now()) {
                     let (_, acts) = shared.cell.apply(due.event());
-                    Shared::act_off_poller(shared, acts);
+                    Shared::perform_off_consumer(shared, acts);
                     break;
                 }
             }

@@ -21,8 +21,10 @@ use super::{Event, State, Timeout};
 /// Which deadline passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Due {
-    /// A configured timeout (or the cancel grace).
+    /// A configured first-token or inter-token timeout.
     Timeout(Timeout),
+    /// The cancel grace of a stopped request.
+    CancelGrace,
     /// The deferral deadline of a deferred abort.
     Deferral,
 }
@@ -32,6 +34,7 @@ impl Due {
     pub fn event(self) -> Event {
         match self {
             Due::Timeout(t) => Event::Timeout(t),
+            Due::CancelGrace => Event::CancelGraceExpired,
             Due::Deferral => Event::DeferralDeadline,
         }
     }
@@ -159,7 +162,7 @@ impl CancelDeadlines {
                 .map(|at| (at, Due::Deferral)),
             self.grace
                 .filter(|_| state.grace_pending())
-                .map(|at| (at, Due::Timeout(Timeout::CancelGrace))),
+                .map(|at| (at, Due::CancelGrace)),
         ]
     }
 
@@ -269,9 +272,9 @@ mod tests {
         assert_eq!(d.poll_timeout(released), Some(t0 + 50 * MS));
         assert_eq!(
             d.handle_timeout(released, t0 + 60 * MS),
-            Some(Due::Timeout(Timeout::CancelGrace))
+            Some(Due::CancelGrace)
         );
-        let (forced, _) = step(released, Event::Timeout(Timeout::CancelGrace));
+        let (forced, _) = step(released, Event::CancelGraceExpired);
         assert_eq!(d.poll_timeout(forced), None);
         assert_eq!(d.handle_timeout(forced, t0 + 60 * MS), None);
     }

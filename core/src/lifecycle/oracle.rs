@@ -35,7 +35,7 @@
 //!   terminal (neither forwarded nor synthesized by the machine), records `Finished`
 //!   and aborts like a drop (same deferral).
 
-use super::{Abort, Actions, Cancel, Event, OutcomeKind, State, Synth, Timeout};
+use super::{Abort, Actions, Cancel, Event, OutcomeKind, State, Synthesized, Timeout};
 use crate::protocol::Mode;
 
 /// A broken rule, with the rule's number in SPEC.md section 4.
@@ -71,7 +71,7 @@ pub struct OracleState {
     /// A non-empty chunk or the hint was seen.
     first: bool,
     /// A synthesized terminal is owed and not yet delivered.
-    owed: Option<Synth>,
+    pending_terminal: Option<Synthesized>,
     /// The strongest cancellation seen while live.
     cancel: Cancel,
 }
@@ -99,7 +99,7 @@ impl Oracle {
                 finishes: 0,
                 engine_done: false,
                 first: false,
-                owed: None,
+                pending_terminal: None,
                 cancel: Cancel::None,
             },
         }
@@ -155,7 +155,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
     let live = o.finishes == 0;
     // The consumer's poller is still reading the engine: live, engine running, no
     // synthesized terminal owed (an owed one is delivered instead of engine items).
-    let consumer_reads_engine = live && !o.engine_done && o.owed.is_none();
+    let consumer_reads_engine = live && !o.engine_done && o.pending_terminal.is_none();
     // The engine's stream is still read: by the consumer, or drained after the
     // consumer's end while a deferred abort is owed (rule 2).
     let engine_item = event.is_engine_event() && !o.engine_done && (live || o.deferred);
@@ -168,17 +168,19 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         !o.first && ((event == Event::Chunk && engine_item) || event == Event::FirstTokenHint);
     let first_before = o.first;
     // Rule 12: the caller ends the stream with its own terminal.
-    let early = live && event == Event::EarlyFinish && o.owed.is_none();
+    let early = live && event == Event::EarlyFinish && o.pending_terminal.is_none();
 
     // ---- what this event owes the consumer (rules 5, 8) ----
-    let newly_owed = if live && o.owed.is_none() && !o.engine_done {
+    let newly_owed = if live && o.pending_terminal.is_none() && !o.engine_done {
         match event {
-            Event::Kill if o.cancel != Cancel::Kill => Some(Synth::Cancelled),
-            Event::Timeout(Timeout::CancelGrace) if o.cancel == Cancel::Stop => {
-                Some(Synth::Cancelled)
+            Event::Kill if o.cancel != Cancel::Kill => Some(Synthesized::Cancelled),
+            Event::CancelGraceExpired if o.cancel == Cancel::Stop => Some(Synthesized::Cancelled),
+            Event::Timeout(Timeout::FirstToken) if !first_before => {
+                Some(Synthesized::FirstTokenTimeout)
             }
-            Event::Timeout(Timeout::FirstToken) if !first_before => Some(Synth::FirstTokenTimeout),
-            Event::Timeout(Timeout::InterToken) if first_before => Some(Synth::InterTokenTimeout),
+            Event::Timeout(Timeout::InterToken) if first_before => {
+                Some(Synthesized::InterTokenTimeout)
+            }
             _ => None,
         }
     } else {
@@ -208,22 +210,22 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         return fail(5, "the cancel grace is armed exactly when a stop lands");
     }
     if let Some(synth) = newly_owed {
-        o.owed = Some(synth);
+        o.pending_terminal = Some(synth);
         o.cancel = Cancel::Kill;
     } else if arms_grace {
         o.cancel = Cancel::Stop;
     }
 
     // ---- rule 6 and 5: what reaches the consumer ----
-    let expected_delivery: Option<Option<Synth>> = if !live {
+    let expected_delivery: Option<Option<Synthesized>> = if !live {
         None
-    } else if o.owed.is_some() && (event == Event::ConsumerPoll || engine_item) {
-        Some(o.owed)
+    } else if o.pending_terminal.is_some() && (event == Event::ConsumerPoll || engine_item) {
+        Some(o.pending_terminal)
     } else if consumer_reads_engine && event == Event::EngineEnded {
         Some(Some(if o.cancel == Cancel::None {
-            Synth::Incomplete
+            Synthesized::Incomplete
         } else {
-            Synth::Cancelled
+            Synthesized::Cancelled
         }))
     } else if consumer_reads_engine && matches!(event, Event::TerminalChunk | Event::EngineError) {
         Some(None) // the engine's own terminal is forwarded
@@ -245,7 +247,11 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         Some(Some(synth)) => {
             if acts.emit != Some(synth) || acts.forward {
                 return fail(
-                    if synth == Synth::Incomplete { 6 } else { 5 },
+                    if synth == Synthesized::Incomplete {
+                        6
+                    } else {
+                        5
+                    },
                     "the owed terminal was not delivered",
                 );
             }
@@ -264,7 +270,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
     let delivers = expected_delivery.is_some() || early;
     if delivers {
         o.terminals = o.terminals.saturating_add(1);
-        o.owed = None;
+        o.pending_terminal = None;
     }
 
     // ---- rules 1, 2, 4: the abort ----
@@ -345,9 +351,9 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
     // ---- rule 9: exactly one outcome, matching the end ----
     let dropped_now = live && event == Event::ConsumerDropped;
     if dropped_now {
-        o.owed = None;
+        o.pending_terminal = None;
     }
-    match acts.finish {
+    match acts.record {
         Some(kind) => {
             o.finishes = o.finishes.saturating_add(1);
             if o.finishes > 1 {
@@ -357,9 +363,9 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
                 Some(OutcomeKind::Dropped)
             } else {
                 match (acts.emit, event) {
-                    (Some(Synth::Cancelled), _) => Some(OutcomeKind::Cancelled),
-                    (Some(Synth::Incomplete), _) => Some(OutcomeKind::Failed),
-                    (Some(Synth::FirstTokenTimeout | Synth::InterTokenTimeout), _) => {
+                    (Some(Synthesized::Cancelled), _) => Some(OutcomeKind::Cancelled),
+                    (Some(Synthesized::Incomplete), _) => Some(OutcomeKind::Failed),
+                    (Some(Synthesized::FirstTokenTimeout | Synthesized::InterTokenTimeout), _) => {
                         Some(OutcomeKind::TimedOut)
                     }
                     (None, Event::TerminalChunk) if delivers => Some(OutcomeKind::Finished),
@@ -382,10 +388,10 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
     }
 
     // ---- the machine's own view must agree with what was observed ----
-    if after.is_finished() != (o.finishes > 0) {
+    if after.is_over() != (o.finishes > 0) {
         return fail(9, "the state's phase disagrees with the outcome");
     }
-    if after.owed() != o.owed {
+    if after.pending_terminal() != o.pending_terminal {
         return fail(5, "the state's owed terminal disagrees with the rules");
     }
     let abort = match (o.deferred, o.discarded, o.aborts > 0) {
@@ -410,7 +416,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         );
     }
     let live_after = o.finishes == 0;
-    if after.polls_engine() != (live_after && !o.engine_done && o.owed.is_none()) {
+    if after.polls_engine() != (live_after && !o.engine_done && o.pending_terminal.is_none()) {
         return fail(6, "the state's engine polling disagrees with the rules");
     }
     if after.is_terminal() != (o.terminals > 0)

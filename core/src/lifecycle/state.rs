@@ -44,7 +44,7 @@ pub enum Abort {
 
 /// A terminal the driver owes the consumer and has not delivered yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Synth {
+pub enum Synthesized {
     /// A `FinishReason::Cancelled` terminal chunk.
     Cancelled,
     /// An error terminal with [`crate::ErrorKind::FirstTokenTimeout`].
@@ -62,7 +62,7 @@ pub struct State {
     pub(super) phase: Phase,
     pub(super) cancel: Cancel,
     pub(super) abort: Abort,
-    pub(super) owed: Option<Synth>,
+    pub(super) pending_terminal: Option<Synthesized>,
     pub(super) first_token: bool,
     pub(super) engine_done: bool,
 }
@@ -74,7 +74,7 @@ impl std::fmt::Debug for State {
             .field("phase", &self.phase)
             .field("cancel", &self.cancel)
             .field("abort", &self.abort)
-            .field("owed", &self.owed)
+            .field("pending_terminal", &self.pending_terminal)
             .field("first_token", &self.first_token)
             .field("engine_done", &self.engine_done)
             .finish()
@@ -89,7 +89,7 @@ impl State {
             phase: Phase::Pending,
             cancel: Cancel::None,
             abort: Abort::None,
-            owed: None,
+            pending_terminal: None,
             first_token: false,
             engine_done: false,
         }
@@ -112,8 +112,8 @@ impl State {
         self.abort
     }
     /// The synthesized terminal owed to the consumer, if any.
-    pub fn owed(&self) -> Option<Synth> {
-        self.owed
+    pub fn pending_terminal(&self) -> Option<Synthesized> {
+        self.pending_terminal
     }
     /// Whether the first token was seen (non-empty chunk or hint).
     pub fn first_token(&self) -> bool {
@@ -124,7 +124,7 @@ impl State {
         self.engine_done
     }
     /// Whether the outcome was recorded (a terminal delivered, or the consumer gone).
-    pub fn is_finished(&self) -> bool {
+    pub fn is_over(&self) -> bool {
         matches!(self.phase, Phase::Terminal | Phase::Dropped)
     }
     /// Whether a terminal reached the consumer.
@@ -141,17 +141,17 @@ impl State {
     }
     /// Whether the poller should still poll the engine's stream.
     pub fn polls_engine(&self) -> bool {
-        !self.is_finished() && !self.engine_done && self.owed.is_none()
+        !self.is_over() && !self.engine_done && self.pending_terminal.is_none()
     }
     /// Whether the request is over for the consumer but an abort is still deferred and
     /// the engine still running: its stream must be kept alive and drained (rule 2)
     /// until the abort is sent or discarded.
     pub fn drains_engine(&self) -> bool {
-        self.is_finished() && self.abort == Abort::Deferred && !self.engine_done
+        self.is_over() && self.abort == Abort::Deferred && !self.engine_done
     }
     /// Whether the cancel grace still matters: stopped, not yet forced, not over.
     pub fn grace_pending(&self) -> bool {
-        !self.is_finished() && self.cancel == Cancel::Stop && self.owed.is_none()
+        !self.is_over() && self.cancel == Cancel::Stop && self.pending_terminal.is_none()
     }
 
     /// Pack into the low 14 bits of a `u32` (the shared atomic word).
@@ -180,12 +180,12 @@ impl State {
             Abort::Sent => 2,
             Abort::Discarded => 3,
         };
-        let owed = match self.owed {
+        let owed = match self.pending_terminal {
             None => 0,
-            Some(Synth::Cancelled) => 1,
-            Some(Synth::FirstTokenTimeout) => 2,
-            Some(Synth::InterTokenTimeout) => 3,
-            Some(Synth::Incomplete) => 4,
+            Some(Synthesized::Cancelled) => 1,
+            Some(Synthesized::FirstTokenTimeout) => 2,
+            Some(Synthesized::InterTokenTimeout) => 3,
+            Some(Synthesized::Incomplete) => 4,
         };
         mode | phase << 2
             | cancel << 5
@@ -229,10 +229,10 @@ impl State {
         };
         let owed = match (word >> 9) & 0b111 {
             0 => None,
-            1 => Some(Synth::Cancelled),
-            2 => Some(Synth::FirstTokenTimeout),
-            3 => Some(Synth::InterTokenTimeout),
-            4 => Some(Synth::Incomplete),
+            1 => Some(Synthesized::Cancelled),
+            2 => Some(Synthesized::FirstTokenTimeout),
+            3 => Some(Synthesized::InterTokenTimeout),
+            4 => Some(Synthesized::Incomplete),
             _ => return None,
         };
         Some(State {
@@ -240,7 +240,7 @@ impl State {
             phase,
             cancel,
             abort,
-            owed,
+            pending_terminal: owed,
             first_token: (word >> 12) & 1 == 1,
             engine_done: (word >> 13) & 1 == 1,
         })

@@ -546,7 +546,7 @@ struct Ghost {
     live: bool,
     cancel: Cancel,
     /// A synthesized terminal is owed (kill, expired grace, timeout).
-    owed: Option<Owed>,
+    pending_terminal: Option<Owed>,
     /// A first token exists (a non-empty chunk or the hint).
     first_token: bool,
     /// An abort was issued (by anyone).
@@ -672,7 +672,7 @@ pub(crate) fn run(script: &Script) -> Result<Summary, String> {
             mode: script.mode,
             live: true,
             cancel: Cancel::None,
-            owed: None,
+            pending_terminal: None,
             first_token: false,
             aborted: false,
             deferred: false,
@@ -813,7 +813,7 @@ impl Harness {
     /// A kill-like cancellation owes the consumer `owed` and asks for the abort.
     fn force(&mut self, owed: Owed) -> bool {
         self.g.cancel = Cancel::Kill;
-        self.g.owed = Some(owed);
+        self.g.pending_terminal = Some(owed);
         self.request_abort()
     }
 
@@ -877,7 +877,7 @@ impl Harness {
                 }
                 if self.g.live {
                     self.g.live = false;
-                    self.g.owed = None;
+                    self.g.pending_terminal = None;
                     self.g.outcome = Some(Outcome::Dropped);
                     expect_abort = self.request_abort();
                     if self.g.deferred && !self.g.engine_ended {
@@ -995,7 +995,8 @@ impl Harness {
             // moved: `update_deadline_passed`.)
             aborted |= self.abort_now();
         }
-        let grace_pending = self.g.live && self.g.cancel == Cancel::Stop && self.g.owed.is_none();
+        let grace_pending =
+            self.g.live && self.g.cancel == Cancel::Stop && self.g.pending_terminal.is_none();
         if grace_pending && self.g.grace_due.is_some_and(|at| at <= now) {
             aborted |= self.force(cancelled());
             woken = self.g.waiting;
@@ -1003,7 +1004,7 @@ impl Harness {
         // 3. It ends once nothing it owns matters.
         let grace_left = self.g.live
             && self.g.cancel == Cancel::Stop
-            && self.g.owed.is_none()
+            && self.g.pending_terminal.is_none()
             && self.g.grace_due.is_some();
         if !self.g.deferred && !grace_left {
             self.g.watchdog = false;
@@ -1025,7 +1026,7 @@ impl Harness {
             return Ok(false);
         }
         // 1. An owed terminal comes first.
-        if let Some(owed) = self.g.owed.take() {
+        if let Some(owed) = self.g.pending_terminal.take() {
             return self
                 .expect_terminal(polled, &owed.item, owed.outcome)
                 .map(|()| false);
@@ -1074,7 +1075,7 @@ impl Harness {
                         item: Annotated::from_error(item),
                         outcome: Outcome::TimedOut,
                     });
-                    let owed = self.g.owed.take().expect("just forced");
+                    let owed = self.g.pending_terminal.take().expect("just forced");
                     self.expect_terminal(polled, &owed.item, owed.outcome)?;
                     return Ok(aborted);
                 }
@@ -1195,7 +1196,7 @@ impl Harness {
         self.g.terminal_seen = true;
         self.g.live = false;
         self.g.waiting = false;
-        self.g.owed = None;
+        self.g.pending_terminal = None;
         self.g.outcome = Some(outcome);
         if self.g.deferred && !self.g.engine_ended {
             // The consumer has its terminal; the abort still waits for the first token,
