@@ -64,13 +64,16 @@ pub struct SseStream<F> {
     trailer: Trailer,
 }
 
+/// A trailer decided from the request's record.
+type TrailerFn = Box<dyn FnOnce(&RequestRecord) -> Option<Event> + Send>;
+
 /// What follows the last item.
 enum Trailer {
     None,
     /// Sent after a normal finish only.
     OnFinish(Event),
     /// Decided from the record.
-    With(Box<dyn FnOnce(&RequestRecord) -> Option<Event> + Send>),
+    With(TrailerFn),
 }
 
 impl Trailer {
@@ -134,7 +137,9 @@ impl<F> SseStream<F> {
 
     /// The axum [`Sse`] response, to set its keep-alive
     /// (`.into_sse().keep_alive(KeepAlive::default())`, with axum's `tokio` feature):
-    /// keep-alive comments also reveal a client that left while the engine is silent.
+    /// comments that keep a silent stream open through proxies and idle timeouts. (A
+    /// client that closes its connection is noticed without them: hyper reads the
+    /// connection's end and drops the body.)
     pub fn into_sse<I>(self) -> Sse<Self>
     where
         F: FnMut(Annotated<Chunk>) -> I + Send + 'static,
