@@ -26,19 +26,18 @@ use tether_core::ResponseStream;
 /// [kill-on-drop](ResponseStream::set_kill_on_drop): when the client goes away, hyper
 /// drops the response body before the terminal was read, and the request's context is
 /// killed with [`Cause::ClientDisconnect`](tether_core::Cause::ClientDisconnect): the
-/// engine is aborted once and the outcome is `Cancelled`. Once the terminal was read,
+/// engine is aborted once (SPEC rules 1 and 2) and the outcome is `Cancelled`. Once the terminal was read,
 /// nothing is killed any more, even if the client leaves before the last bytes were
 /// written.
 ///
 /// Return the result from a handler as it is, or call [`SseStream::into_sse`] for the
 /// axum [`Sse`] response (to set its keep-alive). See the [crate docs](crate) for a
 /// handler.
-pub fn sse<F, I>(stream: ResponseStream, map: F) -> SseStream<F>
+pub fn sse<F, I>(mut stream: ResponseStream, map: F) -> SseStream<F>
 where
     F: FnMut(Annotated<Chunk>) -> I,
     I: IntoIterator<Item = Event>,
 {
-    let mut stream = stream;
     stream.set_kill_on_drop(true);
     SseStream {
         stream: Some(stream),
@@ -127,12 +126,6 @@ impl<F> SseStream<F> {
     ) -> Self {
         self.trailer = Trailer::With(Box::new(f));
         self
-    }
-
-    /// The id of the request these events are for (`None` once its stream ended and
-    /// was let go).
-    pub fn request_id(&self) -> Option<&str> {
-        self.stream.as_ref().map(ResponseStream::request_id)
     }
 
     /// The axum [`Sse`] response, to set its keep-alive
