@@ -2,34 +2,35 @@
 //! one JSON body), `/v1/models`, `/health`, `/metrics`, the fallbacks, and the
 //! middleware that counts responses by status.
 //!
-//! Owns the mapping from a [`Generation`]'s items to the wire; validation is
-//! [`super::api`]'s, the request's life is [`Generation`]'s.
+//! Owns the mapping from a request's items to the wire; validation is
+//! [`super::api`]'s, the request's start and its disconnect rule are
+//! [`super::generation`]'s.
 //!
 //! A streamed request answers `200` with `text/event-stream` as soon as the engine
-//! accepted it. Each chunk is a `data: {json}` event; a natural end (a finish reason)
-//! sends the last chunk, an optional usage chunk, then `data: [DONE]` exactly once.
+//! accepted it (a [`tether_axum::sse`] response). Each chunk is a `data: {json}` event;
+//! a natural end (a finish reason) sends the last chunk, an optional usage chunk, then
+//! `data: [DONE]` exactly once (the SSE stream's trailer).
 //! An error, a timeout or a server-side cancel sends one `data: {"error": {...}}`
 //! event instead and ends the stream without `[DONE]`. Unary requests map the same
 //! ends to `200`, `500`/`504`, and `503`.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Request as HttpRequest, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::{Event, KeepAlive};
 use axum::response::{IntoResponse, Response};
-use futures_util::stream;
+use futures_util::StreamExt;
 use tether_core::drive::ProbeAdapter;
 use tether_core::error::{BackendError, EngineError, ErrorKind};
 use tether_core::protocol::{Annotated, Chunk, FinishReason, Request, Usage};
+use tether_core::ResponseStream;
 
 use super::api::{self, ChatRequest, CompletionRequest, Endpoint, Prepared};
 use super::error::{ApiError, OpenAiJson};
-use super::generation::Generation;
+use super::generation::{self, TokenClock};
 use super::metrics::Metrics;
 use super::responses::{self, openai_finish_reason, Head, UsageBody};
 use super::{tokenizer, App};
@@ -83,27 +84,27 @@ async fn run(app: Arc<App>, prepared: Prepared, headers: &HeaderMap) -> Response
         model: app.limits.model.clone(),
         endpoint: prepared.endpoint,
     };
-    let generation = match Generation::start(app.clone(), request).await {
-        Ok(g) => g,
+    let stream = match generation::start(&app, request).await {
+        Ok(stream) => stream,
         Err(err) => return ApiError::from_engine(&err).into_response(),
     };
     let reply = Reply {
-        generation,
+        clock: TokenClock::new(&app),
         head,
         decoder: tokenizer::Utf8Decoder::new(),
         prompt_tokens,
         completion_tokens: 0,
     };
     if prepared.stream {
-        stream_reply(reply, prepared.include_usage, &app)
+        stream_reply(stream, reply, prepared.include_usage, &app)
     } else {
-        unary_reply(reply).await
+        unary_reply(stream, reply).await
     }
 }
 
-/// What a response accumulates while it reads its generation.
+/// What a response accumulates while it reads its request's stream.
 struct Reply {
-    generation: Generation,
+    clock: TokenClock,
     head: Head,
     decoder: tokenizer::Utf8Decoder,
     prompt_tokens: u32,
@@ -119,21 +120,10 @@ enum End {
 }
 
 impl Reply {
-    /// Read the next item: `Ok(text)` for text to send (maybe empty), `Err(end)` once
-    /// the generation is over (with the last text in `tail`).
-    async fn step(&mut self, tail: &mut String) -> Result<String, End> {
-        let Some(item) = self.generation.next().await else {
-            // The adapter guarantees a terminal; this is defence in depth.
-            let err = EngineError::new(
-                ErrorKind::Backend(BackendError::StreamIncomplete),
-                "the stream ended without a terminal",
-            );
-            return Err(End::Failed(ApiError::from_engine(&err)));
-        };
-        self.take(item, tail)
-    }
-
+    /// Take the next item: `Ok(text)` for text to send (maybe empty), `Err(end)` once
+    /// the request is over (with the last text in `tail`).
     fn take(&mut self, item: Annotated<Chunk>, tail: &mut String) -> Result<String, End> {
+        self.clock.read(&item);
         if let Some(err) = &item.error {
             tail.push_str(&self.decoder.finish());
             return Err(End::Failed(ApiError::from_engine(err)));
@@ -166,60 +156,72 @@ impl Reply {
             })),
         }
     }
+
+    /// The SSE events for `item`; `[DONE]` is the stream's trailer, not one of them.
+    fn events(
+        &mut self,
+        item: Annotated<Chunk>,
+        include_usage: bool,
+    ) -> impl Iterator<Item = Event> {
+        let mut tail = String::new();
+        let events = match self.take(item, &mut tail) {
+            Ok(text) if text.is_empty() => [None, None],
+            Ok(text) => [Some(data_event(&self.head.chunk(&text, None, false))), None],
+            Err(End::Finished(reason, usage)) => [
+                Some(data_event(&self.head.chunk(&tail, Some(reason), false))),
+                include_usage.then(|| data_event(&self.head.usage_chunk(usage))),
+            ],
+            Err(End::Failed(err)) => [
+                (!tail.is_empty()).then(|| data_event(&self.head.chunk(&tail, None, false))),
+                Some(Event::default().data(err.to_json())),
+            ],
+        };
+        events.into_iter().flatten()
+    }
 }
 
 fn data_event(value: &serde_json::Value) -> Event {
     Event::default().data(value.to_string())
 }
 
-fn stream_reply(reply: Reply, include_usage: bool, app: &App) -> Response {
-    let mut queue: VecDeque<Event> = VecDeque::new();
-    if reply.head.endpoint == Endpoint::Chat {
-        // The role comes first, as OpenAI sends it.
-        queue.push_back(data_event(&reply.head.chunk("", None, true)));
+/// The SSE response: the chat role first, one event per chunk with text, then the end
+/// (the last chunk and the usage chunk, or an error event), and `[DONE]` after a normal
+/// finish only. A client that leaves before the terminal was read kills the request.
+fn stream_reply(
+    stream: ResponseStream,
+    mut reply: Reply,
+    include_usage: bool,
+    app: &App,
+) -> Response {
+    // The role comes first, as OpenAI sends it.
+    let role = (reply.head.endpoint == Endpoint::Chat)
+        .then(|| data_event(&reply.head.chunk("", None, true)));
+    let mut events = tether_axum::sse(stream, move |item| reply.events(item, include_usage));
+    if let Some(role) = role {
+        events = events.leading(role);
     }
-    let state = (reply, queue, false);
-    let events = stream::unfold(state, move |(mut reply, mut queue, mut done)| async move {
-        loop {
-            if let Some(event) = queue.pop_front() {
-                return Some((Ok::<Event, Infallible>(event), (reply, queue, done)));
-            }
-            if done {
-                // Dropping `reply` here ends the generation after its terminal: no kill.
-                return None;
-            }
-            let mut tail = String::new();
-            match reply.step(&mut tail).await {
-                Ok(text) if text.is_empty() => {}
-                Ok(text) => queue.push_back(data_event(&reply.head.chunk(&text, None, false))),
-                Err(End::Finished(reason, usage)) => {
-                    queue.push_back(data_event(&reply.head.chunk(&tail, Some(reason), false)));
-                    if include_usage {
-                        queue.push_back(data_event(&reply.head.usage_chunk(usage)));
-                    }
-                    queue.push_back(Event::default().data("[DONE]"));
-                    done = true;
-                }
-                Err(End::Failed(err)) => {
-                    if !tail.is_empty() {
-                        queue.push_back(data_event(&reply.head.chunk(&tail, None, false)));
-                    }
-                    queue.push_back(Event::default().data(err.to_json()));
-                    done = true;
-                }
-            }
-        }
-    });
-    Sse::new(events)
+    events
+        .trailer(Event::default().data("[DONE]"))
+        .into_sse()
         .keep_alive(KeepAlive::new().interval(app.keep_alive))
         .into_response()
 }
 
-async fn unary_reply(mut reply: Reply) -> Response {
+/// One JSON body once the request is over. A client that leaves first drops this
+/// future, and with it the stream: a kill (the adapter is kill-on-drop).
+async fn unary_reply(mut stream: ResponseStream, mut reply: Reply) -> Response {
     let mut text = String::new();
     loop {
+        let Some(item) = stream.next().await else {
+            // The adapter guarantees a terminal; this is defence in depth.
+            let err = EngineError::new(
+                ErrorKind::Backend(BackendError::StreamIncomplete),
+                "the stream ended without a terminal",
+            );
+            return ApiError::from_engine(&err).into_response();
+        };
         let mut tail = String::new();
-        match reply.step(&mut tail).await {
+        match reply.take(item, &mut tail) {
             Ok(t) => text.push_str(&t),
             Err(End::Finished(reason, usage)) => {
                 text.push_str(&tail);

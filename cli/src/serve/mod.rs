@@ -9,10 +9,10 @@
 //!
 //! - A client that disconnects mid-request gets its request killed: the engine is
 //!   aborted exactly once, its slot freed, and the outcome is `cancelled` (not
-//!   `dropped`: the server kills the request's context, then takes the `Cancelled`
-//!   terminal that the kill owes, before letting the stream go). A request whose
-//!   terminal was read is never aborted, even if the client leaves before the last
-//!   bytes are written. The in-flight gauge drops after the outcome is counted.
+//!   `dropped`: the adapter is kill-on-drop, and streamed responses are
+//!   [`tether_axum::sse`] responses). A request whose terminal was read is never
+//!   aborted, even if the client leaves before the last bytes are written. The
+//!   in-flight gauge drops after the outcome is counted.
 //! - Bad input is a 400 (404 for an unknown model) with an OpenAI error object.
 //! - [`Server::shutdown`] (SIGINT/SIGTERM in the binary): stop accepting, let in-flight
 //!   requests finish for [`ServeConfig::shutdown_grace`], kill the rest, then call the
@@ -58,7 +58,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use axum::Router;
 use tether_core::drive::ProbeAdapter;
-use tether_core::{Adapter, AdapterConfig, Context, EngineError, LlmEngine, Runtime};
+use tether_core::{Adapter, AdapterConfig, Cause, Context, EngineError, LlmEngine, Runtime};
 use tether_engines::{SimEngine, TinyEngine};
 use tokio::sync::watch;
 
@@ -317,7 +317,10 @@ pub async fn start(
         AdapterConfig::default()
             .first_token_timeout(config.first_token_timeout)
             .inter_token_timeout(config.inter_token_timeout)
-            .observer(Arc::new(MetricsObserver(metrics.clone()))),
+            .observer(Arc::new(MetricsObserver(metrics.clone())))
+            // An HTTP edge: a dropped response (the client went away) is a kill with
+            // cause client disconnect, recorded `cancelled` (SPEC rule 4).
+            .kill_on_drop(true),
     );
     // Health canaries are not client requests: they get their own adapter, without
     // the metrics observer and without spans.
@@ -426,7 +429,7 @@ async fn run_server(
                 _ = &mut serve => {}
                 () = tokio::time::sleep(grace) => {
                     killed_in_flight = true;
-                    app.root.kill();
+                    app.root.kill_with(Cause::Shutdown);
                     tokio::select! {
                         _ = &mut serve => {}
                         () = tokio::time::sleep(KILL_WAIT) => drained = false,
