@@ -22,9 +22,15 @@ pub mod context;
 pub mod drive;
 pub mod engine;
 pub mod error;
+#[cfg(any(feature = "internals", tether_loom))]
 pub mod lifecycle;
+#[cfg(not(any(feature = "internals", tether_loom)))]
+mod lifecycle;
 pub mod protocol;
+#[cfg(any(feature = "internals", tether_loom))]
 pub mod sync;
+#[cfg(not(any(feature = "internals", tether_loom)))]
+mod sync;
 
 pub use context::{Cause, Context};
 pub use drive::run_runtime_conformance;

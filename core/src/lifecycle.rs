@@ -46,6 +46,7 @@
 //! the first token the consumer gets `Cancelled` at once while the abort stays owed, to
 //! be released by the first token, the hint or the deadline even after the consumer has
 //! its terminal or is gone.
+#![cfg_attr(not(any(feature = "internals", tether_loom)), allow(unreachable_pub))]
 
 mod cell;
 mod state;
@@ -99,6 +100,7 @@ pub enum Event {
 }
 
 impl Event {
+    #[cfg(any(test, feature = "internals", tether_loom))]
     /// Every event, for exhaustive tests and fuzzers.
     pub const ALL: [Event; 15] = [
         Event::Chunk,
@@ -170,6 +172,7 @@ pub struct Actions {
 }
 
 impl Actions {
+    #[cfg(any(test, feature = "internals", tether_loom))]
     /// Whether nothing is to be done.
     pub fn is_empty(&self) -> bool {
         *self == Actions::default()
@@ -390,6 +393,7 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
 }
 
 pub mod deadlines;
+#[cfg(any(test, feature = "internals", tether_loom))]
 pub mod oracle;
 
 #[cfg(all(test, not(tether_loom)))]

@@ -39,6 +39,7 @@
 //! - each upgrade and `is_dead` costs four loom operations where `std` has one atomic,
 //!   so models that upgrade often explore more interleavings than the code has;
 //! - `Weak::new`, `weak_count` and `ptr_eq` are not modelled (the crate uses none).
+#![cfg_attr(not(any(feature = "internals", tether_loom)), allow(unreachable_pub))]
 
 #[cfg(not(tether_loom))]
 pub use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -52,9 +53,10 @@ pub use loom_weak::{downgrade, is_dead, upgrade, Weak};
 /// Atomic integer and boolean types.
 pub mod atomic {
     #[cfg(not(tether_loom))]
-    pub use std::sync::atomic::{
-        AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
-    };
+    pub use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+    // Used by tests and models only.
+    #[cfg(all(not(tether_loom), any(test, feature = "internals")))]
+    pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 
     #[cfg(tether_loom)]
     pub use loom::sync::atomic::{

@@ -218,7 +218,7 @@ impl ResponseStream {
 
     /// The request's lifecycle state, for tether's own tests and proofs (not part of
     /// the stable API: the machine's types are internals).
-    #[doc(hidden)]
+    #[cfg(any(feature = "internals", tether_loom))]
     pub fn state(&self) -> crate::lifecycle::State {
         self.shared.cell.load()
     }

@@ -95,10 +95,12 @@ impl State {
         }
     }
 
+    #[cfg(any(test, feature = "internals", tether_loom))]
     /// The disaggregation role this request runs in.
     pub fn mode(&self) -> Mode {
         self.mode
     }
+    #[cfg(any(test, feature = "internals", tether_loom))]
     /// The phase.
     pub fn phase(&self) -> Phase {
         self.phase
@@ -127,10 +129,12 @@ impl State {
     pub fn is_over(&self) -> bool {
         matches!(self.phase, Phase::Terminal | Phase::Dropped)
     }
+    #[cfg(any(test, feature = "internals", tether_loom))]
     /// Whether a terminal reached the consumer.
     pub fn is_terminal(&self) -> bool {
         self.phase == Phase::Terminal
     }
+    #[cfg(any(test, feature = "internals", tether_loom))]
     /// Whether stop, kill or a timeout was seen before the end.
     pub fn is_cancelling(&self) -> bool {
         self.phase == Phase::Cancelling
@@ -139,6 +143,7 @@ impl State {
     pub fn abort_deferred(&self) -> bool {
         self.abort == Abort::Deferred
     }
+    #[cfg(any(test, feature = "internals", tether_loom))]
     /// Whether the poller should still poll the engine's stream.
     pub fn polls_engine(&self) -> bool {
         !self.is_over() && !self.engine_done && self.pending_terminal.is_none()
