@@ -22,12 +22,7 @@ pub mod serve;
 pub fn quiet_chaos_panics() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let text = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("");
+        let text = tether_core::error::panic_message(info.payload());
         if !text.starts_with(tether_engines::sim::CHAOS_PANIC_MESSAGE) {
             previous(info);
         }

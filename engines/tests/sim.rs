@@ -435,7 +435,7 @@ async fn chaos_panic_panics_in_poll_next(rt: Rt) {
             },
         )
         .await;
-    let msg = panicked.downcast_ref::<String>().unwrap();
+    let msg = tether_core::error::panic_message(&*panicked);
     assert!(
         msg.starts_with(tether_engines::sim::CHAOS_PANIC_MESSAGE),
         "{msg}"

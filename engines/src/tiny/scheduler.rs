@@ -14,7 +14,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use smol::channel::Receiver;
-use tether_core::error::{BackendError, EngineError, ErrorKind};
+use tether_core::error::{panic_message, BackendError, EngineError, ErrorKind};
 
 use super::model::Segment;
 use super::state::{Effects, Plan};
@@ -86,14 +86,9 @@ fn compute(core: &Core, epoch: u64, plan: &Plan) -> Computed {
         .collect();
     let next = catch_unwind(AssertUnwindSafe(|| runner.forward(&segments, false)))
         .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
             Err(EngineError::new(
                 ErrorKind::Backend(BackendError::Unknown),
-                format!("model panicked: {what}"),
+                format!("model panicked: {}", panic_message(&*panic)),
             ))
         })
         .map(|forward| forward.next);
