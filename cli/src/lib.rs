@@ -6,7 +6,7 @@
 //! (an OpenAI-compatible HTTP server over an engine), [`conformance`] (the engine
 //! conformance kit on a chosen runtime), [`engine`] (the `--engine`/`--device` choice
 //! and the one constructor all three share) and [`runtime`] (building tokio or smol,
-//! counting spawned tasks).
+//! waiting on its clock).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 

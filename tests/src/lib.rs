@@ -9,7 +9,8 @@
 //!   hands out, so a test can prove "aborted exactly once, never after the end" and
 //!   "nothing leaked";
 //! - [`RecordingObserver`]: keeps every record and every abort decision;
-//! - [`Counting`]: a runtime wrapper counting spawned tasks and created timers;
+//! - [`CountingRuntime`](tether_core::drive::CountingRuntime) (from `tether-core`): the
+//!   runtime wrapper counting spawned tasks and created timers;
 //! - [`Harness`]: all of the above wired to one adapter, with guarded waits (a wait
 //!   that never completes fails the test instead of hanging it);
 //! - [`SpanCapture`]: a tracing layer that keeps the `engine.generate` span fields.
@@ -28,7 +29,7 @@ pub use engine::{Script, ScriptEngine, Step};
 pub use harness::{data, error_kind, Harness, DEADLINE};
 pub use observer::RecordingObserver;
 pub use runtime::{
-    guarded, next_item, poll_once, run_smol, sleep, yield_now, Counting, ScenarioRuntime, GUARD,
+    guarded, next_item, poll_once, run_smol, sleep, yield_now, ScenarioRuntime, GUARD,
 };
 pub use spans::{CapturedSpan, SpanCapture};
 
