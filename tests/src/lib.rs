@@ -26,11 +26,12 @@ mod runtime;
 mod spans;
 
 pub use engine::{Script, ScriptEngine, Step};
+/// Yield to the executor once, on any runtime (futures-lite's: pending once, waking
+/// itself).
+pub use futures_lite::future::yield_now;
 pub use harness::{data, error_kind, Harness, DEADLINE};
 pub use observer::RecordingObserver;
-pub use runtime::{
-    guarded, next_item, poll_once, run_smol, sleep, yield_now, ScenarioRuntime, GUARD,
-};
+pub use runtime::{guarded, next_item, poll_once, run_smol, sleep, ScenarioRuntime, GUARD};
 pub use spans::{CapturedSpan, SpanCapture};
 
 /// Generates, for each named scenario `async fn name<R: ScenarioRuntime>(rt: R)`, a

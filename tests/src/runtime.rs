@@ -1,6 +1,6 @@
 //! Runtime-side scaffolding: the [`ScenarioRuntime`] trait the two test runtimes
-//! implement, and runtime-agnostic waiting helpers (sleep, yield, guarded waits) built
-//! on [`Runtime::sleep_until`] alone. The counting wrapper is core's
+//! implement, and runtime-agnostic waiting helpers (sleep, guarded waits) built on
+//! [`Runtime::sleep_until`] alone. The counting wrapper is core's
 //! [`CountingRuntime`](tether_core::drive::CountingRuntime).
 
 use std::future::{poll_fn, Future};
@@ -55,21 +55,6 @@ pub async fn sleep<R: Runtime>(rt: &R, duration: Duration) {
     let now = rt.now();
     let mut timer = rt.sleep_until(now.checked_add(duration).unwrap_or(now));
     poll_fn(|cx| timer.as_mut().poll(cx)).await;
-}
-
-/// Yield to the executor once (other ready tasks may run).
-pub async fn yield_now() {
-    let mut yielded = false;
-    poll_fn(|cx| {
-        if yielded {
-            Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    })
-    .await;
 }
 
 /// Await `future`, failing the test with `what` if it takes longer than [`GUARD`].
