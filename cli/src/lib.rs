@@ -22,8 +22,8 @@ pub mod serve;
 pub fn quiet_chaos_panics() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let text = tether_core::error::panic_message(info.payload());
-        if !text.starts_with(tether_engines::sim::CHAOS_PANIC_MESSAGE) {
+        let message = tether_core::error::panic_message(info.payload());
+        if !tether_engines::sim::is_chaos_panic(message) {
             previous(info);
         }
     }));
