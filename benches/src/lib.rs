@@ -19,7 +19,8 @@ use tether_core::drive::{AdapterConfig, Observer, RequestRecord};
 
 pub use baseline::{Baseline, BaselineStream};
 pub use engine::{script, BenchEngine, Tail};
-pub use harness::{yield_now, Flavor, Harness, Spawner, TaskCount};
+pub use futures_lite::future::yield_now;
+pub use harness::{Flavor, Harness, Spawner, TaskCount};
 pub use minimal::Minimal;
 
 /// An observer that only counts, as cheap as an observer can be.

@@ -6,7 +6,7 @@
 //! (an OpenAI-compatible HTTP server over an engine), [`conformance`] (the engine
 //! conformance kit on a chosen runtime), [`engine`] (the `--engine`/`--device` choice
 //! and the one constructor all three share) and [`runtime`] (building tokio or smol,
-//! counting spawned tasks).
+//! waiting on its clock).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -22,13 +22,8 @@ pub mod serve;
 pub fn quiet_chaos_panics() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        let payload = info.payload();
-        let text = payload
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| payload.downcast_ref::<&str>().copied())
-            .unwrap_or("");
-        if !text.starts_with(tether_engines::sim::CHAOS_PANIC_MESSAGE) {
+        let message = tether_core::error::panic_message(info.payload());
+        if !tether_engines::sim::is_chaos_panic(message) {
             previous(info);
         }
     }));

@@ -1,16 +1,16 @@
-//! Which async runtime a command runs on, how to build it, and [`CountingRuntime`],
-//! the wrapper that counts spawned tasks still alive (the load job's task-leak check).
+//! Which async runtime a command runs on, how to build it, and [`wait_until`], a bounded
+//! wait on its clock. (The load job counts spawned tasks with tether-core's
+//! [`CountingRuntime`](tether_core::drive::CountingRuntime).)
 //!
-//! Owns runtime construction and task counting; nothing here knows about requests.
+//! Owns runtime construction; nothing here knows about requests.
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tether_core::drive::{AsyncTimer, SpawnFuture};
+use tether_core::drive::AsyncTimer;
 use tether_core::Runtime;
 
 /// The async runtimes tether ships shims for.
@@ -81,92 +81,6 @@ where
 /// The number of threads to use by default: the machine's parallelism.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get)
-}
-
-/// A [`Runtime`] that counts the tasks spawned through it and how many are still
-/// alive (a task counts as alive until its future completes or is dropped).
-#[derive(Clone)]
-pub struct CountingRuntime {
-    inner: Arc<dyn Runtime>,
-    counts: Arc<TaskCounts>,
-}
-
-/// The counters behind a [`CountingRuntime`].
-#[derive(Debug, Default)]
-pub struct TaskCounts {
-    spawned: AtomicU64,
-    alive: AtomicU64,
-}
-
-impl TaskCounts {
-    /// Tasks spawned so far.
-    pub fn spawned(&self) -> u64 {
-        // Relaxed: a plain tally.
-        self.spawned.load(Ordering::Relaxed)
-    }
-
-    /// Tasks spawned and not yet finished.
-    pub fn alive(&self) -> u64 {
-        // Acquire pairs with the Release decrement: a task seen finished has done its work.
-        self.alive.load(Ordering::Acquire)
-    }
-}
-
-impl fmt::Debug for CountingRuntime {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CountingRuntime")
-            .field("inner", &self.inner)
-            .field("counts", &self.counts)
-            .finish()
-    }
-}
-
-impl CountingRuntime {
-    /// Wrap `inner`.
-    pub fn new(inner: Arc<dyn Runtime>) -> CountingRuntime {
-        CountingRuntime {
-            inner,
-            counts: Arc::default(),
-        }
-    }
-
-    /// The counters (shared with every clone).
-    pub fn counts(&self) -> Arc<TaskCounts> {
-        self.counts.clone()
-    }
-}
-
-/// Decrements the alive count when the task's future is done or dropped.
-struct AliveGuard(Arc<TaskCounts>);
-
-impl Drop for AliveGuard {
-    fn drop(&mut self) {
-        // Release: the task's effects happen-before a reader that sees the decrement.
-        self.0.alive.fetch_sub(1, Ordering::Release);
-    }
-}
-
-impl Runtime for CountingRuntime {
-    fn spawn(&self, future: SpawnFuture) {
-        // Relaxed: a plain tally, read after the run.
-        self.counts.spawned.fetch_add(1, Ordering::Relaxed);
-        // Relaxed: the increment happens before the spawn, so the task's Release
-        // decrement always comes after it.
-        self.counts.alive.fetch_add(1, Ordering::Relaxed);
-        let guard = AliveGuard(self.counts.clone());
-        self.inner.spawn(Box::pin(async move {
-            future.await;
-            drop(guard);
-        }));
-    }
-
-    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
-        self.inner.sleep_until(deadline)
-    }
-
-    fn now(&self) -> Instant {
-        self.inner.now()
-    }
 }
 
 /// Wait on `runtime`'s timer, polling `done` every millisecond, until it holds or

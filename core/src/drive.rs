@@ -16,6 +16,7 @@
 //! deferral deadline (which must fire whether or not the consumer polls) and drains an
 //! engine whose abort is still deferred after the consumer's end.
 
+mod counting;
 mod probe;
 mod request;
 mod runtime_check;
@@ -36,6 +37,7 @@ use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
+pub use counting::CountingRuntime;
 pub use probe::ProbeAdapter;
 pub use request::{Generate, Generating, Results};
 pub use runtime_check::{

@@ -1,10 +1,12 @@
 //! Typed errors that cross the engine/frontend boundary: [`EngineError`], its
-//! [`ErrorKind`] classification and the [`BackendError`] kinds an engine reports.
+//! [`ErrorKind`] classification and the [`BackendError`] kinds an engine reports, and
+//! [`panic_message`], the text of a caught panic.
 //!
 //! This module owns the error vocabulary and its wire form (JSON via serde, lossless,
 //! cause chain included). It must not know about requests, streams or the lifecycle:
 //! which error a given situation produces is decided by the driver, not here.
 
+use std::any::Any;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -277,6 +279,26 @@ impl EngineError {
     }
 }
 
+/// The text of a panic payload: the message of `panic!("...")` or `panic!("{x}")` (a
+/// `&'static str` or a `String` payload), `""` for any other payload.
+///
+/// What the driver puts in [`EngineError::engine_panicked`] when an engine panics, and
+/// what a panic hook can match on (pass [`PanicHookInfo::payload`]). For the `Box` that
+/// [`catch_unwind`] returns, pass `&*payload`: `&payload` would coerce the box itself to
+/// `dyn Any`, whose text is always `""`.
+///
+/// [`PanicHookInfo::payload`]: std::panic::PanicHookInfo::payload
+/// [`catch_unwind`]: std::panic::catch_unwind
+pub fn panic_message(payload: &(dyn Any + Send)) -> &str {
+    if let Some(s) = payload.downcast_ref::<&'static str>() {
+        s
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s
+    } else {
+        ""
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,6 +350,17 @@ mod tests {
             EngineError::engine_panicked("").message(),
             "engine panicked"
         );
+    }
+
+    #[test]
+    fn panic_message_reads_str_and_string_payloads_only() {
+        let text = std::panic::catch_unwind(|| panic!("plain text")).unwrap_err();
+        assert_eq!(panic_message(&*text), "plain text");
+        let n = 3;
+        let formatted = std::panic::catch_unwind(|| panic!("step {n}")).unwrap_err();
+        assert_eq!(panic_message(&*formatted), "step 3");
+        let other = std::panic::catch_unwind(|| std::panic::panic_any(7_u32)).unwrap_err();
+        assert_eq!(panic_message(&*other), "");
     }
 
     #[test]

@@ -1,15 +1,10 @@
 //! Small pieces both engines share: [`LoopControl`], how a start and a cleanup drive
-//! the one scheduler loop; [`YieldNow`], the loop's one-turn yield; the error that
-//! sequences end with at shutdown; and [`splitmix64`], the generator behind SimEngine's
-//! tokens and TinyEngine's weights.
+//! the one scheduler loop; the error that sequences end with at shutdown; and
+//! [`splitmix64`], the generator behind SimEngine's tokens and TinyEngine's weights.
 //!
 //! Knows nothing of requests, sequences or models.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use smol::channel::{Receiver, Sender};
+use async_channel::{Receiver, Sender};
 use tether_core::error::{BackendError, EngineError, ErrorKind};
 
 /// Whether an engine is started, which start is current (its epoch), and the kicks
@@ -44,7 +39,7 @@ impl LoopControl {
             return None;
         }
         self.epoch += 1;
-        let (tx, rx) = smol::channel::bounded(1);
+        let (tx, rx) = async_channel::bounded(1);
         self.kick = Some(tx);
         Some((self.epoch, rx))
     }
@@ -73,25 +68,6 @@ pub(crate) fn shutdown_error() -> EngineError {
         ErrorKind::Backend(BackendError::EngineShutdown),
         "engine shut down",
     )
-}
-
-/// Pending once, then ready: gives the executor a turn (runtime-agnostic, unlike
-/// `tokio::task::yield_now`).
-#[derive(Debug, Default)]
-pub(crate) struct YieldNow(bool);
-
-impl Future for YieldNow {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.0 {
-            Poll::Ready(())
-        } else {
-            self.0 = true;
-            cx.waker().wake_by_ref();
-            Poll::Pending
-        }
-    }
 }
 
 /// One step of splitmix64 over `state`: small, fast, and plenty for output that only

@@ -1,4 +1,4 @@
-//! [`Harness`]: a [`ScriptEngine`], a [`RecordingObserver`] and a [`Counting`] runtime
+//! [`Harness`]: a [`ScriptEngine`], a [`RecordingObserver`] and a [`CountingRuntime`]
 //! wired to one [`Adapter`], with the guarded waits and end-of-scenario checks every
 //! scenario shares.
 
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use futures_util::future::{select, Either};
+use tether_core::drive::CountingRuntime;
 use tether_core::{
     Adapter, AdapterConfig, Annotated, Chunk, Context, EngineError, ErrorKind, Request,
     ResponseStream,
@@ -16,7 +17,7 @@ use tether_core::{
 
 use crate::engine::{Script, ScriptEngine};
 use crate::observer::RecordingObserver;
-use crate::runtime::{guarded, next_item, Counting, ScenarioRuntime};
+use crate::runtime::{guarded, next_item, ScenarioRuntime};
 
 /// The short deadline scenarios configure (deferral, grace, timeouts): instant on the
 /// paused tokio clock, short enough on smol's real one.
@@ -38,7 +39,7 @@ pub struct Harness<R> {
     /// The bare runtime (guards and test sleeps use it, so they are not counted).
     pub rt: R,
     /// The runtime the adapter runs on: `rt`, counted.
-    pub counting: Counting<R>,
+    pub counting: CountingRuntime<R>,
     /// The engine behind the adapter.
     pub engine: ScriptEngine,
     /// The adapter's observer.
@@ -58,7 +59,7 @@ impl<R: ScenarioRuntime> Harness<R> {
         let engine = ScriptEngine::new();
         let observer = Arc::new(RecordingObserver::watching(&engine));
         config.observer = Some(observer.clone());
-        let counting = Counting::new(rt.clone());
+        let counting = CountingRuntime::new(rt.clone());
         let adapter = Adapter::new(Arc::new(engine.clone()), counting.clone(), config);
         Harness {
             rt,

@@ -9,7 +9,8 @@
 //!   hands out, so a test can prove "aborted exactly once, never after the end" and
 //!   "nothing leaked";
 //! - [`RecordingObserver`]: keeps every record and every abort decision;
-//! - [`Counting`]: a runtime wrapper counting spawned tasks and created timers;
+//! - [`CountingRuntime`](tether_core::drive::CountingRuntime) (from `tether-core`): the
+//!   runtime wrapper counting spawned tasks and created timers;
 //! - [`Harness`]: all of the above wired to one adapter, with guarded waits (a wait
 //!   that never completes fails the test instead of hanging it);
 //! - [`SpanCapture`]: a tracing layer that keeps the `engine.generate` span fields.
@@ -25,11 +26,12 @@ mod runtime;
 mod spans;
 
 pub use engine::{Script, ScriptEngine, Step};
+/// Yield to the executor once, on any runtime (futures-lite's: pending once, waking
+/// itself).
+pub use futures_lite::future::yield_now;
 pub use harness::{data, error_kind, Harness, DEADLINE};
 pub use observer::RecordingObserver;
-pub use runtime::{
-    guarded, next_item, poll_once, run_smol, sleep, yield_now, Counting, ScenarioRuntime, GUARD,
-};
+pub use runtime::{guarded, next_item, poll_once, run_smol, sleep, ScenarioRuntime, GUARD};
 pub use spans::{CapturedSpan, SpanCapture};
 
 /// Generates, for each named scenario `async fn name<R: ScenarioRuntime>(rt: R)`, a

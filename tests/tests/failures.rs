@@ -55,7 +55,7 @@ async fn engine_end_without_terminal_yields_stream_incomplete<R: ScenarioRuntime
     );
     assert_eq!((rec.output_tokens, rec.abort), (1, AbortStatus::NotNeeded));
     assert_eq!(h.observer.aborts("r"), 0);
-    assert_eq!(h.counting.spawns(), 0);
+    assert_eq!(h.counting.spawned(), 0);
     h.assert_clean().await;
 }
 
@@ -132,7 +132,7 @@ async fn setup_error_is_returned_without_abort_and_recorded_failed<R: ScenarioRu
     // Nothing is left listening on the context: a later kill aborts nothing.
     ctx.kill();
     assert_eq!(h.observer.aborts("r"), 0);
-    assert_eq!(h.counting.spawns(), 0);
+    assert_eq!(h.counting.spawned(), 0);
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Failed(ErrorKind::InvalidArgument));
     assert_eq!(
@@ -172,7 +172,7 @@ async fn first_token_timeout_yields_error_and_aborts_once<R: ScenarioRuntime>(rt
     );
     assert_eq!((rec.ttft, rec.output_tokens), (None, 0));
     h.wait_aborts(&script, 1).await;
-    assert_eq!((h.counting.spawns(), h.counting.timers()), (1, 1));
+    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
     h.assert_clean().await;
 }
 
@@ -226,7 +226,7 @@ async fn inter_token_timeout_yields_error_and_aborts_once<R: ScenarioRuntime>(rt
     assert_eq!(rec.output_tokens, 1);
     assert!(rec.ttft.is_some());
     h.wait_aborts(&script, 1).await;
-    assert_eq!((h.counting.spawns(), h.counting.timers()), (1, 1));
+    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
     h.assert_clean().await;
 }
 
@@ -257,7 +257,7 @@ async fn cancel_grace_expiry_after_stop_forces_cancelled<R: ScenarioRuntime>(rt:
     );
     assert_eq!(h.observer.aborts("r"), 1);
     // The abort, and the watchdog that runs the grace off the consumer's path (rule 11).
-    assert_eq!((h.counting.spawns(), h.counting.timers()), (2, 1));
+    assert_eq!((h.counting.spawned(), h.counting.timers()), (2, 1));
     h.assert_clean().await;
 }
 

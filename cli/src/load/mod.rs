@@ -29,6 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tether_core::drive::CountingRuntime;
 use tether_core::protocol::Mode;
 use tether_core::{Adapter, AdapterConfig, Runtime};
 use tether_engines::{SimConfig, TinyConfig};
@@ -38,7 +39,7 @@ pub use plan::{Action, ChaosRates, HangRange, PlanCounts};
 pub use report::{Leaks, Outcomes, Percentiles, Report, SHOWN_VIOLATIONS};
 
 use crate::engine::{EngineKind, EngineSpec, StartError};
-use crate::runtime::{self, CountingRuntime, RuntimeKind};
+use crate::runtime::{self, RuntimeKind};
 use client::{Clients, WorkerOut};
 use ledger::Ledger;
 
@@ -303,7 +304,7 @@ pub async fn run_on(
     // the engine's scheduler once it is cleaned up.
     let adapter_rt = CountingRuntime::new(runtime.clone());
     let engine_rt = CountingRuntime::new(runtime.clone());
-    let (adapter_tasks, engine_tasks) = (adapter_rt.counts(), engine_rt.counts());
+    let (adapter_tasks, engine_tasks) = (adapter_rt.clone(), engine_rt.clone());
     let spec = opts.engine_spec();
     let hook_ledger = ledger.clone();
     let engine = spec.build(
@@ -361,16 +362,16 @@ pub async fn run_on(
     let settle = opts.settle_timeout + opts.deferral_deadline;
     runtime::wait_until(&*runtime, settle, || {
         let g = engine.gauges();
-        adapter_tasks.alive() == 0
+        adapter_tasks.live() == 0
             && g.live_sequences == 0
             && g.queue_len == 0
             && g.aborts_received == ledger.aborts_sent()
     })
     .await;
     let gauges = engine.gauges();
-    let adapter_alive = adapter_tasks.alive();
+    let adapter_alive = adapter_tasks.live();
     let _ = engine.llm().cleanup().await;
-    runtime::wait_until(&*runtime, opts.settle_timeout, || engine_tasks.alive() == 0).await;
+    runtime::wait_until(&*runtime, opts.settle_timeout, || engine_tasks.live() == 0).await;
     let (mut violations, mut totals) = ledger.check(&clients.plan, opts.mode, opts.max_tokens);
     drop(clients);
     // Read before the cleanup, which frees everything.
@@ -380,7 +381,7 @@ pub async fn run_on(
         kv_bytes: gauges.kv_bytes as u64,
         queue: gauges.queue_len as u64,
         in_flight: ledger.in_flight(),
-        tasks: adapter_alive + engine_tasks.alive(),
+        tasks: (adapter_alive + engine_tasks.live()) as u64,
     };
     if gauges.late_aborts > 0 {
         violations.push(format!(
@@ -424,7 +425,7 @@ pub async fn run_on(
         tokens,
         requests_per_s: rate(opts.requests as f64),
         tokens_per_s: rate(tokens as f64),
-        tasks_spawned: adapter_tasks.spawned(),
+        tasks_spawned: adapter_tasks.spawned() as u64,
         engine_lingering: gauges.lingering as u64,
         leaks,
         violations,

@@ -328,7 +328,7 @@ impl Common {
         }
         let mut annotations = self.annotations.unwrap_or_default();
         if !limits.allow_chaos {
-            annotations.retain(|a| !a.starts_with(tether_engines::sim::CHAOS_PREFIX));
+            annotations.retain(|a| !tether_engines::sim::is_chaos_annotation(a));
         }
         let mut request =
             Request::new(String::new(), self.model, token_ids).with_max_tokens(max_tokens);

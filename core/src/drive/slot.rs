@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
 use crate::engine::ChunkStream;
-use crate::error::EngineError;
+use crate::error::{panic_message, EngineError};
 use crate::lifecycle::Event;
 use crate::protocol::Chunk;
 
@@ -113,16 +113,5 @@ pub(crate) fn release(slot: Option<EngineSlot>, request_id: &str) {
             panic = %panic_message(panic.as_ref()),
             "engine stream panicked when dropped"
         );
-    }
-}
-
-/// The panic payload's text, when it has one (`engine_panicked` adds the prefix).
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        String::new()
     }
 }

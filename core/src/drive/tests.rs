@@ -2,7 +2,6 @@
 //! `tests/` and on a manual one by `core/tests/props.rs`.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
@@ -19,24 +18,19 @@ impl AsyncTimer for Never {
     }
 }
 
+/// A clock stopped at `.0`, timers that never fire, spawned futures dropped unpolled.
 #[derive(Debug)]
-struct Counting {
-    spawns: AtomicUsize,
-    timers: AtomicUsize,
-    at: Instant,
-}
+struct Frozen(Instant);
 
-impl Runtime for Counting {
+impl Runtime for Frozen {
     fn spawn(&self, future: SpawnFuture) {
-        self.spawns.fetch_add(1, Ordering::SeqCst);
         drop(future);
     }
     fn sleep_until(&self, _deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
-        self.timers.fetch_add(1, Ordering::SeqCst);
         Box::pin(Never)
     }
     fn now(&self) -> Instant {
-        self.at
+        self.0
     }
 }
 
@@ -67,17 +61,12 @@ impl LlmEngine for Idle {
 #[test]
 fn an_arc_of_a_runtime_is_that_runtime() {
     let at = Instant::now() + Duration::from_secs(7);
-    let inner = Arc::new(Counting {
-        spawns: AtomicUsize::new(0),
-        timers: AtomicUsize::new(0),
-        at,
-    });
+    let inner = Arc::new(CountingRuntime::new(Frozen(at)));
     let rt: &dyn Runtime = &inner;
     rt.spawn(Box::pin(async {}));
     drop(rt.sleep_until(at));
     assert_eq!(rt.now(), at);
-    assert_eq!(inner.spawns.load(Ordering::SeqCst), 1);
-    assert_eq!(inner.timers.load(Ordering::SeqCst), 1);
+    assert_eq!((inner.spawned(), inner.timers()), (1, 1));
 }
 
 #[test]
@@ -85,19 +74,11 @@ fn adapter_shows_its_config_and_runtime() {
     let config = AdapterConfig::default()
         .mode(Mode::Decode)
         .cancel_grace(None);
-    let rt = Counting {
-        spawns: AtomicUsize::new(0),
-        timers: AtomicUsize::new(0),
-        at: Instant::now(),
-    };
-    let adapter = Adapter::new(Arc::new(Idle), rt, config);
+    let adapter = Adapter::new(Arc::new(Idle), Frozen(Instant::now()), config);
     assert_eq!(adapter.config().mode, Mode::Decode);
     assert_eq!(adapter.config().cancel_grace, None);
     let shown = format!("{adapter:?}");
-    assert!(
-        shown.starts_with("Adapter { runtime: Counting {"),
-        "{shown}"
-    );
+    assert!(shown.starts_with("Adapter { runtime: Frozen("), "{shown}");
     assert!(
         shown.contains(
             "config: AdapterConfig { mode: Decode, deferral_deadline: 30s, cancel_grace: None, \

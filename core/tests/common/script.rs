@@ -38,6 +38,7 @@ use tether_core::AbortStatus;
 use futures_core::Stream;
 use tether_core::drive::SpawnFuture;
 use tether_core::engine::BoxFuture;
+use tether_core::error::panic_message;
 use tether_core::{
     Adapter, AdapterConfig, Annotated, AsyncTimer, BackendError, Chunk, ChunkStream, Context,
     EngineConfig, EngineError, ErrorKind, FinishReason, GenerateContext, LlmEngine, Mode, Observer,
@@ -190,14 +191,7 @@ pub(crate) fn quiet_scripted_panics() {
     ONCE.call_once(|| {
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let payload = info.payload();
-            let scripted = payload
-                .downcast_ref::<&str>()
-                .is_some_and(|s| *s == PANIC_TEXT)
-                || payload
-                    .downcast_ref::<String>()
-                    .is_some_and(|s| s == PANIC_TEXT);
-            if !scripted {
+            if panic_message(info.payload()) != PANIC_TEXT {
                 previous(info);
             }
         }));

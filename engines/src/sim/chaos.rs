@@ -1,18 +1,32 @@
-//! [`Chaos`]: faults a request asks the simulator to inject, for load tests.
+//! [`Chaos`]: faults a request asks the simulator to inject, for load tests, and how a
+//! frontend recognizes them ([`is_chaos_annotation`], [`is_chaos_panic`]).
 //!
-//! Owns the fault kinds and their annotation syntax only; the scheduler and the
-//! stream carry them out.
+//! Owns the fault kinds, their annotation syntax and the injected panic's text only;
+//! the scheduler and the stream carry them out.
 
 use std::fmt;
 use std::str::FromStr;
 
 /// The annotation prefix that selects a fault: `chaos:error@3`, `chaos:hang@1`,
 /// `chaos:hang`, `chaos:panic@2` (no `@k` means step 0).
-pub const CHAOS_PREFIX: &str = "chaos:";
+const CHAOS_PREFIX: &str = "chaos:";
 
-/// Every panic the simulator injects starts with this text, so a panic hook can tell
-/// them from real ones.
-pub const CHAOS_PANIC_MESSAGE: &str = "sim chaos: injected panic";
+/// Every panic the simulator injects starts with this text.
+pub(crate) const CHAOS_PANIC_MESSAGE: &str = "sim chaos: injected panic";
+
+/// Whether `annotation` asks SimEngine for a fault (`chaos:...`, well-formed or not): a
+/// server that must not let its clients inject faults drops these from requests.
+pub fn is_chaos_annotation(annotation: &str) -> bool {
+    annotation.starts_with(CHAOS_PREFIX)
+}
+
+/// Whether a panic with this message is one SimEngine injected on purpose
+/// ([`Chaos::Panic`]), so a panic hook can keep it quiet and still report real ones.
+/// Read the message from the payload with
+/// [`panic_message`](tether_core::error::panic_message).
+pub fn is_chaos_panic(message: &str) -> bool {
+    message.starts_with(CHAOS_PANIC_MESSAGE)
+}
 
 /// A fault injected into one request. The step `k` counts tokens: the fault strikes
 /// when the sequence would emit its token number `k` (0-based), so exactly `k` tokens
@@ -102,6 +116,19 @@ mod tests {
         let plain = vec!["chaos:hang".to_owned(), "other".to_owned()];
         assert_eq!(Chaos::from_annotations(&plain), Ok(Some(Chaos::Hang(0))));
         assert_eq!(Chaos::from_annotations(&["x".to_owned()]), Ok(None));
+    }
+
+    #[test]
+    fn chaos_annotations_and_panics_are_recognized() {
+        for c in [Chaos::Error(3), Chaos::Hang(0), Chaos::Panic(7)] {
+            assert!(is_chaos_annotation(&c.annotation()));
+        }
+        assert!(is_chaos_annotation("chaos:boom"), "malformed, still chaos");
+        assert!(!is_chaos_annotation("x-chaos:hang"));
+        assert!(!is_chaos_annotation("Chaos:hang"));
+        assert!(is_chaos_panic(&format!("{CHAOS_PANIC_MESSAGE} at step 2")));
+        assert!(!is_chaos_panic("index out of bounds"));
+        assert!(!is_chaos_panic(""));
     }
 
     #[test]

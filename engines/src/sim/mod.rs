@@ -42,7 +42,7 @@ use tether_core::error::{EngineError, ErrorKind};
 use tether_core::protocol::Request;
 
 pub use crate::abort::{AbortHook, AbortReceipt};
-pub use chaos::{Chaos, ChaosParseError, CHAOS_PANIC_MESSAGE, CHAOS_PREFIX};
+pub use chaos::{is_chaos_annotation, is_chaos_panic, Chaos, ChaosParseError};
 pub use config::{SimConfig, SimConfigError};
 pub use state::SimGauges;
 

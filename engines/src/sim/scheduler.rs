@@ -12,11 +12,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use smol::channel::Receiver;
+use async_channel::Receiver;
+use futures_lite::future::yield_now;
 use tether_core::drive::{AsyncTimer, Runtime};
 
 use super::Core;
-use crate::util::YieldNow;
 
 /// Run the batch of the engine behind `core` until `cleanup` (or the engine's drop)
 /// ends epoch `epoch`.
@@ -51,7 +51,7 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
         last_end = Some(deadline);
         if deadline <= now {
             // Let the consumers run: a step that is already due must still yield.
-            YieldNow::default().await;
+            yield_now().await;
         } else {
             let t = match &mut timer {
                 Some(t) => {

@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use async_channel::Receiver;
 use futures_core::Stream;
-use smol::channel::Receiver;
 use tether_core::engine::GenerateContext;
 
 use super::chaos::CHAOS_PANIC_MESSAGE;

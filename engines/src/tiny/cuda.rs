@@ -21,7 +21,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
-use tether_core::error::{BackendError, EngineError, ErrorKind};
+use tether_core::error::{panic_message, BackendError, EngineError, ErrorKind};
 
 use super::backend::{Backend, Shape, Span, RMS_EPS};
 
@@ -95,13 +95,9 @@ fn check_libraries() -> Result<(), EngineError> {
 /// an `Unavailable` error.
 fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
         Err(unavailable(format!(
-            "the CUDA libraries are unusable: {what}"
+            "the CUDA libraries are unusable: {}",
+            panic_message(&*panic)
         )))
     })
 }

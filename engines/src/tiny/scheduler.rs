@@ -13,13 +13,14 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use smol::channel::Receiver;
-use tether_core::error::{BackendError, EngineError, ErrorKind};
+use async_channel::Receiver;
+use futures_lite::future::yield_now;
+use tether_core::error::{panic_message, BackendError, EngineError, ErrorKind};
 
 use super::model::Segment;
 use super::state::{Effects, Plan};
 use super::Core;
-use crate::util::{shutdown_error, YieldNow};
+use crate::util::shutdown_error;
 
 /// Run the batch of the engine behind `core` until `cleanup` (or the engine's drop)
 /// ends epoch `epoch`.
@@ -52,7 +53,7 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
             }
         }
         core.settle(fx);
-        YieldNow::default().await;
+        yield_now().await;
     }
 }
 
@@ -86,14 +87,9 @@ fn compute(core: &Core, epoch: u64, plan: &Plan) -> Computed {
         .collect();
     let next = catch_unwind(AssertUnwindSafe(|| runner.forward(&segments, false)))
         .unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
             Err(EngineError::new(
                 ErrorKind::Backend(BackendError::Unknown),
-                format!("model panicked: {what}"),
+                format!("model panicked: {}", panic_message(&*panic)),
             ))
         })
         .map(|forward| forward.next);

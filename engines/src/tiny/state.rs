@@ -14,7 +14,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use smol::channel::{Receiver, Sender};
+use async_channel::{Receiver, Sender};
 use tether_core::engine::GenerateContext;
 use tether_core::error::{BackendError, EngineError, ErrorKind};
 use tether_core::protocol::{Chunk, FinishReason, Request, Usage};
@@ -185,7 +185,7 @@ impl State {
         admission: Admission,
         gctx: GenerateContext,
     ) -> (u64, Receiver<Item>) {
-        let (tx, rx) = smol::channel::unbounded();
+        let (tx, rx) = async_channel::unbounded();
         let id = self.next_seq;
         self.next_seq += 1;
         self.accepted += 1;

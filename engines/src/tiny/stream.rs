@@ -8,8 +8,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use async_channel::Receiver;
 use futures_core::Stream;
-use smol::channel::Receiver;
 
 use super::state::{Effects, Item};
 use super::Core;

@@ -7,10 +7,10 @@
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
-use tether_core::drive::{AsyncTimer, SpawnFuture};
+use tether_core::drive::CountingRuntime;
 use tether_core::{
     Adapter, AdapterConfig, Chunk, ChunkStream, Context, EngineError, FinishReason,
     GenerateContext, LlmEngine, Outcome, Request, RequestRecord, ResponseStream, Runtime,
@@ -82,40 +82,6 @@ pub async fn until(rt: &Rt, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Counts spawns and the spawned tasks still alive.
-#[derive(Debug)]
-pub struct Counting {
-    pub inner: Rt,
-    pub spawned: Arc<AtomicUsize>,
-    pub alive: Arc<AtomicUsize>,
-}
-
-struct Alive(Arc<AtomicUsize>);
-
-impl Drop for Alive {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-impl Runtime for Counting {
-    fn spawn(&self, future: SpawnFuture) {
-        self.spawned.fetch_add(1, Ordering::SeqCst);
-        self.alive.fetch_add(1, Ordering::SeqCst);
-        let alive = Alive(self.alive.clone());
-        self.inner.spawn(Box::pin(async move {
-            future.await;
-            drop(alive);
-        }));
-    }
-    fn sleep_until(&self, deadline: Instant) -> std::pin::Pin<Box<dyn AsyncTimer>> {
-        self.inner.sleep_until(deadline)
-    }
-    fn now(&self) -> Instant {
-        self.inner.now()
-    }
-}
-
 /// An adapter observer: the records it got (`.0`) and the aborts it was told of (`.1`).
 #[derive(Default)]
 pub struct Records(pub Mutex<Vec<RequestRecord>>, pub AtomicUsize);
@@ -145,18 +111,12 @@ pub fn observed_adapter(engine: Arc<dyn LlmEngine>, rt: &Rt) -> (Adapter, Arc<Re
 /// that task ends after `cleanup`.
 pub async fn one_scheduler_task_per_engine<E: LlmEngine>(
     rt: Rt,
-    make: impl FnOnce(Counting) -> E,
+    make: impl FnOnce(CountingRuntime<Rt>) -> E,
     model: &str,
     requests: u32,
 ) {
-    let spawned = Arc::new(AtomicUsize::new(0));
-    let alive = Arc::new(AtomicUsize::new(0));
-    let counting = Counting {
-        inner: rt.clone(),
-        spawned: spawned.clone(),
-        alive: alive.clone(),
-    };
-    let engine = make(counting);
+    let counting = CountingRuntime::new(rt.clone());
+    let engine = make(counting.clone());
     engine.start(0).await.unwrap();
     engine.start(0).await.unwrap();
     let mut streams = Vec::new();
@@ -168,13 +128,9 @@ pub async fn one_scheduler_task_per_engine<E: LlmEngine>(
     for s in streams {
         collect(s).await;
     }
-    assert_eq!(
-        spawned.load(Ordering::SeqCst),
-        1,
-        "one loop, however many requests"
-    );
+    assert_eq!(counting.spawned(), 1, "one loop, however many requests");
     engine.cleanup().await.unwrap();
-    until(&rt, || alive.load(Ordering::SeqCst) == 0).await;
+    until(&rt, || counting.live() == 0).await;
 }
 
 /// Kill `ctx`: the next item of its stream `s` is the synthesized `Cancelled` terminal,

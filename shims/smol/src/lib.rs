@@ -1,84 +1,63 @@
-//! # tether-smol
-//!
-//! [`SmolRuntime`]: tether's [`Runtime`] for smol and async-io. Nothing else of
-//! substance lives here; the driver is in `tether-core`.
+//! [`SmolRuntime`]: tether's [`Runtime`] on smol and async-io, and [`adapter`],
+//! [`run_conformance`] and [`run_runtime_conformance`] on smol's global executor.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+pub use tether_core::conformance::{ConformanceFailure, ConformanceReport};
 use tether_core::drive::{AsyncTimer, SpawnFuture};
-use tether_core::LlmEngine;
-pub use tether_core::{Adapter, AdapterConfig, Runtime};
+pub use tether_core::drive::{RuntimeCheckFailure, RuntimeCheckReport};
+pub use tether_core::{Adapter, AdapterConfig, LlmEngine, Runtime};
 
-/// tether's [`Runtime`] on smol: tasks go to the given executor (or smol's global
-/// one), timers are async-io's. smol's `Task` cancels on drop, so every spawned task
-/// is detached here: an abort always runs to completion.
+/// tether's [`Runtime`] on smol: a given executor or the global one, async-io's timers and clock.
 #[derive(Debug, Clone, Default)]
-pub struct SmolRuntime {
-    executor: Option<Arc<smol::Executor<'static>>>,
-}
+pub struct SmolRuntime(Option<Arc<smol::Executor<'static>>>);
 
 impl SmolRuntime {
     /// Spawn onto smol's global executor.
     pub fn global() -> SmolRuntime {
-        SmolRuntime { executor: None }
+        SmolRuntime(None)
     }
-
     /// Spawn onto `executor` (which the caller runs).
     pub fn with_executor(executor: Arc<smol::Executor<'static>>) -> SmolRuntime {
-        SmolRuntime {
-            executor: Some(executor),
-        }
+        SmolRuntime(Some(executor))
     }
 }
 
 impl Runtime for SmolRuntime {
     fn spawn(&self, future: SpawnFuture) {
-        match &self.executor {
+        // smol's Task cancels on drop: detached, an abort always runs to completion.
+        match &self.0 {
             Some(ex) => ex.spawn(future).detach(),
             None => smol::spawn(future).detach(),
         }
     }
-
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
-        Box::pin(SmolTimer {
-            timer: async_io::Timer::at(deadline),
-            deadline,
-        })
+        Box::pin(SmolTimer(async_io::Timer::at(deadline), deadline))
     }
-
     fn now(&self) -> Instant {
         Instant::now()
     }
 }
 
-/// async-io's `Timer::at` is one-shot: once it has fired it is pending forever (and
-/// registers no waker) until `set_at`. The contract says a fired timer stays ready
-/// until reset, so the deadline is kept here and checked first.
+/// async-io's timer and its deadline, checked first: once fired, a `Timer` pends until reset.
 #[derive(Debug)]
-struct SmolTimer {
-    timer: async_io::Timer,
-    deadline: Instant,
-}
+struct SmolTimer(async_io::Timer, Instant);
 
 impl AsyncTimer for SmolTimer {
-    fn reset(self: Pin<&mut Self>, deadline: Instant) {
-        let this = self.get_mut();
-        this.deadline = deadline;
-        this.timer.set_at(deadline);
+    fn reset(mut self: Pin<&mut Self>, deadline: Instant) {
+        self.1 = deadline;
+        self.0.set_at(deadline);
     }
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.get_mut();
-        if Instant::now() >= this.deadline {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.1 {
             return Poll::Ready(());
         }
-        Pin::new(&mut this.timer).poll(cx).map(|_| ())
+        std::future::Future::poll(Pin::new(&mut self.0), cx).map(drop)
     }
 }
 
@@ -87,34 +66,14 @@ pub fn adapter(engine: Arc<dyn LlmEngine>, config: AdapterConfig) -> Adapter {
     Adapter::new(engine, SmolRuntime::global(), config)
 }
 
-pub use tether_core::conformance::{ConformanceFailure, ConformanceReport};
-
-/// Run tether's conformance kit ([`tether_core::conformance`]) against engines made by
-/// `factory`, with async-io timers (real time: a failing stop check takes its full 2 s).
-///
-/// ```no_run
-/// # use std::sync::Arc;
-/// # use tether_core::LlmEngine;
-/// # fn make_engine() -> Arc<dyn LlmEngine> { unimplemented!() }
-/// let report = smol::block_on(tether_smol::run_conformance(make_engine)).expect("conformant");
-/// assert_eq!(report.checks, tether_core::conformance::CHECKS);
-/// ```
+/// [`run_conformance_on`](tether_core::conformance::run_conformance_on) smol (real time).
 pub async fn run_conformance(
     factory: impl Fn() -> Arc<dyn LlmEngine> + Send + Sync,
 ) -> Result<ConformanceReport, ConformanceFailure> {
     tether_core::conformance::run_conformance_on(&SmolRuntime::global(), &factory).await
 }
 
-pub use tether_core::drive::{RuntimeCheckFailure, RuntimeCheckReport};
-
-/// Check [`SmolRuntime::global`] against tether's runtime contract
-/// ([`tether_core::run_runtime_conformance`]: timers, clock, spawn). async-io timers run
-/// on the real clock: a passing run takes about 160 ms.
-///
-/// ```no_run
-/// let report = smol::block_on(tether_smol::run_runtime_conformance()).expect("conformant");
-/// assert_eq!(report.checks, tether_core::drive::RUNTIME_CHECKS);
-/// ```
+/// [`run_runtime_conformance`](tether_core::run_runtime_conformance) on smol (about 160 ms).
 pub async fn run_runtime_conformance() -> Result<RuntimeCheckReport, RuntimeCheckFailure> {
     tether_core::run_runtime_conformance(&SmolRuntime::global()).await
 }
