@@ -1,8 +1,8 @@
-//! The executor-agnostic driver: runs the [lifecycle machine](crate::lifecycle) over an
-//! engine's stream on any [`Runtime`].
+//! The executor-agnostic driver: runs the lifecycle machine (an internal module) over
+//! an engine's stream on any [`Runtime`].
 //!
 //! This module owns the glue between events and actions, and no policy: every decision
-//! (forward, abort, synthesize, finish) comes out of [`crate::lifecycle::step`]. What it
+//! (forward, abort, synthesize, finish) comes out of the machine's pure `step`. What it
 //! adds is where events come from (the engine stream, the [`Context`] listener, `Drop`,
 //! the first-token hint, timers) and how actions are carried out (yield an item, spawn
 //! the abort, record the outcome).

@@ -1,19 +1,29 @@
 //! # tether-core
 //!
 //! The request-lifecycle layer between an LLM inference engine and whatever serves
-//! it. This crate owns no runtime, no clock and no I/O:
+//! it. This crate owns no runtime, no clock and no I/O.
 //!
-//! - [`protocol`] and [`error`]: the wire types an engine produces and a frontend consumes;
-//! - [`context`]: the cancellation handle ([`Context`]) shared by client, router and engine;
-//! - [`lifecycle`]: the pure transition function that decides, for every event, what
-//!   must happen (forward, abort, synthesize a terminal, record the outcome);
-//! - [`engine`]: the object-safe [`LlmEngine`] trait engines implement;
-//! - [`drive`]: the executor-agnostic [`Adapter`] that runs the machine over an
-//!   engine stream on any [`Runtime`], and [`run_runtime_conformance`], which checks a
-//!   [`Runtime`] against the timer and spawn contract the driver relies on;
-//! - [`conformance`]: a kit that checks any engine against the contract.
+//! ## The public surface
 //!
-//! Runtime shims (`tether-tokio`, `tether-smol`) implement [`Runtime`] in a few lines.
+//! - Running requests ([`drive`]): [`Adapter`] (`new`, `start`, `cleanup`, `generate`,
+//!   `request`), its [`AdapterConfig`], the per-request builder [`Generate`] and its
+//!   future [`Generating`], the consumer's [`ResponseStream`] (`finish`, `record`,
+//!   `attach`, `set_kill_on_drop`, `context`, `results` → [`Results`]), what a request
+//!   reports ([`Observer`], [`RequestRecord`], [`Outcome`], [`AbortStatus`],
+//!   [`drive::ItlStats`]), the [`Runtime`] and [`AsyncTimer`] traits a runtime shim
+//!   implements, [`run_runtime_conformance`], [`drive::CountingRuntime`] and
+//!   [`drive::ProbeAdapter`]. With feature `tower`, [`Adapter`] is a
+//!   `tower::Service<Request>`.
+//! - Cancellation ([`context`]): [`Context`] and its [`Cause`].
+//! - Engines ([`engine`]): [`LlmEngine`], [`GenerateContext`], [`EngineConfig`],
+//!   [`ChunkStream`].
+//! - Wire types ([`protocol`], [`error`]): [`Request`], [`Chunk`], [`Annotated`],
+//!   [`FinishReason`], [`Mode`], [`TraceLink`], [`EngineError`], [`ErrorKind`].
+//! - Checking an engine ([`conformance`]).
+//!
+//! The lifecycle machine that makes every decision (a pure transition function over a
+//! small `Copy` state in one atomic word) and the sync facade are internals: public only
+//! with the `internals` feature, for tether's own proofs.
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 

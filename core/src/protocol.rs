@@ -4,7 +4,7 @@
 //! [`Usage`], [`TraceLink`], [`Mode`]).
 //!
 //! This module owns the shapes and their serde form, and nothing else: it must not
-//! decide what a chunk *means* for a request's lifecycle (that is [`crate::lifecycle`])
+//! decide what a chunk *means* for a request's lifecycle (that is the lifecycle machine)
 //! beyond the one-line predicates (`is_terminal`, `has_tokens`) everyone agrees on.
 //! Decoding is strict where a lenient reading would lose data on the way back out
 //! (non-finite floats, malformed trace ids, unknown finish reasons).
