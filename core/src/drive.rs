@@ -44,7 +44,6 @@ pub use runtime_check::{
     run_runtime_conformance, RuntimeCheckFailure, RuntimeCheckReport, RUNTIME_CHECKS,
     RUNTIME_CHECK_GUARD,
 };
-pub(crate) use shared::Shared;
 pub use span::TARGET as SPAN_TARGET;
 pub use stats::{itl_stats, AbortStatus, ItlStats, Observer, Outcome, RequestRecord};
 pub use stream::ResponseStream;

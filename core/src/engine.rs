@@ -2,8 +2,9 @@
 //! [`EngineConfig`], the [`GenerateContext`] handed to each `generate`, and the
 //! [`ChunkStream`] an engine returns.
 //!
-//! This module knows nothing of how a stream is driven; it must not depend on
-//! [`crate::drive`] beyond the private first-token hook it forwards to.
+//! This module knows nothing of how a stream is driven and does not import the driver:
+//! the first-token hint reaches whatever implements the private `FirstTokenSink` (the
+//! driver's per-request state), through a handle that does not keep it alive.
 
 use std::fmt;
 use std::future::Future;
@@ -12,10 +13,24 @@ use std::pin::Pin;
 use futures_core::Stream;
 
 use crate::context::Context;
-use crate::drive::Shared;
 use crate::error::EngineError;
 use crate::protocol::{Chunk, Request};
-use crate::sync::{upgrade, Weak};
+
+/// Who hears an engine's first-token hint: the driver's per-request state.
+pub(crate) trait FirstTokenSink: Send + Sync + 'static {
+    /// The engine said the first token exists.
+    fn first_token(self: std::sync::Arc<Self>);
+}
+
+/// A handle on a [`FirstTokenSink`] that does not keep it alive: an engine may hold its
+/// `GenerateContext` longer than the request lives.
+#[cfg(not(tether_loom))]
+pub(crate) type HintHandle = std::sync::Weak<dyn FirstTokenSink>;
+
+/// Under loom the handle is a small sink that holds the model's own weak reference
+/// (loom's `Arc` cannot be coerced to a trait object).
+#[cfg(tether_loom)]
+pub(crate) type HintHandle = std::sync::Arc<dyn FirstTokenSink>;
 
 /// A boxed, `Send` future: what the object-safe engine methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -97,7 +112,7 @@ impl fmt::Debug for dyn LlmEngine {
 pub struct GenerateContext {
     context: Context,
     request_id: std::sync::Arc<str>,
-    hint: Option<Weak<Shared>>,
+    hint: Option<HintHandle>,
 }
 
 impl fmt::Debug for GenerateContext {
@@ -123,7 +138,7 @@ impl GenerateContext {
     pub(crate) fn with_hint(
         context: Context,
         request_id: std::sync::Arc<str>,
-        hint: Weak<Shared>,
+        hint: HintHandle,
     ) -> GenerateContext {
         GenerateContext {
             context,
@@ -151,8 +166,13 @@ impl GenerateContext {
     /// worker calls this once its KV-cache transfer completed, which releases a
     /// deferred abort. Idempotent and cheap; safe from any thread.
     pub fn notify_first_token(&self) {
-        if let Some(sink) = self.hint.as_ref().and_then(upgrade) {
-            Shared::first_token_hint(&sink);
+        #[cfg(not(tether_loom))]
+        if let Some(sink) = self.hint.as_ref().and_then(std::sync::Weak::upgrade) {
+            sink.first_token();
+        }
+        #[cfg(tether_loom)]
+        if let Some(sink) = &self.hint {
+            sink.clone().first_token();
         }
     }
 }

@@ -11,7 +11,7 @@ use super::timers::Timer;
 use super::watchdog::{OffPoller, Watchdog};
 use super::AdapterInner;
 use crate::context::{Context, Signal};
-use crate::engine::GenerateContext;
+use crate::engine::{FirstTokenSink, GenerateContext, HintHandle};
 use crate::lifecycle::{Actions, Cell, Event};
 use crate::sync::{downgrade, lock, Arc, Mutex};
 
@@ -38,7 +38,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// The engine's out-of-band first-token hint.
-    pub(crate) fn first_token_hint(this: &Arc<Self>) {
+    fn first_token_hint(this: &Arc<Self>) {
         let (_, acts) = this.cell.apply(Event::FirstTokenHint);
         Shared::perform_off_consumer(this, acts);
     }
@@ -128,15 +128,35 @@ impl Shared {
     }
 
     pub(super) fn generate_context(this: &Arc<Self>) -> GenerateContext {
-        GenerateContext::with_hint(
-            this.context.clone(),
-            this.request_id.clone(),
-            downgrade(this),
-        )
+        #[cfg(not(tether_loom))]
+        let hint: HintHandle = downgrade::<Shared>(this);
+        #[cfg(tether_loom)]
+        let hint: HintHandle = std::sync::Arc::new(LoomHint(downgrade(this)));
+        GenerateContext::with_hint(this.context.clone(), this.request_id.clone(), hint)
     }
 
     /// Store the consumer's waker (only [`register`] calls this, when it changed).
     pub(super) fn register(&self, waker: &Waker) {
         *lock(&self.waker) = Some(waker.clone());
+    }
+}
+
+#[cfg(not(tether_loom))]
+impl FirstTokenSink for Shared {
+    fn first_token(self: Arc<Self>) {
+        Shared::first_token_hint(&self);
+    }
+}
+
+/// The loom build's hint handle: the model's weak reference in a plain `std` allocation.
+#[cfg(tether_loom)]
+struct LoomHint(crate::sync::Weak<Shared>);
+
+#[cfg(tether_loom)]
+impl FirstTokenSink for LoomHint {
+    fn first_token(self: std::sync::Arc<Self>) {
+        if let Some(shared) = crate::sync::upgrade(&self.0) {
+            Shared::first_token_hint(&shared);
+        }
     }
 }
