@@ -42,9 +42,9 @@ use tether_core::lifecycle::oracle::Oracle;
 use tether_core::lifecycle::{step, Abort, Actions, Cell, Event, State};
 use tether_core::sync::{downgrade, lock, upgrade, Arc, Mutex, Weak};
 use tether_core::{
-    Adapter, AdapterConfig, Annotated, AsyncTimer, Chunk, ChunkStream, Context, EngineConfig,
-    EngineError, ErrorKind, FinishReason, GenerateContext, LlmEngine, Mode, Observer, Outcome,
-    Request, RequestRecord, ResponseStream, Runtime,
+    Adapter, AdapterConfig, Annotated, AsyncTimer, Cause, Chunk, ChunkStream, Context,
+    EngineConfig, EngineError, ErrorKind, FinishReason, GenerateContext, LlmEngine, Mode, Observer,
+    Outcome, Request, RequestRecord, ResponseStream, Runtime,
 };
 
 /// std types for test bookkeeping: their critical sections contain no loom operation,
@@ -638,6 +638,71 @@ fn kill_races_consumer_drop() {
         rig.shutdown();
     });
     seen.expect(&["cancelled", "dropped"]);
+}
+
+/// Kill-on-drop (rule 4's opt-in): the consumer drops its stream while another thread
+/// kills the context for a shutdown, so the drop's own kill may find the listener
+/// mid-delivery. Whichever cause came first is the record's, the outcome is always
+/// `Cancelled` (never `Dropped`), and there is exactly one abort and one record.
+#[test]
+fn kill_on_drop_races_kill() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::new(Mode::Aggregated, None);
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        stream.set_kill_on_drop(true);
+        let consumer = thread::spawn(move || drop(stream));
+        let ctx = rig.ctx.clone();
+        let killer = thread::spawn(move || ctx.kill_with(Cause::Shutdown));
+        consumer.join().unwrap();
+        killer.join().unwrap();
+        let record = rig.record();
+        assert_eq!(record.outcome, Outcome::Cancelled, "rule 4: never Dropped");
+        assert_eq!(record.cause, rig.ctx.cause(), "the first cause is recorded");
+        assert_eq!(rig.aborts(), 1, "rule 1: exactly one abort");
+        reached.saw(format!("{:?}", record.cause));
+        rig.shutdown();
+    });
+    seen.expect(&["Some(ClientDisconnect)", "Some(Shutdown)"]);
+}
+
+/// Early finish (rule 12) races a kill from another thread. The consumer gets exactly
+/// one terminal, last: its own `Stop` if the finish won (outcome `Finished(Stop)`), the
+/// synthesized `Cancelled` if the kill did (outcome `Cancelled`, and `finish` said
+/// no). Exactly one abort either way.
+#[test]
+fn early_finish_races_kill() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::new(Mode::Aggregated, None);
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        let consumer = thread::spawn(move || {
+            let finished = stream.finish(FinishReason::Stop);
+            let items = collect(&mut stream);
+            (finished, items)
+        });
+        let ctx = rig.ctx.clone();
+        let killer = thread::spawn(move || ctx.kill());
+        let (finished, items) = consumer.join().unwrap();
+        killer.join().unwrap();
+        let last = reason(one_terminal_last(&items));
+        let record = rig.record();
+        if finished {
+            assert_eq!(last, Some(FinishReason::Stop));
+            assert_eq!(record.outcome, Outcome::Finished(FinishReason::Stop));
+        } else {
+            assert_eq!(last, Some(FinishReason::Cancelled));
+            assert_eq!(record.outcome, Outcome::Cancelled);
+        }
+        assert_eq!(rig.aborts(), 1, "rule 1: exactly one abort");
+        reached.saw(record.outcome.label());
+        rig.shutdown();
+    });
+    seen.expect(&["finished", "cancelled"]);
 }
 
 /// Stop and kill race each other from two threads while the consumer is parked on a
