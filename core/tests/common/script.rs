@@ -100,6 +100,8 @@ pub(crate) enum Op {
     Advance(Duration),
     /// Poll every spawned task that is still pending.
     RunSpawned,
+    /// `ResponseStream::finish(FinishReason::Stop)`: the edge matched a stop string.
+    Finish,
 }
 
 /// One scripted request.
@@ -174,7 +176,8 @@ fn engine_step(b: u8) -> EngineStep {
 
 fn op(b: u8) -> Op {
     match b % 16 {
-        0..=5 | 14 | 15 => Op::Poll,
+        0..=5 | 15 => Op::Poll,
+        14 => Op::Finish,
         6 => Op::Stop,
         7 => Op::Kill,
         8 => Op::Drop,
@@ -576,6 +579,8 @@ struct Ghost {
     timer_wait: Option<Instant>,
     /// Tasks the rules allow the adapter to spawn.
     spawns_allowed: usize,
+    /// The terminal an early finish put in front of the consumer (rule 12).
+    stashed: Option<Annotated<Chunk>>,
 }
 
 /// What a run did, for statistics.
@@ -685,6 +690,7 @@ pub(crate) fn run(script: &Script) -> Result<Summary, String> {
             waiting: false,
             timer_wait: None,
             spawns_allowed: 0,
+            stashed: None,
         },
         items: 0,
         wakes_at_pending: 0,
@@ -908,6 +914,29 @@ impl Harness {
                 expect_abort = aborted;
                 expect_wake = woken;
             }
+            Op::Finish => {
+                let Some(stream) = self.stream.as_mut() else {
+                    return Ok(());
+                };
+                let took = stream.as_mut().get_mut().finish(FinishReason::Stop);
+                let expected = self.g.live && self.g.pending_terminal.is_none();
+                if took != expected {
+                    return fail(format!("rule 12: finish said {took}, expected {expected}"));
+                }
+                if took {
+                    self.g.live = false;
+                    self.g.outcome = Some(Outcome::Finished(FinishReason::Stop));
+                    self.g.stashed =
+                        Some(Annotated::from_data(Chunk::terminal(FinishReason::Stop)));
+                    expect_abort = self.request_abort();
+                    if self.g.deferred && !self.g.engine_ended {
+                        self.g.handed_over = true;
+                    }
+                    if lock(&self.track).records.len() != 1 {
+                        return fail("rule 12: an early finish was not recorded at once");
+                    }
+                }
+            }
         }
         let aborts_after = self.aborts();
         let got = aborts_after - aborts_before;
@@ -1010,6 +1039,16 @@ impl Harness {
     /// Judge one consumer poll against the ghost. Returns whether it must have aborted.
     fn check_poll(&mut self, polled: &Poll<Option<Annotated<Chunk>>>) -> Result<bool, String> {
         let now = self.now();
+        if let Some(item) = self.g.stashed.take() {
+            // Rule 12: the early finish's terminal, then the end.
+            if *polled != Poll::Ready(Some(item)) {
+                return fail(format!(
+                    "rule 12: {polled:?} instead of the finish terminal"
+                ));
+            }
+            self.g.terminal_seen = true;
+            return Ok(false);
+        }
         if !self.g.live {
             if *polled != Poll::Ready(None) {
                 return fail(format!("rule 6: {polled:?} after the end"));
