@@ -13,12 +13,13 @@ use std::time::Duration;
 
 use futures_core::Stream;
 
-use super::shared::{CancelLimits, Shared};
+use super::shared::Shared;
 use super::stats::{Outcome, RequestRecord};
 use super::stream::{end_for_consumer, ResponseStream};
 use super::{Adapter, AdapterConfig};
 use crate::context::Context;
 use crate::error::EngineError;
+use crate::lifecycle::deadlines::CancelLimits;
 use crate::lifecycle::Event;
 use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request};
 

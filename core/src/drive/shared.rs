@@ -4,7 +4,6 @@
 //! the consumer).
 
 use std::task::Waker;
-use std::time::Duration;
 
 use super::slot::EngineSlot;
 use super::timers::Timer;
@@ -12,15 +11,9 @@ use super::watchdog::{OffPoller, Watchdog};
 use super::AdapterInner;
 use crate::context::{Context, Signal};
 use crate::engine::{FirstTokenSink, GenerateContext, HintHandle};
+use crate::lifecycle::deadlines::CancelLimits;
 use crate::lifecycle::{Actions, Cell, Event};
 use crate::sync::{downgrade, lock, Arc, Mutex};
-
-/// The cancel deadlines one request runs under (the adapter's, or its own overrides).
-#[derive(Clone, Copy, Debug)]
-pub(super) struct CancelLimits {
-    pub(super) deferral_deadline: Duration,
-    pub(super) cancel_grace: Option<Duration>,
-}
 
 /// The part of a request reachable from other threads.
 pub(crate) struct Shared {
@@ -84,24 +77,16 @@ impl Shared {
     /// spawn the watchdog the first time, wake it afterwards. Nothing (no clock read,
     /// no lock) when there is nothing to arm or hand over.
     pub(super) fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
-        let limits = this.limits;
-        let rt = &this.adapter.runtime;
-        let grace = if acts.arm_grace {
-            limits.cancel_grace
-        } else {
-            None
-        };
-        if grace.is_none() && !acts.arm_deferral && engine.is_none() {
+        // Which clocks start, and how long they run, is the pure layer's call.
+        if !this.limits.started_by(&acts) && engine.is_none() {
             return;
         }
+        let rt = &this.adapter.runtime;
         let now = rt.now();
         let (spawn, waker) = {
             let mut off = lock(&this.off);
             let off = off.get_or_insert_with(Box::default);
-            off.deadlines.arm_grace(now, grace);
-            if acts.arm_deferral {
-                off.deadlines.arm_deferral(now, limits.deferral_deadline);
-            }
+            off.anchors.start(&acts, now);
             if engine.is_some() {
                 off.handoff = engine;
             }

@@ -1,6 +1,6 @@
 //! One lazily created, resettable runtime timer, armed at the earliest deadline a
 //! sans-IO deadline keeper reports ([`Silence`] on the consumer's poller,
-//! [`CancelDeadlines`](crate::lifecycle::deadlines::CancelDeadlines) in the watchdog).
+//! the cancel deadlines' `poll_timeout` in the watchdog).
 //!
 //! A request with no deadline never creates a timer. The timer is re-armed lazily: a
 //! deadline that moves later (the inter-token silence, after every token) does not

@@ -2,7 +2,8 @@
 //! what must happen whether or not the consumer polls (SPEC.md rule 11):
 //!
 //! - the cancel grace after a stop, and the deferral deadline of a deferred abort
-//!   ([`CancelDeadlines`]), on one resettable timer;
+//!   (the pure `lifecycle::deadlines::poll_timeout` / `handle_timeout` over the request's
+//!   limits and the anchors the arming steps recorded), on one resettable timer;
 //! - the engine after the consumer's end while a deferred abort is still owed (rule 2):
 //!   the stream (or the pending `generate`) is handed over and drained, so its first
 //!   token releases the abort and its own end discards it, and it is dropped only once
@@ -19,13 +20,14 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use super::shared::Shared;
 use super::slot::{release, EngineSlot};
 use super::timers::Timer;
-use crate::lifecycle::deadlines::CancelDeadlines;
+use crate::lifecycle::deadlines::{self, CancelAnchors};
 use crate::sync::{lock, Arc};
 
 /// The watchdog's mailbox in [`Shared`]: created on the cancel path only.
 #[derive(Default)]
 pub(crate) struct OffPoller {
-    pub(crate) deadlines: CancelDeadlines,
+    /// When the cancel clocks started.
+    pub(crate) anchors: CancelAnchors,
     /// The running watchdog's waker.
     pub(crate) waker: Option<Waker>,
     /// An engine handed over by the consumer's side, for draining.
@@ -67,7 +69,7 @@ impl Future for Watchdog {
         loop {
             // Register, then read: an actor that changes the state after our read
             // finds this waker (it wakes after its own state change).
-            let deadlines = {
+            let anchors = {
                 let mut off = lock(&shared.off);
                 let Some(off) = off.as_mut() else {
                     return Poll::Ready(());
@@ -78,8 +80,9 @@ impl Future for Watchdog {
                 if let Some(slot) = off.handoff.take() {
                     this.engine = Some(slot);
                 }
-                off.deadlines
+                off.anchors
             };
+            let limits = &shared.limits;
             let mut state = shared.cell.load();
             if let Some(engine) = this.engine.as_mut() {
                 if state.drains_engine() {
@@ -99,7 +102,7 @@ impl Future for Watchdog {
             }
             // The deadlines: wait for the next one that still matters, fire what is due.
             loop {
-                let Some(next) = deadlines.poll_timeout(state) else {
+                let Some(next) = deadlines::poll_timeout(state, limits, &anchors) else {
                     if state.abort_deferred() {
                         // A deferral that never expires: the hint, the drained engine
                         // or a handover settles it, and each of them wakes us.
@@ -115,7 +118,7 @@ impl Future for Watchdog {
                 }
                 // The timer fired at its armed deadline; if nothing is due (it moved
                 // later), the next turn re-arms.
-                if let Some(due) = deadlines.handle_timeout(state, rt.now()) {
+                if let Some(due) = deadlines::handle_timeout(state, limits, &anchors, rt.now()) {
                     let (_, acts) = shared.cell.apply(due.event());
                     Shared::perform_off_consumer(shared, acts);
                     break;

@@ -8,7 +8,8 @@
 //!   the engine with nothing to give ([`Silence::waiting`]) and stops at the next token.
 //!   A consumer that stops polling (a full socket) never makes the engine time out. They
 //!   live with the consumer's poller and need no task.
-//! - [`CancelDeadlines`]: the cancel grace and the abort deferral. They run from the
+//! - The cancel deadlines ([`CancelLimits`], [`CancelAnchors`], [`poll_timeout`],
+//!   [`handle_timeout`]): the cancel grace and the abort deferral. They run from the
 //!   stop, kill or drop that armed them and must fire whether or not the consumer polls,
 //!   so the driver runs them off the consumer's path (one task, on the cancel path
 //!   only). Whether one still matters is read from the machine's [`State`], so nothing
@@ -16,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{Event, State, Timeout};
+use super::{Actions, Event, State, Timeout};
 
 /// Which deadline passed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -132,59 +133,91 @@ impl Silence {
     }
 }
 
-/// The cancel grace and the deferral deadline of one request, each armed at most once,
-/// by the event that started it (`Actions::arm_grace`, `Actions::arm_deferral`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CancelDeadlines {
-    grace: Option<Instant>,
-    deferral: Option<Instant>,
+/// The cancel grace and the deferral deadline of one request: its configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CancelLimits {
+    /// How long a deferred abort waits for the first token.
+    pub deferral_deadline: Duration,
+    /// How long a stopped request may take to end (`None`: forever).
+    pub cancel_grace: Option<Duration>,
 }
 
-impl CancelDeadlines {
-    /// A stop landed at `now`: the cancel grace (if any) runs from there. First call wins.
-    pub fn arm_grace(&mut self, now: Instant, grace: Option<Duration>) {
-        if self.grace.is_none() {
-            self.grace = grace.and_then(|g| now.checked_add(g));
+impl CancelLimits {
+    /// Whether `acts` start a clock under these limits: the driver reads `now` (and
+    /// records it with [`CancelAnchors::start`]) only then.
+    pub fn started_by(&self, acts: &Actions) -> bool {
+        acts.arm_deferral || (acts.arm_grace && self.cancel_grace.is_some())
+    }
+}
+
+/// When the cancel clocks started (the stop, and the deferral of the abort): plain data,
+/// each set once, by the step whose actions started it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CancelAnchors {
+    stopped: Option<Instant>,
+    deferred: Option<Instant>,
+}
+
+impl CancelAnchors {
+    /// The step whose actions are `acts` happened at `now`. First start wins.
+    pub fn start(&mut self, acts: &Actions, now: Instant) {
+        if acts.arm_grace && self.stopped.is_none() {
+            self.stopped = Some(now);
+        }
+        if acts.arm_deferral && self.deferred.is_none() {
+            self.deferred = Some(now);
         }
     }
+}
 
-    /// An abort was deferred at `now`: it is released at `now + deferral`. First call wins.
-    pub fn arm_deferral(&mut self, now: Instant, deferral: Duration) {
-        if self.deferral.is_none() {
-            self.deferral = now.checked_add(deferral);
-        }
-    }
+/// The cancel deadlines that still matter in `state`, with their instants.
+fn live(
+    state: State,
+    limits: &CancelLimits,
+    anchors: &CancelAnchors,
+) -> [Option<(Instant, Due)>; 2] {
+    [
+        anchors
+            .deferred
+            .filter(|_| state.abort_deferred())
+            .and_then(|at| at.checked_add(limits.deferral_deadline))
+            .map(|at| (at, Due::Deferral)),
+        anchors
+            .stopped
+            .filter(|_| state.grace_pending())
+            .and_then(|at| at.checked_add(limits.cancel_grace?))
+            .map(|at| (at, Due::CancelGrace)),
+    ]
+}
 
-    fn live(&self, state: State) -> [Option<(Instant, Due)>; 2] {
-        [
-            self.deferral
-                .filter(|_| state.abort_deferred())
-                .map(|at| (at, Due::Deferral)),
-            self.grace
-                .filter(|_| state.grace_pending())
-                .map(|at| (at, Due::CancelGrace)),
-        ]
-    }
+/// The earliest cancel deadline that still matters in `state`, if any (quinn's
+/// `poll_timeout`): the driver sleeps until then.
+pub fn poll_timeout(
+    state: State,
+    limits: &CancelLimits,
+    anchors: &CancelAnchors,
+) -> Option<Instant> {
+    live(state, limits, anchors)
+        .into_iter()
+        .flatten()
+        .map(|(at, _)| at)
+        .min()
+}
 
-    /// The earliest deadline that still matters in `state`, if any.
-    pub fn poll_timeout(&self, state: State) -> Option<Instant> {
-        self.live(state)
-            .into_iter()
-            .flatten()
-            .map(|(at, _)| at)
-            .min()
-    }
-
-    /// Time has come to `now`: a deadline that passed and still matters in `state`
-    /// (the deferral first: it releases an abort). Feed its event to the machine and
-    /// ask again with the new state until `None`.
-    pub fn handle_timeout(&self, state: State, now: Instant) -> Option<Due> {
-        self.live(state)
-            .into_iter()
-            .flatten()
-            .find(|&(at, _)| at <= now)
-            .map(|(_, due)| due)
-    }
+/// Time has come to `now`: a cancel deadline that passed and still matters in `state`
+/// (the deferral first: it releases an abort), as the event to feed the machine. Ask
+/// again with the new state until `None` (quinn's `handle_timeout`).
+pub fn handle_timeout(
+    state: State,
+    limits: &CancelLimits,
+    anchors: &CancelAnchors,
+    now: Instant,
+) -> Option<Due> {
+    live(state, limits, anchors)
+        .into_iter()
+        .flatten()
+        .find(|&(at, _)| at <= now)
+        .map(|(_, due)| due)
 }
 
 #[cfg(all(test, not(tether_loom)))]
@@ -249,45 +282,66 @@ mod tests {
     }
 
     #[test]
-    fn cancel_deadlines_arm_once_and_matter_only_while_the_state_needs_them() {
+    fn cancel_deadlines_start_once_and_matter_only_while_the_state_needs_them() {
         let t0 = Instant::now();
-        let mut d = CancelDeadlines::default();
+        let limits = CancelLimits {
+            deferral_deadline: 30 * MS,
+            cancel_grace: Some(50 * MS),
+        };
+        let mut anchors = CancelAnchors::default();
         let fresh = State::new(Mode::Decode);
         let (stopped, acts) = step(fresh, Event::Stop);
-        assert!(acts.arm_grace && acts.arm_deferral);
-        d.arm_grace(t0, Some(50 * MS));
-        d.arm_grace(t0 + 40 * MS, Some(50 * MS)); // ignored: armed once
-        d.arm_deferral(t0, 30 * MS);
-        d.arm_deferral(t0 + 10 * MS, 30 * MS); // ignored
+        assert!(acts.arm_grace && acts.arm_deferral && limits.started_by(&acts));
+        anchors.start(&acts, t0);
+        anchors.start(&acts, t0 + 40 * MS); // ignored: started once
         assert_eq!(
-            d.poll_timeout(fresh),
+            poll_timeout(fresh, &limits, &anchors),
             None,
             "nothing matters before a cancel"
         );
-        assert_eq!(d.poll_timeout(stopped), Some(t0 + 30 * MS));
-        assert_eq!(d.handle_timeout(stopped, t0 + 29 * MS), None);
-        assert_eq!(d.handle_timeout(stopped, t0 + 60 * MS), Some(Due::Deferral));
-        let (released, acts) = step(stopped, Due::Deferral.event());
-        assert!(acts.abort);
-        assert_eq!(d.poll_timeout(released), Some(t0 + 50 * MS));
+        assert_eq!(poll_timeout(stopped, &limits, &anchors), Some(t0 + 30 * MS));
         assert_eq!(
-            d.handle_timeout(released, t0 + 60 * MS),
+            handle_timeout(stopped, &limits, &anchors, t0 + 29 * MS),
+            None
+        );
+        assert_eq!(
+            handle_timeout(stopped, &limits, &anchors, t0 + 60 * MS),
+            Some(Due::Deferral)
+        );
+        let (released, acts) = step(stopped, Due::Deferral.event());
+        assert!(acts.abort && !limits.started_by(&acts));
+        assert_eq!(
+            poll_timeout(released, &limits, &anchors),
+            Some(t0 + 50 * MS)
+        );
+        assert_eq!(
+            handle_timeout(released, &limits, &anchors, t0 + 60 * MS),
             Some(Due::CancelGrace)
         );
         let (forced, _) = step(released, Event::CancelGraceExpired);
-        assert_eq!(d.poll_timeout(forced), None);
-        assert_eq!(d.handle_timeout(forced, t0 + 60 * MS), None);
+        assert_eq!(poll_timeout(forced, &limits, &anchors), None);
+        assert_eq!(
+            handle_timeout(forced, &limits, &anchors, t0 + 60 * MS),
+            None
+        );
     }
 
     #[test]
     fn a_grace_of_none_or_beyond_the_clock_never_fires() {
         let t0 = Instant::now();
-        let (stopped, _) = step(State::new(Mode::Aggregated), Event::Stop);
-        let mut d = CancelDeadlines::default();
-        d.arm_grace(t0, None);
-        assert_eq!(d.poll_timeout(stopped), None);
-        let mut d = CancelDeadlines::default();
-        d.arm_grace(t0, Some(Duration::MAX));
-        assert_eq!(d.poll_timeout(stopped), None);
+        let (stopped, acts) = step(State::new(Mode::Aggregated), Event::Stop);
+        let mut anchors = CancelAnchors::default();
+        anchors.start(&acts, t0);
+        let none = CancelLimits {
+            deferral_deadline: MS,
+            cancel_grace: None,
+        };
+        assert!(!none.started_by(&acts));
+        assert_eq!(poll_timeout(stopped, &none, &anchors), None);
+        let beyond = CancelLimits {
+            deferral_deadline: MS,
+            cancel_grace: Some(Duration::MAX),
+        };
+        assert_eq!(poll_timeout(stopped, &beyond, &anchors), None);
     }
 }
