@@ -150,18 +150,37 @@ pub enum OutcomeKind {
     TimedOut,
 }
 
+/// What reaches the consumer in one step: at most one thing, and a step that ends the
+/// request says how (the outcome to record, exactly once per request). Combinations no
+/// rule allows (forwarding and synthesizing at once, an end without an outcome) cannot
+/// be written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Delivery {
+    /// Nothing for the consumer.
+    #[default]
+    Nothing,
+    /// Pass the engine's non-terminal chunk on.
+    Forward,
+    /// Pass the engine's terminal or error on: it is the last item, and the request
+    /// ends with this outcome ([`OutcomeKind::Finished`] or [`OutcomeKind::Failed`]).
+    ForwardLast(OutcomeKind),
+    /// Deliver this synthesized terminal instead of any engine item: it is the last
+    /// item, and its outcome follows from it.
+    Synthesize(Synthesized),
+    /// Nothing is delivered by the machine, yet the request is over for the consumer
+    /// with this outcome: [`OutcomeKind::Dropped`], or [`OutcomeKind::Finished`] for an
+    /// early finish (whose terminal is the caller's).
+    End(OutcomeKind),
+}
+
 /// What the caller of [`step`] must do. Plain data; `Default` is "nothing".
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[must_use = "actions returned by the lifecycle machine must be carried out"]
 pub struct Actions {
-    /// Pass the engine's item (chunk, terminal or error) to the consumer.
-    pub forward: bool,
+    /// What reaches the consumer, and whether the request ends.
+    pub deliver: Delivery,
     /// Call `LlmEngine::abort` now (exactly once per request: this is set at most once).
     pub abort: bool,
-    /// Deliver this synthesized terminal to the consumer instead of any engine item.
-    pub emit: Option<Synthesized>,
-    /// Record the outcome (exactly once per request). The stream ends after it.
-    pub record: Option<OutcomeKind>,
     /// Wake the consumer's poller: a synthesized terminal is newly owed to it.
     pub wake: bool,
     /// The abort was just deferred: start the deferral deadline now, off the consumer's
@@ -176,6 +195,28 @@ impl Actions {
     /// Whether nothing is to be done.
     pub fn is_empty(&self) -> bool {
         *self == Actions::default()
+    }
+
+    /// Whether the engine's item goes to the consumer.
+    pub fn forward(&self) -> bool {
+        matches!(self.deliver, Delivery::Forward | Delivery::ForwardLast(_))
+    }
+
+    /// The synthesized terminal delivered instead of any engine item, if any.
+    pub fn emit(&self) -> Option<Synthesized> {
+        match self.deliver {
+            Delivery::Synthesize(synth) => Some(synth),
+            _ => None,
+        }
+    }
+
+    /// The outcome to record, if this step ends the request (once per request).
+    pub fn record(&self) -> Option<OutcomeKind> {
+        match self.deliver {
+            Delivery::ForwardLast(kind) | Delivery::End(kind) => Some(kind),
+            Delivery::Synthesize(synth) => Some(outcome_of(synth)),
+            Delivery::Nothing | Delivery::Forward => None,
+        }
     }
 }
 
@@ -223,8 +264,7 @@ impl State {
     fn deliver_pending(&mut self, acts: &mut Actions) {
         if let Some(synth) = self.pending_terminal.take() {
             self.phase = Phase::Terminal;
-            acts.emit = Some(synth);
-            acts.record = Some(outcome_of(synth));
+            acts.deliver = Delivery::Synthesize(synth);
         }
     }
 
@@ -287,14 +327,14 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
                 // gets the synthesized terminal instead.
                 s.deliver_pending(&mut acts);
             } else {
-                acts.forward = true;
+                acts.deliver = Delivery::Forward;
             }
         }
         Event::TokenlessChunk => {
             if s.pending_terminal.is_some() {
                 s.deliver_pending(&mut acts);
             } else {
-                acts.forward = true;
+                acts.deliver = Delivery::Forward;
             }
         }
         Event::TerminalChunk | Event::EngineError => {
@@ -304,8 +344,7 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
                 s.deliver_pending(&mut acts);
             } else {
                 s.phase = Phase::Terminal;
-                acts.forward = true;
-                acts.record = Some(if event == Event::TerminalChunk {
+                acts.deliver = Delivery::ForwardLast(if event == Event::TerminalChunk {
                     OutcomeKind::Finished
                 } else {
                     OutcomeKind::Failed
@@ -352,7 +391,7 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
             if s.is_live() {
                 s.phase = Phase::Dropped;
                 s.pending_terminal = None;
-                acts.record = Some(OutcomeKind::Dropped);
+                acts.deliver = Delivery::End(OutcomeKind::Dropped);
                 // Rule 4: the work must not leak, with rule 2's deferral; a deferred
                 // abort stays owed and the driver drains the engine until it is settled.
                 s.request_abort(&mut acts);
@@ -384,7 +423,7 @@ pub fn step(state: State, event: Event) -> (State, Actions) {
             // already owes one (it won the race). The engine is aborted like for a drop.
             if s.is_live() && s.pending_terminal.is_none() {
                 s.phase = Phase::Terminal;
-                acts.record = Some(OutcomeKind::Finished);
+                acts.deliver = Delivery::End(OutcomeKind::Finished);
                 s.request_abort(&mut acts);
             }
         }

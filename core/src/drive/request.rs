@@ -251,7 +251,7 @@ impl ResponseStream {
             return false;
         }
         let (state, acts) = shared.cell.apply(Event::EarlyFinish);
-        if acts.record.is_none() {
+        if acts.record().is_none() {
             return false;
         }
         if acts.abort {

@@ -12,7 +12,7 @@ use super::AdapterInner;
 use crate::context::{Context, Signal};
 use crate::engine::{FirstTokenSink, GenerateContext, HintHandle};
 use crate::lifecycle::deadlines::CancelLimits;
-use crate::lifecycle::{Actions, Cell, Event};
+use crate::lifecycle::{Actions, Cell, Delivery, Event};
 use crate::sync::{downgrade, lock, Arc, Mutex};
 
 /// The part of a request reachable from other threads.
@@ -48,7 +48,7 @@ impl Shared {
     /// Carry out actions decided away from the poller (listener, hint, watchdog).
     /// Those events never forward, emit or finish: that is the consumer's side.
     pub(super) fn perform_off_consumer(this: &Arc<Self>, acts: Actions) {
-        debug_assert!(!acts.forward && acts.emit.is_none() && acts.record.is_none());
+        debug_assert_eq!(acts.deliver, Delivery::Nothing);
         if acts.abort {
             Shared::spawn_abort(this);
         }

@@ -27,7 +27,9 @@ use super::AdapterInner;
 use crate::context::{Cause, Context, ListenerId};
 use crate::error::{BackendError, EngineError, ErrorKind};
 use crate::lifecycle::deadlines::Silence;
-use crate::lifecycle::{Actions, Cell, Event, OutcomeKind, State, StepCache, Synthesized};
+use crate::lifecycle::{
+    Actions, Cell, Delivery, Event, OutcomeKind, State, StepCache, Synthesized,
+};
 use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
 use crate::sync::{downgrade, upgrade, Arc, Mutex};
 
@@ -157,7 +159,7 @@ impl ResponseStream {
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Ready(Some(err)) => {
                     let (state, acts) = shared.cell.apply(Event::EngineError);
-                    if acts.forward {
+                    if acts.forward() {
                         // Rule 7: typed back to the caller; recorded once, no abort.
                         let outcome = Outcome::Failed(err.kind());
                         end_for_consumer(shared, local, outcome, state, None);
@@ -313,7 +315,7 @@ pub(super) fn perform(
     state: State,
     item: Item,
 ) -> Option<Annotated<Chunk>> {
-    if acts.forward && acts.record.is_none() && !acts.abort {
+    if acts.deliver == Delivery::Forward && !acts.abort {
         // The steady state: a non-terminal chunk to pass on, nothing else to do.
         return match item {
             Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
@@ -324,66 +326,92 @@ pub(super) fn perform(
         Shared::spawn_abort(shared);
     }
     Shared::arm(shared, acts, None);
-    let (first_token_timeout, inter_token_timeout) = local.silence.limits();
-    let mut timeout_kind = None;
-    let (out, outcome) = if acts.forward {
-        match item {
-            Item::Chunk(chunk) => {
-                let outcome = match &chunk.finish_reason {
-                    Some(FinishReason::Cancelled) => Some(Outcome::Cancelled),
-                    Some(reason) => Some(Outcome::Finished(reason.clone())),
-                    None => None,
-                };
-                (Some(forward_chunk(shared, local, chunk)), outcome)
-            }
-            Item::Error(err) => {
-                let kind = err.kind();
-                (
-                    Some(Annotated::from_error(err)),
-                    Some(Outcome::Failed(kind)),
-                )
-            }
-            Item::None => (None, None),
+    let (out, outcome, timeout_kind) = match acts.deliver {
+        Delivery::Nothing => return None,
+        Delivery::Forward => {
+            return match item {
+                Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
+                Item::Error(_) | Item::None => None,
+            };
         }
-    } else if let Some(synth) = acts.emit {
-        let (annotated, outcome) = match synth {
-            Synthesized::Cancelled => (
-                Annotated::from_data(Chunk::terminal(FinishReason::Cancelled)),
-                Outcome::Cancelled,
-            ),
-            Synthesized::FirstTokenTimeout => {
-                let after = first_token_timeout.unwrap_or_default();
-                timeout_kind = Some(ErrorKind::FirstTokenTimeout);
-                (
-                    Annotated::from_error(EngineError::first_token_timeout(after)),
-                    Outcome::TimedOut,
-                )
-            }
-            Synthesized::InterTokenTimeout => {
-                let after = inter_token_timeout.unwrap_or_default();
-                timeout_kind = Some(ErrorKind::InterTokenTimeout);
-                (
-                    Annotated::from_error(EngineError::inter_token_timeout(after)),
-                    Outcome::TimedOut,
-                )
-            }
-            Synthesized::Incomplete => (
-                Annotated::from_error(EngineError::stream_incomplete()),
-                Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete)),
-            ),
-        };
-        (Some(annotated), Some(outcome))
-    } else {
-        (None, None)
+        Delivery::ForwardLast(_) => {
+            let (out, outcome) = forward_last(shared, local, item);
+            (out, outcome, None)
+        }
+        Delivery::Synthesize(synth) => {
+            let (out, outcome, timeout_kind) = synthesize(local, synth);
+            (Some(out), outcome, timeout_kind)
+        }
+        Delivery::End(kind) => {
+            // Only a drop gets here: an early finish is recorded by
+            // `ResponseStream::finish`, which holds its reason.
+            debug_assert_eq!(kind, OutcomeKind::Dropped);
+            (None, Outcome::Dropped, None)
+        }
     };
-    if let Some(kind) = acts.record {
-        let outcome = match kind {
-            OutcomeKind::Dropped => Outcome::Dropped,
-            _ => outcome.unwrap_or(Outcome::Failed(ErrorKind::Unknown)),
-        };
-        end_for_consumer(shared, local, outcome, state, timeout_kind);
-    }
+    end_for_consumer(shared, local, outcome, state, timeout_kind);
     out
+}
+
+/// The engine's last item (its terminal or its error) and the outcome it makes.
+fn forward_last(
+    shared: &Shared,
+    local: &mut Local,
+    item: Item,
+) -> (Option<Annotated<Chunk>>, Outcome) {
+    match item {
+        Item::Chunk(chunk) => {
+            let outcome = match &chunk.finish_reason {
+                Some(FinishReason::Cancelled) => Outcome::Cancelled,
+                Some(reason) => Outcome::Finished(reason.clone()),
+                // `Event::TerminalChunk` is decided from this chunk's finish reason
+                // (`EngineSlot::poll_event`), so it has one.
+                None => Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete)),
+            };
+            (Some(forward_chunk(shared, local, chunk)), outcome)
+        }
+        Item::Error(err) => {
+            let kind = err.kind();
+            (Some(Annotated::from_error(err)), Outcome::Failed(kind))
+        }
+        // The machine forwards only engine items (`EngineSlot::poll_event` pairs each
+        // event with its item).
+        Item::None => (
+            None,
+            Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete)),
+        ),
+    }
+}
+
+/// A terminal of tether's own, the outcome it makes, and the timeout kind for the span.
+fn synthesize(local: &Local, synth: Synthesized) -> (Annotated<Chunk>, Outcome, Option<ErrorKind>) {
+    let (first_token_timeout, inter_token_timeout) = local.silence.limits();
+    match synth {
+        Synthesized::Cancelled => (
+            Annotated::from_data(Chunk::terminal(FinishReason::Cancelled)),
+            Outcome::Cancelled,
+            None,
+        ),
+        Synthesized::FirstTokenTimeout => (
+            Annotated::from_error(EngineError::first_token_timeout(
+                first_token_timeout.unwrap_or_default(),
+            )),
+            Outcome::TimedOut,
+            Some(ErrorKind::FirstTokenTimeout),
+        ),
+        Synthesized::InterTokenTimeout => (
+            Annotated::from_error(EngineError::inter_token_timeout(
+                inter_token_timeout.unwrap_or_default(),
+            )),
+            Outcome::TimedOut,
+            Some(ErrorKind::InterTokenTimeout),
+        ),
+        Synthesized::Incomplete => (
+            Annotated::from_error(EngineError::stream_incomplete()),
+            Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete)),
+            None,
+        ),
+    }
 }
 
 /// The request is over for the consumer: record it once, let go of the context, and

@@ -236,16 +236,16 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
         && matches!(event, Event::Chunk | Event::TokenlessChunk)
         && newly_owed.is_none();
     let forwards_terminal =
-        acts.forward && matches!(event, Event::TerminalChunk | Event::EngineError);
-    if acts.forward && !(consumer_reads_engine && engine_item && event != Event::EngineEnded) {
+        acts.forward() && matches!(event, Event::TerminalChunk | Event::EngineError);
+    if acts.forward() && !(consumer_reads_engine && engine_item && event != Event::EngineEnded) {
         return fail(6, "an item was forwarded when none may be");
     }
-    if must_forward_chunk && !acts.forward {
+    if must_forward_chunk && !acts.forward() {
         return fail(6, "a non-terminal chunk was not forwarded");
     }
     match expected_delivery {
         Some(Some(synth)) => {
-            if acts.emit != Some(synth) || acts.forward {
+            if acts.emit() != Some(synth) || acts.forward() {
                 return fail(
                     if synth == Synthesized::Incomplete {
                         6
@@ -257,12 +257,12 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
             }
         }
         Some(None) => {
-            if !forwards_terminal || acts.emit.is_some() {
+            if !forwards_terminal || acts.emit().is_some() {
                 return fail(6, "the engine's terminal was not forwarded");
             }
         }
         None => {
-            if acts.emit.is_some() || forwards_terminal {
+            if acts.emit().is_some() || forwards_terminal {
                 return fail(6, "a terminal was delivered when none was due");
             }
         }
@@ -353,7 +353,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
     if dropped_now {
         o.pending_terminal = None;
     }
-    match acts.record {
+    match acts.record() {
         Some(kind) => {
             o.finishes = o.finishes.saturating_add(1);
             if o.finishes > 1 {
@@ -362,7 +362,7 @@ fn judge(o: &mut OracleState, event: Event, acts: Actions, after: State) -> Resu
             let expected = if dropped_now {
                 Some(OutcomeKind::Dropped)
             } else {
-                match (acts.emit, event) {
+                match (acts.emit(), event) {
                     (Some(Synthesized::Cancelled), _) => Some(OutcomeKind::Cancelled),
                     (Some(Synthesized::Incomplete), _) => Some(OutcomeKind::Failed),
                     (Some(Synthesized::FirstTokenTimeout | Synthesized::InterTokenTimeout), _) => {

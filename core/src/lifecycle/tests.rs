@@ -122,9 +122,9 @@ fn happy_path_forwards_and_finishes_once() {
         Mode::Aggregated,
         &[TokenlessChunk, Chunk, Chunk, TerminalChunk],
     );
-    assert!(acts.iter().all(|a| a.forward));
-    assert_eq!(acts[3].record, Some(OutcomeKind::Finished));
-    assert_eq!(acts.iter().filter(|a| a.record.is_some()).count(), 1);
+    assert!(acts.iter().all(|a| a.forward()));
+    assert_eq!(acts[3].record(), Some(OutcomeKind::Finished));
+    assert_eq!(acts.iter().filter(|a| a.record().is_some()).count(), 1);
     assert_eq!(aborts(&acts), 0);
     assert_eq!(s.phase(), Phase::Terminal);
 }
@@ -149,7 +149,7 @@ fn rule2_decode_stop_before_first_token_defers_until_chunk() {
     assert_eq!(aborts(&acts), 0);
     assert_eq!(s.abort(), Abort::Deferred);
     let (s, a) = step(s, Chunk);
-    assert!(a.abort && a.forward);
+    assert!(a.abort && a.forward());
     assert_eq!(s.abort(), Abort::Sent);
 }
 
@@ -180,7 +180,7 @@ fn rule2_deferred_abort_survives_a_drop_and_is_released_by_the_hint() {
         [false, false, true, false]
     );
     assert_eq!(s.abort(), Abort::Sent);
-    assert_eq!(acts[1].record, Some(OutcomeKind::Dropped));
+    assert_eq!(acts[1].record(), Some(OutcomeKind::Dropped));
     assert!(acts[0].arm_deferral && !acts[1].arm_deferral);
 }
 
@@ -188,11 +188,11 @@ fn rule2_deferred_abort_survives_a_drop_and_is_released_by_the_hint() {
 fn rule2_dropped_stream_is_drained_until_its_first_token_releases_the_abort() {
     let (s, acts) = run(Mode::Decode, &[Kill, ConsumerDropped]);
     assert!(s.drains_engine());
-    assert_eq!(acts[1].record, Some(OutcomeKind::Dropped));
+    assert_eq!(acts[1].record(), Some(OutcomeKind::Dropped));
     let (s, a) = step(s, TokenlessChunk);
     assert!(a.is_empty() && s.drains_engine());
     let (s, a) = step(s, Chunk);
-    assert!(a.abort && !a.forward && a.emit.is_none() && a.record.is_none());
+    assert!(a.abort && !a.forward() && a.emit().is_none() && a.record().is_none());
     assert!(!s.drains_engine());
     assert_eq!(s.abort(), Abort::Sent);
 }
@@ -219,7 +219,7 @@ fn rule2_deferred_abort_discarded_when_engine_finishes() {
 #[test]
 fn rule2_decode_kill_delivers_cancelled_and_keeps_abort_owed() {
     let (s, acts) = run(Mode::Decode, &[Kill, ConsumerPoll]);
-    assert_eq!(acts[1].emit, Some(Synthesized::Cancelled));
+    assert_eq!(acts[1].emit(), Some(Synthesized::Cancelled));
     assert_eq!(s.abort(), Abort::Deferred);
     // The consumer is gone, the engine is still mid-transfer: the hint releases it.
     assert!(s.drains_engine());
@@ -250,7 +250,7 @@ fn rule3_tokenless_chunks_are_not_the_first_token() {
 fn rule4_drop_before_terminal_aborts_and_records_dropped() {
     let (s, a) = step(run(Mode::Aggregated, &[Chunk]).0, ConsumerDropped);
     assert!(a.abort);
-    assert_eq!(a.record, Some(OutcomeKind::Dropped));
+    assert_eq!(a.record(), Some(OutcomeKind::Dropped));
     assert_eq!(s.phase(), Phase::Dropped);
 }
 
@@ -258,7 +258,7 @@ fn rule4_drop_before_terminal_aborts_and_records_dropped() {
 fn rule4_drop_in_decode_before_first_token_defers_the_abort() {
     let (s, a) = step(State::new(Mode::Decode), ConsumerDropped);
     assert!(!a.abort && a.arm_deferral);
-    assert_eq!(a.record, Some(OutcomeKind::Dropped));
+    assert_eq!(a.record(), Some(OutcomeKind::Dropped));
     assert_eq!(s.abort(), Abort::Deferred);
     let (s, a) = step(s, DeferralDeadline);
     assert!(a.abort);
@@ -296,16 +296,16 @@ fn rule5_kill_synthesizes_cancelled_at_next_poll() {
     assert_eq!(s.pending_terminal(), Some(Synthesized::Cancelled));
     assert!(!s.polls_engine());
     let (s, a) = step(s, ConsumerPoll);
-    assert_eq!(a.emit, Some(Synthesized::Cancelled));
-    assert_eq!(a.record, Some(OutcomeKind::Cancelled));
+    assert_eq!(a.emit(), Some(Synthesized::Cancelled));
+    assert_eq!(a.record(), Some(OutcomeKind::Cancelled));
     assert_eq!(s.phase(), Phase::Terminal);
 }
 
 #[test]
 fn rule5_kill_racing_a_chunk_replaces_it_with_cancelled() {
     let (_, acts) = run(Mode::Aggregated, &[Kill, Chunk]);
-    assert!(!acts[1].forward);
-    assert_eq!(acts[1].emit, Some(Synthesized::Cancelled));
+    assert!(!acts[1].forward());
+    assert_eq!(acts[1].emit(), Some(Synthesized::Cancelled));
 }
 
 #[test]
@@ -314,16 +314,16 @@ fn rule5_stop_keeps_chunks_flowing_until_engine_terminal() {
         Mode::Aggregated,
         &[Chunk, Stop, Chunk, Chunk, TerminalChunk],
     );
-    assert!(acts[2].forward && acts[3].forward && acts[4].forward);
-    assert_eq!(acts[4].record, Some(OutcomeKind::Finished));
+    assert!(acts[2].forward() && acts[3].forward() && acts[4].forward());
+    assert_eq!(acts[4].record(), Some(OutcomeKind::Finished));
     assert_eq!(s.phase(), Phase::Terminal);
 }
 
 #[test]
 fn rule5_stop_then_engine_end_synthesizes_cancelled() {
     let (_, acts) = run(Mode::Aggregated, &[Stop, EngineEnded]);
-    assert_eq!(acts[1].emit, Some(Synthesized::Cancelled));
-    assert_eq!(acts[1].record, Some(OutcomeKind::Cancelled));
+    assert_eq!(acts[1].emit(), Some(Synthesized::Cancelled));
+    assert_eq!(acts[1].record(), Some(OutcomeKind::Cancelled));
 }
 
 #[test]
@@ -333,7 +333,7 @@ fn rule5_cancel_grace_forces_a_stopped_request_like_kill() {
         &[Chunk, Stop, CancelGraceExpired, ConsumerPoll],
     );
     assert_eq!(aborts(&acts), 1);
-    assert_eq!(acts[3].emit, Some(Synthesized::Cancelled));
+    assert_eq!(acts[3].emit(), Some(Synthesized::Cancelled));
     assert_eq!(s.cancel(), Cancel::Kill);
 }
 
@@ -349,8 +349,8 @@ fn rule6_engine_end_without_terminal_is_incomplete_error() {
         Mode::Aggregated,
         &[Chunk, EngineEnded, Chunk, TerminalChunk],
     );
-    assert_eq!(acts[1].emit, Some(Synthesized::Incomplete));
-    assert_eq!(acts[1].record, Some(OutcomeKind::Failed));
+    assert_eq!(acts[1].emit(), Some(Synthesized::Incomplete));
+    assert_eq!(acts[1].record(), Some(OutcomeKind::Failed));
     assert!(acts[2].is_empty() && acts[3].is_empty());
     assert_eq!(s.phase(), Phase::Terminal);
 }
@@ -358,8 +358,8 @@ fn rule6_engine_end_without_terminal_is_incomplete_error() {
 #[test]
 fn rule6_engine_error_is_forwarded_and_ends() {
     let (_, acts) = run(Mode::Aggregated, &[Chunk, EngineError, Chunk]);
-    assert!(acts[1].forward);
-    assert_eq!(acts[1].record, Some(OutcomeKind::Failed));
+    assert!(acts[1].forward());
+    assert_eq!(acts[1].record(), Some(OutcomeKind::Failed));
     assert!(acts[2].is_empty());
 }
 
@@ -374,8 +374,8 @@ fn rule8_first_token_timeout_kills_with_timeout_terminal() {
         ],
     );
     assert!(acts[1].abort);
-    assert_eq!(acts[2].emit, Some(Synthesized::FirstTokenTimeout));
-    assert_eq!(acts[2].record, Some(OutcomeKind::TimedOut));
+    assert_eq!(acts[2].emit(), Some(Synthesized::FirstTokenTimeout));
+    assert_eq!(acts[2].record(), Some(OutcomeKind::TimedOut));
     assert!(s.is_terminal());
 }
 
@@ -400,7 +400,7 @@ fn rule8_inter_token_timeout_after_first_token() {
         &[Chunk, Timeout(super::Timeout::InterToken), ConsumerPoll],
     );
     assert!(acts[1].abort);
-    assert_eq!(acts[2].emit, Some(Synthesized::InterTokenTimeout));
+    assert_eq!(acts[2].emit(), Some(Synthesized::InterTokenTimeout));
 }
 
 #[test]
@@ -417,7 +417,7 @@ fn rule9_every_end_records_exactly_one_outcome() {
         ),
     ] {
         let (_, acts) = run(Mode::Aggregated, events);
-        let finishes: Vec<_> = acts.iter().filter_map(|a| a.record).collect();
+        let finishes: Vec<_> = acts.iter().filter_map(|a| a.record()).collect();
         assert_eq!(finishes, [outcome], "{events:?}");
     }
 }
@@ -515,7 +515,7 @@ fn oracle_catches_an_abort_discarded_by_a_drop() {
     forged.phase = Phase::Dropped;
     forged.abort = Abort::Discarded;
     let acts = Actions {
-        record: Some(OutcomeKind::Dropped),
+        deliver: Delivery::End(OutcomeKind::Dropped),
         ..Actions::default()
     };
     let v = o.observe(ConsumerDropped, acts, forged).unwrap_err();
@@ -544,7 +544,7 @@ fn early_finish_records_finished_and_aborts_once() {
     let (s, a) = step(State::new(Mode::Aggregated), EarlyFinish);
     assert!(s.is_terminal());
     assert_eq!(
-        (a.record, a.abort, a.emit, a.forward),
+        (a.record(), a.abort, a.emit(), a.forward()),
         (Some(OutcomeKind::Finished), true, None, false)
     );
     // Nothing after it: a later kill, drop or engine end decides nothing.
@@ -557,12 +557,12 @@ fn early_finish_records_finished_and_aborts_once() {
 fn early_finish_in_decode_before_the_first_token_defers_and_drains() {
     let (s, a) = step(State::new(Mode::Decode), EarlyFinish);
     assert_eq!(
-        (a.record, a.abort, a.arm_deferral),
+        (a.record(), a.abort, a.arm_deferral),
         (Some(OutcomeKind::Finished), false, true)
     );
     assert!(s.drains_engine());
     let (s, a) = step(s, Chunk);
-    assert!(a.abort && !a.forward && s.abort() == Abort::Sent && !s.drains_engine());
+    assert!(a.abort && !a.forward() && s.abort() == Abort::Sent && !s.drains_engine());
 }
 
 #[test]
