@@ -122,7 +122,7 @@ fn happy_path_forwards_and_finishes_once() {
         Mode::Aggregated,
         &[TokenlessChunk, Chunk, Chunk, TerminalChunk],
     );
-    assert!(acts.iter().all(|a| a.forward()));
+    assert!(acts.iter().all(Actions::forward));
     assert_eq!(acts[3].record(), Some(OutcomeKind::Finished));
     assert_eq!(acts.iter().filter(|a| a.record().is_some()).count(), 1);
     assert_eq!(aborts(&acts), 0);
@@ -417,7 +417,7 @@ fn rule9_every_end_records_exactly_one_outcome() {
         ),
     ] {
         let (_, acts) = run(Mode::Aggregated, events);
-        let finishes: Vec<_> = acts.iter().filter_map(|a| a.record()).collect();
+        let finishes: Vec<_> = acts.iter().filter_map(Actions::record).collect();
         assert_eq!(finishes, [outcome], "{events:?}");
     }
 }
