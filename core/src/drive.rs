@@ -32,7 +32,6 @@ mod watchdog;
 
 use std::fmt;
 use std::future::Future;
-use std::future::IntoFuture;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -209,6 +208,8 @@ pub(crate) struct AdapterInner {
     pub(crate) engine: Arc<dyn LlmEngine>,
     pub(crate) runtime: Box<dyn Runtime>,
     pub(crate) config: AdapterConfig,
+    /// What each request runs under unless it says otherwise (from `config`).
+    pub(crate) limits: request::Limits,
 }
 
 /// Runs requests against one engine on one runtime. Cheap to clone.
@@ -237,6 +238,7 @@ impl Adapter {
             inner: Arc::new(AdapterInner {
                 engine,
                 runtime: Box::new(runtime),
+                limits: request::Limits::of(&config),
                 config,
             }),
         }
@@ -278,7 +280,15 @@ impl Adapter {
     /// [`Adapter::request`] does the same with per-request settings, and makes the
     /// context itself when the caller has none.
     pub fn generate(&self, request: Request, context: Context) -> Generating {
-        self.request(request).context(context).into_future()
+        // `request(..).context(..)` without the builder's moves: this is the hot path.
+        let limits = self.inner.limits;
+        Generating::new(ResponseStream::new(
+            &self.inner,
+            request,
+            &context,
+            limits,
+            None,
+        ))
     }
 
     /// A request with settings of its own (mode, timeouts, deferral deadline, cancel

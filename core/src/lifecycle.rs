@@ -203,6 +203,7 @@ impl Actions {
     }
 
     /// The synthesized terminal delivered instead of any engine item, if any.
+    #[cfg(any(test, feature = "internals", tether_loom))]
     pub fn emit(&self) -> Option<Synthesized> {
         match self.deliver {
             Delivery::Synthesize(synth) => Some(synth),

@@ -65,7 +65,7 @@ async fn early_finish_ends_the_stream_with_the_reason_and_aborts_once<R: Scenari
             2
         )
     );
-    assert_eq!(s.record(), Some(&rec));
+    assert_eq!(s.record().as_ref(), Some(&rec));
     h.wait_aborts(&script, 1).await;
     // The engine's late chunks reach nobody.
     script.tokens(&[3]).terminal(FinishReason::Eos);
@@ -321,7 +321,7 @@ async fn the_record_reaches_the_stream_and_the_callback_once<R: ScenarioRuntime>
     assert_eq!(h.collect(&mut s).await.len(), 3);
     let rec = h.observer.record("r");
     assert_eq!(rec.output_tokens, 3);
-    assert_eq!(s.record(), Some(&rec));
+    assert_eq!(s.record().as_ref(), Some(&rec));
     assert_eq!(*seen.lock().unwrap(), vec![rec]);
     h.assert_clean().await;
 }

@@ -28,7 +28,7 @@ pub(super) type RecordFn = Box<dyn FnOnce(&RequestRecord) + Send + 'static>;
 
 /// The limits one request runs under: the adapter's, with its own overrides.
 #[derive(Clone, Copy, Debug)]
-pub(super) struct Limits {
+pub(crate) struct Limits {
     pub(super) mode: Mode,
     pub(super) first_token_timeout: Option<Duration>,
     pub(super) inter_token_timeout: Option<Duration>,
@@ -37,7 +37,7 @@ pub(super) struct Limits {
 }
 
 impl Limits {
-    fn of(config: &AdapterConfig) -> Limits {
+    pub(super) fn of(config: &AdapterConfig) -> Limits {
         Limits {
             mode: config.mode,
             first_token_timeout: config.first_token_timeout,
@@ -96,7 +96,7 @@ impl fmt::Debug for Generate<'_> {
 impl<'a> Generate<'a> {
     pub(super) fn new(adapter: &'a Adapter, request: Request) -> Generate<'a> {
         Generate {
-            limits: Limits::of(adapter.config()),
+            limits: adapter.inner.limits,
             adapter,
             request,
             context: None,
@@ -173,9 +173,7 @@ impl IntoFuture for Generate<'_> {
             self.limits,
             self.on_record,
         );
-        Generating {
-            stream: Some(stream),
-        }
+        Generating::new(stream)
     }
 }
 
@@ -190,6 +188,14 @@ impl IntoFuture for Generate<'_> {
 #[derive(Debug)]
 pub struct Generating {
     stream: Option<ResponseStream>,
+}
+
+impl Generating {
+    pub(super) fn new(stream: ResponseStream) -> Generating {
+        Generating {
+            stream: Some(stream),
+        }
+    }
 }
 
 impl Future for Generating {
@@ -268,8 +274,8 @@ impl ResponseStream {
     /// The request's record, once it is over for the consumer (`None` before): the
     /// same record the adapter's observer got, with outcome, cause, TTFT, ITL and
     /// tokens, for a handler that puts usage and timings in its response.
-    pub fn record(&self) -> Option<&RequestRecord> {
-        self.local.ended.as_ref()
+    pub fn record(&self) -> Option<RequestRecord> {
+        self.local.record(&self.shared.request_id)
     }
 
     /// Make a drop before the terminal a kill of the context with cause
@@ -289,7 +295,8 @@ impl ResponseStream {
         if self.local.done {
             drop(value);
         } else {
-            self.local.attached = Some(Box::new(value));
+            let extras = self.local.extras.get_or_insert_with(Box::default);
+            extras.attached = Some(Box::new(value));
         }
     }
 

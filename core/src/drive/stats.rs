@@ -191,6 +191,11 @@ impl StatsRecorder {
     pub(crate) fn itl(&mut self) -> ItlStats {
         itl_stats(&mut self.gaps_us)
     }
+
+    /// [`itl`](Self::itl) on a copy of the gaps, leaving them as they are.
+    pub(crate) fn itl_snapshot(&self) -> ItlStats {
+        itl_stats(&mut self.gaps_us.clone())
+    }
 }
 
 /// Summarize per-token gaps given in microseconds; reorders `gaps_us`.

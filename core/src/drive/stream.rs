@@ -21,7 +21,7 @@ use super::request::{Limits, RecordFn};
 use super::shared::Shared;
 use super::slot::{release, EngineSlot, Item, SetupFuture};
 use super::span;
-use super::stats::{Outcome, RequestRecord, StatsRecorder};
+use super::stats::{AbortStatus, Outcome, RequestRecord, StatsRecorder};
 use super::timers::Timer;
 use super::AdapterInner;
 use crate::context::{Cause, Context, ListenerId};
@@ -66,12 +66,45 @@ pub(super) struct Local {
     step_cache: StepCache,
     /// A drop before the terminal is a kill with cause client disconnect (rule 4).
     pub(super) kill_on_drop: bool,
+    /// What few requests use (a record callback, an attached value): boxed, so every
+    /// other stream stays small (streams are moved on their way to the consumer).
+    pub(super) extras: Option<Box<Extras>>,
+    /// How the request ended, once it did (the rest of its record is in `stats`).
+    pub(super) ended: Option<Ended>,
+}
+
+/// The rarely used per-request extras.
+#[derive(Default)]
+pub(super) struct Extras {
     /// The per-request record callback, called once at the end.
-    on_record: Option<RecordFn>,
+    pub(super) on_record: Option<RecordFn>,
     /// Kept alive until the request is over for the consumer (a concurrency permit).
     pub(super) attached: Option<Box<dyn std::any::Any + Send>>,
-    /// The request's record, once it ended (for [`ResponseStream::record`]).
-    pub(super) ended: Option<RequestRecord>,
+}
+
+/// What a finished request's record holds beyond its stats.
+#[derive(Clone, Debug)]
+pub(super) struct Ended {
+    pub(super) outcome: Outcome,
+    pub(super) abort: AbortStatus,
+    pub(super) cause: Option<Cause>,
+}
+
+impl Local {
+    /// The finished request's record (`None` before its end): the stats are read
+    /// again, without disturbing them.
+    pub(super) fn record(&self, id: &str) -> Option<RequestRecord> {
+        let ended = self.ended.as_ref()?;
+        Some(RequestRecord {
+            id: id.to_owned(),
+            outcome: ended.outcome.clone(),
+            cause: ended.cause,
+            ttft: self.stats.ttft(),
+            itl: self.stats.itl_snapshot(),
+            output_tokens: self.stats.output_tokens(),
+            abort: ended.abort,
+        })
+    }
 }
 
 impl fmt::Debug for ResponseStream {
@@ -136,8 +169,12 @@ impl ResponseStream {
                 done: false,
                 step_cache: StepCache::default(),
                 kill_on_drop: limits.kill_on_drop,
-                on_record,
-                attached: None,
+                extras: on_record.map(|f| {
+                    Box::new(Extras {
+                        on_record: Some(f),
+                        attached: None,
+                    })
+                }),
                 ended: None,
             },
         }
@@ -445,12 +482,18 @@ pub(super) fn end_for_consumer(
     if let Some(obs) = &shared.adapter.config.observer {
         obs.on_record(&rec);
     }
-    if let Some(f) = local.on_record.take() {
-        f(&rec);
+    if let Some(extras) = local.extras.take() {
+        if let Some(f) = extras.on_record {
+            f(&rec);
+        }
+        // Released now that the consumer is done (a concurrency permit frees its slot).
+        drop(extras.attached);
     }
-    local.ended = Some(rec);
-    // Released now that the consumer is done (a concurrency permit frees its slot).
-    drop(local.attached.take());
+    local.ended = Some(Ended {
+        outcome: rec.outcome,
+        abort: rec.abort,
+        cause: rec.cause,
+    });
     let engine = local.engine.take();
     if state.drains_engine() && engine.is_some() {
         Shared::arm(shared, Actions::default(), engine);

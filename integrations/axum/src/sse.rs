@@ -165,7 +165,7 @@ where
                     // Over for the consumer, so the record is there, and letting the
                     // stream go kills nothing.
                     let trailer = std::mem::replace(&mut this.trailer, Trailer::None);
-                    this.pending.extend(trailer.event(stream.record()));
+                    this.pending.extend(trailer.event(stream.record().as_ref()));
                     this.stream = None;
                 }
             }
