@@ -285,7 +285,7 @@ impl Adapter {
         Generating::new(ResponseStream::new(
             &self.inner,
             request,
-            &context,
+            context,
             limits,
             None,
         ))

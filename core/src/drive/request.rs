@@ -169,7 +169,7 @@ impl IntoFuture for Generate<'_> {
         let stream = ResponseStream::new(
             &self.adapter.inner,
             self.request,
-            &context,
+            context,
             self.limits,
             self.on_record,
         );

@@ -123,7 +123,7 @@ impl ResponseStream {
     pub(super) fn new(
         adapter: &Arc<AdapterInner>,
         request: Request,
-        context: &Context,
+        context: Context,
         limits: Limits,
         on_record: Option<RecordFn>,
     ) -> Self {
@@ -137,7 +137,7 @@ impl ResponseStream {
             cell: Cell::new(State::new(limits.mode)),
             waker: Mutex::new(None),
             adapter: adapter.clone(),
-            context: context.clone(),
+            context,
             request_id: std::sync::Arc::from(request.id.as_str()),
             limits: limits.cancel,
             off: Mutex::new(None),
@@ -148,7 +148,7 @@ impl ResponseStream {
         let setup: SetupFuture = Box::pin(async move { engine.generate(request, gctx).await });
         let weak = downgrade(&shared);
         // A context already stopped or killed calls it at once.
-        let listener = context.add_listener(move |signal| {
+        let listener = shared.context.add_listener(move |signal| {
             if let Some(shared) = upgrade(&weak) {
                 Shared::signal(&shared, signal);
             }
