@@ -47,6 +47,7 @@ async fn early_finish_ends_the_stream_with_the_reason_and_aborts_once<R: Scenari
     let (mut s, script, _ctx) = h.start("r").await;
     script.tokens(&[1, 2]);
     assert_eq!(h.next(&mut s).await, Some(tokens(&[1, 2])));
+    assert!(!s.is_done());
     // A stop string matched in the text so far: the edge ends the request itself.
     assert!(s.finish(FinishReason::Stop));
     assert!(

@@ -99,3 +99,30 @@ fn an_observer_shows_as_dyn_observer_and_ignores_aborts_by_default() {
     observer.on_abort("r");
     assert_eq!(format!("{observer:?}"), "dyn Observer");
 }
+
+#[test]
+fn the_engine_side_and_the_request_builder_show_what_they_hold() {
+    let engine: Arc<dyn LlmEngine> = Arc::new(Idle);
+    assert_eq!(format!("{engine:?}"), "dyn LlmEngine");
+    let gctx = GenerateContext::new(Context::new("c"), "r");
+    assert_eq!(
+        format!("{gctx:?}"),
+        "GenerateContext { request_id: \"r\", context: Context { id: \"c\", level: Live }, .. }"
+    );
+    let adapter = Adapter::new(engine, Frozen(Instant::now()), AdapterConfig::default());
+    let shown = format!(
+        "{:?}",
+        adapter
+            .request(Request::new("r", "m", vec![1]))
+            .kill_on_drop(true)
+            .on_record(|_| {})
+    );
+    assert!(
+        shown.starts_with("Generate { request_id: \"r\", context: None, limits: Limits {"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("kill_on_drop: true }, on_record: true }"),
+        "{shown}"
+    );
+}
