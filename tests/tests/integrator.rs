@@ -11,7 +11,7 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use tether_core::{
     AbortStatus, AdapterConfig, Cause, Chunk, Context, EngineError, ErrorKind, FinishReason, Mode,
-    Outcome, RequestRecord,
+    Outcome, RequestRecord, ResponseStream,
 };
 use tether_tests::{data, guarded, on_both_runtimes, Harness, ScenarioRuntime, DEADLINE};
 
@@ -23,6 +23,13 @@ fn tokens(t: &[u32]) -> tether_core::Annotated<Chunk> {
 
 fn terminal(reason: FinishReason) -> tether_core::Annotated<Chunk> {
     data(Chunk::terminal(reason))
+}
+
+/// The stream ends with a synthesized `Cancelled`, recorded as `Cancelled` with `cause`.
+async fn ends_cancelled<R: ScenarioRuntime>(h: &Harness<R>, s: &mut ResponseStream, cause: Cause) {
+    assert_eq!(h.collect(s).await, vec![terminal(FinishReason::Cancelled)]);
+    let rec = h.observer.record(s.request_id());
+    assert_eq!((rec.outcome, rec.cause), (Outcome::Cancelled, Some(cause)));
 }
 
 on_both_runtimes!(
@@ -114,15 +121,7 @@ async fn early_finish_loses_to_a_kill_that_came_first<R: ScenarioRuntime>(rt: R)
     let (mut s, script, ctx) = h.start("r").await;
     ctx.kill();
     assert!(!s.finish(FinishReason::Stop));
-    assert_eq!(
-        h.collect(&mut s).await,
-        vec![terminal(FinishReason::Cancelled)]
-    );
-    let rec = h.observer.record("r");
-    assert_eq!(
-        (rec.outcome, rec.cause),
-        (Outcome::Cancelled, Some(Cause::Caller))
-    );
+    ends_cancelled(&h, &mut s, Cause::Caller).await;
     h.wait_aborts(&script, 1).await;
     h.assert_clean().await;
 }
@@ -228,15 +227,7 @@ async fn the_first_cause_reaches_the_record<R: ScenarioRuntime>(rt: R) {
     ctx.stop_with(Cause::Shutdown);
     ctx.kill_with(Cause::ClientDisconnect); // escalates, but the first cause stays
     assert_eq!(ctx.cause(), Some(Cause::Shutdown));
-    assert_eq!(
-        h.collect(&mut s).await,
-        vec![terminal(FinishReason::Cancelled)]
-    );
-    let rec = h.observer.record("r");
-    assert_eq!(
-        (rec.outcome, rec.cause),
-        (Outcome::Cancelled, Some(Cause::Shutdown))
-    );
+    ends_cancelled(&h, &mut s, Cause::Shutdown).await;
     h.wait_aborts(&script, 1).await;
     h.assert_clean().await;
 }
@@ -380,11 +371,7 @@ async fn a_request_without_a_context_gets_its_own<R: ScenarioRuntime>(rt: R) {
     .expect("generate succeeds");
     assert_eq!((s.context().id(), s.request_id()), ("r", "r"));
     s.context().kill();
-    assert_eq!(
-        h.collect(&mut s).await,
-        vec![terminal(FinishReason::Cancelled)]
-    );
-    assert_eq!(h.observer.record("r").cause, Some(Cause::Caller));
+    ends_cancelled(&h, &mut s, Cause::Caller).await;
     h.wait_aborts(&h.engine.script("r"), 1).await;
     h.assert_clean().await;
 }
