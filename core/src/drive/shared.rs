@@ -23,13 +23,22 @@ pub(crate) struct Shared {
     pub(super) adapter: Arc<AdapterInner>,
     pub(super) context: Context,
     pub(super) request_id: std::sync::Arc<str>,
-    pub(super) limits: CancelLimits,
+    /// This request's own cancel limits, when they differ from the adapter's (boxed:
+    /// most requests use the adapter's, and every request carries this word).
+    pub(super) cancel_override: Option<Box<CancelLimits>>,
     /// The watchdog's side: `None` until a cancel deadline is armed or the engine is
     /// handed over, so the happy path carries one empty word here.
     pub(super) off: Mutex<Option<Box<OffPoller>>>,
 }
 
 impl Shared {
+    /// The cancel limits this request runs under.
+    pub(super) fn limits(&self) -> &CancelLimits {
+        self.cancel_override
+            .as_deref()
+            .unwrap_or(&self.adapter.limits.cancel)
+    }
+
     /// The engine's out-of-band first-token hint.
     fn first_token_hint(this: &Arc<Self>) {
         let (_, acts) = this.cell.apply(Event::FirstTokenHint);
@@ -78,7 +87,7 @@ impl Shared {
     /// no lock) when there is nothing to arm or hand over.
     pub(super) fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
         // Which clocks start, and how long they run, is the pure layer's call.
-        if !this.limits.started_by(&acts) && engine.is_none() {
+        if !this.limits().started_by(&acts) && engine.is_none() {
             return;
         }
         let rt = &this.adapter.runtime;

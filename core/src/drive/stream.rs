@@ -139,7 +139,8 @@ impl ResponseStream {
             adapter: adapter.clone(),
             context,
             request_id: std::sync::Arc::from(request.id.as_str()),
-            limits: limits.cancel,
+            cancel_override: (limits.cancel != adapter.limits.cancel)
+                .then(|| Box::new(limits.cancel)),
             off: Mutex::new(None),
         });
         let migration_link = request.migration_link;

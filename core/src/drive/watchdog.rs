@@ -82,7 +82,7 @@ impl Future for Watchdog {
                 }
                 off.anchors
             };
-            let limits = &shared.limits;
+            let limits = shared.limits();
             let mut state = shared.cell.load();
             if let Some(engine) = this.engine.as_mut() {
                 if state.drains_engine() {
