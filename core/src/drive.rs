@@ -281,12 +281,11 @@ impl Adapter {
     /// context itself when the caller has none.
     pub fn generate(&self, request: Request, context: Context) -> Generating {
         // `request(..).context(..)` without the builder's moves: this is the hot path.
-        let limits = self.inner.limits;
         Generating::new(ResponseStream::new(
             &self.inner,
             request,
             context,
-            limits,
+            None,
             None,
         ))
     }

@@ -170,7 +170,7 @@ impl IntoFuture for Generate<'_> {
             &self.adapter.inner,
             self.request,
             context,
-            self.limits,
+            Some(self.limits),
             self.on_record,
         );
         Generating::new(stream)

@@ -124,9 +124,11 @@ impl ResponseStream {
         adapter: &Arc<AdapterInner>,
         request: Request,
         context: Context,
-        limits: Limits,
+        own: Option<Limits>,
         on_record: Option<RecordFn>,
     ) -> Self {
+        // `None`: the adapter's limits (the hot path: nothing to compare or box).
+        let limits = own.unwrap_or(adapter.limits);
         let start = adapter.runtime.now();
         let span = if adapter.config.spans {
             span::open(&request, limits.mode)
@@ -139,8 +141,9 @@ impl ResponseStream {
             adapter: adapter.clone(),
             context,
             request_id: std::sync::Arc::from(request.id.as_str()),
-            cancel_override: (limits.cancel != adapter.limits.cancel)
-                .then(|| Box::new(limits.cancel)),
+            cancel_override: own
+                .filter(|own| own.cancel != adapter.limits.cancel)
+                .map(|own| Box::new(own.cancel)),
             off: Mutex::new(None),
         });
         let migration_link = request.migration_link;
