@@ -1,0 +1,51 @@
+//! `tether serve` over real loopback HTTP (127.0.0.1, ephemeral ports): streaming and
+//! unary completions on both endpoints, disconnects, errors, timeouts, bad input,
+//! `/metrics`, `/health` and graceful shutdown.
+//!
+//! These tests do real socket I/O, so they run on real time (a paused clock would
+//! auto-advance past timeouts while a socket is merely waiting); every wait is
+//! bounded and no assertion depends on how long anything took.
+
+#[path = "../serve_support/mod.rs"]
+mod serve_support;
+
+mod completions;
+mod failures;
+mod operations;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn completion(max_tokens: u32, stream: bool) -> Value {
+    json!({"model": "sim", "prompt": "hello", "max_tokens": max_tokens, "stream": stream})
+}
+
+fn chat(max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": "sim",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    })
+}
+
+fn json_of(data: &str) -> Value {
+    serde_json::from_str(data).unwrap_or_else(|e| panic!("not json ({e}): {data}"))
+}
+
+/// Assert the OpenAI error object shape exactly, returning it.
+fn error_object(body: &Value) -> &Value {
+    let err = &body["error"];
+    let keys: Vec<&String> = err.as_object().expect("an error object").keys().collect();
+    assert_eq!(keys, ["code", "message", "param", "type"], "{body}");
+    assert!(
+        err["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    assert!(err["type"].is_string(), "{body}");
+    assert!(err["param"].is_string() || err["param"].is_null(), "{body}");
+    err
+}
