@@ -279,15 +279,17 @@ impl Adapter {
     ///
     /// [`Adapter::request`] does the same with per-request settings, and makes the
     /// context itself when the caller has none.
-    pub fn generate(&self, request: Request, context: Context) -> Generating {
+    pub async fn generate(
+        &self,
+        request: Request,
+        context: Context,
+    ) -> Result<ResponseStream, EngineError> {
         // `request(..).context(..)` without the builder's moves: this is the hot path.
-        Generating::new(ResponseStream::new(
-            &self.inner,
-            request,
-            context,
-            None,
-            None,
-        ))
+        let mut stream = ResponseStream::new(&self.inner, request, context, None, None);
+        // Dropping this future drops `stream`: the request is recorded (`Dropped`, or
+        // `Cancelled` with kill-on-drop) and the engine aborted under rules 1 and 2.
+        std::future::poll_fn(|cx| stream.poll_setup(cx)).await?;
+        Ok(stream)
     }
 
     /// A request with settings of its own (mode, timeouts, deferral deadline, cancel
