@@ -5,7 +5,7 @@
 //! nothing else: no I/O, no clock, no runtime, no allocation. [`step`] maps a
 //! [`State`] and an [`Event`] to the next state and the [`Actions`] the caller must
 //! carry out. The driver ([`crate::drive`]) keeps the shared copy of the state in one
-//! atomic word ([`Cell`]) and every actor (the stream poller, the context listener,
+//! atomic word ([`SharedState`]) and every actor (the stream poller, the context listener,
 //! `Drop`, the first-token hint) applies `step` with a compare-exchange, so exactly one
 //! of them wins each decision.
 //!
@@ -48,10 +48,10 @@
 //! its terminal or is gone.
 #![cfg_attr(not(any(feature = "internals", tether_loom)), allow(unreachable_pub))]
 
-mod cell;
+mod shared_state;
 mod state;
 
-pub use cell::{Cell, StepCache};
+pub use shared_state::{SharedState, StepCache};
 pub use state::{Abort, Cancel, Phase, State, Synthesized};
 
 use crate::protocol::Mode;

@@ -3,7 +3,7 @@
 //!
 //! - random event sequences (all modes, up to 40 events, longer than the exhaustive
 //!   depth-6 walk) through the invariant oracle;
-//! - `Cell::apply` agrees with `step`;
+//! - `SharedState::apply` agrees with `step`;
 //! - protocol values round-trip through serde_json, and arbitrary bytes or strings
 //!   never panic the decoders (whatever decodes re-encodes to the same value);
 //! - scripted engine and canceller runs through the real `Adapter` on a manual,
@@ -19,7 +19,7 @@ use proptest::prelude::*;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tether_core::lifecycle::oracle::check_sequence;
-use tether_core::lifecycle::{step, Cell, Event, State};
+use tether_core::lifecycle::{step, Event, SharedState, State};
 use tether_core::protocol::{SamplingOptions, StopConditions};
 use tether_core::{
     Annotated, Chunk, EngineError, ErrorKind, FinishReason, Mode, Request, TraceLink, Usage,
@@ -65,7 +65,7 @@ proptest! {
 
     #[test]
     fn cell_apply_agrees_with_step(mode in mode(), events in events(40)) {
-        let cell = Cell::new(State::new(mode));
+        let cell = SharedState::new(State::new(mode));
         let mut state = State::new(mode);
         for event in events {
             let (want, want_acts) = step(state, event);

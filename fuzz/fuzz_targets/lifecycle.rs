@@ -1,13 +1,13 @@
 //! Arbitrary event sequences, in every mode, through the pure lifecycle machine with
 //! the invariant oracle judging every step (SPEC.md section 4, rules 1 to 9); the
-//! atomic `Cell` must agree with `step` at every step.
+//! atomic `SharedState` must agree with `step` at every step.
 //!
 //! Input: byte 0 picks the mode, every further byte one of `Event::ALL`.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use tether_core::lifecycle::oracle::{check_sequence, Oracle};
-use tether_core::lifecycle::{step, Cell, Event, State};
+use tether_core::lifecycle::{step, SharedState, Event, State};
 use tether_core::Mode;
 
 fuzz_target!(|data: &[u8]| {
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Step by step, with the cell beside the pure function and the oracle watching
     // every prefix closed by a drop.
-    let cell = Cell::new(State::new(mode));
+    let cell = SharedState::new(State::new(mode));
     let mut state = State::new(mode);
     let mut oracle = Oracle::new(mode);
     for (i, &event) in events.iter().enumerate() {

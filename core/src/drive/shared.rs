@@ -12,12 +12,12 @@ use super::AdapterInner;
 use crate::context::{Context, Signal};
 use crate::engine::{FirstTokenSink, GenerateContext, HintHandle};
 use crate::lifecycle::deadlines::CancelLimits;
-use crate::lifecycle::{Actions, Cell, Delivery, Event};
+use crate::lifecycle::{Actions, Delivery, Event, SharedState};
 use crate::sync::{downgrade, lock, Arc, Mutex};
 
 /// The part of a request reachable from other threads.
 pub(crate) struct Shared {
-    pub(super) cell: Cell,
+    pub(super) cell: SharedState,
     /// The consumer's waker (the poller's, or `generate`'s during setup).
     pub(super) waker: Mutex<Option<Waker>>,
     pub(super) adapter: Arc<AdapterInner>,

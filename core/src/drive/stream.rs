@@ -5,7 +5,7 @@
 //! The driver loop (`poll_next`, and `poll_setup` while `generate` is pending) is "feed
 //! events, then carry out actions until there is an item to yield or nothing left to
 //! do": the owed terminal first, then the engine, then (only while the consumer waits on
-//! a silent engine) the token deadlines. Every decision comes from [`Cell::apply`], so
+//! a silent engine) the token deadlines. Every decision comes from [`SharedState::apply`], so
 //! the poller, the listener (on whatever thread calls `stop`/`kill`), the hint, `Drop`
 //! and the watchdog never decide the same thing twice.
 
@@ -28,7 +28,7 @@ use crate::context::{Cause, Context, ListenerId};
 use crate::error::{BackendError, EngineError, ErrorKind};
 use crate::lifecycle::deadlines::Silence;
 use crate::lifecycle::{
-    Actions, Cell, Delivery, Event, OutcomeKind, State, StepCache, Synthesized,
+    Actions, Delivery, Event, OutcomeKind, SharedState, State, StepCache, Synthesized,
 };
 use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
 use crate::sync::{downgrade, upgrade, Arc, Mutex};
@@ -136,7 +136,7 @@ impl ResponseStream {
             Span::none()
         };
         let shared = Arc::new(Shared {
-            cell: Cell::new(State::new(limits.mode)),
+            cell: SharedState::new(State::new(limits.mode)),
             waker: Mutex::new(None),
             adapter: adapter.clone(),
             context,

@@ -2,8 +2,8 @@ use super::oracle::Oracle;
 use super::*;
 use Event::*;
 
-mod cell;
 mod proof;
+mod shared_state;
 
 fn run(mode: Mode, events: &[Event]) -> (State, Vec<Actions>) {
     let mut s = State::new(mode);

@@ -1,13 +1,13 @@
 //! Decode-mode models: the deferred abort, released by the first-token hint (in or out
 //! of the stream, or drained by the watchdog) or by the deferral deadline, raced by
-//! drops and stops, also on the pure `Cell` with the oracle; and the hint racing the
+//! drops and stops, also on the pure `SharedState` with the oracle; and the hint racing the
 //! request's teardown.
 
 use std::sync::atomic::Ordering::SeqCst;
 
 use loom::thread;
 use tether_core::lifecycle::oracle::Oracle;
-use tether_core::lifecycle::{step, Actions, Cell, Event, State};
+use tether_core::lifecycle::{step, Actions, Event, SharedState, State};
 use tether_core::sync::Arc;
 use tether_core::{Chunk, FinishReason, Mode, Outcome};
 
@@ -81,7 +81,7 @@ fn first_token_hint_races_deferred_stop() {
 /// timer, fired by another thread moving the clock, which then runs the watchdog as an
 /// executor would) races the first-token hint. The consumer never polls for it. One
 /// abort, after one of them; the parked consumer is woken by whichever wins.
-/// Then the same race inside one decision, on the pure `Cell`: the deadline, the hint
+/// Then the same race inside one decision, on the pure `SharedState`: the deadline, the hint
 /// and a first chunk applied from three threads release the abort exactly once, and
 /// the outcome is linearizable and passes the oracle.
 #[test]
@@ -125,7 +125,7 @@ fn deferral_deadline_races_first_token() {
     let seen = Seen::default();
     let reached = seen.clone();
     model(move || {
-        let cell = Arc::new(Cell::new(State::new(Mode::Decode)));
+        let cell = Arc::new(SharedState::new(State::new(Mode::Decode)));
         let (after_stop, stop_acts) = cell.apply(Event::Stop);
         assert!(after_stop.abort_deferred() && !stop_acts.abort);
         let racers = [Event::DeferralDeadline, Event::FirstTokenHint];

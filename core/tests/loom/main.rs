@@ -1,6 +1,6 @@
 //! Loom models of every race in a request's life, on the REAL `Adapter`,
 //! `ResponseStream` and `Context` (and, where the race is inside one decision, on the
-//! pure `lifecycle::Cell` with the invariant oracle).
+//! pure `lifecycle::SharedState` with the invariant oracle).
 //!
 //! Run with (a project-specific cfg: a global `--cfg loom` breaks smol's dependencies):
 //!

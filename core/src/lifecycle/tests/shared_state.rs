@@ -24,7 +24,7 @@ fn check_sequence_reports_the_final_state() {
 
 #[test]
 fn cell_apply_agrees_with_step() {
-    let cell = Cell::new(State::new(Mode::Decode));
+    let cell = SharedState::new(State::new(Mode::Decode));
     let mut s = State::new(Mode::Decode);
     for e in [
         TokenlessChunk,
@@ -47,7 +47,7 @@ fn cell_apply_agrees_with_step() {
 #[test]
 fn cell_apply_cached_agrees_with_step() {
     fn walk(mode: Mode, path: &mut Vec<Event>, depth: usize) {
-        let cell = Cell::new(State::new(mode));
+        let cell = SharedState::new(State::new(mode));
         let mut cache = StepCache::default();
         let mut s = State::new(mode);
         for &e in path.iter() {

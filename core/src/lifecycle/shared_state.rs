@@ -1,4 +1,4 @@
-//! [`Cell`]: the shared copy of a request's [`State`] in one atomic word, updated by
+//! [`SharedState`]: the shared copy of a request's [`State`] in one atomic word, updated by
 //! compare-exchange, and the poller's one-entry memo ([`StepCache`]).
 
 use super::{step, Actions, Event, State};
@@ -7,14 +7,14 @@ use crate::sync::atomic::{AtomicU32, Ordering};
 /// The shared copy of a request's [`State`]: one atomic word, updated by
 /// compare-exchange so that of several racing actors exactly one wins each decision.
 #[derive(Debug)]
-pub struct Cell {
+pub struct SharedState {
     word: AtomicU32,
 }
 
-impl Cell {
+impl SharedState {
     /// A cell holding `state`.
-    pub fn new(state: State) -> Cell {
-        Cell {
+    pub fn new(state: State) -> SharedState {
+        SharedState {
             word: AtomicU32::new(state.pack()),
         }
     }
@@ -55,14 +55,14 @@ impl Cell {
 }
 
 /// A one-entry memo of a transition that left the state unchanged, for
-/// [`Cell::apply_cached`] and [`Cell::load_cached`]. Owned by one caller (the poller).
+/// [`SharedState::apply_cached`] and [`SharedState::load_cached`]. Owned by one caller (the poller).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StepCache {
     loaded: Option<(u32, State)>,
     noop: Option<(u32, Event, State, Actions)>,
 }
 
-impl Cell {
+impl SharedState {
     /// [`load`](Self::load), skipping the unpack when the word is the one seen last.
     #[inline]
     pub fn load_cached(&self, cache: &mut StepCache) -> State {
