@@ -260,10 +260,7 @@ impl ResponseStream {
         if acts.record().is_none() {
             return false;
         }
-        if acts.abort {
-            Shared::spawn_abort(shared);
-        }
-        Shared::arm(shared, acts, None);
+        Shared::abort_and_arm(shared, acts);
         local.stash = Some(Box::new(Annotated::from_data(Chunk::terminal(
             reason.clone(),
         ))));

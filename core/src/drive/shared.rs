@@ -58,10 +58,7 @@ impl Shared {
     /// Those events never forward, emit or finish: that is the consumer's side.
     pub(super) fn perform_off_consumer(this: &Arc<Self>, acts: Actions) {
         debug_assert_eq!(acts.deliver, Delivery::Nothing);
-        if acts.abort {
-            Shared::spawn_abort(this);
-        }
-        Shared::arm(this, acts, None);
+        Shared::abort_and_arm(this, acts);
         if acts.wake {
             if let Some(w) = lock(&this.waker).as_ref() {
                 w.wake_by_ref();
@@ -69,7 +66,16 @@ impl Shared {
         }
     }
 
-    pub(super) fn spawn_abort(this: &Arc<Self>) {
+    /// The engine-facing half of any actor's actions: spawn the abort if one is due,
+    /// and start the cancel clocks they start.
+    pub(super) fn abort_and_arm(this: &Arc<Self>, acts: Actions) {
+        if acts.abort {
+            Shared::spawn_abort(this);
+        }
+        Shared::arm(this, acts, None);
+    }
+
+    fn spawn_abort(this: &Arc<Self>) {
         if let Some(obs) = &this.adapter.config.observer {
             obs.on_abort(&this.request_id);
         }

@@ -21,10 +21,10 @@ use super::request::{Limits, RecordFn};
 use super::shared::Shared;
 use super::slot::{release, EngineSlot, Item, SetupFuture};
 use super::span;
-use super::stats::{AbortStatus, Outcome, RequestRecord, StatsRecorder};
+use super::stats::{AbortStatus, ItlStats, Outcome, RequestRecord, StatsRecorder};
 use super::timers::Timer;
 use super::AdapterInner;
-use crate::context::{Cause, Context, ListenerId};
+use crate::context::{Cause, Context, ListenerId, Signal};
 use crate::error::{BackendError, EngineError, ErrorKind};
 use crate::lifecycle::deadlines::Silence;
 use crate::lifecycle::{
@@ -95,15 +95,20 @@ impl Local {
     /// again, without disturbing them.
     pub(super) fn record(&self, id: &str) -> Option<RequestRecord> {
         let ended = self.ended.as_ref()?;
-        Some(RequestRecord {
+        Some(self.record_of(id, ended, self.stats.itl_snapshot()))
+    }
+
+    /// The record of a request that ended as `ended`, with its stats and `itl`.
+    fn record_of(&self, id: &str, ended: &Ended, itl: ItlStats) -> RequestRecord {
+        RequestRecord {
             id: id.to_owned(),
             outcome: ended.outcome.clone(),
             cause: ended.cause,
             ttft: self.stats.ttft(),
-            itl: self.stats.itl_snapshot(),
+            itl,
             output_tokens: self.stats.output_tokens(),
             abort: ended.abort,
-        })
+        }
     }
 }
 
@@ -358,23 +363,12 @@ pub(super) fn perform(
 ) -> Option<Annotated<Chunk>> {
     if acts.deliver == Delivery::Forward && !acts.abort {
         // The steady state: a non-terminal chunk to pass on, nothing else to do.
-        return match item {
-            Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
-            Item::Error(_) | Item::None => None,
-        };
+        return pass_on(shared, local, item);
     }
-    if acts.abort {
-        Shared::spawn_abort(shared);
-    }
-    Shared::arm(shared, acts, None);
+    Shared::abort_and_arm(shared, acts);
     let (out, outcome, timeout_kind) = match acts.deliver {
         Delivery::Nothing => return None,
-        Delivery::Forward => {
-            return match item {
-                Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
-                Item::Error(_) | Item::None => None,
-            };
-        }
+        Delivery::Forward => return pass_on(shared, local, item),
         Delivery::ForwardLast(_) => {
             let (out, outcome) = forward_last(shared, local, item);
             (out, outcome, None)
@@ -392,6 +386,14 @@ pub(super) fn perform(
     };
     end_for_consumer(shared, local, outcome, state, timeout_kind);
     out
+}
+
+/// A non-terminal engine chunk, passed on.
+fn pass_on(shared: &Shared, local: &mut Local, item: Item) -> Option<Annotated<Chunk>> {
+    match item {
+        Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
+        Item::Error(_) | Item::None => None,
+    }
 }
 
 /// The engine's last item (its terminal or its error) and the outcome it makes.
@@ -473,15 +475,13 @@ pub(super) fn end_for_consumer(
         (None, Outcome::TimedOut) => Some(Cause::Timeout),
         (cause, _) => cause,
     };
-    let rec = RequestRecord {
-        id: String::from(&*shared.request_id),
+    let ended = Ended {
         outcome,
-        cause,
-        ttft: local.stats.ttft(),
-        itl: local.stats.itl(),
-        output_tokens: local.stats.output_tokens(),
         abort: state.abort().into(),
+        cause,
     };
+    let itl = local.stats.itl();
+    let rec = local.record_of(&shared.request_id, &ended, itl);
     span::record(&local.span, &rec, timeout_kind);
     if let Some(obs) = &shared.adapter.config.observer {
         obs.on_record(&rec);
@@ -493,11 +493,7 @@ pub(super) fn end_for_consumer(
         // Released now that the consumer is done (a concurrency permit frees its slot).
         drop(extras.attached);
     }
-    local.ended = Some(Ended {
-        outcome: rec.outcome,
-        abort: rec.abort,
-        cause: rec.cause,
-    });
+    local.ended = Some(ended);
     let engine = local.engine.take();
     if state.drains_engine() && engine.is_some() {
         Shared::arm(shared, Actions::default(), engine);
@@ -526,8 +522,7 @@ impl PinnedDrop for ResponseStream {
             // another thread, so the kill is also applied here (a repeat is a no-op);
             // the owed terminal is then taken at once and the outcome is `Cancelled`.
             shared.context.kill_with(Cause::ClientDisconnect);
-            let (_, acts) = shared.cell.apply(Event::Kill);
-            Shared::perform_off_consumer(shared, acts);
+            Shared::signal(shared, Signal::Kill);
             let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
             let _ = perform(shared, local, acts, state, Item::None);
             if local.done {
