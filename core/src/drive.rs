@@ -17,6 +17,7 @@
 //! engine whose abort is still deferred after the consumer's end.
 
 mod counting;
+mod log;
 mod probe;
 mod request;
 mod runtime_check;
@@ -37,13 +38,15 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 pub use counting::CountingRuntime;
-pub use probe::ProbeAdapter;
+
+pub use log::TARGET as LOG_TARGET;
+pub use probe::{Canary, ProbeAdapter, CANARY_ID, CANARY_MAX_TOKENS, CANARY_MODEL};
 pub use request::{Generate, Generating, Results};
 pub use runtime_check::{
     run_runtime_conformance, RuntimeCheckFailure, RuntimeCheckReport, RUNTIME_CHECKS,
     RUNTIME_CHECK_GUARD,
 };
-pub use span::TARGET as SPAN_TARGET;
+pub use span::{TraceIdHook, TARGET as SPAN_TARGET};
 pub use stats::{itl_stats, AbortStatus, ItlStats, Observer, Outcome, RequestRecord};
 pub use stream::ResponseStream;
 
@@ -128,6 +131,9 @@ pub struct AdapterConfig {
     /// before the terminal kills the context (cause client disconnect) and records
     /// `Cancelled`. Off by default (a drop records `Dropped`); an HTTP edge turns it on.
     pub kill_on_drop: bool,
+    /// Names the distributed trace's ids for `worker_trace_link` (see [`TraceIdHook`]).
+    /// `None` (the default): no link is stamped, except one the engine set itself.
+    pub trace_id_hook: Option<Arc<dyn TraceIdHook>>,
 }
 
 impl AdapterConfig {
@@ -171,6 +177,11 @@ impl AdapterConfig {
         self.kill_on_drop = on;
         self
     }
+    /// Set [`trace_id_hook`](AdapterConfig::trace_id_hook).
+    pub fn trace_id_hook(mut self, hook: Arc<dyn TraceIdHook>) -> Self {
+        self.trace_id_hook = Some(hook);
+        self
+    }
 }
 
 impl Default for AdapterConfig {
@@ -184,6 +195,7 @@ impl Default for AdapterConfig {
             observer: None,
             spans: true,
             kill_on_drop: false,
+            trace_id_hook: None,
         }
     }
 }
@@ -199,6 +211,7 @@ impl fmt::Debug for AdapterConfig {
             .field("observer", &self.observer.is_some())
             .field("spans", &self.spans)
             .field("kill_on_drop", &self.kill_on_drop)
+            .field("trace_id_hook", &self.trace_id_hook.is_some())
             .finish()
     }
 }
@@ -285,7 +298,7 @@ impl Adapter {
         context: Context,
     ) -> Result<ResponseStream, EngineError> {
         // `request(..).context(..)` without the builder's moves: this is the hot path.
-        let mut stream = ResponseStream::new(&self.inner, request, context, None, None);
+        let mut stream = ResponseStream::new(&self.inner, request, context, None);
         // Dropping this future drops `stream`: the request is recorded (`Dropped`, or
         // `Cancelled` with kill-on-drop) and the engine aborted under rules 1 and 2.
         std::future::poll_fn(|cx| stream.poll_setup(cx)).await?;

@@ -3,8 +3,9 @@
 //! [`ChunkStream`] an engine returns.
 //!
 //! This module knows nothing of how a stream is driven and does not import the driver:
-//! the first-token hint reaches whatever implements the private `FirstTokenSink` (the
-//! driver's per-request state), through a handle that does not keep it alive.
+//! the engine's hints (first token, scheduled) reach whatever implements the private
+//! `HintSink` (the driver's per-request state), through a handle that does not keep it
+//! alive.
 
 use std::fmt;
 use std::future::Future;
@@ -16,21 +17,23 @@ use crate::context::Context;
 use crate::error::EngineError;
 use crate::protocol::{Chunk, Request};
 
-/// Who hears an engine's first-token hint: the driver's per-request state.
-pub(crate) trait FirstTokenSink: Send + Sync + 'static {
+/// Who hears an engine's hints: the driver's per-request state.
+pub(crate) trait HintSink: Send + Sync + 'static {
     /// The engine said the first token exists.
     fn first_token(self: std::sync::Arc<Self>);
+    /// The engine said the request left its queue and was scheduled.
+    fn scheduled(self: std::sync::Arc<Self>);
 }
 
-/// A handle on a [`FirstTokenSink`] that does not keep it alive: an engine may hold its
+/// A handle on a [`HintSink`] that does not keep it alive: an engine may hold its
 /// `GenerateContext` longer than the request lives.
 #[cfg(not(tether_loom))]
-pub(crate) type HintHandle = std::sync::Weak<dyn FirstTokenSink>;
+pub(crate) type HintHandle = std::sync::Weak<dyn HintSink>;
 
 /// Under loom the handle is a small sink that holds the model's own weak reference
 /// (loom's `Arc` cannot be coerced to a trait object).
 #[cfg(tether_loom)]
-pub(crate) type HintHandle = std::sync::Arc<dyn FirstTokenSink>;
+pub(crate) type HintHandle = std::sync::Arc<dyn HintSink>;
 
 /// A boxed, `Send` future: what the object-safe engine methods return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -106,12 +109,74 @@ impl fmt::Debug for dyn LlmEngine {
     }
 }
 
+/// Key/value pairs a caller attached to a request for its engine (a tenant, a priority
+/// class, a routing hint): set with [`Generate::metadata`](crate::Generate::metadata),
+/// read with [`GenerateContext::metadata`]. Kept in the order they were attached; a
+/// key attached twice keeps both, and [`Metadata::get`] answers the last.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Metadata {
+    pairs: Vec<(String, String)>,
+}
+
+impl Metadata {
+    /// No pairs.
+    pub fn new() -> Metadata {
+        Metadata::default()
+    }
+
+    /// Attach `value` under `key`.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.pairs.push((key.into(), value.into()));
+    }
+
+    /// The value last attached under `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every pair, in the order attached.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.pairs.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// How many pairs.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Metadata {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Metadata {
+        Metadata {
+            pairs: iter
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        }
+    }
+}
+
+/// The empty metadata a request without any refers to.
+static NO_METADATA: Metadata = Metadata { pairs: Vec::new() };
+
 /// What an engine gets with each `generate` (and back in `abort`): the request's
-/// [`Context`], its id, and the first-token hint.
+/// [`Context`], its id, the caller's [`Metadata`], and the hints an engine gives
+/// tether ([`notify_first_token`](GenerateContext::notify_first_token),
+/// [`notify_scheduled`](GenerateContext::notify_scheduled)).
 #[derive(Clone)]
 pub struct GenerateContext {
     context: Context,
     request_id: std::sync::Arc<str>,
+    metadata: Option<std::sync::Arc<Metadata>>,
     hint: Option<HintHandle>,
 }
 
@@ -120,29 +185,40 @@ impl fmt::Debug for GenerateContext {
         f.debug_struct("GenerateContext")
             .field("request_id", &self.request_id)
             .field("context", &self.context)
+            .field("metadata", self.metadata())
             .finish_non_exhaustive()
     }
 }
 
 impl GenerateContext {
     /// A context for calling an engine directly (tests, the conformance kit). Its
-    /// first-token hint goes nowhere.
+    /// hints go nowhere.
     pub fn new(context: Context, request_id: impl Into<std::sync::Arc<str>>) -> GenerateContext {
         GenerateContext {
             context,
             request_id: request_id.into(),
+            metadata: None,
             hint: None,
         }
+    }
+
+    /// The same, carrying `metadata` (for calling an engine directly).
+    #[must_use]
+    pub fn with_metadata(mut self, metadata: Metadata) -> GenerateContext {
+        self.metadata = (!metadata.is_empty()).then(|| std::sync::Arc::new(metadata));
+        self
     }
 
     pub(crate) fn with_hint(
         context: Context,
         request_id: std::sync::Arc<str>,
+        metadata: Option<std::sync::Arc<Metadata>>,
         hint: HintHandle,
     ) -> GenerateContext {
         GenerateContext {
             context,
             request_id,
+            metadata,
             hint: Some(hint),
         }
     }
@@ -157,6 +233,11 @@ impl GenerateContext {
         &self.request_id
     }
 
+    /// The key/values the caller attached to this request (empty when none).
+    pub fn metadata(&self) -> &Metadata {
+        self.metadata.as_deref().unwrap_or(&NO_METADATA)
+    }
+
     /// Whether the request was stopped or killed.
     pub fn is_stopped(&self) -> bool {
         self.context.is_stopped()
@@ -166,13 +247,26 @@ impl GenerateContext {
     /// worker calls this once its KV-cache transfer completed, which releases a
     /// deferred abort. Idempotent and cheap; safe from any thread.
     pub fn notify_first_token(&self) {
+        self.hint(HintSink::first_token);
+    }
+
+    /// Tell tether the request left the engine's queue and was scheduled (admitted to a
+    /// batch, given its KV blocks): the request's queue time
+    /// ([`RequestRecord::queue_time`](crate::RequestRecord::queue_time)) ends here, as
+    /// it does at a token-less chunk before the first token. Only the first signal
+    /// counts; cheap; safe from any thread.
+    pub fn notify_scheduled(&self) {
+        self.hint(HintSink::scheduled);
+    }
+
+    fn hint(&self, give: impl FnOnce(std::sync::Arc<dyn HintSink>)) {
         #[cfg(not(tether_loom))]
         if let Some(sink) = self.hint.as_ref().and_then(std::sync::Weak::upgrade) {
-            sink.first_token();
+            give(sink);
         }
         #[cfg(tether_loom)]
         if let Some(sink) = &self.hint {
-            sink.clone().first_token();
+            give(sink.clone());
         }
     }
 }

@@ -12,11 +12,14 @@
 //!   reports ([`Observer`], [`RequestRecord`], [`Outcome`], [`AbortStatus`],
 //!   [`drive::ItlStats`]), the [`Runtime`] and [`AsyncTimer`] traits a runtime shim
 //!   implements, [`run_runtime_conformance`], [`drive::CountingRuntime`] and
-//!   [`drive::ProbeAdapter`]. With feature `tower`, [`Adapter`] is a
+//!   [`drive::ProbeAdapter`] with its [`drive::Canary`], the [`TraceIdHook`] that names
+//!   a request's distributed trace. With feature `tower`, [`Adapter`] is a
 //!   `tower::Service<Request>`.
 //! - Cancellation ([`context`]): [`Context`] and its [`Cause`].
-//! - Engines ([`engine`]): [`LlmEngine`], [`GenerateContext`], [`EngineConfig`],
-//!   [`ChunkStream`].
+//! - Engines ([`engine`]): [`LlmEngine`], [`GenerateContext`] (with the caller's
+//!   [`Metadata`]), [`EngineConfig`], [`ChunkStream`].
+//! - Logs: `tracing` events of target `tether` ([`drive::LOG_TARGET`]), one span per
+//!   request of target `request_span` ([`drive::SPAN_TARGET`]).
 //! - Wire types ([`protocol`], [`error`]): [`Request`], [`Chunk`], [`Annotated`],
 //!   [`FinishReason`], [`Mode`], [`TraceLink`], [`EngineError`], [`ErrorKind`].
 //! - Checking an engine ([`conformance`]).
@@ -46,9 +49,9 @@ pub use context::{Cause, Context};
 pub use drive::run_runtime_conformance;
 pub use drive::{
     AbortStatus, Adapter, AdapterConfig, AsyncTimer, Generate, Generating, Observer, Outcome,
-    RequestRecord, ResponseStream, Results, Runtime,
+    RequestRecord, ResponseStream, Results, Runtime, TraceIdHook,
 };
-pub use engine::{ChunkStream, EngineConfig, GenerateContext, LlmEngine};
+pub use engine::{ChunkStream, EngineConfig, GenerateContext, LlmEngine, Metadata};
 pub use error::{BackendError, EngineError, ErrorKind};
 pub use protocol::{
     Annotated, Chunk, FinishReason, Mode, Request, SamplingOptions, StopConditions, TraceLink,

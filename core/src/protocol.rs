@@ -20,7 +20,7 @@ use crate::error::EngineError;
 
 mod trace_link;
 
-pub use trace_link::{TraceIdField, TraceLink, TraceLinkError};
+pub use trace_link::{RawTraceLink, TraceIdField, TraceLink, TraceLinkError};
 
 /// When the engine must stop generating for a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,8 +112,12 @@ mod finite_f32 {
 /// One generation request, as handed to an engine.
 ///
 /// Only `id` and `model` are required on the wire; every other field defaults when
-/// missing.
+/// missing. A `migration_link` whose ids are malformed does not reject the request: it
+/// is read as `None` and its raw values are kept in
+/// [`malformed_migration_link`](Request::malformed_migration_link), which the adapter
+/// records as span attributes (with a warning) instead of a link.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "RequestWire")]
 #[non_exhaustive]
 pub struct Request {
     /// Caller-chosen request id (used in logs, spans and aborts).
@@ -138,6 +142,52 @@ pub struct Request {
     /// Free-form annotations the caller asked the engine to report back.
     #[serde(default)]
     pub annotations: Vec<String>,
+    /// An incoming migration link that did not parse, as it came (never sent on).
+    #[serde(skip)]
+    pub malformed_migration_link: Option<RawTraceLink>,
+}
+
+/// How a [`Request`] is read: like the request, but with the migration link's ids
+/// as they came, so a malformed link is kept aside instead of rejecting the request.
+#[derive(Deserialize)]
+struct RequestWire {
+    id: String,
+    model: String,
+    #[serde(default)]
+    token_ids: Vec<u32>,
+    #[serde(default)]
+    stop: StopConditions,
+    #[serde(default)]
+    sampling: SamplingOptions,
+    #[serde(default)]
+    eos_token_ids: Vec<u32>,
+    #[serde(default)]
+    migration_link: Option<RawTraceLink>,
+    #[serde(default)]
+    annotations: Vec<String>,
+}
+
+impl From<RequestWire> for Request {
+    fn from(wire: RequestWire) -> Request {
+        let (migration_link, malformed_migration_link) = match wire.migration_link {
+            None => (None, None),
+            Some(raw) => match TraceLink::parse(&raw.trace_id, &raw.span_id) {
+                Ok(link) => (Some(link), None),
+                Err(_) => (None, Some(raw)),
+            },
+        };
+        Request {
+            id: wire.id,
+            model: wire.model,
+            token_ids: wire.token_ids,
+            stop: wire.stop,
+            sampling: wire.sampling,
+            eos_token_ids: wire.eos_token_ids,
+            migration_link,
+            annotations: wire.annotations,
+            malformed_migration_link,
+        }
+    }
 }
 
 impl Request {

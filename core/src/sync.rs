@@ -53,10 +53,10 @@ pub use loom_weak::{downgrade, is_dead, upgrade, Weak};
 /// Atomic integer and boolean types.
 pub mod atomic {
     #[cfg(not(tether_loom))]
-    pub use std::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+    pub use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
     // Used by tests and models only.
     #[cfg(all(not(tether_loom), any(test, feature = "internals")))]
-    pub use std::sync::atomic::{AtomicBool, AtomicU64};
+    pub use std::sync::atomic::AtomicBool;
 
     #[cfg(tether_loom)]
     pub use loom::sync::atomic::{

@@ -32,7 +32,7 @@ pub use futures_lite::future::yield_now;
 pub use harness::{data, error_kind, Harness, DEADLINE};
 pub use observer::RecordingObserver;
 pub use runtime::{guarded, next_item, poll_once, run_smol, sleep, ScenarioRuntime, GUARD};
-pub use spans::{CapturedSpan, SpanCapture};
+pub use spans::{CapturedSpan, SpanCapture, SpanIdHook};
 
 /// Generates, for each named scenario `async fn name<R: ScenarioRuntime>(rt: R)`, a
 /// module `name` with two tests: `name::tokio` (current-thread tokio with a paused

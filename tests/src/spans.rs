@@ -130,3 +130,34 @@ impl<S: Subscriber> Layer<S> for SpanCapture {
         self.update(&id, |span| span.closed = true);
     }
 }
+
+/// A [`TraceIdHook`](tether_core::TraceIdHook) for tests: the link is trace
+/// [`SpanIdHook::TRACE`] with the request span's own id (so a test can tell which span
+/// it was asked about), or `None` for a disabled span. Counts its calls.
+#[derive(Debug, Default)]
+pub struct SpanIdHook {
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl SpanIdHook {
+    /// The trace id every link of this hook carries.
+    pub const TRACE: u128 = 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c;
+
+    /// How many times the adapter asked.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The link this hook gives for the span `span`.
+    pub fn link_for(span: &CapturedSpan) -> Option<tether_core::TraceLink> {
+        tether_core::TraceLink::from_ids(SpanIdHook::TRACE, span.id)
+    }
+}
+
+impl tether_core::TraceIdHook for SpanIdHook {
+    fn trace_link(&self, span: &tracing::Span) -> Option<tether_core::TraceLink> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let id = span.id()?.into_u64();
+        tether_core::TraceLink::from_ids(SpanIdHook::TRACE, id)
+    }
+}

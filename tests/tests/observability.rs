@@ -2,7 +2,10 @@
 //! runtimes. Every scenario in this binary installs its own capturing subscriber
 //! (thread-local), so no test here ever runs without one.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tether_core::protocol::RawTraceLink;
 use tether_core::AbortStatus;
 
 use tether_core::{
@@ -10,16 +13,11 @@ use tether_core::{
     Usage,
 };
 use tether_tests::{
-    data, on_both_runtimes, sleep, CapturedSpan, Harness, ScenarioRuntime, SpanCapture, DEADLINE,
+    data, on_both_runtimes, sleep, Harness, ScenarioRuntime, SpanCapture, SpanIdHook, DEADLINE,
 };
 
 fn tokens(t: &[u32]) -> Annotated<Chunk> {
     data(Chunk::tokens(t.to_vec()))
-}
-
-/// The link derived from a span with no migration link: trace `id << 64 | id`.
-fn own_link(span: &CapturedSpan) -> Option<TraceLink> {
-    TraceLink::from_ids(u128::from(span.id) << 64 | u128::from(span.id), span.id)
 }
 
 /// A `%.2f` rendering of a non-negative number.
@@ -37,11 +35,15 @@ fn ms(v: Option<&str>) -> f64 {
 on_both_runtimes!(
     span_records_request_fields,
     dropped_stream_span_records_cancelled_dropped,
-    first_token_chunk_carries_worker_trace_link,
-    migration_link_sets_trace_of_worker_trace_link,
-    prefill_terminal_carries_worker_trace_link_when_no_token_did,
+    first_token_chunk_carries_the_hooks_trace_link,
+    without_a_hook_no_trace_link_is_invented,
+    a_link_the_engine_set_is_kept,
+    migration_link_is_on_the_span_from_its_creation,
+    malformed_migration_link_becomes_attributes_not_a_rejection,
+    prefill_terminal_carries_the_trace_link_even_after_tokens,
     timed_out_span_records_error_kind,
     setup_error_span_records_failure,
+    failed_stream_span_is_an_error_a_cancelled_one_is_not,
 );
 
 async fn span_records_request_fields<R: ScenarioRuntime>(rt: R) {
@@ -121,10 +123,16 @@ async fn dropped_stream_span_records_cancelled_dropped<R: ScenarioRuntime>(rt: R
     h.assert_clean().await;
 }
 
-async fn first_token_chunk_carries_worker_trace_link<R: ScenarioRuntime>(rt: R) {
+/// A harness whose adapter asks `hook` for trace ids.
+fn hooked<R: ScenarioRuntime>(rt: R, hook: &Arc<SpanIdHook>, config: AdapterConfig) -> Harness<R> {
+    Harness::with_config(rt, config.trace_id_hook(hook.clone()))
+}
+
+async fn first_token_chunk_carries_the_hooks_trace_link<R: ScenarioRuntime>(rt: R) {
     let capture = SpanCapture::new();
     let _guard = capture.install();
-    let h = Harness::new(rt);
+    let hook = Arc::new(SpanIdHook::default());
+    let h = hooked(rt, &hook, AdapterConfig::default());
     let (mut s, script, _ctx) = h.start("r").await;
     script
         .tokens(&[])
@@ -133,10 +141,9 @@ async fn first_token_chunk_carries_worker_trace_link<R: ScenarioRuntime>(rt: R) 
         .terminal(FinishReason::Eos);
     let items = h.collect(&mut s).await;
     let span = capture.only();
-    let link = own_link(&span);
-    assert!(link.is_some());
     let mut first = Chunk::tokens(vec![1]);
-    first.worker_trace_link = link;
+    first.worker_trace_link = SpanIdHook::link_for(&span);
+    assert!(first.worker_trace_link.is_some());
     assert_eq!(
         items,
         vec![
@@ -146,13 +153,55 @@ async fn first_token_chunk_carries_worker_trace_link<R: ScenarioRuntime>(rt: R) 
             data(Chunk::terminal(FinishReason::Eos)),
         ]
     );
+    assert_eq!(hook.calls(), 1, "asked once, for the first token only");
     h.assert_clean().await;
 }
 
-async fn migration_link_sets_trace_of_worker_trace_link<R: ScenarioRuntime>(rt: R) {
+async fn without_a_hook_no_trace_link_is_invented<R: ScenarioRuntime>(rt: R) {
     let capture = SpanCapture::new();
     let _guard = capture.install();
     let h = Harness::new(rt);
+    let (mut s, script, _ctx) = h.start("r").await;
+    script.tokens(&[1]).terminal(FinishReason::Eos);
+    let items = h.collect(&mut s).await;
+    assert_eq!(
+        capture.spans().len(),
+        1,
+        "the span exists, its ids are not used"
+    );
+    assert_eq!(
+        items,
+        vec![tokens(&[1]), data(Chunk::terminal(FinishReason::Eos))]
+    );
+    h.assert_clean().await;
+}
+
+async fn a_link_the_engine_set_is_kept<R: ScenarioRuntime>(rt: R) {
+    let capture = SpanCapture::new();
+    let _guard = capture.install();
+    let hook = Arc::new(SpanIdHook::default());
+    let h = hooked(rt, &hook, AdapterConfig::default().spans(false));
+    let own = TraceLink::parse("0123456789abcdef0123456789abcdef", "00000000000000aa")
+        .expect("valid link");
+    let (mut s, script, _ctx) = h.start("r").await;
+    let mut first = Chunk::tokens(vec![1]);
+    first.worker_trace_link = Some(own);
+    script.chunk(first.clone()).terminal(FinishReason::Eos);
+    let items = h.collect(&mut s).await;
+    assert_eq!(
+        items,
+        vec![data(first), data(Chunk::terminal(FinishReason::Eos))],
+        "kept as the engine set it, spans off or not"
+    );
+    assert_eq!(hook.calls(), 0, "no need to ask");
+    h.assert_clean().await;
+}
+
+async fn migration_link_is_on_the_span_from_its_creation<R: ScenarioRuntime>(rt: R) {
+    let capture = SpanCapture::new();
+    let _guard = capture.install();
+    let hook = Arc::new(SpanIdHook::default());
+    let h = hooked(rt, &hook, AdapterConfig::default());
     let migrated = TraceLink::parse("0123456789abcdef0123456789abcdef", "00000000000000aa")
         .expect("valid link");
     let mut request = h.request("r");
@@ -161,29 +210,61 @@ async fn migration_link_sets_trace_of_worker_trace_link<R: ScenarioRuntime>(rt: 
         .generate(request, Context::new("r"))
         .await
         .expect("generate");
-    h.engine
-        .script("r")
-        .tokens(&[1])
-        .terminal(FinishReason::Eos);
-    let first = h.next(&mut s).await.and_then(|i| i.data).expect("a chunk");
-    let span = capture.spans().remove(0);
+    // Before any record: the fields came with the span's attributes.
+    let span = capture.only();
     assert_eq!(
         span.get("migration_trace_id"),
         Some("0123456789abcdef0123456789abcdef")
     );
     assert_eq!(span.get("migration_span_id"), Some("00000000000000aa"));
-    assert_eq!(
-        first.worker_trace_link,
-        TraceLink::from_ids(migrated.trace_id(), span.id)
-    );
+    h.engine
+        .script("r")
+        .tokens(&[1])
+        .terminal(FinishReason::Eos);
+    let first = h.next(&mut s).await.and_then(|i| i.data).expect("a chunk");
+    assert_eq!(first.worker_trace_link, SpanIdHook::link_for(&span));
     drop(h.collect(&mut s).await);
     h.assert_clean().await;
 }
 
-async fn prefill_terminal_carries_worker_trace_link_when_no_token_did<R: ScenarioRuntime>(rt: R) {
+async fn malformed_migration_link_becomes_attributes_not_a_rejection<R: ScenarioRuntime>(rt: R) {
     let capture = SpanCapture::new();
     let _guard = capture.install();
-    let h = Harness::with_config(rt, AdapterConfig::default().mode(Mode::Prefill));
+    let h = Harness::new(rt);
+    let json = r#"{"id":"r","model":"m","token_ids":[1,2,3],
+        "migration_link":{"trace_id":"NOT-HEX","span_id":"00000000000000aa"}}"#;
+    let request: tether_core::Request = serde_json::from_str(json).expect("not rejected");
+    assert_eq!(request.migration_link, None);
+    assert_eq!(
+        request.malformed_migration_link,
+        Some(RawTraceLink {
+            trace_id: "NOT-HEX".into(),
+            span_id: "00000000000000aa".into()
+        })
+    );
+    let mut s = h
+        .generate(request, Context::new("r"))
+        .await
+        .expect("the request runs");
+    let span = capture.only();
+    assert_eq!(span.get("migration_trace_id"), Some("NOT-HEX"));
+    assert_eq!(span.get("migration_span_id"), Some("00000000000000aa"));
+    h.engine
+        .script("r")
+        .tokens(&[1])
+        .terminal(FinishReason::Eos);
+    assert_eq!(
+        h.collect(&mut s).await,
+        vec![tokens(&[1]), data(Chunk::terminal(FinishReason::Eos))]
+    );
+    h.assert_clean().await;
+}
+
+async fn prefill_terminal_carries_the_trace_link_even_after_tokens<R: ScenarioRuntime>(rt: R) {
+    let capture = SpanCapture::new();
+    let _guard = capture.install();
+    let hook = Arc::new(SpanIdHook::default());
+    let h = hooked(rt, &hook, AdapterConfig::default().mode(Mode::Prefill));
     // A prefill worker that yields no token: its terminal carries the link.
     let usage = Usage::new(3, 0);
     let (mut s, script, _ctx) = h.start("p1").await;
@@ -194,21 +275,29 @@ async fn prefill_terminal_carries_worker_trace_link_when_no_token_did<R: Scenari
     let span = capture.spans().remove(0);
     assert_eq!(span.get("disagg_role"), Some("prefill"));
     let mut last = Chunk::terminal(FinishReason::Length).with_usage(usage);
-    last.worker_trace_link = own_link(&span);
+    last.worker_trace_link = SpanIdHook::link_for(&span);
     assert!(last.worker_trace_link.is_some());
     assert_eq!(items, vec![tokens(&[]), data(last)]);
 
-    // One that yields a token: the token carries it, the terminal does not.
+    // One that yields a token: the token carries it, and so does the terminal.
     let (mut s, script, _ctx) = h.start("p2").await;
     script.tokens(&[1]).terminal(FinishReason::Length);
     let items = h.collect(&mut s).await;
     let span = capture.spans().remove(1);
     let mut first = Chunk::tokens(vec![1]);
-    first.worker_trace_link = own_link(&span);
-    assert_eq!(
-        items,
-        vec![data(first), data(Chunk::terminal(FinishReason::Length))]
-    );
+    first.worker_trace_link = SpanIdHook::link_for(&span);
+    let mut last = Chunk::terminal(FinishReason::Length);
+    last.worker_trace_link = SpanIdHook::link_for(&span);
+    assert_eq!(items, vec![data(first), data(last)]);
+
+    // A terminal that brought its own link keeps it.
+    let own = TraceLink::parse("0123456789abcdef0123456789abcdef", "00000000000000aa")
+        .expect("valid link");
+    let (mut s, script, _ctx) = h.start("p3").await;
+    let mut last = Chunk::terminal(FinishReason::Length);
+    last.worker_trace_link = Some(own);
+    script.chunk(last.clone());
+    assert_eq!(h.collect(&mut s).await, vec![data(last)]);
     h.assert_clean().await;
 }
 
@@ -230,6 +319,8 @@ async fn timed_out_span_records_error_kind<R: ScenarioRuntime>(rt: R) {
     assert_eq!(span.get("finish_reason"), Some("error"));
     assert_eq!(span.get("cancelled"), Some("true"));
     assert_eq!(span.get("error_kind"), Some("FirstTokenTimeout"));
+    assert_eq!(span.get("otel.status_code"), Some("ERROR"));
+    assert_eq!(span.get("otel.status_message"), Some("FirstTokenTimeout"));
     assert_eq!(span.get("output_tokens"), Some("0"));
     assert_eq!(span.get("ttft_ms"), None);
     assert_eq!(span.get("avg_itl_ms"), None);
@@ -253,7 +344,49 @@ async fn setup_error_span_records_failure<R: ScenarioRuntime>(rt: R) {
     let span = capture.only();
     assert_eq!(span.get("finish_reason"), Some("error"));
     assert_eq!(span.get("cancelled"), Some("false"));
-    assert_eq!(span.get("error_kind"), Some("InvalidArgument"));
+    assert_eq!(span.get("error_kind"), Some("setup_failed"));
+    assert_eq!(span.get("otel.status_code"), Some("ERROR"));
+    assert_eq!(
+        span.get("otel.status_message"),
+        Some("setup failed: InvalidArgument")
+    );
     assert!(span.closed);
+    h.assert_clean().await;
+}
+
+async fn failed_stream_span_is_an_error_a_cancelled_one_is_not<R: ScenarioRuntime>(rt: R) {
+    let capture = SpanCapture::new();
+    let _guard = capture.install();
+    let h = Harness::new(rt);
+    // Mid-stream failure: an error, with the engine's kind (not setup_failed).
+    let (mut s, script, _ctx) = h.start("failed").await;
+    script
+        .tokens(&[1])
+        .error(EngineError::invalid_argument("bad"));
+    drop(h.collect(&mut s).await);
+    // A stop: cancelled, and no error status.
+    let (mut s, script, ctx) = h.start("stopped").await;
+    script.tokens(&[1]);
+    assert!(h.next(&mut s).await.is_some());
+    ctx.stop();
+    h.wait_aborts(&script, 1).await;
+    script.terminal(FinishReason::Cancelled);
+    drop(h.collect(&mut s).await);
+    // A drop: no error status either.
+    let (mut s, script, _ctx) = h.start("dropped").await;
+    script.tokens(&[1]);
+    assert!(h.next(&mut s).await.is_some());
+    drop(s);
+    let spans = capture.spans();
+    assert_eq!(spans.len(), 3);
+    assert_eq!(spans[0].get("error_kind"), Some("InvalidArgument"));
+    assert_eq!(spans[0].get("otel.status_code"), Some("ERROR"));
+    assert_eq!(spans[0].get("otel.status_message"), Some("InvalidArgument"));
+    for span in &spans[1..] {
+        assert_eq!(span.get("cancelled"), Some("true"));
+        assert_eq!(span.get("otel.status_code"), None, "{span:?}");
+        assert_eq!(span.get("error_kind"), None, "{span:?}");
+    }
+    h.wait_aborts(&h.engine.script("dropped"), 1).await;
     h.assert_clean().await;
 }

@@ -14,10 +14,12 @@ use std::time::Duration;
 use futures_core::Stream;
 
 use super::shared::Shared;
+use super::span::SpanNote;
 use super::stats::{Outcome, RequestRecord};
 use super::stream::{end_for_consumer, ResponseStream};
 use super::{Adapter, AdapterConfig};
 use crate::context::Context;
+use crate::engine::Metadata;
 use crate::error::EngineError;
 use crate::lifecycle::deadlines::CancelLimits;
 use crate::lifecycle::Event;
@@ -25,6 +27,13 @@ use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request};
 
 /// A per-request record callback.
 pub(super) type RecordFn = Box<dyn FnOnce(&RequestRecord) + Send + 'static>;
+
+/// What a request set for itself through [`Generate`].
+pub(super) struct Own {
+    pub(super) limits: Limits,
+    pub(super) on_record: Option<RecordFn>,
+    pub(super) metadata: Metadata,
+}
 
 /// The limits one request runs under: the adapter's, with its own overrides.
 #[derive(Clone, Copy, Debug)]
@@ -80,6 +89,7 @@ pub struct Generate<'a> {
     context: Option<Context>,
     limits: Limits,
     on_record: Option<RecordFn>,
+    metadata: Metadata,
 }
 
 impl fmt::Debug for Generate<'_> {
@@ -89,6 +99,7 @@ impl fmt::Debug for Generate<'_> {
             .field("context", &self.context)
             .field("limits", &self.limits)
             .field("on_record", &self.on_record.is_some())
+            .field("metadata", &self.metadata)
             .finish()
     }
 }
@@ -101,6 +112,7 @@ impl<'a> Generate<'a> {
             request,
             context: None,
             on_record: None,
+            metadata: Metadata::new(),
         }
     }
 
@@ -149,6 +161,14 @@ impl<'a> Generate<'a> {
         self
     }
 
+    /// Attach `value` under `key` to this request's [`Metadata`], for the engine
+    /// ([`GenerateContext::metadata`](crate::GenerateContext::metadata), in `generate`
+    /// and in `abort`): a tenant, a priority class, a routing hint.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key, value);
+        self
+    }
+
     /// Call `f` with this request's record once it is over (after the adapter's
     /// observer), however it ends: a handler's way to usage and timings when the
     /// stream itself was moved into a response body.
@@ -166,13 +186,12 @@ impl IntoFuture for Generate<'_> {
         let context = self
             .context
             .unwrap_or_else(|| Context::new(self.request.id.clone()));
-        let stream = ResponseStream::new(
-            &self.adapter.inner,
-            self.request,
-            context,
-            Some(self.limits),
-            self.on_record,
-        );
+        let own = Own {
+            limits: self.limits,
+            on_record: self.on_record,
+            metadata: self.metadata,
+        };
+        let stream = ResponseStream::new(&self.adapter.inner, self.request, context, Some(own));
         Generating::new(stream)
     }
 }
@@ -264,7 +283,13 @@ impl ResponseStream {
         local.stash = Some(Box::new(Annotated::from_data(Chunk::terminal(
             reason.clone(),
         ))));
-        end_for_consumer(shared, local, Outcome::Finished(reason), state, None);
+        end_for_consumer(
+            shared,
+            local,
+            Outcome::Finished(reason),
+            state,
+            SpanNote::None,
+        );
         true
     }
 

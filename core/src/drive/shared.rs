@@ -4,15 +4,18 @@
 //! the consumer).
 
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
+use super::log;
 use super::slot::EngineSlot;
 use super::timers::Timer;
 use super::watchdog::{OffPoller, Watchdog};
 use super::AdapterInner;
 use crate::context::{Context, Signal};
-use crate::engine::{FirstTokenSink, GenerateContext, HintHandle};
+use crate::engine::{GenerateContext, HintHandle, HintSink, Metadata};
 use crate::lifecycle::deadlines::CancelLimits;
 use crate::lifecycle::{Actions, Delivery, Event, SharedState};
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{downgrade, lock, Arc, Mutex};
 
 /// The part of a request reachable from other threads.
@@ -29,9 +32,72 @@ pub(crate) struct Shared {
     /// The watchdog's side: `None` until a cancel deadline is armed or the engine is
     /// handed over, so the happy path carries one empty word here.
     pub(super) off: Mutex<Option<Box<OffPoller>>>,
+    /// When the request was created, on the runtime's clock.
+    pub(super) start: Instant,
+    /// When the engine said the request was scheduled, as nanoseconds after `start`
+    /// plus one (0: not yet). The first signal wins.
+    scheduled: AtomicU64,
+    /// What few requests carry: the caller's metadata, the model (only while tether's
+    /// log events are listened to). `None` on the hot path.
+    pub(super) extras: Option<Box<SharedExtras>>,
+}
+
+/// The rarely present parts of [`Shared`].
+#[derive(Debug, Default)]
+pub(crate) struct SharedExtras {
+    pub(super) metadata: Option<std::sync::Arc<Metadata>>,
+    pub(super) model: Option<Box<str>>,
 }
 
 impl Shared {
+    /// The shared part of a new request, created at `start`.
+    pub(super) fn new(
+        cell: SharedState,
+        adapter: Arc<AdapterInner>,
+        context: Context,
+        request_id: std::sync::Arc<str>,
+        cancel_override: Option<Box<CancelLimits>>,
+        extras: Option<Box<SharedExtras>>,
+        start: Instant,
+    ) -> Shared {
+        Shared {
+            cell,
+            waker: Mutex::new(None),
+            adapter,
+            context,
+            request_id,
+            cancel_override,
+            off: Mutex::new(None),
+            start,
+            scheduled: AtomicU64::new(0),
+            extras,
+        }
+    }
+
+    /// The model, for log events (`None` unless they were listened to at creation).
+    pub(super) fn model(&self) -> Option<&str> {
+        self.extras.as_ref()?.model.as_deref()
+    }
+
+    /// The engine's scheduling signal arrived at `now` (only the first one counts).
+    pub(super) fn mark_scheduled(&self, now: Instant) {
+        let after = now.saturating_duration_since(self.start);
+        let code = u64::try_from(after.as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1);
+        let _ = self
+            .scheduled
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// How long the request waited in the engine's queue, if the engine said.
+    pub(super) fn queue_time(&self) -> Option<Duration> {
+        match self.scheduled.load(Ordering::Acquire) {
+            0 => None,
+            code => Some(Duration::from_nanos(code - 1)),
+        }
+    }
+
     /// The cancel limits this request runs under.
     pub(super) fn limits(&self) -> &CancelLimits {
         self.cancel_override
@@ -43,6 +109,12 @@ impl Shared {
     fn first_token_hint(this: &Arc<Self>) {
         let (_, acts) = this.cell.apply(Event::FirstTokenHint);
         Shared::perform_off_consumer(this, acts);
+    }
+
+    /// The context listener: a stop or kill reached this request.
+    pub(super) fn heard(this: &Arc<Self>, signal: Signal) {
+        log::cancellation_seen(this, signal);
+        Shared::signal(this, signal);
     }
 
     pub(super) fn signal(this: &Arc<Self>, signal: Signal) {
@@ -71,11 +143,14 @@ impl Shared {
     pub(super) fn abort_and_arm(this: &Arc<Self>, acts: Actions) {
         if acts.abort {
             Shared::spawn_abort(this);
+        } else if acts.arm_deferral {
+            log::abort_deferred(this);
         }
         Shared::arm(this, acts, None);
     }
 
     fn spawn_abort(this: &Arc<Self>) {
+        log::abort_sent(this);
         if let Some(obs) = &this.adapter.config.observer {
             obs.on_abort(&this.request_id);
         }
@@ -132,7 +207,13 @@ impl Shared {
         let hint: HintHandle = downgrade::<Shared>(this);
         #[cfg(tether_loom)]
         let hint: HintHandle = std::sync::Arc::new(LoomHint(downgrade(this)));
-        GenerateContext::with_hint(this.context.clone(), this.request_id.clone(), hint)
+        let metadata = this.extras.as_ref().and_then(|e| e.metadata.clone());
+        GenerateContext::with_hint(
+            this.context.clone(),
+            this.request_id.clone(),
+            metadata,
+            hint,
+        )
     }
 
     /// Store the consumer's waker (only [`register`] calls this, when it changed).
@@ -142,9 +223,12 @@ impl Shared {
 }
 
 #[cfg(not(tether_loom))]
-impl FirstTokenSink for Shared {
+impl HintSink for Shared {
     fn first_token(self: Arc<Self>) {
         Shared::first_token_hint(&self);
+    }
+    fn scheduled(self: Arc<Self>) {
+        self.mark_scheduled(self.adapter.runtime.now());
     }
 }
 
@@ -153,10 +237,15 @@ impl FirstTokenSink for Shared {
 struct LoomHint(crate::sync::Weak<Shared>);
 
 #[cfg(tether_loom)]
-impl FirstTokenSink for LoomHint {
+impl HintSink for LoomHint {
     fn first_token(self: std::sync::Arc<Self>) {
         if let Some(shared) = crate::sync::upgrade(&self.0) {
             Shared::first_token_hint(&shared);
+        }
+    }
+    fn scheduled(self: std::sync::Arc<Self>) {
+        if let Some(shared) = crate::sync::upgrade(&self.0) {
+            shared.mark_scheduled(shared.adapter.runtime.now());
         }
     }
 }

@@ -13,6 +13,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 
+use super::log;
+use super::shared::Shared;
 use crate::engine::ChunkStream;
 use crate::error::{panic_message, EngineError};
 use crate::lifecycle::Event;
@@ -38,7 +40,11 @@ pub(crate) enum EngineSlot {
 impl EngineSlot {
     /// Drive setup: `Ready(None)` once the stream exists, `Ready(Some(error))` when
     /// `generate` failed or panicked.
-    pub(crate) fn poll_setup(&mut self, cx: &mut TaskContext<'_>) -> Poll<Option<EngineError>> {
+    pub(crate) fn poll_setup(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        shared: &Shared,
+    ) -> Poll<Option<EngineError>> {
         let EngineSlot::Setup(setup) = self else {
             return Poll::Ready(None);
         };
@@ -48,6 +54,7 @@ impl EngineSlot {
                 // The finished setup future is dropped here, inside the same guard.
                 let done = std::mem::replace(self, EngineSlot::Stream(stream));
                 if catch_unwind(AssertUnwindSafe(move || drop(done))).is_err() {
+                    log::engine_misbehaved(shared, "its generate future panicked when dropped");
                     return Poll::Ready(Some(EngineError::engine_panicked(
                         "generate future panicked when dropped".to_owned(),
                     )));
@@ -55,17 +62,19 @@ impl EngineSlot {
                 Poll::Ready(None)
             }
             Ok(Poll::Ready(Err(err))) => Poll::Ready(Some(err)),
-            Err(panic) => Poll::Ready(Some(EngineError::engine_panicked(panic_message(
-                panic.as_ref(),
-            )))),
+            Err(panic) => Poll::Ready(Some(panicked(shared, "generate", panic.as_ref()))),
         }
     }
 
     /// The next engine event (setup first, then the stream's items).
     #[inline]
-    pub(crate) fn poll_event(&mut self, cx: &mut TaskContext<'_>) -> Poll<(Event, Item)> {
+    pub(crate) fn poll_event(
+        &mut self,
+        cx: &mut TaskContext<'_>,
+        shared: &Shared,
+    ) -> Poll<(Event, Item)> {
         if let EngineSlot::Setup(_) = self {
-            match self.poll_setup(cx) {
+            match self.poll_setup(cx, shared) {
                 Poll::Ready(None) => {}
                 Poll::Ready(Some(err)) => {
                     return Poll::Ready((Event::EngineError, Item::Error(err)))
@@ -94,10 +103,18 @@ impl EngineSlot {
             Ok(Poll::Ready(None)) => (Event::EngineEnded, Item::None),
             Err(panic) => (
                 Event::EngineError,
-                Item::Error(EngineError::engine_panicked(panic_message(panic.as_ref()))),
+                Item::Error(panicked(shared, "stream", panic.as_ref())),
             ),
         })
     }
+}
+
+/// The engine panicked in its `what`: warn, and make the typed error.
+#[cold]
+fn panicked(shared: &Shared, what: &str, payload: &(dyn std::any::Any + Send)) -> EngineError {
+    let message = panic_message(payload);
+    log::engine_misbehaved(shared, &format!("its {what} panicked: {message}"));
+    EngineError::engine_panicked(message)
 }
 
 /// Let go of the engine (setup future or stream). Engines that cancel on drop do their

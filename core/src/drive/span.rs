@@ -1,26 +1,99 @@
 //! The per-request `engine.generate` tracing span (target `request_span`): created at
 //! generate, recorded once at the end. Owns the field names and formats of SPEC.md
-//! section 6 and the `worker_trace_link` derived from the span; nothing else.
+//! section 6, the [`TraceIdHook`] that names the distributed trace's ids for
+//! `worker_trace_link`, and nothing else.
+
+use std::fmt;
 
 use tracing::field::Empty;
 use tracing::Span;
 
 use super::stats::{ItlStats, Outcome, RequestRecord};
 use crate::error::ErrorKind;
-use crate::protocol::{Request, TraceLink};
+use crate::protocol::{Mode, Request, TraceLink};
 
 /// The tracing target of the request span.
 pub const TARGET: &str = "request_span";
 
-pub(crate) fn open(request: &Request, mode: crate::protocol::Mode) -> Span {
-    let span = tracing::info_span!(
+/// Names the distributed trace's real ids for a request, for the `worker_trace_link`
+/// its first token (and, in prefill mode, its terminal) carries: set one in
+/// [`AdapterConfig::trace_id_hook`](super::AdapterConfig::trace_id_hook).
+///
+/// tether's core has no OpenTelemetry dependency; the hook is where one plugs in
+/// (`tether serve`'s `otel` feature answers with the exported OpenTelemetry trace and
+/// span ids of the request's `engine.generate` span). Without a hook no link is
+/// stamped: ids that match nothing in a trace store are worse than none.
+pub trait TraceIdHook: Send + Sync + 'static {
+    /// The ids of the trace `span` (the request's `engine.generate` span, or a disabled
+    /// span when spans are off or nobody listens) belongs to, with the id to link to;
+    /// `None` when there is no trace to link to.
+    fn trace_link(&self, span: &Span) -> Option<TraceLink>;
+}
+
+impl fmt::Debug for dyn TraceIdHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("dyn TraceIdHook")
+    }
+}
+
+/// How a request's span is closed beyond its record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SpanNote {
+    /// Nothing beyond the record.
+    None,
+    /// Ended by tether's own timeout of this kind.
+    Timeout(ErrorKind),
+    /// The engine's `generate` refused the request (rule 7).
+    SetupFailed,
+}
+
+/// The request's span, with the migration link (or a malformed one's raw values) as
+/// fields from its creation, so a layer sees them in `on_new_span`.
+pub(crate) fn open(request: &Request, mode: Mode) -> Span {
+    let span = match (&request.migration_link, &request.malformed_migration_link) {
+        (Some(link), _) => new_span(
+            request,
+            mode,
+            link.trace_id_hex().as_str(),
+            link.span_id_hex().as_str(),
+        ),
+        (None, Some(raw)) => new_span(request, mode, raw.trace_id.as_str(), raw.span_id.as_str()),
+        (None, None) => tracing::info_span!(
+            target: "request_span",
+            "engine.generate",
+            model = %request.model,
+            input_tokens = request.token_ids.len(),
+            disagg_role = mode.as_str(),
+            migration_trace_id = Empty,
+            migration_span_id = Empty,
+            ttft_ms = Empty,
+            output_tokens = Empty,
+            finish_reason = Empty,
+            cancelled = Empty,
+            error_kind = Empty,
+            avg_itl_ms = Empty,
+            itl_p50_ms = Empty,
+            itl_p99_ms = Empty,
+            itl_max_ms = Empty,
+            otel.status_code = Empty,
+            otel.status_message = Empty,
+        ),
+    };
+    if let Some(raw) = &request.malformed_migration_link {
+        super::log::malformed_migration_link(&request.id, &raw.trace_id, &raw.span_id);
+    }
+    span
+}
+
+fn new_span(request: &Request, mode: Mode, trace_id: &str, span_id: &str) -> Span {
+    tracing::info_span!(
         target: "request_span",
         "engine.generate",
         model = %request.model,
         input_tokens = request.token_ids.len(),
         disagg_role = mode.as_str(),
-        migration_trace_id = Empty,
-        migration_span_id = Empty,
+        migration_trace_id = trace_id,
+        migration_span_id = span_id,
         ttft_ms = Empty,
         output_tokens = Empty,
         finish_reason = Empty,
@@ -30,35 +103,23 @@ pub(crate) fn open(request: &Request, mode: crate::protocol::Mode) -> Span {
         itl_p50_ms = Empty,
         itl_p99_ms = Empty,
         itl_max_ms = Empty,
-    );
-    if let (false, Some(link)) = (span.is_disabled(), request.migration_link) {
-        span.record("migration_trace_id", link.trace_id_hex().as_str());
-        span.record("migration_span_id", link.span_id_hex().as_str());
-    }
-    span
-}
-
-/// The ids to stamp as `worker_trace_link`: the request's migration trace (or one
-/// derived from the span) and this span's id. `None` when the span is not recorded.
-pub(crate) fn trace_link(span: &Span, request_link: Option<TraceLink>) -> Option<TraceLink> {
-    if span.is_disabled() {
-        return None;
-    }
-    // A callsite made interesting by another thread's subscriber can hand out a span
-    // with no id (or a placeholder) when this thread has none: stamp nothing then.
-    let id = span.id()?.into_u64();
-    let trace = request_link.map_or(u128::from(id) << 64 | u128::from(id), |l| l.trace_id());
-    TraceLink::from_ids(trace, id)
+        otel.status_code = Empty,
+        otel.status_message = Empty,
+    )
 }
 
 fn ms2(v: f64) -> String {
     format!("{v:.2}")
 }
 
-pub(crate) fn record(span: &Span, rec: &RequestRecord, timeout_kind: Option<ErrorKind>) {
+pub(crate) fn record(span: &Span, rec: &RequestRecord, note: SpanNote) {
     if span.is_disabled() {
         return;
     }
+    let timeout_kind = match note {
+        SpanNote::Timeout(kind) => Some(kind),
+        SpanNote::None | SpanNote::SetupFailed => None,
+    };
     if let Some(ttft) = rec.ttft {
         span.record("ttft_ms", ms2(ttft.as_secs_f64() * 1000.0).as_str());
     }
@@ -72,8 +133,23 @@ pub(crate) fn record(span: &Span, rec: &RequestRecord, timeout_kind: Option<Erro
     };
     span.record("finish_reason", reason.as_str());
     span.record("cancelled", cancelled);
-    if let Some(k) = error_kind {
+    if note == SpanNote::SetupFailed {
+        span.record("error_kind", "setup_failed");
+    } else if let Some(k) = &error_kind {
         span.record("error_kind", k.as_str());
+    }
+    // Failures and timeouts are errors in a trace store; a cancellation or a drop is a
+    // user's normal choice and must not flood it with errors.
+    if matches!(rec.outcome, Outcome::Failed(_) | Outcome::TimedOut) {
+        span.record("otel.status_code", "ERROR");
+        let message = match &rec.outcome {
+            Outcome::Failed(kind) if note == SpanNote::SetupFailed => {
+                format!("setup failed: {kind}")
+            }
+            Outcome::Failed(kind) => kind.to_string(),
+            _ => error_kind.unwrap_or_else(|| "timed out".to_owned()),
+        };
+        span.record("otel.status_message", message.as_str());
     }
     record_itl(span, &rec.itl);
 }

@@ -69,6 +69,18 @@ pub enum AbortStatus {
     Discarded,
 }
 
+impl AbortStatus {
+    /// A short lowercase label (`not_needed`, `deferred`, `sent`, `discarded`).
+    pub fn label(self) -> &'static str {
+        match self {
+            AbortStatus::NotNeeded => "not_needed",
+            AbortStatus::Deferred => "deferred",
+            AbortStatus::Sent => "sent",
+            AbortStatus::Discarded => "discarded",
+        }
+    }
+}
+
 impl From<Abort> for AbortStatus {
     fn from(abort: Abort) -> AbortStatus {
         match abort {
@@ -96,6 +108,11 @@ pub struct RequestRecord {
     pub cause: Option<Cause>,
     /// Time to the first non-empty chunk, if one arrived.
     pub ttft: Option<Duration>,
+    /// Time in the engine's queue: from the request's creation to the engine's
+    /// scheduling signal ([`GenerateContext::notify_scheduled`](crate::GenerateContext::notify_scheduled),
+    /// or a token-less chunk before the first token). `None` when the engine gave
+    /// none (the first token is not taken for it: that is [`ttft`](RequestRecord::ttft)).
+    pub queue_time: Option<Duration>,
     /// Inter-token latencies.
     pub itl: ItlStats,
     /// Tokens forwarded to the consumer.
@@ -115,6 +132,7 @@ impl RequestRecord {
             outcome,
             cause: None,
             ttft: None,
+            queue_time: None,
             itl: ItlStats::default(),
             output_tokens: 0,
             abort: AbortStatus::NotNeeded,

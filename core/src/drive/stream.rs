@@ -17,21 +17,22 @@ use futures_core::Stream;
 use pin_project::{pin_project, pinned_drop};
 use tracing::Span;
 
-use super::request::{Limits, RecordFn};
-use super::shared::Shared;
+use super::log;
+use super::request::{Own, RecordFn};
+use super::shared::{Shared, SharedExtras};
 use super::slot::{release, EngineSlot, Item, SetupFuture};
-use super::span;
+use super::span::{self, SpanNote};
 use super::stats::{AbortStatus, ItlStats, Outcome, RequestRecord, StatsRecorder};
 use super::timers::Timer;
 use super::AdapterInner;
 use crate::context::{Cause, Context, ListenerId, Signal};
 use crate::error::{BackendError, EngineError, ErrorKind};
-use crate::lifecycle::deadlines::Silence;
+use crate::lifecycle::deadlines::{Due, Silence};
 use crate::lifecycle::{
-    Actions, Delivery, Event, OutcomeKind, SharedState, State, StepCache, Synthesized,
+    Actions, Delivery, Event, OutcomeKind, SharedState, State, StepCache, Synthesized, Timeout,
 };
-use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
-use crate::sync::{downgrade, upgrade, Arc, Mutex};
+use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request};
+use crate::sync::{downgrade, upgrade, Arc};
 
 /// The consumer's stream for one request: engine chunks as [`Annotated`] items, ending
 /// with exactly one terminal (a chunk with a finish reason, or an error item).
@@ -57,7 +58,6 @@ pub(super) struct Local {
     listener: Option<ListenerId>,
     /// The waker last registered in `shared.waker` (skips the lock on repeat polls).
     registered: Option<Waker>,
-    migration_link: Option<TraceLink>,
     /// An item decided while `generate` was pending, for the first poll (boxed: it is
     /// rare, and an inline `Annotated<Chunk>` would grow every stream by its size).
     pub(super) stash: Option<Box<Annotated<Chunk>>>,
@@ -88,6 +88,7 @@ pub(super) struct Ended {
     pub(super) outcome: Outcome,
     pub(super) abort: AbortStatus,
     pub(super) cause: Option<Cause>,
+    pub(super) queue_time: Option<std::time::Duration>,
 }
 
 impl Local {
@@ -105,6 +106,7 @@ impl Local {
             outcome: ended.outcome.clone(),
             cause: ended.cause,
             ttft: self.stats.ttft(),
+            queue_time: ended.queue_time,
             itl,
             output_tokens: self.stats.output_tokens(),
             abort: ended.abort,
@@ -129,37 +131,54 @@ impl ResponseStream {
         adapter: &Arc<AdapterInner>,
         request: Request,
         context: Context,
-        own: Option<Limits>,
-        on_record: Option<RecordFn>,
+        own: Option<Own>,
     ) -> Self {
         // `None`: the adapter's limits (the hot path: nothing to compare or box).
-        let limits = own.unwrap_or(adapter.limits);
+        let (limits, on_record, metadata) = match own {
+            None => (adapter.limits, None, None),
+            Some(own) => (
+                own.limits,
+                own.on_record,
+                (!own.metadata.is_empty()).then(|| std::sync::Arc::new(own.metadata)),
+            ),
+        };
         let start = adapter.runtime.now();
         let span = if adapter.config.spans {
             span::open(&request, limits.mode)
         } else {
             Span::none()
         };
-        let shared = Arc::new(Shared {
-            cell: SharedState::new(State::new(limits.mode)),
-            waker: Mutex::new(None),
-            adapter: adapter.clone(),
+        // The model is kept only while tether's log events are listened to.
+        let model = tracing::enabled!(target: "tether", tracing::Level::WARN)
+            .then(|| Box::from(request.model.as_str()));
+        let extras = (metadata.is_some() || model.is_some())
+            .then(|| Box::new(SharedExtras { metadata, model }));
+        let shared = Arc::new(Shared::new(
+            SharedState::new(State::new(limits.mode)),
+            adapter.clone(),
             context,
-            request_id: std::sync::Arc::from(request.id.as_str()),
-            cancel_override: own
-                .filter(|own| own.cancel != adapter.limits.cancel)
-                .map(|own| Box::new(own.cancel)),
-            off: Mutex::new(None),
-        });
-        let migration_link = request.migration_link;
+            std::sync::Arc::from(request.id.as_str()),
+            (limits.cancel != adapter.limits.cancel).then(|| Box::new(limits.cancel)),
+            extras,
+            start,
+        ));
         let gctx = Shared::generate_context(&shared);
         let engine = adapter.engine.clone();
-        let setup: SetupFuture = Box::pin(async move { engine.generate(request, gctx).await });
+        // The engine's setup runs inside the request span.
+        let setup: SetupFuture = if span.is_disabled() {
+            Box::pin(async move { engine.generate(request, gctx).await })
+        } else {
+            let span = span.clone();
+            Box::pin(tracing::Instrument::instrument(
+                async move { engine.generate(request, gctx).await },
+                span,
+            ))
+        };
         let weak = downgrade(&shared);
         // A context already stopped or killed calls it at once.
         let listener = shared.context.add_listener(move |signal| {
             if let Some(shared) = upgrade(&weak) {
-                Shared::signal(&shared, signal);
+                Shared::heard(&shared, signal);
             }
         });
         ResponseStream {
@@ -172,7 +191,6 @@ impl ResponseStream {
                 span,
                 listener: Some(listener),
                 registered: None,
-                migration_link,
                 stash: None,
                 stamped: false,
                 done: false,
@@ -201,14 +219,14 @@ impl ResponseStream {
             let Some(engine) = local.engine.as_mut() else {
                 return Poll::Ready(Ok(()));
             };
-            match engine.poll_setup(cx) {
+            match engine.poll_setup(cx, shared) {
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Ready(Some(err)) => {
                     let (state, acts) = shared.cell.apply(Event::EngineError);
                     if acts.forward() {
                         // Rule 7: typed back to the caller; recorded once, no abort.
                         let outcome = Outcome::Failed(err.kind());
-                        end_for_consumer(shared, local, outcome, state, None);
+                        end_for_consumer(shared, local, outcome, state, SpanNote::SetupFailed);
                         return Poll::Ready(Err(err));
                     }
                     // A kill won the race: the stream yields what is owed.
@@ -270,6 +288,16 @@ fn poll_silence(
         // Fired for a deadline that moved later since: the next turn re-arms.
         if let Some(due) = local.silence.handle_timeout(rt.now()) {
             let (state, acts) = shared.cell.apply(due.event());
+            if let (
+                Due::Timeout(which),
+                Some(Synthesized::FirstTokenTimeout | Synthesized::InterTokenTimeout),
+            ) = (due, state.pending_terminal())
+            {
+                let (first, inter) = local.silence.limits();
+                let first_token = which == Timeout::FirstToken;
+                let limit = if first_token { first } else { inter };
+                log::timeout_fired(shared, first_token, limit.unwrap_or_default());
+            }
             // Timer events never forward; a timeout owes a terminal that the next
             // turn of the poller's loop delivers.
             let _ = perform(shared, local, acts, state, Item::None);
@@ -315,7 +343,7 @@ impl Stream for ResponseStream {
             };
             // The engine first: an item it already has wins over a deadline, so a
             // consumer that was slow to come back never times the engine out.
-            let (event, item) = match engine.poll_event(cx) {
+            let (event, item) = match engine.poll_event(cx, shared) {
                 Poll::Ready(polled) => polled,
                 Poll::Pending => {
                     if poll_silence(shared, local, cx, rt) {
@@ -326,7 +354,8 @@ impl Stream for ResponseStream {
             };
             let (state, acts) = shared.cell.apply_cached(event, &mut local.step_cache);
             if state.engine_done() {
-                // Never poll a finished (or panicked) engine stream again.
+                // Never poll a finished (or panicked) engine stream again: an item after
+                // the terminal reaches nobody (the conformance kit reports such engines).
                 release(local.engine.take(), &shared.request_id);
             }
             if let Some(item) = perform(shared, local, acts, state, item) {
@@ -336,19 +365,31 @@ impl Stream for ResponseStream {
     }
 }
 
-/// Pass an engine chunk on: time its tokens, end the silence, stamp the trace link on
-/// the first token (or, in prefill mode, on a token-less terminal).
+/// Pass an engine chunk on: time its tokens, end the silence, take a token-less chunk
+/// before the first token as the scheduling signal, and stamp `worker_trace_link` (from
+/// the [`TraceIdHook`](super::TraceIdHook)) on the first token and, in prefill mode, on
+/// the terminal, wherever the engine set none itself.
 fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annotated<Chunk> {
     let adapter = &shared.adapter;
     let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
+    let terminal = chunk.is_terminal();
     if n > 0 {
         let now = adapter.runtime.now();
         local.stats.tokens(n, now);
         local.silence.token();
+    } else if !terminal && local.stats.ttft().is_none() {
+        shared.mark_scheduled(adapter.runtime.now());
     }
-    if !local.stamped && (n > 0 || (chunk.is_terminal() && adapter.config.mode == Mode::Prefill)) {
+    let stamp = if n > 0 && !local.stamped {
         local.stamped = true;
-        chunk.worker_trace_link = span::trace_link(&local.span, local.migration_link);
+        true
+    } else {
+        terminal && shared.cell.load().mode() == Mode::Prefill
+    };
+    if stamp && chunk.worker_trace_link.is_none() {
+        if let Some(hook) = &adapter.config.trace_id_hook {
+            chunk.worker_trace_link = hook.trace_link(&local.span);
+        }
     }
     Annotated::from_data(chunk)
 }
@@ -366,25 +407,28 @@ pub(super) fn perform(
         return pass_on(shared, local, item);
     }
     Shared::abort_and_arm(shared, acts);
-    let (out, outcome, timeout_kind) = match acts.deliver {
+    let (out, outcome, note) = match acts.deliver {
         Delivery::Nothing => return None,
         Delivery::Forward => return pass_on(shared, local, item),
         Delivery::ForwardLast(_) => {
             let (out, outcome) = forward_last(shared, local, item);
-            (out, outcome, None)
+            (out, outcome, SpanNote::None)
         }
         Delivery::Synthesize(synth) => {
-            let (out, outcome, timeout_kind) = synthesize(local, synth);
-            (Some(out), outcome, timeout_kind)
+            if synth == Synthesized::Incomplete {
+                log::engine_misbehaved(shared, "its stream ended without a terminal chunk");
+            }
+            let (out, outcome, note) = synthesize(local, synth);
+            (Some(out), outcome, note)
         }
         Delivery::End(kind) => {
             // Only a drop gets here: an early finish is recorded by
             // `ResponseStream::finish`, which holds its reason.
             debug_assert_eq!(kind, OutcomeKind::Dropped);
-            (None, Outcome::Dropped, None)
+            (None, Outcome::Dropped, SpanNote::None)
         }
     };
-    end_for_consumer(shared, local, outcome, state, timeout_kind);
+    end_for_consumer(shared, local, outcome, state, note);
     out
 }
 
@@ -427,32 +471,32 @@ fn forward_last(
 }
 
 /// A terminal of tether's own, the outcome it makes, and the timeout kind for the span.
-fn synthesize(local: &Local, synth: Synthesized) -> (Annotated<Chunk>, Outcome, Option<ErrorKind>) {
+fn synthesize(local: &Local, synth: Synthesized) -> (Annotated<Chunk>, Outcome, SpanNote) {
     let (first_token_timeout, inter_token_timeout) = local.silence.limits();
     match synth {
         Synthesized::Cancelled => (
             Annotated::from_data(Chunk::terminal(FinishReason::Cancelled)),
             Outcome::Cancelled,
-            None,
+            SpanNote::None,
         ),
         Synthesized::FirstTokenTimeout => (
             Annotated::from_error(EngineError::first_token_timeout(
                 first_token_timeout.unwrap_or_default(),
             )),
             Outcome::TimedOut,
-            Some(ErrorKind::FirstTokenTimeout),
+            SpanNote::Timeout(ErrorKind::FirstTokenTimeout),
         ),
         Synthesized::InterTokenTimeout => (
             Annotated::from_error(EngineError::inter_token_timeout(
                 inter_token_timeout.unwrap_or_default(),
             )),
             Outcome::TimedOut,
-            Some(ErrorKind::InterTokenTimeout),
+            SpanNote::Timeout(ErrorKind::InterTokenTimeout),
         ),
         Synthesized::Incomplete => (
             Annotated::from_error(EngineError::stream_incomplete()),
             Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete)),
-            None,
+            SpanNote::None,
         ),
     }
 }
@@ -465,7 +509,7 @@ pub(super) fn end_for_consumer(
     local: &mut Local,
     outcome: Outcome,
     state: State,
-    timeout_kind: Option<ErrorKind>,
+    note: SpanNote,
 ) {
     local.done = true;
     if let Some(id) = local.listener.take() {
@@ -479,10 +523,12 @@ pub(super) fn end_for_consumer(
         outcome,
         abort: state.abort().into(),
         cause,
+        queue_time: shared.queue_time(),
     };
     let itl = local.stats.itl();
     let rec = local.record_of(&shared.request_id, &ended, itl);
-    span::record(&local.span, &rec, timeout_kind);
+    span::record(&local.span, &rec, note);
+    log::stream_complete(shared, &rec, note == SpanNote::SetupFailed);
     if let Some(obs) = &shared.adapter.config.observer {
         obs.on_record(&rec);
     }
@@ -521,6 +567,7 @@ impl PinnedDrop for ResponseStream {
             // (linked children are killed too). The listener may be mid-delivery on
             // another thread, so the kill is also applied here (a repeat is a no-op);
             // the owed terminal is then taken at once and the outcome is `Cancelled`.
+            log::client_disconnect(shared);
             shared.context.kill_with(Cause::ClientDisconnect);
             Shared::signal(shared, Signal::Kill);
             let (state, acts) = shared.cell.apply(Event::ConsumerPoll);

@@ -83,7 +83,7 @@ fn adapter_shows_its_config_and_runtime() {
         shown.contains(
             "config: AdapterConfig { mode: Decode, deferral_deadline: 30s, cancel_grace: None, \
              first_token_timeout: None, inter_token_timeout: None, observer: false, spans: true, \
-             kill_on_drop: false }"
+             kill_on_drop: false, trace_id_hook: false }"
         ),
         "{shown}"
     );
@@ -107,7 +107,8 @@ fn the_engine_side_and_the_request_builder_show_what_they_hold() {
     let gctx = GenerateContext::new(Context::new("c"), "r");
     assert_eq!(
         format!("{gctx:?}"),
-        "GenerateContext { request_id: \"r\", context: Context { id: \"c\", level: Live }, .. }"
+        "GenerateContext { request_id: \"r\", context: Context { id: \"c\", level: Live }, \
+         metadata: Metadata { pairs: [] }, .. }"
     );
     let adapter = Adapter::new(engine, Frozen(Instant::now()), AdapterConfig::default());
     let shown = format!(
@@ -116,13 +117,16 @@ fn the_engine_side_and_the_request_builder_show_what_they_hold() {
             .request(Request::new("r", "m", vec![1]))
             .kill_on_drop(true)
             .on_record(|_| {})
+            .metadata("tenant", "a")
     );
     assert!(
         shown.starts_with("Generate { request_id: \"r\", context: None, limits: Limits {"),
         "{shown}"
     );
     assert!(
-        shown.contains("kill_on_drop: true }, on_record: true }"),
+        shown.contains(
+            "kill_on_drop: true }, on_record: true, metadata: Metadata { pairs: [(\"tenant\", \"a\")] } }"
+        ),
         "{shown}"
     );
 }

@@ -17,10 +17,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, Waker};
 
+use super::log;
 use super::shared::Shared;
 use super::slot::{release, EngineSlot};
 use super::timers::Timer;
-use crate::lifecycle::deadlines::{self, CancelAnchors};
+use crate::lifecycle::deadlines::{self, CancelAnchors, Due};
+use crate::lifecycle::Actions;
 use crate::sync::{lock, Arc};
 
 /// The watchdog's mailbox in [`Shared`]: created on the cancel path only.
@@ -86,7 +88,7 @@ impl Future for Watchdog {
             let mut state = shared.cell.load();
             if let Some(engine) = this.engine.as_mut() {
                 if state.drains_engine() {
-                    if let Poll::Ready((event, _item)) = engine.poll_event(cx) {
+                    if let Poll::Ready((event, _item)) = engine.poll_event(cx, shared) {
                         // The item itself goes nowhere: the consumer is over.
                         let (_, acts) = shared.cell.apply(event);
                         Shared::perform_off_consumer(shared, acts);
@@ -120,6 +122,13 @@ impl Future for Watchdog {
                 // later), the next turn re-arms.
                 if let Some(due) = deadlines::handle_timeout(state, limits, &anchors, rt.now()) {
                     let (_, acts) = shared.cell.apply(due.event());
+                    match due {
+                        Due::Deferral if acts.abort => log::deferral_deadline_hit(shared),
+                        Due::CancelGrace if acts != Actions::default() => {
+                            log::cancel_grace_expired(shared);
+                        }
+                        _ => {}
+                    }
                     Shared::perform_off_consumer(shared, acts);
                     break;
                 }

@@ -95,7 +95,6 @@ impl State {
         }
     }
 
-    #[cfg(any(test, feature = "internals", tether_loom))]
     /// The disaggregation role this request runs in.
     pub fn mode(&self) -> Mode {
         self.mode

@@ -67,30 +67,33 @@ pub enum TraceLinkError {
 /// Both ids are non-zero by construction. On the wire it is
 /// `{"trace_id": "<32 lowercase hex>", "span_id": "<16 lowercase hex>"}`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "TraceLinkRepr", into = "TraceLinkRepr")]
+#[serde(try_from = "RawTraceLink", into = "RawTraceLink")]
 pub struct TraceLink {
     trace_id: [u8; 16],
     span_id: [u8; 8],
 }
 
-/// The wire form of a [`TraceLink`]; decoding goes through [`TraceLink::parse`].
-#[derive(Serialize, Deserialize)]
-struct TraceLinkRepr {
-    trace_id: String,
-    span_id: String,
+/// The wire form of a [`TraceLink`], its ids as they came (decoding goes through
+/// [`TraceLink::parse`]); what a [`Request`](super::Request) keeps of a malformed one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RawTraceLink {
+    /// The trace id as it came.
+    pub trace_id: String,
+    /// The span id as it came.
+    pub span_id: String,
 }
 
-impl TryFrom<TraceLinkRepr> for TraceLink {
+impl TryFrom<RawTraceLink> for TraceLink {
     type Error = TraceLinkError;
 
-    fn try_from(repr: TraceLinkRepr) -> Result<Self, Self::Error> {
+    fn try_from(repr: RawTraceLink) -> Result<Self, Self::Error> {
         TraceLink::parse(&repr.trace_id, &repr.span_id)
     }
 }
 
-impl From<TraceLink> for TraceLinkRepr {
+impl From<TraceLink> for RawTraceLink {
     fn from(link: TraceLink) -> Self {
-        TraceLinkRepr {
+        RawTraceLink {
             trace_id: link.trace_id_hex(),
             span_id: link.span_id_hex(),
         }
