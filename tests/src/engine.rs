@@ -65,6 +65,7 @@ struct Slot {
     drop_panic: Option<String>,
     abort_reply: Vec<Step>,
     context: Option<GenerateContext>,
+    abort_context: Option<GenerateContext>,
     generates: u32,
     /// The stream yielded its terminal, an error, its end, or panicked.
     ended: bool,
@@ -245,6 +246,7 @@ impl LlmEngine for ScriptEngine {
             let waker = {
                 let mut s = lock(&slot);
                 s.aborts += 1;
+                s.abort_context = Some(context.clone());
                 if s.ended {
                     s.aborts_after_end += 1;
                 }
@@ -467,6 +469,11 @@ impl Script {
             .clone()
             .expect("generate was called for this request");
         context.notify_first_token();
+    }
+
+    /// The context `abort` received last, if it was called.
+    pub fn abort_context(&self) -> Option<GenerateContext> {
+        lock(&self.slot).abort_context.clone()
     }
 
     /// The context `generate` received, if it was called.

@@ -21,6 +21,7 @@
 
 mod engine;
 mod harness;
+mod logs;
 mod observer;
 mod runtime;
 mod spans;
@@ -30,6 +31,7 @@ pub use engine::{Script, ScriptEngine, Step};
 /// itself).
 pub use futures_lite::future::yield_now;
 pub use harness::{data, error_kind, Harness, DEADLINE};
+pub use logs::{unique_id, CapturedEvent, LogCapture};
 pub use observer::RecordingObserver;
 pub use runtime::{guarded, next_item, poll_once, run_smol, sleep, ScenarioRuntime, GUARD};
 pub use spans::{CapturedSpan, SpanCapture, SpanIdHook};

@@ -320,7 +320,10 @@ async fn timed_out_span_records_error_kind<R: ScenarioRuntime>(rt: R) {
     assert_eq!(span.get("cancelled"), Some("true"));
     assert_eq!(span.get("error_kind"), Some("FirstTokenTimeout"));
     assert_eq!(span.get("otel.status_code"), Some("ERROR"));
-    assert_eq!(span.get("otel.status_message"), Some("FirstTokenTimeout"));
+    assert_eq!(
+        span.get("otel.status_description"),
+        Some("FirstTokenTimeout")
+    );
     assert_eq!(span.get("output_tokens"), Some("0"));
     assert_eq!(span.get("ttft_ms"), None);
     assert_eq!(span.get("avg_itl_ms"), None);
@@ -347,7 +350,7 @@ async fn setup_error_span_records_failure<R: ScenarioRuntime>(rt: R) {
     assert_eq!(span.get("error_kind"), Some("setup_failed"));
     assert_eq!(span.get("otel.status_code"), Some("ERROR"));
     assert_eq!(
-        span.get("otel.status_message"),
+        span.get("otel.status_description"),
         Some("setup failed: InvalidArgument")
     );
     assert!(span.closed);
@@ -381,7 +384,10 @@ async fn failed_stream_span_is_an_error_a_cancelled_one_is_not<R: ScenarioRuntim
     assert_eq!(spans.len(), 3);
     assert_eq!(spans[0].get("error_kind"), Some("InvalidArgument"));
     assert_eq!(spans[0].get("otel.status_code"), Some("ERROR"));
-    assert_eq!(spans[0].get("otel.status_message"), Some("InvalidArgument"));
+    assert_eq!(
+        spans[0].get("otel.status_description"),
+        Some("InvalidArgument")
+    );
     for span in &spans[1..] {
         assert_eq!(span.get("cancelled"), Some("true"));
         assert_eq!(span.get("otel.status_code"), None, "{span:?}");

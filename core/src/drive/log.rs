@@ -18,8 +18,10 @@ use crate::context::{Cause, Signal};
 /// The tracing target of tether's log events.
 pub const TARGET: &str = "tether";
 
+/// Milliseconds, rounded to the microsecond (so a log line reads `6.094`, not
+/// `6.093781000000001`).
 fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
 fn elapsed_ms(shared: &Shared) -> f64 {

@@ -76,7 +76,7 @@ pub(crate) fn open(request: &Request, mode: Mode) -> Span {
             itl_p99_ms = Empty,
             itl_max_ms = Empty,
             otel.status_code = Empty,
-            otel.status_message = Empty,
+            otel.status_description = Empty,
         ),
     };
     if let Some(raw) = &request.malformed_migration_link {
@@ -104,7 +104,7 @@ fn new_span(request: &Request, mode: Mode, trace_id: &str, span_id: &str) -> Spa
         itl_p99_ms = Empty,
         itl_max_ms = Empty,
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
     )
 }
 
@@ -149,7 +149,7 @@ pub(crate) fn record(span: &Span, rec: &RequestRecord, note: SpanNote) {
             Outcome::Failed(kind) => kind.to_string(),
             _ => error_kind.unwrap_or_else(|| "timed out".to_owned()),
         };
-        span.record("otel.status_message", message.as_str());
+        span.record("otel.status_description", message.as_str());
     }
     record_itl(span, &rec.itl);
 }
