@@ -70,7 +70,11 @@
 //!     }
 //! }
 //! ```
+//!
+//! For an engine's own tests of cancellation, [`cancelling_context`] gives a context
+//! that stops itself on the runtime's clock.
 
+mod cancelling;
 mod checks;
 mod config;
 mod failure;
@@ -81,6 +85,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+pub use cancelling::cancelling_context;
 pub use config::{
     ConfigError, ConformanceConfig, CANCEL_WITHIN, CHECK_TIMEOUT, INTERLEAVED_REQUESTS,
     START_TIMEOUT, STOP_MAX_TOKENS,

@@ -5,6 +5,7 @@
 //! paused clock and the kit's 2 s and 30 s limits cost no real time; smol has real time
 //! only, so smol runs just the flaws that fail fast.
 
+mod cancelling;
 mod config;
 mod engine;
 mod flaws;
