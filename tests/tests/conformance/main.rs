@@ -3,7 +3,8 @@
 //!
 //! The in-file engine works on the runtime's tasks only, so tokio tests run it on a
 //! paused clock and the kit's 2 s and 30 s limits cost no real time; smol has real time
-//! only, so smol runs just the flaws that fail fast.
+//! only, so smol runs just the flaws that fail fast. An engine that works on its own
+//! threads (`threaded.rs`) runs on real clocks only.
 
 mod cancelling;
 mod config;
@@ -11,6 +12,7 @@ mod engine;
 mod flaws;
 mod messages;
 mod stepping;
+mod threaded;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
