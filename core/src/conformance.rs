@@ -161,7 +161,7 @@ pub async fn run_conformance_with(
     let mut checks = Vec::with_capacity(CHECKS.len());
 
     let engine = factory();
-    let served = serve(&kit, &*engine, &mut checks).await;
+    let served = start_and_generate(&kit, &*engine, &mut checks).await;
     let model = match served {
         Ok(model) => model,
         Err(failure) => {
@@ -208,7 +208,7 @@ pub async fn run_conformance_with(
 
 /// Checks 1 to 4 on one engine, as a server runs it: start it, then the generate
 /// checks; the model it reported.
-async fn serve(
+async fn start_and_generate(
     kit: &Kit<'_>,
     engine: &dyn LlmEngine,
     checks: &mut Vec<&'static str>,

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use engine::{Flaw, TestEngine};
 use tether_core::conformance::{
-    run_conformance_on, ConformanceFailure, ConformanceReport, CHECKS, INTERLEAVED_REQUESTS,
-    STOP_MAX_TOKENS,
+    run_conformance_on, ConformanceFailure, ConformanceReport, CHECKS, CHECK_TIMEOUT,
+    INTERLEAVED_REQUESTS, STOP_MAX_TOKENS,
 };
 use tether_core::LlmEngine;
 
@@ -92,6 +92,45 @@ async fn generate_checks_share_one_started_engine() {
         seen_requests(INTERLEAVED_REQUESTS, STOP_MAX_TOKENS)
     );
     assert_eq!(fresh.seen(), []);
+}
+
+/// After a failed generate check the shared engine is still cleaned up, once, best
+/// effort; after a hung one it is not (its cleanup would likely hang too). The fresh
+/// engine of `cleanup_without_start` is never made.
+#[tokio::test(start_paused = true)]
+async fn a_failed_check_cleans_up_the_engine_and_a_hung_one_does_not() {
+    let cases = [
+        (
+            Flaw::GenerateFails,
+            ConformanceFailure::GenerateFailed(engine::flaw_error()),
+            1,
+        ),
+        (
+            Flaw::GenerateHangs,
+            ConformanceFailure::Hung {
+                check: "single_generate",
+                after: CHECK_TIMEOUT,
+            },
+            0,
+        ),
+    ];
+    for (flaw, expected, cleanups) in cases {
+        let made: Mutex<Vec<Arc<TestEngine>>> = Mutex::default();
+        let make = || -> Arc<dyn LlmEngine> {
+            let engine = Arc::new(TestEngine::new(flaw));
+            made.lock().unwrap().push(Arc::clone(&engine));
+            engine
+        };
+        let runtime = tether_tokio::TokioRuntime::current();
+        assert_eq!(run_conformance_on(&runtime, &make).await, Err(expected));
+        let made = made.into_inner().unwrap();
+        assert_eq!(made.len(), 1, "{flaw:?}");
+        assert_eq!(
+            (made[0].starts(), made[0].cleanups()),
+            (1, cleanups),
+            "{flaw:?}"
+        );
+    }
 }
 
 /// What a correct engine sees, in order: the single request without `max_tokens`,
