@@ -86,7 +86,7 @@ fn serve_main(args: &ServeArgs) -> ExitCode {
 }
 
 fn conformance_main(args: &ConformanceArgs) -> ExitCode {
-    match conformance::run(args.runtime, &args.engine.spec()) {
+    match conformance::run(args.runtime, &args.engine.spec(), &args.config()) {
         Ok(report) => {
             print!("{}", conformance::render(&report, args.runtime));
             ExitCode::SUCCESS

@@ -15,7 +15,7 @@ fn stderr(out: &Output) -> String {
 
 #[test]
 fn bad_arguments_exit_2_with_a_message() {
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 14] = [
         (&["load", "--concurrency", "0"], "concurrency"),
         (&["load", "--stop", "1.5"], "--stop"),
         (&["load", "--kill", "-0.1"], ""),
@@ -33,6 +33,18 @@ fn bad_arguments_exit_2_with_a_message() {
             "needs --engine tiny",
         ),
         (&["load", "--engine", "tiny", "--device", "tpu"], "tpu"),
+        (
+            &["conformance", "--interleaved", "0"],
+            "--interleaved is zero",
+        ),
+        (
+            &["conformance", "--check-timeout", "0"],
+            "--check-timeout is zero",
+        ),
+        (
+            &["conformance", "--cancel-within", "30s"],
+            "--cancel-within (30s) is not shorter than --check-timeout (30s)",
+        ),
     ];
     for (args, needle) in cases {
         let out = tether(args);
@@ -107,6 +119,33 @@ fn conformance_lists_the_checks() {
             );
         }
     }
+}
+
+#[test]
+fn conformance_takes_its_limits_as_flags() {
+    let out = tether(&[
+        "conformance",
+        "--engine",
+        "sim",
+        "--runtime",
+        "smol",
+        "--start-timeout",
+        "2m",
+        "--check-timeout",
+        "10s",
+        "--cancel-within",
+        "1s",
+        "--stop-max-tokens",
+        "500",
+        "--interleaved",
+        "3",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("engine `sim` passed 6/6 checks on smol"),
+        "{text}"
+    );
 }
 
 /// A tiny run: the default model is slow unoptimized, so few, short requests.

@@ -120,7 +120,7 @@ pub fn parse_timeout(s: &str) -> Result<Timeout, String> {
     parse_duration(s).map(|d| Timeout((!d.is_zero()).then_some(d)))
 }
 
-/// Parse `250ms`, `2s`, `1.5s`, `500us` or a bare number of milliseconds.
+/// Parse `250ms`, `2s`, `1.5s`, `10m` (minutes), `500us` or a bare number of milliseconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
@@ -133,11 +133,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let scale = match unit {
         "ms" => 1e-3,
         "s" => 1.0,
+        "m" => 60.0,
         "us" | "µs" => 1e-6,
         "ns" => 1e-9,
         _ => {
             return Err(format!(
-                "`{s}`: unknown unit `{unit}` (use s, ms, us or ns)"
+                "`{s}`: unknown unit `{unit}` (use m, s, ms, us or ns)"
             ))
         }
     };
@@ -258,6 +259,7 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("500us"), Ok(Duration::from_micros(500)));
         assert_eq!(parse_duration("30"), Ok(Duration::from_millis(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3h").is_err());
         assert!(parse_duration("-1s").is_err());

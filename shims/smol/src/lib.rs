@@ -1,5 +1,6 @@
 //! [`SmolRuntime`]: tether's [`Runtime`] on smol and async-io, and [`adapter`],
-//! [`run_conformance`] and [`run_runtime_conformance`] on smol's global executor.
+//! [`run_conformance`] ([`run_conformance_with`]) and [`run_runtime_conformance`] on
+//! smol's global executor.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-pub use tether_core::conformance::{ConformanceFailure, ConformanceReport};
+pub use tether_core::conformance::{ConformanceConfig, ConformanceFailure, ConformanceReport};
 use tether_core::drive::{AsyncTimer, SpawnFuture};
 pub use tether_core::drive::{RuntimeCheckFailure, RuntimeCheckReport};
 pub use tether_core::{Adapter, AdapterConfig, LlmEngine, Runtime};
@@ -66,11 +67,24 @@ pub fn adapter(engine: Arc<dyn LlmEngine>, config: AdapterConfig) -> Adapter {
     Adapter::new(engine, SmolRuntime::global(), config)
 }
 
-/// [`run_conformance_on`](tether_core::conformance::run_conformance_on) smol (real time).
+/// [`run_conformance_on`](tether_core::conformance::run_conformance_on) smol, with
+/// the default [`ConformanceConfig`]. smol's clock is real time, so an engine that
+/// computes on its own threads (a real model) is checked as it will run.
 pub async fn run_conformance(
     factory: impl Fn() -> Arc<dyn LlmEngine> + Send + Sync,
 ) -> Result<ConformanceReport, ConformanceFailure> {
-    tether_core::conformance::run_conformance_on(&SmolRuntime::global(), &factory).await
+    run_conformance_with(factory, &ConformanceConfig::default()).await
+}
+
+/// [`run_conformance_with`](tether_core::conformance::run_conformance_with) smol and
+/// `config` (a real model wants a longer
+/// [`start_timeout`](ConformanceConfig::start_timeout)); real time.
+pub async fn run_conformance_with(
+    factory: impl Fn() -> Arc<dyn LlmEngine> + Send + Sync,
+    config: &ConformanceConfig,
+) -> Result<ConformanceReport, ConformanceFailure> {
+    let runtime = SmolRuntime::global();
+    tether_core::conformance::run_conformance_with(&runtime, &factory, config).await
 }
 
 /// [`run_runtime_conformance`](tether_core::run_runtime_conformance) on smol (about 160 ms).

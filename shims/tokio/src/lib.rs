@@ -1,5 +1,6 @@
 //! [`TokioRuntime`]: tether's [`Runtime`] on tokio, and [`adapter`], [`run_conformance`]
-//! and [`run_runtime_conformance`] on the current runtime (panicking outside one).
+//! ([`run_conformance_with`]) and [`run_runtime_conformance`] on the current runtime
+//! (panicking outside one).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -9,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use pin_project::pin_project;
-pub use tether_core::conformance::{ConformanceFailure, ConformanceReport};
+pub use tether_core::conformance::{ConformanceConfig, ConformanceFailure, ConformanceReport};
 use tether_core::drive::{AsyncTimer, SpawnFuture};
 pub use tether_core::drive::{RuntimeCheckFailure, RuntimeCheckReport};
 pub use tether_core::{Adapter, AdapterConfig, LlmEngine, Runtime};
@@ -64,11 +65,30 @@ pub fn adapter(engine: Arc<dyn LlmEngine>, config: AdapterConfig) -> Adapter {
     Adapter::new(engine, TokioRuntime::current(), config)
 }
 
-/// [`run_conformance_on`](tether_core::conformance::run_conformance_on) the current runtime.
+/// [`run_conformance_on`](tether_core::conformance::run_conformance_on) the current
+/// runtime, with the default [`ConformanceConfig`].
+///
+/// On a paused clock (`#[tokio::test(start_paused = true)]`) the kit's limits cost no
+/// real time, but only for an engine that works on this runtime's tasks and timers: a
+/// paused clock jumps to the next timer whenever the runtime is idle, and it is idle
+/// while an engine computes on its own threads (a real model), so every deadline would
+/// fire at once. Check such an engine on a real clock (no `start_paused`).
 pub async fn run_conformance(
     factory: impl Fn() -> Arc<dyn LlmEngine> + Send + Sync,
 ) -> Result<ConformanceReport, ConformanceFailure> {
-    tether_core::conformance::run_conformance_on(&TokioRuntime::current(), &factory).await
+    run_conformance_with(factory, &ConformanceConfig::default()).await
+}
+
+/// [`run_conformance_with`](tether_core::conformance::run_conformance_with) the current
+/// runtime and `config` (a real model wants a longer
+/// [`start_timeout`](ConformanceConfig::start_timeout)). Mind the paused clock: see
+/// [`run_conformance`].
+pub async fn run_conformance_with(
+    factory: impl Fn() -> Arc<dyn LlmEngine> + Send + Sync,
+    config: &ConformanceConfig,
+) -> Result<ConformanceReport, ConformanceFailure> {
+    let runtime = TokioRuntime::current();
+    tether_core::conformance::run_conformance_with(&runtime, &factory, config).await
 }
 
 /// [`run_runtime_conformance`](tether_core::run_runtime_conformance) on the current runtime.

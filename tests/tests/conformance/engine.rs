@@ -6,12 +6,13 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
 
 use futures_core::Stream;
 use tether_core::engine::BoxFuture;
 use tether_core::{
     Chunk, ChunkStream, EngineConfig, EngineError, ErrorKind, FinishReason, GenerateContext,
-    LlmEngine, Request,
+    LlmEngine, Request, Runtime,
 };
 
 use crate::{MODEL, NATURAL_LEN};
@@ -49,6 +50,14 @@ pub(crate) enum Flaw {
     CleanupNeedsStart,
     /// Streams are always ready and never end, ignoring `max_tokens` and stop.
     Endless,
+    /// `generate` refuses a request without `max_tokens` (the engine has no limit of its own).
+    RequiresMaxTokens,
+    /// Setup holds a lock across an await, and a setup that finds it held waits for a
+    /// wake-up that never comes (a hand-rolled lock that loses its waiters): fine while
+    /// setups run one after the other, a deadlock when two overlap.
+    OverlappingSetupHangs,
+    /// Setup holds a lock across an await, and a setup that finds it held fails.
+    OverlappingSetupFails,
 }
 
 pub(crate) fn flaw_error() -> EngineError {
@@ -59,7 +68,14 @@ pub(crate) fn flaw_error() -> EngineError {
 pub(crate) struct TestEngine {
     flaw: Flaw,
     started: AtomicBool,
+    starts: AtomicUsize,
     cleanups: AtomicUsize,
+    /// `(request id, max_tokens)` of every `generate`, in the order their setups ran.
+    seen: Mutex<Vec<(String, Option<u32>)>>,
+    /// Held by a setup across its await (the `OverlappingSetup*` flaws).
+    setting_up: AtomicBool,
+    /// `start` takes this long on this runtime's clock, if set.
+    slow_start: Option<(Arc<dyn Runtime>, Duration)>,
     /// Streams alive right now (each holds a [`LiveGuard`]).
     live: Arc<AtomicUsize>,
     /// Ids of aborted requests.
@@ -71,16 +87,77 @@ impl TestEngine {
         TestEngine {
             flaw,
             started: AtomicBool::new(false),
+            starts: AtomicUsize::new(0),
             cleanups: AtomicUsize::new(0),
+            seen: Mutex::default(),
+            setting_up: AtomicBool::new(false),
+            slow_start: None,
             live: Arc::default(),
             aborted: Arc::default(),
         }
     }
+
+    /// A correct engine whose `start` takes `delay` on `runtime`'s clock (a model load).
+    pub(crate) fn slow_start(runtime: Arc<dyn Runtime>, delay: Duration) -> TestEngine {
+        TestEngine {
+            slow_start: Some((runtime, delay)),
+            ..TestEngine::new(Flaw::None)
+        }
+    }
+
+    /// How many times `start` was called.
+    pub(crate) fn starts(&self) -> usize {
+        self.starts.load(Ordering::SeqCst)
+    }
+
+    /// How many times `cleanup` was called.
+    pub(crate) fn cleanups(&self) -> usize {
+        self.cleanups.load(Ordering::SeqCst)
+    }
+
+    /// `(request id, max_tokens)` of every `generate`, in the order their setups ran.
+    pub(crate) fn seen(&self) -> Vec<(String, Option<u32>)> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Run `generate`'s setup under the `OverlappingSetup*` flaws' lock.
+    async fn locked_setup(&self) -> Result<(), EngineError> {
+        if self.setting_up.swap(true, Ordering::SeqCst) {
+            if self.flaw == Flaw::OverlappingSetupFails {
+                return Err(flaw_error());
+            }
+            std::future::pending::<()>().await;
+        }
+        // The await a real setup does while it holds the lock (a call to its scheduler).
+        yield_once().await;
+        self.setting_up.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// Return `Pending` once, waking at once.
+async fn yield_once() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 impl LlmEngine for TestEngine {
     fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
         Box::pin(async move {
+            self.starts.fetch_add(1, Ordering::SeqCst);
+            if let Some((runtime, delay)) = &self.slow_start {
+                let mut timer = runtime.sleep_until(runtime.now() + *delay);
+                std::future::poll_fn(|cx| timer.as_mut().poll(cx)).await;
+            }
             match self.flaw {
                 Flaw::StartFails => return Err(flaw_error()),
                 Flaw::StartHangs => std::future::pending::<()>().await,
@@ -106,9 +183,20 @@ impl LlmEngine for TestEngine {
                 return Err(EngineError::invalid_argument("engine not started"));
             }
             assert_eq!(request.model, MODEL);
+            let max_tokens = request.stop.max_tokens;
+            self.seen
+                .lock()
+                .unwrap()
+                .push((request.id.clone(), max_tokens));
             match self.flaw {
                 Flaw::GenerateFails => return Err(flaw_error()),
                 Flaw::GenerateHangs => std::future::pending::<()>().await,
+                Flaw::RequiresMaxTokens if max_tokens.is_none() => {
+                    return Err(EngineError::invalid_argument("max_tokens is required"));
+                }
+                Flaw::OverlappingSetupHangs | Flaw::OverlappingSetupFails => {
+                    self.locked_setup().await?;
+                }
                 _ => {}
             }
             let under_load = self.live.fetch_add(1, Ordering::SeqCst) > 0;

@@ -1,20 +1,28 @@
 //! The conformance kit against a correct in-file engine (passes on tokio and smol) and
 //! against one deliberately broken engine per rule (each reports its exact failure).
 //!
-//! tokio tests run on a paused clock, so the kit's 2 s and 30 s limits cost no real
-//! time; smol has real time only, so smol runs just the flaws that fail fast.
+//! The in-file engine works on the runtime's tasks only, so tokio tests run it on a
+//! paused clock and the kit's 2 s and 30 s limits cost no real time; smol has real time
+//! only, so smol runs just the flaws that fail fast. An engine that works on its own
+//! threads (`threaded.rs`) runs on real clocks only.
 
+mod cancelling;
+mod config;
 mod engine;
 mod flaws;
+mod messages;
 mod stepping;
+mod threaded;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use engine::{flaw_error, Flaw, TestEngine};
-use tether_core::conformance::{run_conformance_on, ConformanceFailure, ConformanceReport, CHECKS};
-use tether_core::{FinishReason, LlmEngine};
+use engine::{Flaw, TestEngine};
+use tether_core::conformance::{
+    run_conformance_on, ConformanceFailure, ConformanceReport, CHECKS, CHECK_TIMEOUT,
+    INTERLEAVED_REQUESTS, STOP_MAX_TOKENS,
+};
+use tether_core::LlmEngine;
 
 const MODEL: &str = "conformance-test-model";
 /// The in-file engine "hits EOS" after this many tokens unless `max_tokens` is lower.
@@ -61,17 +69,79 @@ async fn engine_that_honours_only_context_stop_passes() {
     assert_eq!(on_tokio(Flaw::HonoursStopOnly).await, Ok(passed()));
 }
 
+/// One engine serves checks 1 to 5 (started once, cleaned up twice at the end, every
+/// generate on it: the single one with no `max_tokens`, the interleaved ones, the
+/// stopped one); a second, never started, is cleaned up once.
 #[tokio::test(start_paused = true)]
-async fn every_check_gets_a_fresh_engine() {
-    let made = AtomicUsize::new(0);
+async fn generate_checks_share_one_started_engine() {
+    let made: Mutex<Vec<Arc<TestEngine>>> = Mutex::default();
     let make = || -> Arc<dyn LlmEngine> {
-        made.fetch_add(1, Ordering::SeqCst);
-        Arc::new(TestEngine::new(Flaw::None))
+        let engine = Arc::new(TestEngine::new(Flaw::None));
+        made.lock().unwrap().push(Arc::clone(&engine));
+        engine
     };
     let runtime = tether_tokio::TokioRuntime::current();
-    let report = run_conformance_on(&runtime, &make).await;
-    assert_eq!(report, Ok(passed()));
-    assert_eq!(made.load(Ordering::SeqCst), CHECKS.len());
+    assert_eq!(run_conformance_on(&runtime, &make).await, Ok(passed()));
+    let made = made.into_inner().unwrap();
+    assert_eq!(made.len(), 2);
+    let (served, fresh) = (&made[0], &made[1]);
+    assert_eq!((served.starts(), served.cleanups()), (1, 2));
+    assert_eq!((fresh.starts(), fresh.cleanups()), (0, 1));
+    assert_eq!(
+        served.seen(),
+        seen_requests(INTERLEAVED_REQUESTS, STOP_MAX_TOKENS)
+    );
+    assert_eq!(fresh.seen(), []);
+}
+
+/// After a failed generate check the shared engine is still cleaned up, once, best
+/// effort; after a hung one it is not (its cleanup would likely hang too). The fresh
+/// engine of `cleanup_without_start` is never made.
+#[tokio::test(start_paused = true)]
+async fn a_failed_check_cleans_up_the_engine_and_a_hung_one_does_not() {
+    let cases = [
+        (
+            Flaw::GenerateFails,
+            ConformanceFailure::GenerateFailed(engine::flaw_error()),
+            1,
+        ),
+        (
+            Flaw::GenerateHangs,
+            ConformanceFailure::Hung {
+                check: "single_generate",
+                after: CHECK_TIMEOUT,
+            },
+            0,
+        ),
+    ];
+    for (flaw, expected, cleanups) in cases {
+        let made: Mutex<Vec<Arc<TestEngine>>> = Mutex::default();
+        let make = || -> Arc<dyn LlmEngine> {
+            let engine = Arc::new(TestEngine::new(flaw));
+            made.lock().unwrap().push(Arc::clone(&engine));
+            engine
+        };
+        let runtime = tether_tokio::TokioRuntime::current();
+        assert_eq!(run_conformance_on(&runtime, &make).await, Err(expected));
+        let made = made.into_inner().unwrap();
+        assert_eq!(made.len(), 1, "{flaw:?}");
+        assert_eq!(
+            (made[0].starts(), made[0].cleanups()),
+            (1, cleanups),
+            "{flaw:?}"
+        );
+    }
+}
+
+/// What a correct engine sees, in order: the single request without `max_tokens`,
+/// `interleaved` requests of 16 tokens, the stopped request with `stop_max_tokens`.
+fn seen_requests(interleaved: usize, stop_max_tokens: u32) -> Vec<(String, Option<u32>)> {
+    let mut seen = vec![("conformance-single".to_owned(), None)];
+    for n in 0..interleaved {
+        seen.push((format!("conformance-interleaved-{n}"), Some(16)));
+    }
+    seen.push(("conformance-stop".to_owned(), Some(stop_max_tokens)));
+    seen
 }
 
 #[tokio::test(start_paused = true)]
@@ -86,88 +156,4 @@ fn conformance_future_is_send() {
     fn assert_send<T: Send>(_: &T) {}
     let future = tether_smol::run_conformance(factory(Flaw::None));
     assert_send(&future);
-}
-
-// ---- messages ----------------------------------------------------------------------
-
-#[test]
-fn failure_messages_are_lowercase_and_name_the_fault() {
-    let error = flaw_error();
-    let cases = [
-        (
-            ConformanceFailure::StartFailed(error.clone()),
-            format!("start failed: {error}"),
-        ),
-        (
-            ConformanceFailure::EmptyModelInConfig,
-            "start reported an empty model name".to_owned(),
-        ),
-        (
-            ConformanceFailure::GenerateFailed(error.clone()),
-            format!("generate failed: {error}"),
-        ),
-        (
-            ConformanceFailure::NoChunksYielded,
-            "stream ended without yielding any chunk".to_owned(),
-        ),
-        (
-            ConformanceFailure::ChunkAfterTerminal { index: 6 },
-            "stream yielded item 6 after its terminal chunk".to_owned(),
-        ),
-        (
-            ConformanceFailure::NoTerminalChunk,
-            "engine ended without a terminal chunk".to_owned(),
-        ),
-        (
-            ConformanceFailure::StreamYieldedError(error.clone()),
-            format!("stream yielded an error: {error}"),
-        ),
-        (
-            ConformanceFailure::ConcurrentGenerateFailed {
-                request: 3,
-                error: error.clone(),
-            },
-            format!("interleaved request 3 failed: {error}"),
-        ),
-        (
-            ConformanceFailure::ConcurrentNoChunks { request: 3 },
-            "interleaved request 3 ended without yielding any chunk".to_owned(),
-        ),
-        (
-            ConformanceFailure::CancellationNotObserved {
-                after: Duration::from_secs(2),
-            },
-            "stopped request did not end within 2s of the stop".to_owned(),
-        ),
-        (
-            ConformanceFailure::CancellationIgnored {
-                reason: FinishReason::Length,
-            },
-            "stopped request finished with `length` instead of `cancelled`".to_owned(),
-        ),
-        (
-            ConformanceFailure::Hung {
-                check: "cleanup_twice",
-                after: Duration::from_secs(30),
-            },
-            "check `cleanup_twice` hung for 30s".to_owned(),
-        ),
-        (
-            ConformanceFailure::CleanupFailed(error.clone()),
-            format!("cleanup failed: {error}"),
-        ),
-        (
-            ConformanceFailure::SecondCleanupFailed(error.clone()),
-            format!("second cleanup failed: {error}"),
-        ),
-        (
-            ConformanceFailure::CleanupWithoutStartFailed(error.clone()),
-            format!("cleanup on a never-started engine failed: {error}"),
-        ),
-    ];
-    for (failure, message) in cases {
-        assert_eq!(failure.to_string(), message);
-        let first = message.chars().next().unwrap();
-        assert!(first.is_lowercase(), "{message}");
-    }
 }
