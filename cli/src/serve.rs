@@ -41,6 +41,7 @@ mod args;
 mod error;
 mod generation;
 mod handlers;
+pub mod logging;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
