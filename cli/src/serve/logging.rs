@@ -2,7 +2,7 @@
 //! events as lines on stderr through tracing-subscriber's fmt layer, filtered by
 //! `RUST_LOG` ([`DEFAULT_FILTER`] when unset). With the `otel` feature and
 //! `--otlp-endpoint`, the same subscriber also carries the OTLP layer
-//! ([`super::otel::install_otlp`] hands it to [`install`]), whose own filter lets only
+//! (`otel::install_otlp` hands it to [`install`]), whose own filter lets only
 //! the `engine.generate` spans through, whatever `RUST_LOG` says.
 //!
 //! Owns the subscriber's set-up; what is logged is the adapter's (target
