@@ -6,6 +6,9 @@
 //! `stream: true`, one JSON body otherwise), `GET /v1/models`, `GET /health` (a
 //! [`ProbeAdapter`] canary; 503 when the engine errors), `GET /metrics`
 //! (see [`metrics`] for the names). Text goes through the byte-level [`tokenizer`].
+//! Every response to a generation request carries its id in `x-request-id`; every
+//! HTTP request gets one access log line (see [`logging`] for what the binary prints,
+//! and where).
 //!
 //! - A client that disconnects mid-request gets its request killed: the engine is
 //!   aborted exactly once, its slot freed, and the outcome is `cancelled` (not
@@ -36,16 +39,19 @@
 //! # }
 //! ```
 
+pub mod access;
 mod api;
 mod args;
 mod error;
 mod generation;
 mod handlers;
+pub mod logging;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod responses;
 pub mod tokenizer;
+mod traceparent;
 
 use std::fmt;
 use std::future::IntoFuture;
@@ -317,6 +323,7 @@ pub async fn start(
         AdapterConfig::default()
             .first_token_timeout(config.first_token_timeout)
             .inter_token_timeout(config.inter_token_timeout)
+            // Aborts only: outcomes are counted by each request's record callback.
             .observer(Arc::new(MetricsObserver(metrics.clone())))
             // An HTTP edge: a dropped response (the client went away) is a kill with
             // cause client disconnect, recorded `cancelled` (SPEC rule 4).
@@ -392,7 +399,7 @@ fn router(app: Arc<App>) -> Router {
         .fallback(handlers::no_route)
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
-            handlers::count_responses,
+            access::observe,
         ))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
         .with_state(app)

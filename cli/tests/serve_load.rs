@@ -126,13 +126,14 @@ async fn loopback_load_with_random_disconnects_leaves_nothing_behind() {
         assert!(disconnects > REQUESTS / 10, "{disconnects}");
         let s = t.metrics().await;
         let get = |k: &str| sample(&s, k) as usize;
-        let finished = get("tether_requests_total{outcome=\"finished\"}");
-        let cancelled = get("tether_requests_total{outcome=\"cancelled\"}");
+        let outcome = |o: &str| sum_of(&s, "tether_requests_total", &[&format!("outcome=\"{o}\"")]) as usize;
+        let finished = outcome("finished");
+        let cancelled = outcome("cancelled");
         assert_eq!(get("tether_requests_in_flight"), 0);
         assert_eq!(get("tether_engine_live_sequences"), 0);
         assert_eq!(get("tether_engine_queue_length"), 0);
         for o in ["failed", "dropped", "timed_out"] {
-            assert_eq!(get(&format!("tether_requests_total{{outcome=\"{o}\"}}")), 0, "{o}");
+            assert_eq!(outcome(o), 0, "{o}");
         }
         // Every request ended exactly once; only disconnected ones were cancelled (a
         // disconnect racing the natural end may still finish), each with one abort.
@@ -140,6 +141,12 @@ async fn loopback_load_with_random_disconnects_leaves_nothing_behind() {
         assert_eq!(finished + cancelled, REQUESTS);
         assert!(cancelled > 0 && cancelled <= disconnects, "{cancelled} of {disconnects}");
         assert_eq!(get("tether_aborts_total"), cancelled);
+        // Every cancellation was a client's disconnect, and each one's body was cut.
+        let by_disconnect = sum_of(&s, "tether_cancellations_total", &["cause=\"client_disconnect\""]) as usize;
+        assert_eq!(by_disconnect, cancelled);
+        assert_eq!(sum_of(&s, "tether_cancellations_total", &[]) as usize, cancelled);
+        let gone = sum_of(&s, "tether_client_disconnects_total", &[]) as usize;
+        assert!(gone >= cancelled && gone <= disconnects, "{gone}: {cancelled} cancelled, {disconnects} disconnects");
         assert_eq!(get("tether_engine_aborts_received_total"), cancelled);
         assert_eq!(t.engine.inner.gauges().late_aborts, 0);
         // Every finished request had a first token; a chat stream cut right after its

@@ -7,6 +7,10 @@
 //! runs it in no real time). Tokens are deterministic: they depend on the seed and the
 //! prompt only. Each request's chunks travel through its own channel to its stream.
 //!
+//! - A request admitted to the batch (a slot and its KV blocks) is told so with
+//!   [`GenerateContext::notify_scheduled`], outside the books' lock and before the
+//!   step that prefills it: its queue time
+//!   ([`RequestRecord::queue_time`](tether_core::RequestRecord::queue_time)) ends there.
 //! - `max_tokens = 0` ends at once with `Length`; a stop token ends with `Stop`, an
 //!   EOS token (unless `ignore_eos`) with `Eos`, both after `min_tokens`; every
 //!   terminal carries the usage.

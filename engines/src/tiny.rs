@@ -13,6 +13,10 @@
 //! - Each step runs every running sequence through the model at once: one token per
 //!   decoding sequence, plus prompt chunks of the prefilling ones (at most
 //!   [`TinyConfig::prefill_tokens_per_step`] prompt tokens per step).
+//! - A request whose prefill starts (its first prompt chunk is in the step) is told so
+//!   with [`GenerateContext::notify_scheduled`], outside the books' lock and before the
+//!   step computes: its queue time
+//!   ([`RequestRecord::queue_time`](tether_core::RequestRecord::queue_time)) ends there.
 //! - `max_tokens` (default 16) is honoured, `max_tokens = 0` ends at once with
 //!   `Length`; a stop token ends with `Stop`, an EOS token (unless `ignore_eos`) with
 //!   `Eos`, both after `min_tokens`; output also ends with `Length` when prompt plus
@@ -289,7 +293,7 @@ impl LlmEngine for TinyEngine {
                         "tiny engine is not started",
                     ));
                 }
-                st.insert(&self.core.config, request, admission, context)
+                st.insert(request, admission, context)
             };
             let stream = TinyStream::new(self.core.clone(), seq, rx);
             Ok(Box::pin(stream) as ChunkStream)

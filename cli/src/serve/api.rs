@@ -15,7 +15,7 @@
 //! with `--allow-chaos`.
 
 use serde::Deserialize;
-use tether_core::protocol::{Request, TraceLink};
+use tether_core::protocol::Request;
 
 use super::error::ApiError;
 use super::tokenizer::{self, Message};
@@ -187,6 +187,16 @@ pub(crate) enum Endpoint {
     Completions,
     /// `/v1/chat/completions`.
     Chat,
+}
+
+impl Endpoint {
+    /// The `endpoint` label of its request series (`completions`, `chat`).
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Endpoint::Completions => "completions",
+            Endpoint::Chat => "chat",
+        }
+    }
 }
 
 /// A validated request, ready to run.
@@ -464,18 +474,6 @@ impl ChatRequest {
     }
 }
 
-/// The W3C `traceparent` header (`00-{trace id}-{span id}-{flags}`) as a link; `None`
-/// when absent or malformed (a bad header is ignored, as W3C asks).
-pub(crate) fn parse_traceparent(value: &str) -> Option<TraceLink> {
-    let mut parts = value.trim().split('-');
-    let (version, trace, span, _flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    if version.len() != 2 || version == "ff" {
-        return None;
-    }
-    TraceLink::parse(trace, span).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -585,15 +583,5 @@ mod tests {
         assert_eq!(e.body.param.as_deref(), Some("messages"));
         let e = chat(&serde_json::json!({"model": "gpt-9", "messages": []})).unwrap_err();
         assert_eq!(e.status, axum::http::StatusCode::NOT_FOUND);
-    }
-
-    #[test]
-    fn traceparent_headers() {
-        let link =
-            parse_traceparent("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01").unwrap();
-        assert_eq!(link.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
-        assert_eq!(link.span_id_hex(), "b7ad6b7169203331");
-        assert_eq!(parse_traceparent("00-xyz-b7ad6b7169203331-01"), None);
-        assert_eq!(parse_traceparent("garbage"), None);
     }
 }

@@ -2,8 +2,8 @@
 //! build the runtimes and the engine, serve until SIGINT or SIGTERM, shut down
 //! gracefully.
 //!
-//! Owns process-level concerns only (runtimes, signals, the engine choice, OTLP
-//! set-up); the server itself is [`super::start`].
+//! Owns process-level concerns only (runtimes, signals, the engine choice, the log
+//! subscriber and OTLP set-up); the server itself is [`super::start`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -206,7 +206,9 @@ impl Signals {
 }
 
 /// Run `tether serve` until SIGINT or SIGTERM, then shut down gracefully. Prints
-/// `tether serve: listening on http://ADDR` on stdout once it accepts connections.
+/// `tether serve: listening on http://ADDR` on stdout once it accepts connections, and
+/// its logs on stderr ([`super::logging`]: filtered by `RUST_LOG`, a bad filter is an
+/// [`ServeError::InvalidOptions`]).
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let threads = args.threads.unwrap_or_else(runtime::default_threads).max(1);
     args.engine_spec()
@@ -218,12 +220,18 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         ));
     }
     // Built before the runtime: the OTLP exporter's blocking HTTP client must not be
-    // created (or dropped) inside an async context.
+    // created (or dropped) inside an async context. One subscriber carries the log
+    // lines and, with `--otlp-endpoint`, the OTLP layer.
     #[cfg(feature = "otel")]
     let otel = match &args.otlp_endpoint {
         Some(url) => Some(super::otel::install_otlp(url)?),
-        None => None,
+        None => {
+            super::logging::install(None)?;
+            None
+        }
     };
+    #[cfg(not(feature = "otel"))]
+    super::logging::install(None)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()

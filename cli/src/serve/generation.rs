@@ -13,9 +13,15 @@
 //! engine's setup), and with it the stream before its terminal: the request's context
 //! is killed with cause client disconnect, the engine is aborted exactly once, and the
 //! outcome is `cancelled`, never `dropped`. A request whose terminal was read is never
-//! killed, even if the client leaves before the last bytes are written. The in-flight
-//! gauge is decremented by the request's record callback, which runs after the
-//! metrics observer counted the outcome.
+//! killed, even if the client leaves before the last bytes are written.
+//!
+//! # Metrics
+//! The request's record callback ([`Generate::on_record`](tether_core::drive::Generate::on_record))
+//! counts its outcome in its endpoint's and stream's series (with its duration from
+//! generate to its end, prompt length and queue time), then decrements the in-flight
+//! gauge: a scrape that sees the gauge back at zero sees the outcome too. It runs
+//! however the request ends, a setup error or a disconnect during the engine's setup
+//! included.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,22 +29,33 @@ use std::time::Instant;
 use tether_core::protocol::{Annotated, Chunk, Request};
 use tether_core::{Context, EngineError, ResponseStream, Runtime};
 
-use super::metrics::Metrics;
+use super::metrics::{Metrics, RequestLabels};
 use super::App;
 
-/// Start `request` (its id already set) under a context linked to the server's root;
-/// a setup error comes back typed, and then nothing is in flight any more.
-pub(crate) async fn start(app: &App, request: Request) -> Result<ResponseStream, EngineError> {
+/// Start `request` (its id already set) under a context linked to the server's root,
+/// its record counted in the `labels` series; a setup error comes back typed, and then
+/// nothing is in flight any more.
+pub(crate) async fn start(
+    app: &App,
+    request: Request,
+    labels: RequestLabels,
+) -> Result<ResponseStream, EngineError> {
     let context = Context::new(request.id.clone());
     // A graceful shutdown kills the root after its grace period, and with it every
     // request still running (a request arriving later is killed at once).
     app.root.link_child(&context);
+    let prompt_tokens = u32::try_from(request.token_ids.len()).unwrap_or(u32::MAX);
+    let (metrics, runtime) = (app.metrics.clone(), app.runtime.clone());
+    let started = runtime.now();
     app.metrics.request_started();
-    let metrics = app.metrics.clone();
     app.adapter
         .request(request)
         .context(context)
-        .on_record(move |_| metrics.request_ended())
+        .on_record(move |record| {
+            let duration = runtime.now().saturating_duration_since(started);
+            metrics.record(record, labels, prompt_tokens, duration);
+            metrics.request_ended();
+        })
         .await
 }
 

@@ -1,10 +1,14 @@
 //! The HTTP handlers: the two generation endpoints (streamed as SSE or answered as
-//! one JSON body), `/v1/models`, `/health`, `/metrics`, the fallbacks, and the
-//! middleware that counts responses by status.
+//! one JSON body), `/v1/models`, `/health`, `/metrics` and the fallbacks.
 //!
 //! Owns the mapping from a request's items to the wire; validation is
 //! [`super::api`]'s, the request's start and its disconnect rule are
-//! [`super::generation`]'s.
+//! [`super::generation`]'s, counting responses and the access log are
+//! [`super::access`]'s.
+//!
+//! A generation request's id (`cmpl-{n}`, `chatcmpl-{n}`; `health-{n}` for a health
+//! canary) is sent back as the `x-request-id` header of every response given after it
+//! was assigned, and is the `request_id` of the access log and of tether's log events.
 //!
 //! A streamed request answers `200` with `text/event-stream` as soon as the engine
 //! accepted it (a [`tether_axum::sse`] response). Each chunk is a `data: {json}` event;
@@ -17,9 +21,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::extract::{Request as HttpRequest, State};
+use axum::extract::{Extension, Request as HttpRequest, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -28,11 +31,13 @@ use tether_core::error::{BackendError, EngineError, ErrorKind};
 use tether_core::protocol::{Annotated, Chunk, FinishReason, Request, Usage};
 use tether_core::ResponseStream;
 
-use super::api::{self, ChatRequest, CompletionRequest, Endpoint, Prepared};
+use super::access::RequestIdSlot;
+use super::api::{ChatRequest, CompletionRequest, Endpoint, Prepared};
 use super::error::{ApiError, OpenAiJson};
 use super::generation::{self, TokenClock};
-use super::metrics::Metrics;
+use super::metrics::RequestLabels;
 use super::responses::{self, openai_finish_reason, Head, UsageBody};
+use super::traceparent::Traceparent;
 use super::{tokenizer, App};
 
 const JSON: &str = "application/json";
@@ -40,27 +45,34 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 pub(crate) async fn completions(
     State(app): State<Arc<App>>,
+    Extension(slot): Extension<RequestIdSlot>,
     headers: HeaderMap,
     OpenAiJson(body): OpenAiJson<CompletionRequest>,
 ) -> Response {
     match body.prepare(&app.limits) {
-        Ok(prepared) => run(app, prepared, &headers).await,
+        Ok(prepared) => run(app, prepared, &headers, &slot).await,
         Err(err) => err.into_response(),
     }
 }
 
 pub(crate) async fn chat_completions(
     State(app): State<Arc<App>>,
+    Extension(slot): Extension<RequestIdSlot>,
     headers: HeaderMap,
     OpenAiJson(body): OpenAiJson<ChatRequest>,
 ) -> Response {
     match body.prepare(&app.limits) {
-        Ok(prepared) => run(app, prepared, &headers).await,
+        Ok(prepared) => run(app, prepared, &headers, &slot).await,
         Err(err) => err.into_response(),
     }
 }
 
-async fn run(app: Arc<App>, prepared: Prepared, headers: &HeaderMap) -> Response {
+async fn run(
+    app: Arc<App>,
+    prepared: Prepared,
+    headers: &HeaderMap,
+    slot: &RequestIdSlot,
+) -> Response {
     if app.draining.load(Ordering::Acquire) {
         return ApiError::shutting_down().into_response();
     }
@@ -70,13 +82,13 @@ async fn run(app: Arc<App>, prepared: Prepared, headers: &HeaderMap) -> Response
         Endpoint::Completions => format!("cmpl-{n}"),
         Endpoint::Chat => format!("chatcmpl-{n}"),
     };
+    slot.set(&id);
     let mut request = prepared.request;
     request.id = id.clone();
     request.model = app.limits.model.clone();
-    request.migration_link = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(api::parse_traceparent);
+    if let Some(value) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+        Traceparent::parse(value).apply(&mut request);
+    }
     let prompt_tokens = u32::try_from(request.token_ids.len()).unwrap_or(u32::MAX);
     let head = Head {
         id,
@@ -84,22 +96,29 @@ async fn run(app: Arc<App>, prepared: Prepared, headers: &HeaderMap) -> Response
         model: app.limits.model.clone(),
         endpoint: prepared.endpoint,
     };
-    let stream = match generation::start(&app, request).await {
-        Ok(stream) => stream,
-        Err(err) => return ApiError::from_engine(&err).into_response(),
+    let labels = RequestLabels {
+        endpoint: prepared.endpoint.label(),
+        stream: prepared.stream,
     };
-    let reply = Reply {
-        clock: TokenClock::new(&app),
-        head,
-        decoder: tokenizer::Utf8Decoder::new(),
-        prompt_tokens,
-        completion_tokens: 0,
+    let mut response = match generation::start(&app, request, labels).await {
+        Ok(stream) => {
+            let reply = Reply {
+                clock: TokenClock::new(&app),
+                head,
+                decoder: tokenizer::Utf8Decoder::new(),
+                prompt_tokens,
+                completion_tokens: 0,
+            };
+            if prepared.stream {
+                stream_reply(stream, reply, prepared.include_usage, &app)
+            } else {
+                unary_reply(stream, reply).await
+            }
+        }
+        Err(err) => ApiError::from_engine(&err).into_response(),
     };
-    if prepared.stream {
-        stream_reply(stream, reply, prepared.include_usage, &app)
-    } else {
-        unary_reply(stream, reply).await
-    }
+    response.headers_mut().extend(slot.header());
+    response
 }
 
 /// What a response accumulates while it reads its request's stream.
@@ -239,7 +258,16 @@ pub(crate) async fn models(State(app): State<Arc<App>>) -> Response {
 }
 
 /// `GET /health`: runs a one-token canary through the engine ([`ProbeAdapter`]).
-pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
+pub(crate) async fn health(
+    State(app): State<Arc<App>>,
+    Extension(slot): Extension<RequestIdSlot>,
+) -> Response {
+    let mut response = check_health(&app, &slot).await;
+    response.headers_mut().extend(slot.header());
+    response
+}
+
+async fn check_health(app: &App, slot: &RequestIdSlot) -> Response {
     let unhealthy = |reason: String| {
         let body =
             serde_json::json!({"status": "unhealthy", "model": app.limits.model, "error": reason});
@@ -255,12 +283,10 @@ pub(crate) async fn health(State(app): State<Arc<App>>) -> Response {
     }
     // Relaxed: only uniqueness matters.
     let n = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let canary = Request::new(
-        format!("health-{n}"),
-        app.limits.model.clone(),
-        tokenizer::encode("ok"),
-    )
-    .with_max_tokens(1);
+    let id = format!("health-{n}");
+    slot.set(&id);
+    let canary =
+        Request::new(id, app.limits.model.clone(), tokenizer::encode("ok")).with_max_tokens(1);
     match tokio::time::timeout(app.health_timeout, app.probe.probe(canary)).await {
         Ok(Ok(items)) if ProbeAdapter::is_healthy(&items) => {
             let body = serde_json::json!({"status": "ok", "model": app.limits.model});
@@ -290,48 +316,6 @@ pub(crate) async fn no_route(req: HttpRequest) -> Response {
 
 pub(crate) async fn wrong_method() -> Response {
     ApiError::wrong_method().into_response()
-}
-
-/// The `endpoint` label of a path.
-fn endpoint_label(path: &str) -> &'static str {
-    match path {
-        "/v1/completions" => "/v1/completions",
-        "/v1/chat/completions" => "/v1/chat/completions",
-        "/v1/models" => "/v1/models",
-        "/health" => "/health",
-        "/metrics" => "/metrics",
-        _ => "other",
-    }
-}
-
-/// Counts the response once; a response that never was (the client went away while
-/// the handler ran) counts as 499, never as a 5xx.
-struct Counted {
-    metrics: Arc<Metrics>,
-    endpoint: &'static str,
-    status: Option<u16>,
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.metrics
-            .http_response(self.endpoint, self.status.unwrap_or(499));
-    }
-}
-
-pub(crate) async fn count_responses(
-    State(app): State<Arc<App>>,
-    req: HttpRequest,
-    next: Next,
-) -> Response {
-    let mut counted = Counted {
-        metrics: app.metrics.clone(),
-        endpoint: endpoint_label(req.uri().path()),
-        status: None,
-    };
-    let response = next.run(req).await;
-    counted.status = Some(response.status().as_u16());
-    response
 }
 
 fn unix_now() -> u64 {

@@ -22,9 +22,8 @@ use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::Subscriber;
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 use super::ServeError;
@@ -67,9 +66,10 @@ pub fn traces_url(endpoint: &str) -> String {
     }
 }
 
-/// Install the global subscriber that exports `engine.generate` spans to the OTLP/HTTP
-/// collector at `endpoint`. Call it outside any async runtime (the exporter's
-/// blocking HTTP client must not be created inside one).
+/// Install the global subscriber ([`super::logging::install`]): the log lines, and the
+/// layer that exports `engine.generate` spans to the OTLP/HTTP collector at `endpoint`.
+/// Call it outside any async runtime (the exporter's blocking HTTP client must not be
+/// created inside one).
 pub fn install_otlp(endpoint: &str) -> Result<OtelGuard, ServeError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
@@ -80,10 +80,11 @@ pub fn install_otlp(endpoint: &str) -> Result<OtelGuard, ServeError> {
         .with_batch_exporter(exporter)
         .with_resource(Resource::builder().with_service_name("tether").build())
         .build();
-    tracing_subscriber::registry()
-        .with(layer(&provider))
-        .try_init()
-        .map_err(|e| ServeError::Otel(e.to_string()))?;
+    if !super::logging::install(Some(Box::new(layer(&provider))))? {
+        return Err(ServeError::Otel(
+            "a global tracing subscriber is already installed".to_owned(),
+        ));
+    }
     Ok(OtelGuard { provider })
 }
 

@@ -49,6 +49,18 @@ def parse_metrics(text):
     return samples
 
 
+def total(samples, name, **labels):
+    """The sum of the samples of `name` that carry every `labels` (k="v")."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    out = 0.0
+    for series, value in samples.items():
+        base, _, rest = series.partition("{")
+        have = rest.rstrip("}").split(",") if rest else []
+        if base == name and all(w in have for w in want):
+            out += value
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True, help="http://127.0.0.1:PORT")
@@ -151,11 +163,20 @@ def main():
     check(m["tether_engine_live_sequences"] == 0, "metrics: no engine slot held")
     check(m["tether_aborts_total"] == 1, "metrics: exactly one abort sent (the closed stream)")
     check(m["tether_engine_aborts_received_total"] == 1, "metrics: the engine received it")
-    check(m['tether_requests_total{outcome="cancelled"}'] == 1, "metrics: one cancelled request")
-    check(m['tether_requests_total{outcome="finished"}'] == finished, f"metrics: {finished} finished requests")
-    check(m['tether_requests_total{outcome="failed"}'] == 1, "metrics: one failed request (the injected error)")
-    check(m['tether_requests_total{outcome="dropped"}'] == 0, "metrics: none dropped")
-    check(m['tether_requests_total{outcome="timed_out"}'] == 0, "metrics: none timed out")
+    requests = lambda outcome: total(m, "tether_requests_total", outcome=outcome)
+    check(requests("cancelled") == 1, "metrics: one cancelled request")
+    check(
+        m['tether_requests_total{outcome="cancelled",endpoint="completions",stream="true"}'] == 1,
+        "metrics: the cancelled request was a streamed completion",
+    )
+    check(
+        m['tether_cancellations_total{cause="client_disconnect",endpoint="completions",stream="true"}'] == 1,
+        "metrics: cancelled by the client's disconnect",
+    )
+    check(requests("finished") == finished, f"metrics: {finished} finished requests")
+    check(requests("failed") == 1, "metrics: one failed request (the injected error)")
+    check(requests("dropped") == 0, "metrics: none dropped")
+    check(requests("timed_out") == 0, "metrics: none timed out")
     check(m["tether_time_to_first_token_seconds_count"] >= finished, "metrics: time to first token observed")
     errors5xx = [k for k in m if k.startswith("tether_http_responses_total") and 'status="5' in k and m[k] > 0]
     check(not errors5xx, "metrics: no 5xx responses")

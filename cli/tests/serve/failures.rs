@@ -32,7 +32,24 @@ async fn client_disconnect_mid_stream_kills_the_request_once() {
         assert_eq!(m.outcome("dropped"), 0);
         let s = t.metrics().await;
         assert_eq!(
-            sample(&s, "tether_requests_total{outcome=\"cancelled\"}"),
+            sample(
+                &s,
+                "tether_requests_total{endpoint=\"completions\",outcome=\"cancelled\",stream=\"true\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &s,
+                "tether_cancellations_total{cause=\"client_disconnect\",endpoint=\"completions\",stream=\"true\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &s,
+                "tether_client_disconnects_total{endpoint=\"/v1/completions\"}"
+            ),
             1.0
         );
         assert_eq!(
@@ -188,7 +205,8 @@ async fn bad_input_gets_an_openai_error_and_the_server_keeps_serving() {
         assert_eq!(sample(&s, "tether_http_responses_total{endpoint=\"/v1/completions\",status=\"404\"}"), 1.0);
         assert_eq!(sample(&s, "tether_http_responses_total{endpoint=\"/v1/chat/completions\",status=\"404\"}"), 1.0);
         // Rejected requests never reached the engine.
-        assert_eq!(sample(&s, "tether_requests_total{outcome=\"finished\"}"), 1.0);
+        assert_eq!(sum_of(&s, "tether_requests_total", &["outcome=\"finished\""]), 1.0);
+        assert_eq!(sum_of(&s, "tether_requests_total", &[]), 1.0);
         assert_eq!(t.engine.inner.gauges().accepted, 1);
     })
     .await;

@@ -1,6 +1,6 @@
 //! `tether serve` over real loopback HTTP (127.0.0.1, ephemeral ports): streaming and
 //! unary completions on both endpoints, disconnects, errors, timeouts, bad input,
-//! `/metrics`, `/health` and graceful shutdown.
+//! `/metrics`, `/health`, graceful shutdown, request ids and migration links.
 //!
 //! These tests do real socket I/O, so they run on real time (a paused clock would
 //! auto-advance past timeouts while a socket is merely waiting); every wait is
@@ -11,6 +11,7 @@ mod serve_support;
 
 mod completions;
 mod failures;
+mod observability;
 mod operations;
 
 use std::time::Duration;

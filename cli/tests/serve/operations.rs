@@ -18,11 +18,12 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
         let t = start_with(chaos_config(), sim_config()).await;
         let empty = t.metrics().await;
         for outcome in ["finished", "cancelled", "failed", "dropped", "timed_out"] {
-            assert_eq!(
-                empty.get(&format!("tether_requests_total{{outcome=\"{outcome}\"}}")),
-                Some(&0.0),
-                "{outcome}"
-            );
+            for (endpoint, stream) in [("completions", "false"), ("chat", "true")] {
+                let key = format!(
+                    "tether_requests_total{{endpoint=\"{endpoint}\",outcome=\"{outcome}\",stream=\"{stream}\"}}"
+                );
+                assert_eq!(empty.get(&key), Some(&0.0), "{key}");
+            }
         }
         assert_eq!(empty.get("tether_requests_in_flight"), Some(&0.0));
 
@@ -46,22 +47,52 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
         drop(reader);
         t.settled().await;
 
-        let s = t.metrics().await;
+        let (status, text) = t.get("/metrics").await;
+        assert_eq!(status, 200);
+        let s = parse_prometheus(&text);
         let get = |k: &str| sample(&s, k);
         assert_eq!(get("tether_requests_in_flight"), 0.0);
-        assert_eq!(get("tether_requests_total{outcome=\"finished\"}"), 3.0);
-        assert_eq!(get("tether_requests_total{outcome=\"cancelled\"}"), 1.0);
-        for o in ["failed", "dropped", "timed_out"] {
-            assert_eq!(
-                get(&format!("tether_requests_total{{outcome=\"{o}\"}}")),
-                0.0,
-                "{o}"
-            );
-        }
+        // Each request in its endpoint's and stream's series.
         assert_eq!(
-            get("tether_request_finish_reasons_total{reason=\"length\"}"),
-            3.0
+            lines_of(&text, "tether_requests_total", true),
+            sorted(&[
+                "tether_requests_total{outcome=\"finished\",endpoint=\"completions\",stream=\"true\"} 1",
+                "tether_requests_total{outcome=\"finished\",endpoint=\"chat\",stream=\"true\"} 1",
+                "tether_requests_total{outcome=\"finished\",endpoint=\"completions\",stream=\"false\"} 1",
+                "tether_requests_total{outcome=\"cancelled\",endpoint=\"completions\",stream=\"true\"} 1",
+            ])
         );
+        assert_eq!(
+            lines_of(&text, "tether_request_finish_reasons_total", true),
+            sorted(&[
+                "tether_request_finish_reasons_total{reason=\"length\",endpoint=\"completions\",stream=\"true\"} 1",
+                "tether_request_finish_reasons_total{reason=\"length\",endpoint=\"chat\",stream=\"true\"} 1",
+                "tether_request_finish_reasons_total{reason=\"length\",endpoint=\"completions\",stream=\"false\"} 1",
+            ])
+        );
+        // The disconnect: a cancellation with its cause, and a client gone.
+        assert_eq!(
+            lines_of(&text, "tether_cancellations_total", true),
+            ["tether_cancellations_total{cause=\"client_disconnect\",endpoint=\"completions\",stream=\"true\"} 1"]
+        );
+        assert_eq!(
+            lines_of(&text, "tether_client_disconnects_total", false),
+            sorted(&[
+                "tether_client_disconnects_total{endpoint=\"/v1/completions\"} 1",
+                "tether_client_disconnects_total{endpoint=\"/v1/chat/completions\"} 0",
+            ])
+        );
+        // Prompts: \"hello\" (5 tokens) three times, the chat template (46) once.
+        assert_eq!(
+            lines_of(&text, "tether_prompt_tokens_sum", false),
+            ["tether_prompt_tokens_sum 61.0"]
+        );
+        for (le, n) in [("2.0", 0), ("5.0", 3), ("20.0", 3), ("50.0", 4), ("+Inf", 4)] {
+            assert_eq!(get(&format!("tether_prompt_tokens_bucket{{le=\"{le}\"}}")), f64::from(n), "{le}");
+        }
+        // Every request has a duration, and SimEngine signalled each one's scheduling.
+        assert_eq!(get("tether_request_duration_seconds_count"), 4.0);
+        assert_eq!(get("tether_queue_time_seconds_count"), 4.0);
         assert_eq!(get("tether_aborts_total"), 1.0);
         assert_eq!(get("tether_engine_aborts_received_total"), 1.0);
         assert_eq!(get("tether_engine_live_sequences"), 0.0);

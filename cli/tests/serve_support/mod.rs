@@ -9,27 +9,41 @@ use std::io::{BufRead, BufReader};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tether_cli::serve::{self, ServeConfig, ServedEngine, Server};
 use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine};
 use tether_core::error::{EngineError, ErrorKind};
-use tether_core::protocol::Request;
+use tether_core::protocol::{RawTraceLink, Request, TraceLink};
 use tether_core::Runtime;
 use tether_engines::{SimConfig, SimEngine};
 
 /// Start `tether serve ARGS`; returns the child and the address it says it listens on
 /// (its first line on stdout).
 pub fn spawn_serve(args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .arg("serve")
+    spawn_serve_with(args, |_| {})
+}
+
+/// [`spawn_serve`] with `RUST_LOG` set to `rust_log` (unset when `None`).
+pub fn spawn_serve_logging(args: &[&str], rust_log: Option<&str>) -> (Child, String) {
+    spawn_serve_with(args, |cmd| {
+        match rust_log {
+            Some(filter) => cmd.env("RUST_LOG", filter),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+    })
+}
+
+fn spawn_serve_with(args: &[&str], set_up: impl FnOnce(&mut Command)) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
+    cmd.arg("serve")
         .args(args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run tether serve");
+        .stderr(Stdio::piped());
+    set_up(&mut cmd);
+    let mut child = cmd.spawn().expect("run tether serve");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -51,11 +65,16 @@ pub fn sim_config() -> SimConfig {
     }
 }
 
-/// Delegates to a SimEngine and counts `cleanup` calls.
+/// A request's migration links as the engine got them: (id, link, malformed link).
+pub type Links = (String, Option<TraceLink>, Option<RawTraceLink>);
+
+/// Delegates to a SimEngine, counts `cleanup` calls and keeps each request's migration
+/// links.
 #[derive(Debug)]
 pub struct CountingEngine {
     pub inner: Arc<SimEngine>,
     pub cleanups: AtomicUsize,
+    pub links: Mutex<Vec<Links>>,
 }
 
 impl LlmEngine for CountingEngine {
@@ -67,6 +86,11 @@ impl LlmEngine for CountingEngine {
         request: Request,
         context: GenerateContext,
     ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        self.links.lock().unwrap().push((
+            request.id.clone(),
+            request.migration_link,
+            request.malformed_migration_link.clone(),
+        ));
         self.inner.generate(request, context)
     }
     fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
@@ -105,6 +129,40 @@ impl LlmEngine for BrokenEngine {
     }
 }
 
+/// Model `sim`; every `generate` hangs in its setup (never returns a stream) until it
+/// is dropped. Counts the setups entered and the aborts received.
+#[derive(Debug, Default)]
+pub struct StuckSetupEngine {
+    pub setups: AtomicUsize,
+    pub aborts: AtomicUsize,
+}
+
+impl LlmEngine for StuckSetupEngine {
+    fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
+        Box::pin(async move {
+            Ok(EngineConfig::new("sim".to_owned(), worker_id).with_max_concurrency(None))
+        })
+    }
+    fn generate(
+        &self,
+        _: Request,
+        _: GenerateContext,
+    ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        Box::pin(async {
+            self.setups.fetch_add(1, Ordering::SeqCst);
+            std::future::pending().await
+        })
+    }
+    fn abort(&self, _: GenerateContext) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            self.aborts.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+    fn cleanup(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 /// A server under test.
 pub struct TestServer {
     pub server: Server,
@@ -128,6 +186,7 @@ pub async fn start_on(
     let engine = Arc::new(CountingEngine {
         inner: sim,
         cleanups: AtomicUsize::new(0),
+        links: Mutex::default(),
     });
     let served = ServedEngine {
         engine: engine.clone(),
@@ -392,6 +451,42 @@ fn split_labels(body: &str) -> Vec<String> {
 /// A sample's value, 0 if absent.
 pub fn sample(samples: &Samples, key: &str) -> f64 {
     samples.get(key).copied().unwrap_or(0.0)
+}
+
+/// The sum of the samples of `name` that carry every label of `labels` (`k="v"` each).
+pub fn sum_of(samples: &Samples, name: &str, labels: &[&str]) -> f64 {
+    samples
+        .iter()
+        .filter(|(key, _)| {
+            let (series, rest) = key.split_once('{').unwrap_or((key.as_str(), "}"));
+            let have: Vec<&str> = rest.trim_end_matches('}').split(',').collect();
+            series == name && labels.iter().all(|l| have.contains(l))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The sample lines of the exposition `text` for the series `name` (exactly: `name`
+/// then `{` or a space), sorted, without the zero ones if `nonzero`.
+pub fn lines_of(text: &str, name: &str, nonzero: bool) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| !nonzero || !l.ends_with(" 0"))
+        .map(str::to_owned)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// `lines` as owned strings, sorted (to compare with [`lines_of`]).
+pub fn sorted(lines: &[&str]) -> Vec<String> {
+    let mut lines: Vec<String> = lines.iter().map(|l| (*l).to_owned()).collect();
+    lines.sort();
+    lines
 }
 
 /// Run `f` with a deadline: a test that hangs fails instead.

@@ -2,7 +2,8 @@
 //! admits waiting sequences and steps the whole running batch, sleeping for each
 //! step's simulated time on the engine's [`Runtime`] timer.
 //!
-//! Loop invariant: take the lock, admit, and either step after the step's time or,
+//! Loop invariant: take the lock, admit (then tell each admitted request it was
+//! scheduled, outside the lock), and either step after the step's time or,
 //! when no sequence can produce, wait for a kick (a new request, freed capacity, or
 //! `cleanup` closing the channel). Kicks are buffered (capacity 1), so one sent between
 //! the check and the wait is not lost.
@@ -28,14 +29,20 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
     // work of a real engine overlaps its GPU work, so tether's own cost is not added
     // to the simulated time.
     let mut last_end: Option<Instant> = None;
+    let mut scheduled = Vec::new();
     loop {
         let cost = {
             let mut st = core.lock();
             if !st.control.is_current(epoch) {
                 return;
             }
-            st.admit(&core.config)
+            st.admit(&core.config, &mut scheduled)
         };
+        // Outside the lock, before the step's time: a request's queue time ends when it
+        // gets its slot, not when its first token is out.
+        for gctx in scheduled.drain(..) {
+            gctx.notify_scheduled();
+        }
         let Some(cost) = cost else {
             last_end = None;
             if kick.recv().await.is_err() {

@@ -4,7 +4,8 @@
 //! Owns all bookkeeping and the per-step token decisions, under one mutex held by the
 //! engine. Must not await, sleep or spawn: the scheduler loop ([`super::scheduler`])
 //! owns time, and nothing here calls back into tether while the lock is held (the
-//! first-token hints a step produces are returned to the caller to deliver).
+//! scheduling signals an admission produces and the first-token hints a step produces
+//! are returned to the caller to deliver).
 //!
 //! # Why ended requests linger
 //! An abort is *decided* by tether before it sees the engine's end, but it *runs* later,
@@ -80,8 +81,9 @@ struct Seq {
     phase: Phase,
     /// `None` once the engine's end was sent (the channel then closes after it).
     tx: Option<Sender<Item>>,
-    /// For the first-token hint; dropped once it is no longer needed.
-    hint: Option<GenerateContext>,
+    /// For the scheduling signal (while waiting) and the first-token hint (when the
+    /// config asks for it); dropped once it is no longer needed.
+    gctx: Option<GenerateContext>,
     prompt_tokens: u32,
     blocks: usize,
     max_tokens: u32,
@@ -182,7 +184,7 @@ impl State {
             request_id: request_id.clone(),
             phase: Phase::Waiting,
             tx: Some(tx),
-            hint: cfg.first_token_hint.then_some(gctx),
+            gctx: Some(gctx),
             prompt_tokens: u32::try_from(request.token_ids.len()).unwrap_or(u32::MAX),
             blocks: admission.blocks,
             max_tokens: admission.max_tokens,
@@ -212,9 +214,14 @@ impl State {
         (id, rx)
     }
 
-    /// Admit waiting sequences (FIFO, while a slot and their blocks are free); returns
-    /// how long the next step takes, or `None` when no sequence can produce.
-    pub(crate) fn admit(&mut self, cfg: &SimConfig) -> Option<std::time::Duration> {
+    /// Admit waiting sequences (FIFO, while a slot and their blocks are free), adding
+    /// the context of each admitted one to `scheduled` (owed the scheduling signal);
+    /// returns how long the next step takes, or `None` when no sequence can produce.
+    pub(crate) fn admit(
+        &mut self,
+        cfg: &SimConfig,
+        scheduled: &mut Vec<GenerateContext>,
+    ) -> Option<std::time::Duration> {
         let mut prefill = 0usize;
         while let Some(&id) = self.waiting.front() {
             let Some(seq) = self.seqs.get_mut(&id) else {
@@ -228,6 +235,13 @@ impl State {
             }
             self.waiting.pop_front();
             seq.phase = Phase::Running;
+            // Kept for the first-token hint only if the config asks for one.
+            let gctx = if cfg.first_token_hint {
+                seq.gctx.clone()
+            } else {
+                seq.gctx.take()
+            };
+            scheduled.extend(gctx);
             self.blocks_used += seq.blocks;
             self.running.push(id);
             prefill += seq.prompt_tokens as usize;
@@ -266,7 +280,7 @@ impl State {
                         let _ = tx.try_send(Ok(Chunk::tokens(vec![token])));
                     }
                     if step == 0 {
-                        hints.extend(seq.hint.take());
+                        hints.extend(seq.gctx.take());
                     }
                     if let Some(reason) = finish {
                         let usage = seq.usage();
@@ -287,7 +301,7 @@ impl State {
                 // Unbounded: only fails when the stream is gone, and then nobody cares.
                 let _ = tx.try_send(item);
             }
-            seq.hint = None;
+            seq.gctx = None;
             seq.phase = Phase::Ended;
         }
     }
@@ -396,7 +410,7 @@ impl State {
         };
         seq.phase = Phase::Lingering;
         seq.tx = None;
-        seq.hint = None;
+        seq.gctx = None;
         seq.stop_token_ids = Vec::new();
         seq.eos_token_ids = Vec::new();
         self.lingering += 1;

@@ -4,6 +4,7 @@
 //! Loop invariant: take the state lock and plan; if nothing can run, wait for a kick (a
 //! new request, room in the batch, or `cleanup` closing the channel; kicks are buffered
 //! with capacity 1, so one sent between the plan and the wait is not lost). Otherwise
+//! tell the requests whose prefill starts that they were scheduled (outside the lock),
 //! compute the step under the model lock only, apply its results under the state lock
 //! only, then settle outside both (free caches, send terminals, deliver hints) and
 //! yield, so the consumers run between steps. A step is computed inline: for this
@@ -33,12 +34,17 @@ pub(crate) async fn run(core: Arc<Core>, epoch: u64, kick: Receiver<()>) {
             }
             st.plan(&core.config)
         };
-        let Some(plan) = plan else {
+        let Some(mut plan) = plan else {
             if kick.recv().await.is_err() {
                 return; // closed by cleanup
             }
             continue;
         };
+        // Outside the lock, before the step computes: a request's queue time ends where
+        // its prefill starts.
+        for gctx in plan.scheduled.drain(..) {
+            gctx.notify_scheduled();
+        }
         let (failed, next) = compute(&core, epoch, &plan);
         let mut fx = Effects::default();
         {

@@ -3,9 +3,10 @@
 //!
 //! Owns the bookkeeping and the per-token decisions (stop, EOS, length), under one
 //! mutex held by the engine. Must not compute, await or call back into tether while
-//! the lock is held: [`State::plan`] says what the scheduler should compute, and
-//! [`State::apply`] takes the results and hands back what must be done outside the lock
-//! (KV caches to free, terminals to send, first-token hints).
+//! the lock is held: [`State::plan`] says what the scheduler should compute (and which
+//! requests to tell they were scheduled), and [`State::apply`] takes the results and
+//! hands back what must be done outside the lock (KV caches to free, terminals to send,
+//! first-token hints).
 //!
 //! A sequence that ends (terminal, error, abort, dropped stream) leaves the books at
 //! once, so nothing can send on its channel after its end. Its terminal is sent only
@@ -40,8 +41,9 @@ struct Seq {
     request_id: Arc<str>,
     phase: Phase,
     tx: Sender<Item>,
-    /// For the first-token hint; dropped once used.
-    hint: Option<GenerateContext>,
+    /// For the scheduling signal (at its first prefill chunk) and the first-token hint
+    /// (when the config asks for it); dropped once no longer needed.
+    gctx: Option<GenerateContext>,
     prompt: Vec<u32>,
     /// Prompt tokens already in the KV cache.
     prefilled: usize,
@@ -76,11 +78,13 @@ pub(crate) struct Work {
 }
 
 /// What the scheduler computes next: KV caches to allocate (`(seq, rows)`), then one
-/// forward step over `work`.
+/// forward step over `work`; before that, the requests whose prefill starts in this
+/// step are told they were scheduled (`scheduled`).
 #[derive(Debug, Default)]
 pub(crate) struct Plan {
     pub(crate) admit: Vec<(u64, usize)>,
     pub(crate) work: Vec<Work>,
+    pub(crate) scheduled: Vec<GenerateContext>,
 }
 
 /// What must happen outside the lock after a step or an abort.
@@ -180,7 +184,6 @@ impl State {
     /// request with `max_tokens = 0` ends at once with `Length`.
     pub(crate) fn insert(
         &mut self,
-        cfg: &TinyConfig,
         request: Request,
         admission: Admission,
         gctx: GenerateContext,
@@ -193,7 +196,7 @@ impl State {
             request_id: Arc::from(request.id.as_str()),
             phase: Phase::Waiting,
             tx,
-            hint: cfg.first_token_hint.then_some(gctx),
+            gctx: Some(gctx),
             prompt: request.token_ids,
             prefilled: 0,
             last: None,
@@ -225,7 +228,9 @@ impl State {
 
     /// Admit waiting sequences (FIFO, while the batch has room) and say what the next
     /// step computes: one token for every decoding sequence, and prompt chunks for the
-    /// prefilling ones within `prefill_tokens_per_step`. `None` when nothing can run.
+    /// prefilling ones within `prefill_tokens_per_step`; a sequence whose first prompt
+    /// chunk is in the step is owed the scheduling signal (its queue time ends where its
+    /// prefill starts). `None` when nothing can run.
     pub(crate) fn plan(&mut self, cfg: &TinyConfig) -> Option<Plan> {
         let mut plan = Plan::default();
         while self.running.len() < cfg.max_sequences {
@@ -241,7 +246,7 @@ impl State {
         }
         let mut budget = cfg.prefill_tokens_per_step;
         for &id in &self.running {
-            let Some(seq) = self.seqs.get(&id) else {
+            let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
             if let Some(last) = seq.last {
@@ -253,6 +258,15 @@ impl State {
                     emits: true,
                 });
             } else if budget > 0 {
+                if seq.prefilled == 0 {
+                    // Kept for the first-token hint only if the config asks for one.
+                    let gctx = if cfg.first_token_hint {
+                        seq.gctx.clone()
+                    } else {
+                        seq.gctx.take()
+                    };
+                    plan.scheduled.extend(gctx);
+                }
                 let end = seq.prompt.len().min(seq.prefilled + budget);
                 budget -= end - seq.prefilled;
                 plan.work.push(Work {
@@ -320,7 +334,7 @@ impl State {
             self.tokens_emitted += 1;
             let _ = seq.tx.try_send(Ok(Chunk::tokens(vec![token])));
             if seq.emitted == 1 {
-                fx.hints.extend(seq.hint.take());
+                fx.hints.extend(seq.gctx.take());
             }
             if let Some(reason) = finish(seq, token) {
                 let usage = seq.usage();

@@ -1,0 +1,249 @@
+//! The `tether serve` binary's logs on stderr: one access log line per HTTP request
+//! (streams included, whether read to their end or cut), the adapter's warnings by
+//! default, its per-request events under `RUST_LOG=tether=debug`, and a bad
+//! `RUST_LOG` refused.
+
+mod serve_support;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use serve_support::{spawn_serve_logging, SseReader};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// SIGTERM the child, wait (bounded) for it to exit 0, and return its stderr.
+fn stop(mut child: Child) -> String {
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let deadline = Instant::now() + LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tether serve did not exit within {LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    stderr
+}
+
+/// The fields of an access log line (`None` for any other line).
+fn access(line: &str) -> Option<BTreeMap<String, String>> {
+    let (_, fields) = line.split_once(" INFO tether::access: ")?;
+    Some(
+        fields
+            .split_whitespace()
+            .map(|f| {
+                let (k, v) = f.split_once('=').unwrap_or_else(|| panic!("field {f:?}"));
+                (k.to_owned(), v.to_owned())
+            })
+            .collect(),
+    )
+}
+
+/// The access lines' fields but `duration_ms` (checked to be a number), sorted.
+fn access_lines(stderr: &str) -> Vec<String> {
+    let mut lines: Vec<String> = stderr
+        .lines()
+        .filter_map(access)
+        .map(|mut f| {
+            let ms: f64 = f
+                .remove("duration_ms")
+                .expect("duration_ms")
+                .parse()
+                .unwrap();
+            assert!(ms >= 0.0, "{ms}");
+            let order = ["method", "path", "status", "request_id", "client_gone"];
+            assert!(f.keys().all(|k| order.contains(&k.as_str())), "{f:?}");
+            order
+                .iter()
+                .filter_map(|k| Some(format!("{k}={}", f.get(*k)?)))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// Wait until `/metrics` shows `needle`.
+async fn metrics_show(client: &reqwest::Client, base: &str, needle: &str) {
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    loop {
+        let text = client
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.lines().any(|l| l == needle) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {needle:?} in\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_one_line_per_request_and_warnings_show_by_default() {
+    let (child, addr) = spawn_serve_logging(&["--addr", "127.0.0.1:0", "--step-us", "200"], None);
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let post = |body: String| {
+        client
+            .post(format!("{base}/v1/completions"))
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let completion = |max_tokens: u32, stream: bool| {
+        json!({"model": "sim", "prompt": "hi", "max_tokens": max_tokens, "stream": stream})
+            .to_string()
+    };
+    // 1: unary, with a malformed traceparent (a warning; the request is served).
+    let resp = post(completion(2, false))
+        .header(
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319z-b7ad6b7169203331-01",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap();
+    // 2: a stream read to its end.
+    let resp = post(completion(3, true)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.text().await.unwrap();
+    // 3: a stream cut after two events.
+    let mut reader = SseReader::new(post(completion(4000, true)).send().await.unwrap());
+    reader.next().await.unwrap();
+    reader.next().await.unwrap();
+    drop(reader);
+    // 4: rejected before it got an id; 5: no such path; 6 and more: scrapes.
+    let resp = post("{".to_owned()).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let resp = client.get(format!("{base}/nope")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    metrics_show(
+        &client,
+        &base,
+        "tether_client_disconnects_total{endpoint=\"/v1/completions\"} 1",
+    )
+    .await;
+    let stderr = stop(child);
+    let lines = access_lines(&stderr);
+    let scrapes = lines
+        .iter()
+        .filter(|l| l.as_str() == "method=GET path=/metrics status=200 client_gone=false")
+        .count();
+    assert!(scrapes >= 1, "{stderr}");
+    let mut expected = vec![
+        "method=POST path=/v1/completions status=200 request_id=cmpl-1 client_gone=false",
+        "method=POST path=/v1/completions status=200 request_id=cmpl-2 client_gone=false",
+        "method=POST path=/v1/completions status=200 request_id=cmpl-3 client_gone=true",
+        "method=POST path=/v1/completions status=400 client_gone=false",
+        "method=GET path=/nope status=404 client_gone=false",
+    ];
+    expected.extend(std::iter::repeat_n(
+        "method=GET path=/metrics status=200 client_gone=false",
+        scrapes,
+    ));
+    expected.sort_unstable();
+    assert_eq!(lines, expected, "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains(" WARN ")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].ends_with(
+            " WARN tether: malformed migration link skipped (kept as span attributes) \
+             request_id=\"cmpl-1\" migration_trace_id=\"0af7651916cd43dd8448eb211c80319z\" \
+             migration_span_id=\"b7ad6b7169203331\""
+        ),
+        "{stderr}"
+    );
+    // The adapter's per-request events are debug: not shown by default.
+    assert!(!stderr.contains(" DEBUG "), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tether_debug_logs_a_cut_streams_cancellation_once() {
+    let (child, addr) = spawn_serve_logging(
+        &["--addr", "127.0.0.1:0", "--step-us", "200"],
+        Some("tether=debug"),
+    );
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let resp = client
+        .post(format!("{base}/v1/completions"))
+        .body(
+            json!({"model": "sim", "prompt": "hi", "max_tokens": 4000, "stream": true}).to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut reader = SseReader::new(resp);
+    reader.next().await.unwrap();
+    drop(reader);
+    metrics_show(
+        &client,
+        &base,
+        "tether_cancellations_total{cause=\"client_disconnect\",endpoint=\"completions\",stream=\"true\"} 1",
+    )
+    .await;
+    let stderr = stop(child);
+    let mine: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(" request_id=cmpl-1 "))
+        .collect();
+    let message = |m: &str| mine.iter().filter(|l| l.contains(m)).count();
+    for m in [
+        " DEBUG tether: client disconnect: stream dropped before its terminal, request killed ",
+        " DEBUG tether: cancellation seen ",
+        " DEBUG tether: abort sent ",
+        " DEBUG tether: stream complete ",
+        " INFO tether::access: method=POST path=/v1/completions status=200 ",
+    ] {
+        assert_eq!(message(m), 1, "{m:?} in\n{stderr}");
+    }
+    assert_eq!(mine.len(), 5, "{stderr}");
+    let complete = mine.iter().find(|l| l.contains("stream complete")).unwrap();
+    for field in [
+        "outcome=\"cancelled\"",
+        "cause=\"client_disconnect\"",
+        "abort=\"sent\"",
+        "mode=\"agg\"",
+        "model=\"sim\"",
+    ] {
+        assert!(complete.contains(field), "{field} in {complete}");
+    }
+    assert!(mine
+        .iter()
+        .any(|l| l.contains("tether::access") && l.ends_with(" client_gone=true")));
+}
+
+#[test]
+fn a_bad_rust_log_exits_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "tether=loud")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("RUST_LOG=\"tether=loud\""), "{stderr}");
+}
