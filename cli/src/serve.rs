@@ -317,10 +317,16 @@ pub async fn start(
     };
     let model = config.model.clone().unwrap_or(started.model);
     let metrics = Arc::new(Metrics::new(engine.gauges.clone()));
+    // `worker_trace_link` names the exported OpenTelemetry ids of the request's span;
+    // while nothing exports it (no `--otlp-endpoint`) the hook answers none.
+    #[cfg(feature = "otel")]
+    let client_config = AdapterConfig::default().trace_id_hook(Arc::new(otel::OtelTraceIds));
+    #[cfg(not(feature = "otel"))]
+    let client_config = AdapterConfig::default();
     let adapter = Adapter::new(
         engine.engine.clone(),
         runtime.clone(),
-        AdapterConfig::default()
+        client_config
             .first_token_timeout(config.first_token_timeout)
             .inter_token_timeout(config.inter_token_timeout)
             // Aborts only: outcomes are counted by each request's record callback.

@@ -1,6 +1,8 @@
 //! OTLP export of `engine.generate` spans (`cargo test -p tether-cli --features otel`):
 //! into an in-memory exporter in-process, and over OTLP/HTTP from the binary to a fake
-//! collector on 127.0.0.1.
+//! collector on 127.0.0.1. A client's `traceparent` (the request's migration link) is
+//! the span's remote parent and a span link. Stitching two workers' spans into one
+//! trace is `otel_stitching.rs`.
 #![cfg(feature = "otel")]
 
 mod serve_support;
@@ -11,9 +13,11 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::Value;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, Sampler, SdkTracerProvider, SpanData};
 use serde_json::json;
 use serve_support::*;
+use tether_cli::serve::otel::OtelTraceIds;
+use tether_core::{TraceIdHook, TraceLink};
 use tracing_subscriber::layer::SubscriberExt;
 
 const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
@@ -27,7 +31,7 @@ fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
 }
 
 #[test]
-fn engine_generate_spans_are_exported_with_the_migration_link() {
+fn engine_generate_spans_are_exported_as_children_of_the_migration_link() {
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
@@ -80,6 +84,19 @@ fn engine_generate_spans_are_exported_with_the_migration_link() {
     );
     assert_eq!(link.span_context.span_id(), SpanId::from_hex(SPAN).unwrap());
     assert!(link.span_context.is_remote());
+    // The client's span is also the span's (remote) parent: one trace.
+    assert_eq!(
+        linked[0].span_context.trace_id(),
+        TraceId::from_hex(TRACE).unwrap()
+    );
+    assert_eq!(linked[0].parent_span_id, SpanId::from_hex(SPAN).unwrap());
+    assert!(linked[0].parent_span_is_remote);
+    // Without a traceparent the span is a root, in a trace of its own.
+    assert_eq!(plain[0].parent_span_id, SpanId::INVALID);
+    assert_ne!(
+        plain[0].span_context.trace_id(),
+        TraceId::from_hex(TRACE).unwrap()
+    );
     for span in &spans {
         assert_eq!(
             attr(span, "model").map(Value::as_str).as_deref(),
@@ -169,4 +186,48 @@ fn the_binary_exports_over_otlp_http() {
     );
     assert!(contains(&TraceId::from_hex(TRACE).unwrap().to_bytes()));
     drop(rt);
+}
+
+/// A span of the adapter's target under a subscriber exporting through `provider`.
+fn with_exported_span<T>(provider: &SdkTracerProvider, f: impl FnOnce(&tracing::Span) -> T) -> T {
+    let subscriber = tracing_subscriber::registry().with(tether_cli::serve::otel::layer(provider));
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let span = tracing::info_span!(target: "request_span", "engine.generate");
+    f(&span)
+}
+
+#[test]
+fn the_trace_id_hook_names_exported_spans_only() {
+    let hook = OtelTraceIds;
+    // Exported: the hook's ids are the exported span's.
+    let exporter = InMemorySpanExporter::default();
+    let provider = SdkTracerProvider::builder()
+        .with_simple_exporter(exporter.clone())
+        .build();
+    let link = with_exported_span(&provider, |span| hook.trace_link(span)).expect("a link");
+    provider.force_flush().unwrap();
+    let spans = exporter.get_finished_spans().unwrap();
+    assert_eq!(spans.len(), 1);
+    assert_eq!(
+        Some(link),
+        TraceLink::from_ids(
+            u128::from_be_bytes(spans[0].span_context.trace_id().to_bytes()),
+            u64::from_be_bytes(spans[0].span_context.span_id().to_bytes()),
+        )
+    );
+    // Dropped by the sampler: never exported, so no ids.
+    let unsampled = SdkTracerProvider::builder()
+        .with_sampler(Sampler::AlwaysOff)
+        .with_simple_exporter(InMemorySpanExporter::default())
+        .build();
+    assert_eq!(
+        with_exported_span(&unsampled, |span| hook.trace_link(span)),
+        None
+    );
+    // A disabled span, and a span no OpenTelemetry layer sees.
+    assert_eq!(hook.trace_link(&tracing::Span::none()), None);
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry());
+    let unseen = tracing::info_span!(target: "request_span", "engine.generate");
+    assert!(!unseen.is_disabled());
+    assert_eq!(hook.trace_link(&unseen), None);
 }

@@ -1,44 +1,103 @@
-//! OTLP export of the adapter's `engine.generate` spans (the `otel` feature).
+//! OTLP export of the adapter's `engine.generate` spans (the `otel` feature), and the
+//! trace ids a worker hands on so that traces stitch across workers.
 //!
 //! [`layer`] turns the spans of target [`SPAN_TARGET`] (and only those) into
-//! OpenTelemetry spans through tracing-opentelemetry, and makes a request's
-//! `migration_link` (the W3C `traceparent` a client sent) a **span link** of its
-//! `engine.generate` span: the adapter records it as the `migration_trace_id` /
-//! `migration_span_id` fields, and [`MigrationLinks`] adds the link once both are
-//! known. [`install_otlp`] wires that layer to an OTLP/HTTP exporter for
-//! `tether serve --otlp-endpoint URL`. Without the flag nothing is installed, so the
-//! spans stay disabled and cost nothing.
+//! OpenTelemetry spans through tracing-opentelemetry. [`install_otlp`] wires that layer
+//! to an OTLP/HTTP exporter for `tether serve --otlp-endpoint URL`. Without the flag
+//! nothing is installed, so the spans stay disabled and cost nothing.
 //!
-//! Owns the tracing subscriber and the tracer provider; nothing here touches requests.
+//! [`OtelTraceIds`] is the adapter's [`TraceIdHook`]: it answers with the trace id and
+//! span id of the request's `engine.generate` span *as exported* (the OpenTelemetry
+//! span context the SDK generated when it started the span), which the adapter stamps
+//! as the `worker_trace_link` of the first token (and, in prefill mode, of the
+//! terminal). A span nobody exports has no such ids, and then no link is stamped.
+//!
+//! Stitching: a request's `migration_link` (on a decode worker, the prefill worker's
+//! `worker_trace_link`; at `tether serve`, the W3C `traceparent` a client sent)
+//! becomes the **remote parent** of its `engine.generate` span, so the span joins the
+//! previous worker's trace (same trace id, parent span id = the linked span), and it
+//! is also kept as a **span link**, which marks that edge as a migration rather than
+//! an ordinary call. The adapter records the link's ids as the `migration_trace_id` /
+//! `migration_span_id` fields from the span's creation; the layer's tracer reads them
+//! from the span's attributes at the moment it starts the OpenTelemetry span, which is
+//! when the trace id is fixed. Two cases keep other behaviour:
+//!
+//! - a span that already has a local OpenTelemetry parent (an application that
+//!   attached its own context around the request) keeps that parent, and gets the
+//!   migration only as a link;
+//! - a malformed migration link (the raw strings of one that did not parse, see
+//!   [`Request::malformed_migration_link`](tether_core::Request::malformed_migration_link)) stays in the span's
+//!   attributes only: neither a parent nor a link. The ids are parsed with
+//!   [`TraceLink::parse`], the same strict rules the request's link went through.
+//!
+//! A link carries no trace flags; it is taken as sampled (tether only hands on the ids
+//! of spans that are exported, that is sampled ones).
+//!
+//! Owns the tracer provider and the trace-id hook (the subscriber that carries the
+//! layer is `super::logging`'s); nothing here
+//! touches requests.
 
 use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    Link, SpanBuilder, SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
+    Tracer, TracerProvider as _,
 };
+use opentelemetry::KeyValue;
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
 use tether_core::drive::SPAN_TARGET;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
+use tether_core::{TraceIdHook, TraceLink};
 use tracing::Subscriber;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::filter::Targets;
-use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
 use super::ServeError;
 
-/// The layer that exports `engine.generate` spans to `provider`'s tracer, with the
-/// migration link as a span link. Add it to a `tracing_subscriber::registry()`.
+/// The layer that exports `engine.generate` spans to `provider`'s tracer, each one a
+/// child of its request's migration link (and linked to it) when the request has one.
+/// Add it to a `tracing_subscriber::registry()`.
 pub fn layer<S>(provider: &SdkTracerProvider) -> impl Layer<S>
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("tether"));
-    // `and_then`: the OpenTelemetry layer sees each callback first, so the span's
-    // OpenTelemetry data exists when `MigrationLinks` adds to it.
-    otel.and_then(MigrationLinks)
+    tracing_opentelemetry::layer()
+        .with_tracer(MigrationTracer(provider.tracer("tether")))
         .with_filter(Targets::new().with_target(SPAN_TARGET, tracing::Level::TRACE))
+}
+
+/// The [`TraceIdHook`] of the `otel` feature: the exported OpenTelemetry trace id and
+/// span id of the request's `engine.generate` span.
+///
+/// Set it with `AdapterConfig::default().trace_id_hook(Arc::new(OtelTraceIds))` on an
+/// adapter whose spans are exported through [`layer`]. It answers `None` for a
+/// disabled span, for a span the OpenTelemetry layer does not see (no layer, or
+/// filtered out), after the tracer provider was shut down, and for a span the sampler
+/// dropped: in all those cases nothing with these ids reaches a trace store. The ids
+/// are the SDK's random OpenTelemetry ids, never tracing's span ids (which a
+/// subscriber reuses once a span is closed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OtelTraceIds;
+
+impl TraceIdHook for OtelTraceIds {
+    fn trace_link(&self, span: &tracing::Span) -> Option<TraceLink> {
+        if span.is_disabled() {
+            return None;
+        }
+        // Starts the OpenTelemetry span if nothing did yet (the adapter enters it for
+        // the engine's setup, long before a first token), so the ids are final.
+        let cx = span.context();
+        let otel_span = cx.span();
+        let sc = otel_span.span_context();
+        if !sc.is_valid() || !sc.is_sampled() {
+            return None;
+        }
+        TraceLink::from_ids(
+            u128::from_be_bytes(sc.trace_id().to_bytes()),
+            u64::from_be_bytes(sc.span_id().to_bytes()),
+        )
+    }
 }
 
 /// Exports over OTLP/HTTP (protobuf) until [`OtelGuard::shutdown`].
@@ -71,15 +130,7 @@ pub fn traces_url(endpoint: &str) -> String {
 /// Call it outside any async runtime (the exporter's blocking HTTP client must not be
 /// created inside one).
 pub fn install_otlp(endpoint: &str) -> Result<OtelGuard, ServeError> {
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_endpoint(traces_url(endpoint))
-        .build()
-        .map_err(|e| ServeError::Otel(e.to_string()))?;
-    let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(exporter)
-        .with_resource(Resource::builder().with_service_name("tether").build())
-        .build();
+    let provider = otlp_provider(endpoint)?;
     if !super::logging::install(Some(Box::new(layer(&provider))))? {
         return Err(ServeError::Otel(
             "a global tracing subscriber is already installed".to_owned(),
@@ -88,99 +139,87 @@ pub fn install_otlp(endpoint: &str) -> Result<OtelGuard, ServeError> {
     Ok(OtelGuard { provider })
 }
 
-/// Adds a span's `migration_trace_id` / `migration_span_id` as an OpenTelemetry link.
-#[derive(Debug, Clone, Copy)]
-pub struct MigrationLinks;
-
-/// The migration fields seen so far on one span.
-#[derive(Debug, Default)]
-struct PendingLink {
-    trace_id: Option<String>,
-    span_id: Option<String>,
-    added: bool,
+/// A tracer provider that batches spans to the OTLP/HTTP (protobuf) collector at
+/// `endpoint` (see [`traces_url`]), as service `tether`. Call it outside any async
+/// runtime (the exporter's blocking HTTP client must not be created inside one).
+pub fn otlp_provider(endpoint: &str) -> Result<SdkTracerProvider, ServeError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(traces_url(endpoint))
+        .build()
+        .map_err(|e| ServeError::Otel(e.to_string()))?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(Resource::builder().with_service_name("tether").build())
+        .build())
 }
 
-impl Visit for PendingLink {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        match field.name() {
-            "migration_trace_id" => self.trace_id = Some(value.to_owned()),
-            "migration_span_id" => self.span_id = Some(value.to_owned()),
-            _ => {}
-        }
-    }
+/// The SDK's tracer, plus the migration parent and link: the tracer tracing-opentelemetry
+/// starts each span with, the one place where a span's parent is still open and its
+/// attributes (the span's fields as recorded so far) are all known.
+#[derive(Debug, Clone)]
+struct MigrationTracer(SdkTracer);
 
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        // Fields recorded with `%` arrive here.
-        self.record_str(field, format!("{value:?}").trim_matches('"'));
-    }
-}
+impl Tracer for MigrationTracer {
+    type Span = <SdkTracer as Tracer>::Span;
 
-impl<S> Layer<S> for MigrationLinks
-where
-    S: Subscriber + for<'a> LookupSpan<'a>,
-{
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        self.update(id, &ctx, |p| attrs.record(p));
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        self.update(id, &ctx, |p| values.record(p));
-    }
-}
-
-impl MigrationLinks {
-    fn update<S>(&self, id: &Id, ctx: &Context<'_, S>, record: impl FnOnce(&mut PendingLink))
-    where
-        S: Subscriber + for<'a> LookupSpan<'a>,
-    {
-        let Some(span) = ctx.span(id) else {
-            return;
+    fn build_with_context(
+        &self,
+        mut builder: SpanBuilder,
+        parent_cx: &opentelemetry::Context,
+    ) -> Self::Span {
+        let Some(remote) = builder.attributes.as_deref().and_then(migration_context) else {
+            return self.0.build_with_context(builder, parent_cx);
         };
-        let link = {
-            let mut ext = span.extensions_mut();
-            if ext.get_mut::<PendingLink>().is_none() {
-                ext.insert(PendingLink::default());
-            }
-            let Some(pending) = ext.get_mut::<PendingLink>() else {
-                return;
-            };
-            record(pending);
-            match (&pending.trace_id, &pending.span_id, pending.added) {
-                (Some(t), Some(s), false) => {
-                    pending.added = true;
-                    remote_context(t, s)
-                }
-                _ => None,
-            }
-        };
-        // Outside the extensions lock: the OpenTelemetry layer takes it to find the
-        // span's context.
-        if let Some(link) = link {
-            tracing::dispatcher::get_default(|dispatch| {
-                if let Some(cx) = tracing_opentelemetry::get_otel_context(id, dispatch) {
-                    cx.span().add_link(link.clone(), Vec::new());
-                }
-            });
+        builder
+            .links
+            .get_or_insert_with(Vec::new)
+            .push(Link::with_context(remote.clone()));
+        if parent_cx.span().span_context().is_valid() {
+            self.0.build_with_context(builder, parent_cx)
+        } else {
+            let parent = parent_cx.with_remote_span_context(remote);
+            self.0.build_with_context(builder, &parent)
         }
     }
 }
 
-fn remote_context(trace_hex: &str, span_hex: &str) -> Option<SpanContext> {
-    let trace = TraceId::from_hex(trace_hex).ok()?;
-    let span = SpanId::from_hex(span_hex).ok()?;
-    let cx = SpanContext::new(
-        trace,
-        span,
+/// The remote span context of the migration link among a span's `attributes`: `None`
+/// without both fields or when they do not parse as a [`TraceLink`].
+fn migration_context(attributes: &[KeyValue]) -> Option<SpanContext> {
+    // The last value recorded wins.
+    let field = |name: &str| {
+        attributes
+            .iter()
+            .rev()
+            .find(|kv| kv.key.as_str() == name)
+            .map(|kv| kv.value.as_str())
+    };
+    let link =
+        TraceLink::parse(&field("migration_trace_id")?, &field("migration_span_id")?).ok()?;
+    Some(SpanContext::new(
+        TraceId::from(link.trace_id()),
+        SpanId::from(link.span_id()),
         TraceFlags::SAMPLED,
         true,
         TraceState::default(),
-    );
-    cx.is_valid().then_some(cx)
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+    const SPAN: &str = "b7ad6b7169203331";
+
+    fn attrs(trace: &str, span: &str) -> Vec<KeyValue> {
+        vec![
+            KeyValue::new("model", "sim"),
+            KeyValue::new("migration_trace_id", trace.to_owned()),
+            KeyValue::new("migration_span_id", span.to_owned()),
+        ]
+    }
 
     #[test]
     fn traces_url_appends_the_signal_path_once() {
@@ -193,9 +232,43 @@ mod tests {
     }
 
     #[test]
-    fn remote_contexts_must_be_valid() {
-        assert!(remote_context("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331").is_some());
-        assert!(remote_context("00000000000000000000000000000000", "b7ad6b7169203331").is_none());
-        assert!(remote_context("xyz", "b7ad6b7169203331").is_none());
+    fn a_valid_migration_link_is_a_sampled_remote_context() {
+        let cx = migration_context(&attrs(TRACE, SPAN)).expect("a valid link");
+        assert_eq!(cx.trace_id(), TraceId::from_hex(TRACE).unwrap());
+        assert_eq!(cx.span_id(), SpanId::from_hex(SPAN).unwrap());
+        assert!(cx.is_remote());
+        assert!(cx.is_sampled());
+    }
+
+    #[test]
+    fn malformed_or_missing_migration_links_are_skipped() {
+        let bad = [
+            ("00000000000000000000000000000000", SPAN),
+            (TRACE, "0000000000000000"),
+            ("xyz", SPAN),
+            // `TraceId::from_hex` would take these; `TraceLink::parse` does not.
+            ("af7651916cd43dd8448eb211c80319c", SPAN),
+            ("+af7651916cd43dd8448eb211c80319c", SPAN),
+            ("0AF7651916CD43DD8448EB211C80319C", SPAN),
+        ];
+        for (trace, span) in bad {
+            assert_eq!(
+                migration_context(&attrs(trace, span)),
+                None,
+                "{trace} {span}"
+            );
+        }
+        assert_eq!(migration_context(&[]), None);
+        assert_eq!(
+            migration_context(&[KeyValue::new("migration_trace_id", TRACE)]),
+            None
+        );
+    }
+
+    #[test]
+    fn the_last_recorded_migration_field_wins() {
+        let mut a = attrs("xyz", SPAN);
+        a.push(KeyValue::new("migration_trace_id", TRACE));
+        assert!(migration_context(&a).is_some());
     }
 }
