@@ -471,6 +471,19 @@ impl Script {
         context.notify_first_token();
     }
 
+    /// Give the scheduling signal now, from outside any poll (as an engine's scheduler
+    /// thread would).
+    ///
+    /// # Panics
+    /// If `generate` was not called for this id.
+    pub fn notify_scheduled(&self) {
+        let context = lock(&self.slot)
+            .context
+            .clone()
+            .expect("generate was called for this request");
+        context.notify_scheduled();
+    }
+
     /// The context `abort` received last, if it was called.
     pub fn abort_context(&self) -> Option<GenerateContext> {
         lock(&self.slot).abort_context.clone()

@@ -313,7 +313,7 @@ async fn a_finished_request_logs_only_its_end<R: ScenarioRuntime>(rt: R) {
     let id = unique_id("finished");
     let (mut s, script, _ctx) = h.start(&id).await;
     script
-        .run(|gctx| gctx.notify_scheduled())
+        .run(tether_core::GenerateContext::notify_scheduled)
         .tokens(&[1, 2])
         .terminal(FinishReason::Eos);
     drop(h.collect(&mut s).await);
