@@ -9,12 +9,12 @@
 //! parallel, so only the test binary that checks logs may use it.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
 
 use tether_core::drive::LOG_TARGET;
-use tracing::field::{Field, Visit};
+
+use crate::spans::Fields;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
@@ -89,41 +89,14 @@ pub fn unique_id(name: &str) -> String {
     format!("{name}-{}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-struct Fields<'a>(&'a mut BTreeMap<String, String>, &'a mut String);
-
-impl Visit for Fields<'_> {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0.insert(field.name().to_owned(), value.to_owned());
-    }
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.0.insert(field.name().to_owned(), value.to_string());
-    }
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if field.name() == "message" {
-            *self.1 = format!("{value:?}");
-        } else {
-            self.0.insert(field.name().to_owned(), format!("{value:?}"));
-        }
-    }
-}
-
 impl<S: Subscriber> Layer<S> for &'static LogCapture {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         if event.metadata().target() != LOG_TARGET {
             return;
         }
         let mut fields = BTreeMap::new();
-        let mut message = String::new();
-        event.record(&mut Fields(&mut fields, &mut message));
+        event.record(&mut Fields(&mut fields));
+        let message = fields.remove("message").unwrap_or_default();
         lock(&self.events).push(CapturedEvent {
             level: *event.metadata().level(),
             message,

@@ -84,7 +84,8 @@ impl SpanCapture {
     }
 }
 
-struct Fields<'a>(&'a mut BTreeMap<String, String>);
+/// A visitor that keeps every field as text.
+pub(crate) struct Fields<'a>(pub(crate) &'a mut BTreeMap<String, String>);
 
 impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {

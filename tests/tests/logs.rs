@@ -272,7 +272,8 @@ async fn a_setup_failure_logs_its_end_as_setup_failed<R: ScenarioRuntime>(rt: R)
 
 async fn a_malformed_migration_link_is_a_warning<R: ScenarioRuntime>(rt: R) {
     LogCapture::global();
-    let h = Harness::new(rt);
+    // Logged whether or not the adapter makes spans.
+    let h = Harness::with_config(rt, AdapterConfig::default().spans(false));
     let id = unique_id("link");
     let mut request = h.request(&id);
     request.malformed_migration_link = Some(tether_core::protocol::RawTraceLink {

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::shared::Shared;
 use super::stats::{Outcome, RequestRecord};
@@ -40,93 +40,86 @@ fn cause_label(cause: Option<Cause>) -> &'static str {
     cause.map_or("none", Cause::label)
 }
 
+/// An event of target `tether` about the request behind `$shared`, with the fields
+/// every event has (`request_id`, `model`, `mode`, `elapsed_ms`) and then its own.
+macro_rules! request_event {
+    ($level:ident, $shared:expr, $($rest:tt)*) => {
+        tracing::$level!(
+            target: "tether",
+            request_id = %$shared.request_id,
+            model = $shared.model(),
+            mode = mode($shared),
+            elapsed_ms = elapsed_ms($shared),
+            $($rest)*
+        )
+    };
+}
+
 /// The context listener saw a stop or a kill (the cause says from where).
 pub(super) fn cancellation_seen(shared: &Shared, signal: Signal) {
-    debug!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
-        signal = match signal { Signal::Stop => "stop", Signal::Kill => "kill" },
+    request_event!(
+        debug,
+        shared,
+        signal = match signal {
+            Signal::Stop => "stop",
+            Signal::Kill => "kill",
+        },
         cause = cause_label(shared.context.cause()),
-        elapsed_ms = elapsed_ms(shared),
         "cancellation seen"
     );
 }
 
 /// The consumer dropped a kill-on-drop stream before its terminal: the client is gone.
 pub(super) fn client_disconnect(shared: &Shared) {
-    debug!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
-        elapsed_ms = elapsed_ms(shared),
+    request_event!(
+        debug,
+        shared,
         "client disconnect: stream dropped before its terminal, request killed"
     );
 }
 
 /// An abort is due but held back until the first token (rule 2).
 pub(super) fn abort_deferred(shared: &Shared) {
-    debug!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
+    request_event!(
+        debug,
+        shared,
         deferral_deadline_ms = ms(shared.limits().deferral_deadline),
-        elapsed_ms = elapsed_ms(shared),
         "abort deferred until the first token"
     );
 }
 
 /// `LlmEngine::abort` was handed to the runtime.
 pub(super) fn abort_sent(shared: &Shared) {
-    debug!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
-        elapsed_ms = elapsed_ms(shared),
-        "abort sent"
-    );
+    request_event!(debug, shared, "abort sent");
 }
 
 /// The deferral deadline passed with no first token: the abort goes out anyway.
 pub(super) fn deferral_deadline_hit(shared: &Shared) {
-    warn!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
+    request_event!(
+        warn,
+        shared,
         deferral_deadline_ms = ms(shared.limits().deferral_deadline),
-        elapsed_ms = elapsed_ms(shared),
         "deferral deadline hit: no first token, abort sent anyway"
     );
 }
 
 /// A stopped request did not end within its cancel grace: it is killed.
 pub(super) fn cancel_grace_expired(shared: &Shared) {
-    warn!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
+    request_event!(
+        warn,
+        shared,
         cancel_grace_ms = shared.limits().cancel_grace.map(ms),
-        elapsed_ms = elapsed_ms(shared),
         "cancel grace expired: the stopped request is killed"
     );
 }
 
 /// A first-token (`first = true`) or inter-token timeout fired after `limit`.
 pub(super) fn timeout_fired(shared: &Shared, first: bool, limit: Duration) {
-    warn!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
+    request_event!(
+        warn,
+        shared,
         timeout = if first { "first_token" } else { "inter_token" },
         limit_ms = ms(limit),
-        elapsed_ms = elapsed_ms(shared),
         "{} timeout fired: request killed",
         if first { "first-token" } else { "inter-token" }
     );
@@ -137,23 +130,14 @@ pub(super) fn timeout_fired(shared: &Shared, first: bool, limit: Duration) {
 /// seen: tether does not poll past a terminal, SPEC rule 5; the conformance kit
 /// reports such an engine.)
 pub(super) fn engine_misbehaved(shared: &Shared, what: &str) {
-    warn!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
-        elapsed_ms = elapsed_ms(shared),
-        "engine misbehaviour: {what}"
-    );
+    request_event!(warn, shared, "engine misbehaviour: {what}");
 }
 
 /// The request is over for its consumer: its outcome, tokens and timings.
 pub(super) fn stream_complete(shared: &Shared, rec: &RequestRecord, setup_failed: bool) {
-    debug!(
-        target: "tether",
-        request_id = %shared.request_id,
-        model = shared.model(),
-        mode = mode(shared),
+    request_event!(
+        debug,
+        shared,
         outcome = rec.outcome.label(),
         finish_reason = match &rec.outcome {
             Outcome::Finished(reason) => Some(tracing::field::display(reason)),
@@ -165,7 +149,6 @@ pub(super) fn stream_complete(shared: &Shared, rec: &RequestRecord, setup_failed
         queue_ms = rec.queue_time.map(ms),
         abort = rec.abort.label(),
         setup_failed,
-        elapsed_ms = elapsed_ms(shared),
         "stream complete"
     );
 }

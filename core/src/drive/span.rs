@@ -3,6 +3,7 @@
 //! section 6, the [`TraceIdHook`] that names the distributed trace's ids for
 //! `worker_trace_link`, and nothing else.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use tracing::field::Empty;
@@ -50,50 +51,28 @@ pub(crate) enum SpanNote {
 /// The request's span, with the migration link (or a malformed one's raw values) as
 /// fields from its creation, so a layer sees them in `on_new_span`.
 pub(crate) fn open(request: &Request, mode: Mode) -> Span {
-    let span = match (&request.migration_link, &request.malformed_migration_link) {
-        (Some(link), _) => new_span(
-            request,
-            mode,
-            link.trace_id_hex().as_str(),
-            link.span_id_hex().as_str(),
-        ),
-        (None, Some(raw)) => new_span(request, mode, raw.trace_id.as_str(), raw.span_id.as_str()),
-        (None, None) => tracing::info_span!(
-            target: "request_span",
-            "engine.generate",
-            model = %request.model,
-            input_tokens = request.token_ids.len(),
-            disagg_role = mode.as_str(),
-            migration_trace_id = Empty,
-            migration_span_id = Empty,
-            ttft_ms = Empty,
-            output_tokens = Empty,
-            finish_reason = Empty,
-            cancelled = Empty,
-            error_kind = Empty,
-            avg_itl_ms = Empty,
-            itl_p50_ms = Empty,
-            itl_p99_ms = Empty,
-            itl_max_ms = Empty,
-            otel.status_code = Empty,
-            otel.status_description = Empty,
-        ),
-    };
-    if let Some(raw) = &request.malformed_migration_link {
-        super::log::malformed_migration_link(&request.id, &raw.trace_id, &raw.span_id);
-    }
-    span
-}
-
-fn new_span(request: &Request, mode: Mode, trace_id: &str, span_id: &str) -> Span {
+    // Owned hex only when there is a link (rare); a malformed one is kept as it came.
+    let (trace_id, span_id): (Option<Cow<'_, str>>, Option<Cow<'_, str>>) =
+        match (&request.migration_link, &request.malformed_migration_link) {
+            (Some(link), _) => (
+                Some(link.trace_id_hex().into()),
+                Some(link.span_id_hex().into()),
+            ),
+            (None, Some(raw)) => (
+                Some(raw.trace_id.as_str().into()),
+                Some(raw.span_id.as_str().into()),
+            ),
+            (None, None) => (None, None),
+        };
     tracing::info_span!(
         target: "request_span",
         "engine.generate",
         model = %request.model,
         input_tokens = request.token_ids.len(),
         disagg_role = mode.as_str(),
-        migration_trace_id = trace_id,
-        migration_span_id = span_id,
+        // `None` records nothing: the field stays empty.
+        migration_trace_id = trace_id.as_deref(),
+        migration_span_id = span_id.as_deref(),
         ttft_ms = Empty,
         output_tokens = Empty,
         finish_reason = Empty,

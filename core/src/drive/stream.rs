@@ -143,6 +143,9 @@ impl ResponseStream {
             ),
         };
         let start = adapter.runtime.now();
+        if let Some(raw) = &request.malformed_migration_link {
+            log::malformed_migration_link(&request.id, &raw.trace_id, &raw.span_id);
+        }
         let span = if adapter.config.spans {
             span::open(&request, limits.mode)
         } else {
