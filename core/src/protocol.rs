@@ -142,8 +142,10 @@ pub struct Request {
     /// Free-form annotations the caller asked the engine to report back.
     #[serde(default)]
     pub annotations: Vec<String>,
-    /// An incoming migration link that did not parse, as it came (never sent on).
-    #[serde(skip)]
+    /// An incoming migration link that did not parse, as it came. Written under its own
+    /// key (`malformed_migration_link`), so a request read and written again keeps it
+    /// and is never mistaken for one with a valid link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub malformed_migration_link: Option<RawTraceLink>,
 }
 
@@ -165,14 +167,16 @@ struct RequestWire {
     migration_link: Option<RawTraceLink>,
     #[serde(default)]
     annotations: Vec<String>,
+    #[serde(default)]
+    malformed_migration_link: Option<RawTraceLink>,
 }
 
 impl From<RequestWire> for Request {
     fn from(wire: RequestWire) -> Request {
         let (migration_link, malformed_migration_link) = match wire.migration_link {
-            None => (None, None),
+            None => (None, wire.malformed_migration_link),
             Some(raw) => match TraceLink::parse(&raw.trace_id, &raw.span_id) {
-                Ok(link) => (Some(link), None),
+                Ok(link) => (Some(link), wire.malformed_migration_link),
                 Err(_) => (None, Some(raw)),
             },
         };

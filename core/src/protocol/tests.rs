@@ -335,3 +335,33 @@ fn annotated_data_terminal_follows_chunk() {
     let decoded: Annotated<Chunk> = serde_json::from_str("{}").expect("all fields optional");
     assert!(!decoded.is_terminal());
 }
+
+/// Found by the `protocol_json` fuzz target: a request with a malformed migration link
+/// is read (the link kept aside) and must read back the same once written.
+#[test]
+fn a_malformed_migration_link_is_kept_aside_and_survives_a_round_trip() {
+    let json = r#"{"id":"r1","model":"m","token_ids":[1,2],
+        "migration_link":{"trace_id":"0af7651916cd43dd8448ebr11c80319c","span_id":"b7ad6b7169203331"}}"#;
+    let req: Request = serde_json::from_str(json).expect("not rejected");
+    let raw = RawTraceLink {
+        trace_id: "0af7651916cd43dd8448ebr11c80319c".into(),
+        span_id: "b7ad6b7169203331".into(),
+    };
+    assert_eq!(req.migration_link, None);
+    assert_eq!(req.malformed_migration_link, Some(raw.clone()));
+    let written = to_json(&req);
+    assert!(
+        written.ends_with(
+            r#""annotations":[],"malformed_migration_link":{"trace_id":"0af7651916cd43dd8448ebr11c80319c","span_id":"b7ad6b7169203331"}}"#
+        ),
+        "{written}"
+    );
+    assert!(!written.contains(r#""migration_link""#), "{written}");
+    let back: Request = serde_json::from_str(&written).expect("reads back");
+    assert_eq!(back, req);
+    // A valid link next to a kept-aside one: both are read.
+    let mut both = req.clone();
+    both.migration_link = TraceLink::from_ids(1, 2);
+    let back: Request = serde_json::from_str(&to_json(&both)).expect("reads back");
+    assert_eq!(back, both);
+}
