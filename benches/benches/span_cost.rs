@@ -11,6 +11,7 @@
 //! every callsite re-checks its interest.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{
@@ -20,7 +21,8 @@ use futures_util::StreamExt;
 use tether_benches::{tether_config, BenchEngine, CountingObserver, Flavor, Harness, Tail};
 use tether_core::context::Context;
 use tether_core::drive::{Adapter, SPAN_TARGET};
-use tether_core::protocol::Request;
+use tether_core::protocol::{Request, TraceLink};
+use tether_core::TraceIdHook;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::Layer;
@@ -49,8 +51,18 @@ async fn run(adapter: Adapter, iters: u64) -> Duration {
     total
 }
 
-/// The span is really recorded (or really not): the first token carries the span's
-/// ids as `worker_trace_link` only when a subscriber records it.
+/// A trace-id hook that names the request span's own id: it answers only for a span a
+/// subscriber records, so the first token's link tells whether the span is real.
+struct SpanIds;
+
+impl TraceIdHook for SpanIds {
+    fn trace_link(&self, span: &tracing::Span) -> Option<TraceLink> {
+        TraceLink::from_ids(1, span.id()?.into_u64())
+    }
+}
+
+/// The span is really recorded (or really not): the first token carries a
+/// `worker_trace_link` (from [`SpanIds`]) only when a subscriber records it.
 async fn first_link_present(adapter: Adapter) -> bool {
     let request = Request::new("probe", "bench", vec![1]).with_max_tokens(1);
     let mut stream = adapter
@@ -75,7 +87,7 @@ fn span_cost(c: &mut Criterion) {
     let engine = BenchEngine::new(Tail::End);
     let observer = CountingObserver::new();
     let config = |spans: bool| {
-        let mut cfg = tether_config(observer.clone());
+        let mut cfg = tether_config(observer.clone()).trace_id_hook(Arc::new(SpanIds));
         cfg.spans = spans;
         cfg
     };
