@@ -134,10 +134,11 @@ impl ResponseStream {
         own: Option<Own>,
     ) -> Self {
         // `None`: the adapter's limits (the hot path: nothing to compare or box).
-        let (limits, on_record, metadata) = match own {
-            None => (adapter.limits, None, None),
+        let (limits, cancel_override, on_record, metadata) = match own {
+            None => (adapter.limits, None, None, None),
             Some(own) => (
                 own.limits,
+                (own.limits.cancel != adapter.limits.cancel).then(|| Box::new(own.limits.cancel)),
                 own.on_record,
                 (!own.metadata.is_empty()).then(|| std::sync::Arc::new(own.metadata)),
             ),
@@ -161,7 +162,7 @@ impl ResponseStream {
             adapter.clone(),
             context,
             std::sync::Arc::from(request.id.as_str()),
-            (limits.cancel != adapter.limits.cancel).then(|| Box::new(limits.cancel)),
+            cancel_override,
             extras,
             start,
         ));
