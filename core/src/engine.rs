@@ -54,6 +54,10 @@ pub struct EngineConfig {
     pub worker_id: u64,
     /// How many sequences the engine runs at once, if it has a limit.
     pub max_concurrency: Option<usize>,
+    /// The request parameters that change the output which this engine honours. A
+    /// serving edge uses it to refuse a request that asks for what the engine would
+    /// silently ignore. [`SupportedParams::NONE`] (the default) claims nothing.
+    pub supported: SupportedParams,
 }
 
 impl EngineConfig {
@@ -63,6 +67,7 @@ impl EngineConfig {
             model: model.into(),
             worker_id,
             max_concurrency: None,
+            supported: SupportedParams::NONE,
         }
     }
 
@@ -70,6 +75,111 @@ impl EngineConfig {
     #[must_use]
     pub fn with_max_concurrency(mut self, max: Option<usize>) -> Self {
         self.max_concurrency = max;
+        self
+    }
+
+    /// Set [`supported`](EngineConfig::supported).
+    #[must_use]
+    pub fn with_supported(mut self, supported: SupportedParams) -> Self {
+        self.supported = supported;
+        self
+    }
+}
+
+/// Which of a [`Request`]'s output-changing parameters an engine honours: each flag
+/// names a field the engine reads and acts on. Declared in
+/// [`EngineConfig::supported`]; an edge (such as `tether serve`) passes an honoured
+/// parameter on and refuses a request that sets one the engine would ignore.
+///
+/// Start from [`SupportedParams::NONE`] and turn on what the engine really does; a
+/// flag added later starts off, so an engine never claims more than it was written
+/// for.
+///
+/// ```
+/// use tether_core::engine::{EngineConfig, SupportedParams};
+///
+/// let supported = SupportedParams::NONE.with_seed(true).with_min_tokens(true);
+/// let config = EngineConfig::new("sim", 0).with_supported(supported);
+/// assert!(config.supported.seed && !config.supported.temperature);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct SupportedParams {
+    /// [`SamplingOptions::temperature`](crate::protocol::SamplingOptions::temperature):
+    /// the engine samples at the given temperature (0 being greedy).
+    pub temperature: bool,
+    /// [`SamplingOptions::top_p`](crate::protocol::SamplingOptions::top_p): nucleus
+    /// sampling.
+    pub top_p: bool,
+    /// [`SamplingOptions::top_k`](crate::protocol::SamplingOptions::top_k): sampling
+    /// among the `k` most likely tokens.
+    pub top_k: bool,
+    /// [`SamplingOptions::seed`](crate::protocol::SamplingOptions::seed): the same
+    /// seed (with the same prompt and parameters) gives the same tokens.
+    pub seed: bool,
+    /// [`StopConditions::min_tokens`](crate::protocol::StopConditions::min_tokens): no
+    /// stop before that many tokens.
+    pub min_tokens: bool,
+    /// [`StopConditions::ignore_eos`](crate::protocol::StopConditions::ignore_eos):
+    /// generation goes on past end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+impl SupportedParams {
+    /// Nothing is honoured: every such parameter must be left at its default.
+    pub const NONE: SupportedParams = SupportedParams {
+        temperature: false,
+        top_p: false,
+        top_k: false,
+        seed: false,
+        min_tokens: false,
+        ignore_eos: false,
+    };
+
+    /// [`SupportedParams::NONE`], as a function.
+    pub const fn none() -> SupportedParams {
+        SupportedParams::NONE
+    }
+
+    /// Set [`temperature`](SupportedParams::temperature).
+    #[must_use]
+    pub const fn with_temperature(mut self, honoured: bool) -> Self {
+        self.temperature = honoured;
+        self
+    }
+
+    /// Set [`top_p`](SupportedParams::top_p).
+    #[must_use]
+    pub const fn with_top_p(mut self, honoured: bool) -> Self {
+        self.top_p = honoured;
+        self
+    }
+
+    /// Set [`top_k`](SupportedParams::top_k).
+    #[must_use]
+    pub const fn with_top_k(mut self, honoured: bool) -> Self {
+        self.top_k = honoured;
+        self
+    }
+
+    /// Set [`seed`](SupportedParams::seed).
+    #[must_use]
+    pub const fn with_seed(mut self, honoured: bool) -> Self {
+        self.seed = honoured;
+        self
+    }
+
+    /// Set [`min_tokens`](SupportedParams::min_tokens).
+    #[must_use]
+    pub const fn with_min_tokens(mut self, honoured: bool) -> Self {
+        self.min_tokens = honoured;
+        self
+    }
+
+    /// Set [`ignore_eos`](SupportedParams::ignore_eos).
+    #[must_use]
+    pub const fn with_ignore_eos(mut self, honoured: bool) -> Self {
+        self.ignore_eos = honoured;
         self
     }
 }
@@ -268,5 +378,56 @@ impl GenerateContext {
         if let Some(sink) = &self.hint {
             give(sink.clone());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_config_claims_no_parameter_unless_told() {
+        let config = EngineConfig::new("m", 3);
+        assert_eq!(config.supported, SupportedParams::NONE);
+        assert_eq!(SupportedParams::default(), SupportedParams::NONE);
+        assert_eq!(SupportedParams::none(), SupportedParams::NONE);
+        assert_eq!(EngineConfig::default().supported, SupportedParams::NONE);
+    }
+
+    #[test]
+    fn supported_params_builders_set_exactly_their_flag() {
+        let all_off = SupportedParams::NONE;
+        let cases: [(
+            fn(SupportedParams) -> SupportedParams,
+            fn(&SupportedParams) -> bool,
+        ); 6] = [
+            (|s| s.with_temperature(true), |s| s.temperature),
+            (|s| s.with_top_p(true), |s| s.top_p),
+            (|s| s.with_top_k(true), |s| s.top_k),
+            (|s| s.with_seed(true), |s| s.seed),
+            (|s| s.with_min_tokens(true), |s| s.min_tokens),
+            (|s| s.with_ignore_eos(true), |s| s.ignore_eos),
+        ];
+        for (i, (set, _)) in cases.iter().enumerate() {
+            let on = set(all_off);
+            for (j, (_, read)) in cases.iter().enumerate() {
+                assert_eq!(read(&on), i == j, "setting flag {i} shows in flag {j}");
+            }
+        }
+        let everything = cases.iter().fold(all_off, |s, (set, _)| set(s));
+        let back_off = everything
+            .with_temperature(false)
+            .with_top_p(false)
+            .with_top_k(false)
+            .with_seed(false)
+            .with_min_tokens(false)
+            .with_ignore_eos(false);
+        assert_eq!(back_off, SupportedParams::NONE);
+        let config = EngineConfig::new("m", 0).with_supported(everything);
+        assert_eq!(config.supported, everything);
+        assert_eq!(
+            config.with_supported(SupportedParams::NONE).supported,
+            all_off
+        );
     }
 }

@@ -51,7 +51,9 @@ pub use drive::{
     AbortStatus, Adapter, AdapterConfig, AsyncTimer, Generate, Generating, Observer, Outcome,
     RequestRecord, ResponseStream, Results, Runtime, TraceIdHook,
 };
-pub use engine::{ChunkStream, EngineConfig, GenerateContext, LlmEngine, Metadata};
+pub use engine::{
+    ChunkStream, EngineConfig, GenerateContext, LlmEngine, Metadata, SupportedParams,
+};
 pub use error::{BackendError, EngineError, ErrorKind};
 pub use protocol::{
     Annotated, Chunk, FinishReason, Mode, Request, SamplingOptions, StopConditions, TraceLink,

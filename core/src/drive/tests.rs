@@ -6,7 +6,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext};
+use crate::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext, SupportedParams};
 
 #[derive(Debug)]
 struct Never;
@@ -43,6 +43,7 @@ impl LlmEngine for Idle {
                 model: "idle".into(),
                 worker_id,
                 max_concurrency: None,
+                supported: SupportedParams::NONE,
             })
         })
     }
