@@ -4,8 +4,9 @@
 //! requests while a batch slot and their KV blocks are free, then steps the whole
 //! batch: every running sequence emits one token per step, and a step lasts
 //! [`SimConfig::step_cost`] of the engine's [`Runtime`] clock (so a paused tokio clock
-//! runs it in no real time). Tokens are deterministic: they depend on the seed and the
-//! prompt only. Each request's chunks travel through its own channel to its stream.
+//! runs it in no real time). Tokens are deterministic: they depend on the engine's
+//! seed, the prompt and the request's sampling seed only. Each request's chunks travel
+//! through its own channel to its stream.
 //!
 //! - A request admitted to the batch (a slot and its KV blocks) is told so with
 //!   [`GenerateContext::notify_scheduled`], outside the books' lock and before the
@@ -14,6 +15,10 @@
 //! - `max_tokens = 0` ends at once with `Length`; a stop token ends with `Stop`, an
 //!   EOS token (unless `ignore_eos`) with `Eos`, both after `min_tokens`; every
 //!   terminal carries the usage.
+//! - Of the output-changing parameters it honours exactly `seed` (another seed, other
+//!   tokens), `min_tokens` and `ignore_eos`, and says so in
+//!   [`EngineConfig::supported`] ([`SimEngine::SUPPORTED`]); temperature, `top_p` and
+//!   `top_k` mean nothing to its random tokens and are ignored.
 //! - `abort` frees the slot and KV blocks at once and ends the stream with `Cancelled`
 //!   and the usage so far; dropping the stream frees them too. An abort that can only
 //!   be a protocol error is counted as late (see [`AbortReceipt`]).
@@ -41,7 +46,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tether_core::drive::Runtime;
-use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine};
+use tether_core::engine::{
+    BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine, SupportedParams,
+};
 use tether_core::error::{EngineError, ErrorKind};
 use tether_core::protocol::Request;
 
@@ -88,6 +95,13 @@ impl fmt::Debug for SimEngine {
 }
 
 impl SimEngine {
+    /// The output-changing request parameters this engine honours (what `start`
+    /// reports): the sampling `seed`, `min_tokens` and `ignore_eos`.
+    pub const SUPPORTED: SupportedParams = SupportedParams::NONE
+        .with_seed(true)
+        .with_min_tokens(true)
+        .with_ignore_eos(true);
+
     /// An engine with `config` whose scheduler will run on `runtime` once started.
     pub fn new(config: SimConfig, runtime: impl Runtime) -> SimEngine {
         SimEngine {
@@ -188,7 +202,8 @@ impl LlmEngine for SimEngine {
                     .spawn(Box::pin(scheduler::run(core, epoch, kicks)));
             }
             Ok(EngineConfig::new(cfg.model.clone(), worker_id)
-                .with_max_concurrency(Some(cfg.max_sequences)))
+                .with_max_concurrency(Some(cfg.max_sequences))
+                .with_supported(SimEngine::SUPPORTED))
         })
     }
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tether_core::{
     AdapterConfig, BackendError, ChunkStream, Context, ErrorKind, FinishReason, LlmEngine, Outcome,
-    Request, Runtime, Usage,
+    Request, Runtime, SupportedParams, Usage,
 };
 use tether_engines::{AbortReceipt, Chaos, SimConfig, SimEngine, SimGauges};
 
@@ -23,6 +23,7 @@ use common::{
 
 on_both!(
     deterministic_tokens,
+    request_seed_is_honoured_and_declared,
     default_max_tokens_is_16,
     max_tokens_zero_ends_at_once,
     stop_token_ends_with_stop,
@@ -112,6 +113,41 @@ async fn deterministic_tokens(rt: Rt) {
     );
     idle(engine.gauges());
     assert_eq!(engine.gauges().lingering, 0);
+}
+
+async fn request_seed_is_honoured_and_declared(rt: Rt) {
+    let engine = Arc::new(SimEngine::new(config(), rt));
+    let declared = engine.start(7).await.unwrap().supported;
+    assert_eq!(
+        declared,
+        SupportedParams::NONE
+            .with_seed(true)
+            .with_min_tokens(true)
+            .with_ignore_eos(true)
+    );
+    let seeded = |id: &str, seed: Option<u64>| {
+        let mut r = req(id, &[1, 2, 3], 8);
+        r.sampling.seed = seed;
+        r
+    };
+    let run = |r: Request| {
+        let engine = engine.clone();
+        async move { tokens(&collect(gen(&engine, r).await).await) }
+    };
+    let unseeded = run(seeded("a", None)).await;
+    let five = run(seeded("b", Some(5))).await;
+    assert_eq!(
+        run(seeded("c", Some(5))).await,
+        five,
+        "same seed, same tokens"
+    );
+    assert_ne!(five, unseeded, "a seed changes the tokens");
+    assert_ne!(
+        run(seeded("d", Some(6))).await,
+        five,
+        "another seed, other tokens"
+    );
+    assert_eq!(run(seeded("e", None)).await, unseeded);
 }
 
 async fn default_max_tokens_is_16(rt: Rt) {
