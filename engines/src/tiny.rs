@@ -3,8 +3,9 @@
 //! The model (2 layers, 4 heads, width 128, feed-forward 512, 256 byte tokens, context
 //! 512 by default; see [`TinyConfig`]) has RMSNorm, rotary positions, SwiGLU and a
 //! per-sequence KV cache. Its weights are generated from a seed (nothing is
-//! downloaded), and it decodes greedily, so the same seed and prompt always give the
-//! same tokens, whatever else is in the batch.
+//! downloaded). It decodes greedily unless a request asks for sampling, and a seeded
+//! request samples reproducibly: the same weights seed, prompt and parameters always
+//! give the same tokens, whatever else is in the batch.
 //!
 //! Shaped like [`SimEngine`](crate::SimEngine): it runs on any [`Runtime`], starts one
 //! scheduler loop per engine (never one task per request), and each request's chunks
@@ -21,7 +22,17 @@
 //!   `Length`; a stop token ends with `Stop`, an EOS token (unless `ignore_eos`) with
 //!   `Eos`, both after `min_tokens`; output also ends with `Length` when prompt plus
 //!   output reach [`TinyConfig::max_context`]. Every terminal carries the usage.
-//!   Sampling options are ignored: decoding is always greedy.
+//! - Decoding is greedy (the backend's argmax, lowest id on a tie) when `temperature`
+//!   is absent or 0, whatever `top_p`, `top_k` and `seed` say. A temperature above 0
+//!   samples on the host from the step's logits: softmax at that temperature over the
+//!   `top_k` most likely tokens (`top_k` absent or 0: all), cut to the smallest set
+//!   whose probability reaches `top_p` (default 1). Each sequence draws from its own
+//!   SplitMix64 stream seeded with the request's `seed` (a fresh seed per request when
+//!   it sets none), its `n`-th token from the stream's `n`-th value: the tokens depend
+//!   on the weights, the prompt, the parameters and the seed only, never on the batch.
+//!   A negative or non-finite temperature or a `top_p` outside `(0, 1]` is an
+//!   `InvalidArgument` setup error. [`TinyEngine::SUPPORTED`] is what `start` reports
+//!   in [`EngineConfig::supported`].
 //! - `abort` frees the sequence and its KV cache at once and ends the stream with
 //!   `Cancelled` and the usage so far; dropping the stream frees them too.
 //! - An empty prompt, a token id outside the vocabulary, or a prompt longer than the
@@ -45,6 +56,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod model;
+mod sampler;
 mod scheduler;
 mod state;
 mod stream;
@@ -55,7 +67,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tether_core::drive::Runtime;
-use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine};
+use tether_core::engine::{
+    BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine, SupportedParams,
+};
 use tether_core::error::{EngineError, ErrorKind};
 use tether_core::protocol::Request;
 
@@ -67,6 +81,7 @@ pub use model::TinyModel;
 pub use state::TinyGauges;
 
 use model::Runner;
+use sampler::Decoding;
 use state::{Admission, Effects, State};
 use stream::TinyStream;
 
@@ -138,6 +153,17 @@ impl fmt::Debug for TinyEngine {
 }
 
 impl TinyEngine {
+    /// The output-changing request parameters this engine honours (what `start`
+    /// reports): `temperature`, `top_p`, `top_k` and `seed` (see the
+    /// [module docs](self) for how it samples), `min_tokens` and `ignore_eos`.
+    pub const SUPPORTED: SupportedParams = SupportedParams::NONE
+        .with_temperature(true)
+        .with_top_p(true)
+        .with_top_k(true)
+        .with_seed(true)
+        .with_min_tokens(true)
+        .with_ignore_eos(true);
+
     /// An engine with `config` whose scheduler will run on `runtime` once started. The
     /// model is built (and a CUDA device opened) by `start`.
     pub fn new(config: TinyConfig, runtime: impl Runtime) -> TinyEngine {
@@ -228,6 +254,7 @@ impl TinyEngine {
         Ok(Admission {
             max_tokens,
             kv_rows: cfg.kv_rows_for(prompt.len(), max_tokens),
+            decoding: Decoding::of(&request.sampling)?,
         })
     }
 
@@ -274,7 +301,8 @@ impl LlmEngine for TinyEngine {
                 }
             }
             Ok(EngineConfig::new(cfg.model.clone(), worker_id)
-                .with_max_concurrency(Some(cfg.max_sequences)))
+                .with_max_concurrency(Some(cfg.max_sequences))
+                .with_supported(TinyEngine::SUPPORTED))
         })
     }
 

@@ -3,9 +3,14 @@
 //!
 //! Owns the order of ops (pre-norm blocks: RMSNorm, rotary multi-head attention with a
 //! KV cache, residual; RMSNorm, SwiGLU feed-forward, residual; final RMSNorm and the
-//! LM head on each sequence's last row, then greedy argmax), the KV caches keyed by
+//! LM head on each sequence's last row, then the backend's argmax, or for a sequence
+//! that samples a [`Draw`] from its logits on the host), the KV caches keyed by
 //! sequence, and the count of KV bytes they hold. Knows nothing of requests, streams
 //! or the scheduler: [`Runner`] is what the scheduler sees.
+//!
+//! The argmax always runs where the model runs and decides every greedy token, so
+//! greedy decoding is the same as before sampling existed, on every backend; a step's
+//! logits travel to the host only when a sequence in it samples (or a caller asked).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,19 +22,23 @@ use tether_core::error::{EngineError, ErrorKind};
 use super::backend::{Backend, Shape, Span};
 use super::config::{Device, TinyConfig};
 use super::cpu::CpuBackend;
+use super::sampler::Draw;
 use super::weights::Weights;
 
-/// One sequence's share of a step: its new `tokens`, at positions `pos0..`.
+/// One sequence's share of a step: its new `tokens`, at positions `pos0..`, and how
+/// its next token is chosen (`sample`: `None` for the argmax).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Segment<'a> {
     pub(crate) seq: u64,
     pub(crate) tokens: &'a [u32],
     pub(crate) pos0: usize,
+    pub(crate) sample: Option<Draw>,
 }
 
-/// What one forward step produced, per segment in order: the greedy next token (`None`
-/// for a segment that was skipped: no KV cache, or out of its cache's bounds), and
-/// that row's logits when they were asked for.
+/// What one forward step produced, per segment in order: the next token (the argmax,
+/// or the segment's draw from its logits; `None` for a segment that was skipped: no KV
+/// cache, or out of its cache's bounds), and that row's logits when they were asked
+/// for.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Forward {
     pub(crate) next: Vec<Option<u32>>,
@@ -337,7 +346,11 @@ impl<B: Backend> Runner for Model<B> {
         b.rmsnorm(&s.last, &w.final_norm, seqs, d, &mut s.last_n)?;
         b.matmul(&s.last_n, &w.lm_head, seqs, d, vocab, &mut s.logits)?;
         let next = b.argmax(&s.logits, seqs, vocab)?;
-        let logits = if want_logits {
+        let sampling = segments
+            .iter()
+            .zip(&runnable)
+            .any(|(seg, &ok)| ok && seg.sample.is_some());
+        let logits = if want_logits || sampling {
             b.download(&s.logits, seqs * vocab)?
         } else {
             Vec::new()
@@ -345,16 +358,17 @@ impl<B: Backend> Runner for Model<B> {
 
         let mut next = next.into_iter();
         let mut rows_of_logits = logits.chunks_exact(vocab);
-        for ok in runnable {
+        for (seg, ok) in segments.iter().zip(runnable) {
             if ok {
-                out.next.push(next.next());
+                let argmax = next.next();
+                let row = rows_of_logits.next();
+                out.next.push(match (seg.sample, row) {
+                    (Some(draw), Some(row)) => Some(draw.pick(row)),
+                    _ => argmax,
+                });
                 if want_logits {
-                    out.logits.push(
-                        rows_of_logits
-                            .next()
-                            .map(<[f32]>::to_vec)
-                            .unwrap_or_default(),
-                    );
+                    out.logits
+                        .push(row.map(<[f32]>::to_vec).unwrap_or_default());
                 }
             } else {
                 out.next.push(None);
@@ -535,6 +549,7 @@ impl TinyModel {
                     seq: seqs[i],
                     tokens: &inputs[i].1,
                     pos0: inputs[i].0,
+                    sample: None,
                 })
                 .collect();
             let step = self.runner.forward(&segments, logits)?;

@@ -89,6 +89,7 @@ fn compute(core: &Core, epoch: u64, plan: &Plan) -> Computed {
             seq: w.seq,
             tokens: &w.tokens,
             pos0: w.pos0,
+            sample: w.sample,
         })
         .collect();
     let next = catch_unwind(AssertUnwindSafe(|| runner.forward(&segments, false)))

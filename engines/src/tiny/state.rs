@@ -21,7 +21,8 @@ use tether_core::error::{BackendError, EngineError, ErrorKind};
 use tether_core::protocol::{Chunk, FinishReason, Request, Usage};
 
 use super::config::TinyConfig;
-use crate::util::{shutdown_error, LoopControl};
+use super::sampler::{Decoding, Draw, Sampler};
+use crate::util::{shutdown_error, splitmix64, LoopControl};
 
 /// What flows through a request's channel to its stream.
 pub(crate) type Item = Result<Chunk, EngineError>;
@@ -55,9 +56,19 @@ struct Seq {
     stop_token_ids: Vec<u32>,
     eos_token_ids: Vec<u32>,
     min_tokens: u32,
+    /// `None`: greedy.
+    sampler: Option<Sampler>,
 }
 
 impl Seq {
+    /// How the token after `emitted` ones is chosen (`None`: the argmax).
+    fn draw(&self) -> Option<Draw> {
+        self.sampler.map(|sampler| Draw {
+            sampler,
+            index: u64::from(self.emitted),
+        })
+    }
+
     fn usage(&self) -> Usage {
         Usage::new(
             u32::try_from(self.prompt.len()).unwrap_or(u32::MAX),
@@ -75,6 +86,8 @@ pub(crate) struct Work {
     /// Whether the step's output for it is its next token (false for a prefill chunk
     /// that does not finish the prompt).
     pub(crate) emits: bool,
+    /// How that token is chosen, when it emits one (`None`: the argmax).
+    pub(crate) sample: Option<Draw>,
 }
 
 /// What the scheduler computes next: KV caches to allocate (`(seq, rows)`), then one
@@ -131,6 +144,7 @@ pub struct TinyGauges {
 pub(crate) struct Admission {
     pub(crate) max_tokens: u32,
     pub(crate) kv_rows: usize,
+    pub(crate) decoding: Decoding,
 }
 
 /// The engine's books (see the module docs).
@@ -147,6 +161,9 @@ pub(crate) struct State {
     aborts_live: u64,
     steps: u64,
     tokens_emitted: u64,
+    /// Where the seeds of sampling requests that set none come from: random per
+    /// engine, so two engines (or two runs) do not repeat each other.
+    seed_base: u64,
 }
 
 impl State {
@@ -163,7 +180,19 @@ impl State {
             aborts_live: 0,
             steps: 0,
             tokens_emitted: 0,
+            seed_base: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                0u64,
+            ),
         }
+    }
+
+    /// A seed for sequence `seq` of a request that sampled without one: distinct for
+    /// every sequence of this engine (splitmix64 maps distinct states to distinct
+    /// values).
+    fn fresh_seed(&self, seq: u64) -> u64 {
+        let mut state = self.seed_base.wrapping_add(seq);
+        splitmix64(&mut state)
     }
 
     /// The gauges, with `kv_bytes` as the model reports it.
@@ -210,6 +239,7 @@ impl State {
                 request.eos_token_ids
             },
             min_tokens: request.stop.min_tokens.unwrap_or(0),
+            sampler: admission.decoding.sampler(|| self.fresh_seed(id)),
         };
         if admission.max_tokens == 0 {
             // Never queued, never holds a cache: its only item is the terminal.
@@ -256,6 +286,7 @@ impl State {
                     tokens: vec![last],
                     pos0: pos,
                     emits: true,
+                    sample: seq.draw(),
                 });
             } else if budget > 0 {
                 if seq.prefilled == 0 {
@@ -269,11 +300,13 @@ impl State {
                 }
                 let end = seq.prompt.len().min(seq.prefilled + budget);
                 budget -= end - seq.prefilled;
+                let emits = end == seq.prompt.len();
                 plan.work.push(Work {
                     seq: id,
                     tokens: seq.prompt[seq.prefilled..end].to_vec(),
                     pos0: seq.prefilled,
-                    emits: end == seq.prompt.len(),
+                    emits,
+                    sample: seq.draw().filter(|_| emits),
                 });
             }
         }
