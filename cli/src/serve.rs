@@ -49,6 +49,7 @@ pub mod logging;
 pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
+mod params;
 mod responses;
 pub mod tokenizer;
 mod traceparent;
@@ -351,6 +352,7 @@ pub async fn start(
             max_tokens_limit: config.max_tokens_limit,
             default_max_tokens: config.default_max_tokens,
             allow_chaos: config.allow_chaos,
+            supported: started.supported,
         },
         metrics: metrics.clone(),
         runtime,

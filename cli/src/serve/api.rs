@@ -7,17 +7,24 @@
 //!
 //! Rules: `model` must be the served model (else 404); the prompt must be non-empty and
 //! at most `max_prompt_tokens` byte tokens; `max_tokens` (or `max_completion_tokens`)
-//! must be in `0..=max_tokens_limit` (default 16); `n` must be 1; `temperature` in
-//! `0..=2`, `top_p` in `(0, 1]`, `seed` non-negative; each `stop` string must be one
-//! byte (it becomes a stop token), at most 4 of them; `echo`, `logprobs`, tools are
-//! not supported. The extension field `annotations` (a list of strings) is passed to
-//! the engine, except `chaos:` annotations, which are dropped unless the server runs
-//! with `--allow-chaos`.
+//! must be in `0..=max_tokens_limit` (default 16); `n` must be 1; each `stop` string
+//! must be one byte (it becomes a stop token), at most 4 of them; `echo`, `logprobs`,
+//! tools are not supported. The parameters that change the output (`temperature`,
+//! `top_p`, `top_k`, `seed`, `min_tokens`, `ignore_eos`, the penalties, `logit_bias`,
+//! `response_format`, `best_of`, `suffix`, `tool_choice`) are honoured by the engine
+//! or accepted only at their defaults, else a 400 `unsupported_parameter` names them
+//! ([`super::params`] has the table and the ranges). The extension field
+//! `annotations` (a list of strings) is passed to the engine, except `chaos:`
+//! annotations, which are dropped unless the server runs with `--allow-chaos`.
+
+use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use tether_core::engine::SupportedParams;
 use tether_core::protocol::Request;
 
 use super::error::ApiError;
+use super::params::{self, Params, ResponseFormat};
 use super::tokenizer::{self, Message};
 
 /// The limits a request is checked against.
@@ -33,6 +40,8 @@ pub(crate) struct Limits {
     pub(crate) default_max_tokens: u32,
     /// Keep `chaos:` annotations (for testing the server against injected faults).
     pub(crate) allow_chaos: bool,
+    /// The output-changing parameters the engine honours (from its `start`).
+    pub(crate) supported: SupportedParams,
 }
 
 /// `stream_options`.
@@ -67,9 +76,11 @@ pub(crate) enum Stop {
 
 /// Declares a request body with the fields both endpoints share (no `#[serde(flatten)]`:
 /// it would hide the path of a wrong-typed field from the error message) and its
-/// `common()` split.
+/// `common()` split; the endpoint's own fields listed after `params` go into its
+/// [`Params`] too.
 macro_rules! request_body {
-    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident : $ty:ty,)* }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$fmeta:meta])* $field:ident : $ty:ty,)* }
+     params { $($pfield:ident),* }) => {
         $(#[$meta])*
         #[derive(Clone, Debug, Deserialize)]
         pub(crate) struct $name {
@@ -86,6 +97,26 @@ macro_rules! request_body {
             pub(crate) top_p: Option<f64>,
             #[serde(default)]
             pub(crate) seed: Option<i64>,
+            /// Extension (vLLM).
+            #[serde(default)]
+            pub(crate) top_k: Option<i64>,
+            /// Extension (vLLM).
+            #[serde(default)]
+            pub(crate) min_tokens: Option<i64>,
+            /// Extension (vLLM).
+            #[serde(default)]
+            pub(crate) ignore_eos: Option<bool>,
+            #[serde(default)]
+            pub(crate) presence_penalty: Option<f64>,
+            #[serde(default)]
+            pub(crate) frequency_penalty: Option<f64>,
+            /// Extension (vLLM).
+            #[serde(default)]
+            pub(crate) repetition_penalty: Option<f64>,
+            #[serde(default)]
+            pub(crate) logit_bias: Option<BTreeMap<String, f64>>,
+            #[serde(default)]
+            pub(crate) response_format: Option<ResponseFormat>,
             #[serde(default)]
             pub(crate) stop: Option<Stop>,
             #[serde(default)]
@@ -104,9 +135,21 @@ macro_rules! request_body {
                     model: self.model.clone(),
                     stream: self.stream,
                     stream_options: self.stream_options.clone(),
-                    temperature: self.temperature,
-                    top_p: self.top_p,
-                    seed: self.seed,
+                    params: Params {
+                        temperature: self.temperature,
+                        top_p: self.top_p,
+                        seed: self.seed,
+                        top_k: self.top_k,
+                        min_tokens: self.min_tokens,
+                        ignore_eos: self.ignore_eos,
+                        presence_penalty: self.presence_penalty,
+                        frequency_penalty: self.frequency_penalty,
+                        repetition_penalty: self.repetition_penalty,
+                        logit_bias: self.logit_bias.clone(),
+                        response_format: self.response_format.clone(),
+                        $($pfield: self.$pfield.clone(),)*
+                        ..Params::default()
+                    },
                     stop: self.stop.clone(),
                     n: self.n,
                     logprobs: self.logprobs.clone(),
@@ -123,9 +166,7 @@ struct Common {
     model: String,
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
-    temperature: Option<f64>,
-    top_p: Option<f64>,
-    seed: Option<i64>,
+    params: Params,
     stop: Option<Stop>,
     n: Option<i64>,
     logprobs: Option<serde_json::Value>,
@@ -138,7 +179,12 @@ request_body! {
         prompt: Prompt,
         #[serde(default)]
         echo: Option<bool>,
+        #[serde(default)]
+        best_of: Option<i64>,
+        #[serde(default)]
+        suffix: Option<String>,
     }
+    params { best_of, suffix }
 }
 
 /// One content part of a chat message.
@@ -177,7 +223,10 @@ request_body! {
         max_completion_tokens: Option<i64>,
         #[serde(default)]
         tools: Option<serde_json::Value>,
+        #[serde(default)]
+        tool_choice: Option<serde_json::Value>,
     }
+    params { tool_choice }
 }
 
 /// Which endpoint a request came through.
@@ -286,31 +335,6 @@ impl Common {
         {
             return Err(unsupported("logprobs", "logprobs are not supported"));
         }
-        let temperature = match self.temperature {
-            Some(t) if !(0.0..=2.0).contains(&t) => {
-                return Err(invalid(
-                    "temperature",
-                    format!("`temperature` must be between 0 and 2, got {t}"),
-                ))
-            }
-            t => t.map(|t| t as f32),
-        };
-        let top_p = match self.top_p {
-            Some(p) if !(p > 0.0 && p <= 1.0) => {
-                return Err(invalid(
-                    "top_p",
-                    format!("`top_p` must be in (0, 1], got {p}"),
-                ))
-            }
-            p => p.map(|p| p as f32),
-        };
-        let seed = match self.seed {
-            Some(s) => Some(
-                u64::try_from(s)
-                    .map_err(|_| invalid("seed", format!("`seed` must be at least 0, got {s}")))?,
-            ),
-            None => None,
-        };
         let stops = match self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s],
@@ -343,10 +367,8 @@ impl Common {
         let mut request =
             Request::new(String::new(), self.model, token_ids).with_max_tokens(max_tokens);
         request.stop.stop_token_ids = stop_token_ids;
-        request.sampling.temperature = temperature;
-        request.sampling.top_p = top_p;
-        request.sampling.seed = seed;
         request.annotations = annotations;
+        params::apply(&self.params, limits.supported, max_tokens, &mut request)?;
         let stream = self.stream.unwrap_or(false);
         Ok(Prepared {
             endpoint,
@@ -486,6 +508,7 @@ mod tests {
             max_tokens_limit: 100,
             default_max_tokens: 16,
             allow_chaos: false,
+            supported: tether_engines::SimEngine::SUPPORTED,
         }
     }
 
