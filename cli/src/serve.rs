@@ -17,6 +17,15 @@
 //!   aborted, even if the client leaves before the last bytes are written. The
 //!   in-flight gauge drops after the outcome is counted.
 //! - Bad input is a 400 (404 for an unknown model) with an OpenAI error object.
+//! - A parameter that changes the output (`temperature`, `top_p`, `top_k`, `seed`,
+//!   `min_tokens`, `ignore_eos`, the penalties, `logit_bias`, `response_format`,
+//!   `best_of`, `suffix`, `tool_choice`) is honoured by the engine or accepted only at
+//!   its default: what the engine's `start` reported in
+//!   [`EngineConfig::supported`](tether_core::EngineConfig::supported) says which it
+//!   honours, and any other value is a 400 `unsupported_parameter` naming it, never
+//!   silently ignored. SimEngine honours `seed`, `min_tokens` and `ignore_eos`;
+//!   TinyEngine also samples (`temperature`, `top_p`, `top_k`). The table is in
+//!   `serve/params.rs`.
 //! - [`Server::shutdown`] (SIGINT/SIGTERM in the binary): stop accepting, let in-flight
 //!   requests finish for [`ServeConfig::shutdown_grace`], kill the rest, then call the
 //!   engine's `cleanup` exactly once.
