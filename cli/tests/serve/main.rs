@@ -1,6 +1,7 @@
 //! `tether serve` over real loopback HTTP (127.0.0.1, ephemeral ports): streaming and
 //! unary completions on both endpoints, disconnects, errors, timeouts, bad input,
-//! `/metrics`, `/health`, graceful shutdown, request ids and migration links.
+//! `/metrics`, `/health`, graceful shutdown, request ids and migration links, and the
+//! parameters that change the output (honoured or refused).
 //!
 //! These tests do real socket I/O, so they run on real time (a paused clock would
 //! auto-advance past timeouts while a socket is merely waiting); every wait is
@@ -13,6 +14,7 @@ mod completions;
 mod failures;
 mod observability;
 mod operations;
+mod params;
 
 use std::time::Duration;
 
