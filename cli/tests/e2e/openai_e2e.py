@@ -4,8 +4,10 @@
 Run by `.ci/serve-e2e` against `tether serve --engine sim --allow-chaos` on
 127.0.0.1. It streams a chat completion and a completion, makes unary calls, closes
 one stream after 3 chunks, checks that an engine error mid-stream raises, that bad
-input is a 400/404 with an OpenAI error body, and finally that /metrics agrees:
-one abort, one cancelled request, nothing in flight, no engine slot held.
+input is a 400/404 with an OpenAI error body, that /metrics agrees: one abort, one
+cancelled request, nothing in flight, no engine slot held; and finally (after the
+metrics, so their counts stay as above) that a parameter the engine does not honour is
+refused by name while its default is accepted (check_output_parameters).
 """
 
 import argparse
@@ -182,8 +184,54 @@ def main():
     check(not errors5xx, "metrics: no 5xx responses")
     check(m['tether_http_responses_total{endpoint="/v1/completions",status="400"}'] == 1, "metrics: one 400")
     check(m['tether_http_responses_total{endpoint="/v1/completions",status="404"}'] == 1, "metrics: one 404")
+    check_output_parameters(client)
     print("openai e2e: all checks passed")
     return 0
+
+
+def check_output_parameters(client):
+    """Parameters that change the output: SimEngine honours seed, min_tokens and
+    ignore_eos only, so any other one at a non-default value is a 400 naming it, and
+    the defaults that clients always send are accepted."""
+    refused = [
+        ("presence_penalty", lambda: client.completions.create(
+            model=MODEL, prompt="x", max_tokens=3, presence_penalty=0.5)),
+        ("temperature", lambda: client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0.7)),
+        ("top_p", lambda: client.completions.create(
+            model=MODEL, prompt="x", max_tokens=3, top_p=0.5, stream=True)),
+        ("response_format", lambda: client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+            response_format={"type": "json_object"})),
+        ("top_k", lambda: client.completions.create(
+            model=MODEL, prompt="x", max_tokens=3, extra_body={"top_k": 40})),
+    ]
+    for param, call in refused:
+        try:
+            call()
+            check(False, f"{param}: a non-default value is refused")
+        except openai.BadRequestError as e:
+            check(
+                e.status_code == 400 and e.body["param"] == param
+                and e.body["code"] == "unsupported_parameter",
+                f"{param}: a non-default value is a 400 naming it",
+            )
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+        temperature=1, top_p=1, presence_penalty=0, frequency_penalty=0,
+        response_format={"type": "text"}, tool_choice="none",
+    )
+    check(chat.usage.completion_tokens == 4, "chat sending the defaults succeeds")
+    completion = client.completions.create(
+        model=MODEL, prompt="abc", max_tokens=4, temperature=1, top_p=1, best_of=1,
+        extra_body={"top_k": -1, "repetition_penalty": 1},
+    )
+    check(len(completion.choices[0].text) == 4, "completion sending the defaults succeeds")
+    seeded = [
+        client.completions.create(model=MODEL, prompt="abc", max_tokens=8, seed=seed).choices[0].text
+        for seed in (5, 5, 6)
+    ]
+    check(seeded[0] == seeded[1] and seeded[0] != seeded[2], "sim honours seed: same seed, same text")
 
 
 if __name__ == "__main__":
