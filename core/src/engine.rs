@@ -394,13 +394,13 @@ mod tests {
         assert_eq!(EngineConfig::default().supported, SupportedParams::NONE);
     }
 
+    type Set = fn(SupportedParams) -> SupportedParams;
+    type Read = fn(&SupportedParams) -> bool;
+
     #[test]
     fn supported_params_builders_set_exactly_their_flag() {
         let all_off = SupportedParams::NONE;
-        let cases: [(
-            fn(SupportedParams) -> SupportedParams,
-            fn(&SupportedParams) -> bool,
-        ); 6] = [
+        let cases: [(Set, Read); 6] = [
             (|s| s.with_temperature(true), |s| s.temperature),
             (|s| s.with_top_p(true), |s| s.top_p),
             (|s| s.with_top_k(true), |s| s.top_k),
