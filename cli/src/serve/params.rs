@@ -6,8 +6,9 @@
 //! [`SupportedParams`] flag that says the engine honours it and where an honoured value
 //! goes in the [`Request`]) and the one function that applies it ([`apply`]). The
 //! engine's flags come from the [`EngineConfig`](tether_core::EngineConfig) its `start`
-//! returned. Must not parse bodies (that is [`super::api`]'s, whose wrong-typed fields
-//! are already a 400 naming their path) nor touch anything but these parameters.
+//! returned. Does not read bodies (that is [`super::api`]'s, whose wrong-typed fields
+//! are already a 400 naming their path; [`ResponseFormat`], the one shape of its own,
+//! is read there) and must not touch anything but these parameters.
 //!
 //! For each row, in table order:
 //! 1. a value out of its range is a 400 `invalid_value` naming the parameter (whether
