@@ -27,6 +27,7 @@ on_both!(
     max_tokens_zero_ends_at_once,
     stop_token_ends_with_stop,
     eos_token_ends_with_eos_unless_ignored,
+    echo_annotation_repeats_the_prompt,
     queues_when_slots_are_full,
     queues_when_kv_blocks_are_full,
     abort_frees_slot_and_blocks,
@@ -167,6 +168,25 @@ async fn eos_token_ends_with_eos_unless_ignored(rt: Rt) {
     let items = collect(gen(&engine, r).await).await;
     assert_eq!(tokens(&items), all);
     assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+}
+
+async fn echo_annotation_repeats_the_prompt(rt: Rt) {
+    let engine = started(config(), rt).await;
+    // Byte tokens above the vocabulary come back as they went in.
+    let mut r = req("a", &[200, 7, 3000], 7);
+    r.annotations
+        .push(tether_engines::sim::ECHO_ANNOTATION.to_owned());
+    let items = collect(gen(&engine, r).await).await;
+    assert_eq!(tokens(&items), [200, 7, 3000, 200, 7, 3000, 200]);
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+    // Stop tokens still apply.
+    let mut r = req("b", &[1, 2, 3], 7);
+    r.annotations
+        .push(tether_engines::sim::ECHO_ANNOTATION.to_owned());
+    r.stop.stop_token_ids = vec![3];
+    let items = collect(gen(&engine, r).await).await;
+    assert_eq!(tokens(&items), [1, 2, 3]);
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Stop));
 }
 
 /// A 2-slot engine, the time, and 5 requests of 4 tokens sent to it at that time.
