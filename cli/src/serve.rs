@@ -50,13 +50,14 @@ pub mod metrics;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod responses;
+mod stop;
 pub mod tokenizer;
 mod traceparent;
 
 use std::fmt;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +68,7 @@ use tether_core::drive::ProbeAdapter;
 use tether_core::{Adapter, AdapterConfig, Cause, Context, EngineError, LlmEngine, Runtime};
 use tether_engines::{SimEngine, TinyEngine};
 use tokio::sync::watch;
+use tower_http::request_id::PropagateRequestIdLayer;
 
 pub use crate::engine::EngineKind;
 pub use args::{run, ServeArgs};
@@ -225,7 +227,7 @@ pub(crate) struct App {
     pub(crate) runtime: Arc<dyn Runtime>,
     /// Every request's context is linked to it; killing it kills them all.
     pub(crate) root: Context,
-    pub(crate) next_id: AtomicU64,
+    pub(crate) ids: handlers::RequestIds,
     /// A shutdown began: new requests and health checks get a 503.
     pub(crate) draining: AtomicBool,
     pub(crate) health_timeout: Duration,
@@ -301,6 +303,11 @@ pub async fn start(
             "--max-prompt-tokens must be at least 1".to_owned(),
         ));
     }
+    if config.keep_alive.is_zero() {
+        return Err(ServeError::InvalidOptions(
+            "--sse-keep-alive must be above 0".to_owned(),
+        ));
+    }
     if config.default_max_tokens > config.max_tokens_limit {
         return Err(ServeError::InvalidOptions(format!(
             "--default-max-tokens {} is above --max-tokens-limit {}",
@@ -355,7 +362,7 @@ pub async fn start(
         metrics: metrics.clone(),
         runtime,
         root: Context::new("tether-serve"),
-        next_id: AtomicU64::new(1),
+        ids: handlers::RequestIds::new(),
         draining: AtomicBool::new(false),
         health_timeout: config.health_timeout,
         keep_alive: config.keep_alive,
@@ -408,6 +415,8 @@ fn router(app: Arc<App>) -> Router {
             access::observe,
         ))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
+        // A client's own `x-request-id` is echoed on the response as it came.
+        .layer(PropagateRequestIdLayer::x_request_id())
         .with_state(app)
 }
 

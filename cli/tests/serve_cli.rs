@@ -44,6 +44,7 @@ async fn serves_then_exits_0_on_sigterm_after_cleanup() {
     assert_eq!(health.status(), 200);
     let resp = client
         .post(format!("http://{addr}/v1/completions"))
+        .header("content-type", "application/json")
         .body(r#"{"model": "sim", "prompt": "hi", "max_tokens": 4}"#)
         .send()
         .await

@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use serve_support::{spawn_serve_logging, SseReader};
+use serve_support::{short_ids, spawn_serve_logging, SseReader};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -64,7 +64,14 @@ fn access_lines(stderr: &str) -> Vec<String> {
                 .parse()
                 .unwrap();
             assert!(ms >= 0.0, "{ms}");
-            let order = ["method", "path", "status", "request_id", "client_gone"];
+            let order = [
+                "method",
+                "path",
+                "status",
+                "request_id",
+                "client_request_id",
+                "client_gone",
+            ];
             assert!(f.keys().all(|k| order.contains(&k.as_str())), "{f:?}");
             order
                 .iter()
@@ -126,8 +133,13 @@ async fn the_access_log_has_one_line_per_request_and_warnings_show_by_default() 
         .unwrap();
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap();
-    // 2: a stream read to its end.
-    let resp = post(completion(3, true)).send().await.unwrap();
+    // 2: a stream read to its end, with the client's own request id.
+    let resp = post(completion(3, true))
+        .header("x-request-id", "client-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "client-7");
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap();
     // 3: a stream cut after two events.
@@ -146,7 +158,7 @@ async fn the_access_log_has_one_line_per_request_and_warnings_show_by_default() 
         "tether_client_disconnects_total{endpoint=\"/v1/completions\"} 1",
     )
     .await;
-    let stderr = stop(child);
+    let stderr = short_ids(&stop(child));
     let lines = access_lines(&stderr);
     let scrapes = lines
         .iter()
@@ -155,7 +167,7 @@ async fn the_access_log_has_one_line_per_request_and_warnings_show_by_default() 
     assert!(scrapes >= 1, "{stderr}");
     let mut expected = vec![
         "method=POST path=/v1/completions status=200 request_id=cmpl-1 client_gone=false",
-        "method=POST path=/v1/completions status=200 request_id=cmpl-2 client_gone=false",
+        "method=POST path=/v1/completions status=200 request_id=cmpl-2 client_request_id=client-7 client_gone=false",
         "method=POST path=/v1/completions status=200 request_id=cmpl-3 client_gone=true",
         "method=POST path=/v1/completions status=400 client_gone=false",
         "method=GET path=/nope status=404 client_gone=false",
@@ -190,6 +202,7 @@ async fn tether_debug_logs_a_cut_streams_cancellation_once() {
     let client = reqwest::Client::new();
     let resp = client
         .post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
         .body(
             json!({"model": "sim", "prompt": "hi", "max_tokens": 4000, "stream": true}).to_string(),
         )
@@ -205,7 +218,7 @@ async fn tether_debug_logs_a_cut_streams_cancellation_once() {
         "tether_cancellations_total{cause=\"client_disconnect\",endpoint=\"completions\",stream=\"true\"} 1",
     )
     .await;
-    let stderr = stop(child);
+    let stderr = short_ids(&stop(child));
     let mine: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains(" request_id=cmpl-1 "))

@@ -8,9 +8,10 @@
 //! Rules: `model` must be the served model (else 404); the prompt must be non-empty and
 //! at most `max_prompt_tokens` byte tokens; `max_tokens` (or `max_completion_tokens`)
 //! must be in `0..=max_tokens_limit` (default 16); `n` must be 1; `temperature` in
-//! `0..=2`, `top_p` in `(0, 1]`, `seed` non-negative; each `stop` string must be one
-//! byte (it becomes a stop token), at most 4 of them; `echo`, `logprobs`, tools are
-//! not supported. The extension field `annotations` (a list of strings) is passed to
+//! `0..=2`, `top_p` in `(0, 1]`, `seed` non-negative; `stop` is at most 4 non-empty
+//! strings of any length (matched on the decoded text, see [`super::stop`]);
+//! `stream_options` only with `stream: true`; `echo`, `logprobs`, tools are not
+//! supported. The extension field `annotations` (a list of strings) is passed to
 //! the engine, except `chaos:` annotations, which are dropped unless the server runs
 //! with `--allow-chaos`.
 
@@ -210,6 +211,8 @@ pub(crate) struct Prepared {
     pub(crate) stream: bool,
     /// Send a usage chunk at the end of a stream.
     pub(crate) include_usage: bool,
+    /// The stop strings, matched on the decoded text ([`super::stop`]).
+    pub(crate) stops: Vec<String>,
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -311,10 +314,10 @@ impl Common {
             ),
             None => None,
         };
-        let stops = match self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
+        let (stops, one) = match self.stop {
+            None => (Vec::new(), false),
+            Some(Stop::One(s)) => (vec![s], true),
+            Some(Stop::Many(v)) => (v, false),
         };
         if stops.len() > MAX_STOPS {
             return Err(invalid(
@@ -322,19 +325,13 @@ impl Common {
                 format!("at most {MAX_STOPS} stop strings, got {}", stops.len()),
             ));
         }
-        let mut stop_token_ids = Vec::with_capacity(stops.len());
-        for s in &stops {
-            match s.as_bytes() {
-                [byte] => stop_token_ids.push(u32::from(*byte)),
-                _ => {
-                    return Err(unsupported(
-                        "stop",
-                        format!(
-                        "stop strings must be one byte long (a byte-level stop token), got {s:?}"
-                    ),
-                    ))
-                }
-            }
+        if let Some(i) = stops.iter().position(String::is_empty) {
+            let param = if one {
+                "stop".to_owned()
+            } else {
+                format!("stop[{i}]")
+            };
+            return Err(invalid(&param, "stop strings must not be empty"));
         }
         let mut annotations = self.annotations.unwrap_or_default();
         if !limits.allow_chaos {
@@ -342,21 +339,28 @@ impl Common {
         }
         let mut request =
             Request::new(String::new(), self.model, token_ids).with_max_tokens(max_tokens);
-        request.stop.stop_token_ids = stop_token_ids;
+        // Matched by the server on the decoded text (an engine may match them too).
+        request.stop.stop.clone_from(&stops);
         request.sampling.temperature = temperature;
         request.sampling.top_p = top_p;
         request.sampling.seed = seed;
         request.annotations = annotations;
         let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
+            return Err(invalid(
+                "stream_options",
+                "`stream_options` can only be set when `stream` is true",
+            ));
+        }
         Ok(Prepared {
             endpoint,
             request,
             stream,
-            include_usage: stream
-                && self
-                    .stream_options
-                    .and_then(|o| o.include_usage)
-                    .unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            stops,
         })
     }
 }
@@ -507,10 +511,18 @@ mod tests {
         .unwrap();
         assert_eq!(p.request.token_ids, vec![104, 105]);
         assert_eq!(p.request.stop.max_tokens, Some(5));
-        assert_eq!(p.request.stop.stop_token_ids, vec![10]);
+        assert_eq!(p.stops, vec!["\n".to_owned()]);
+        assert_eq!(p.request.stop.stop, vec!["\n".to_owned()]);
+        assert!(p.request.stop.stop_token_ids.is_empty());
         assert_eq!(p.request.sampling.seed, Some(7));
         assert_eq!(p.request.annotations, vec!["keep".to_owned()]);
         assert!(p.stream && p.include_usage);
+        let p = completion(&serde_json::json!({
+            "model": "sim", "prompt": "x", "stop": ["终わり", "\n\nUser:", "🦀", "x"],
+            "stream_options": null,
+        }))
+        .unwrap();
+        assert_eq!(p.stops, ["终わり", "\n\nUser:", "🦀", "x"]);
         let p = completion(&serde_json::json!({"model": "sim", "prompt": [1, 2, 255]})).unwrap();
         assert_eq!(p.request.token_ids, vec![1, 2, 255]);
         assert_eq!(p.request.stop.max_tokens, Some(16));
@@ -561,8 +573,20 @@ mod tests {
                 "temperature",
             ),
             (
-                serde_json::json!({"model": "sim", "prompt": "x", "stop": "ab"}),
+                serde_json::json!({"model": "sim", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
                 "stop",
+            ),
+            (
+                serde_json::json!({"model": "sim", "prompt": "x", "stop": ["ab", ""]}),
+                "stop[1]",
+            ),
+            (
+                serde_json::json!({"model": "sim", "prompt": "x", "stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+            (
+                serde_json::json!({"model": "sim", "prompt": "x", "stream": false, "stream_options": {}}),
+                "stream_options",
             ),
             (
                 serde_json::json!({"model": "sim", "prompt": "x", "seed": -2}),

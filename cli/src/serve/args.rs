@@ -60,6 +60,11 @@ pub struct ServeArgs {
     /// How long `/health` waits for its canary.
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub health_timeout: Duration,
+    /// Interval of the SSE keep-alive comments a streamed response sends while the
+    /// engine is silent (they keep proxies' idle timers from cutting the stream and
+    /// reveal a client that is gone).
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub sse_keep_alive: Duration,
     /// Pass clients' `chaos:` annotations to the engine (testing only).
     #[arg(long)]
     pub allow_chaos: bool,
@@ -93,7 +98,7 @@ impl ServeArgs {
             default_max_tokens: self.default_max_tokens,
             allow_chaos: self.allow_chaos,
             health_timeout: self.health_timeout,
-            ..ServeConfig::default()
+            keep_alive: self.sse_keep_alive,
         }
     }
 

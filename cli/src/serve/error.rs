@@ -188,9 +188,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON request body parsed into `T`; every way it can fail is an [`ApiError`]
-/// (400, or 413 for a body over [`MAX_BODY_BYTES`]). The content type is not checked:
-/// a body that parses is accepted.
+/// A JSON request body parsed into `T`; every way it can fail is an [`ApiError`]:
+/// 415 unless the `content-type` is `application/json` (parameters such as a charset
+/// allowed, and `application/*+json`), 413 for a body over [`MAX_BODY_BYTES`], 400
+/// for a body that is not valid JSON or not the request's shape.
 #[derive(Debug)]
 pub(crate) struct OpenAiJson<T>(pub(crate) T);
 
@@ -202,6 +203,19 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = req.headers().get(axum::http::header::CONTENT_TYPE);
+        if !content_type.is_some_and(is_json) {
+            let got = content_type
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(|| "none".to_owned(), |v| format!("`{v}`"));
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+                None,
+                format!("the body must be JSON with `content-type: application/json`; got {got}"),
+            ));
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             let status = rejection.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -218,6 +232,21 @@ where
         })?;
         parse_json(&bytes).map(OpenAiJson)
     }
+}
+
+/// Whether a `content-type` value names JSON: `application/json` or
+/// `application/<anything>+json`, any case, with or without parameters.
+fn is_json(value: &axum::http::HeaderValue) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (sub.eq_ignore_ascii_case("json")
+            || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
 }
 
 /// Parse `bytes` as a `T`, turning serde's error into an [`ApiError`] that names the
@@ -316,6 +345,31 @@ mod tests {
         assert_eq!(e.body.param.as_deref(), Some("messages[0].role"));
         let e = parse_json::<Body>(br#"{"model": "m", "messages": [{}]}"#).unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn only_json_content_types_are_json() {
+        let json = |v: &str| is_json(&axum::http::HeaderValue::from_str(v).unwrap());
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " application/json ;charset=UTF-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(json(yes), "{yes}");
+        }
+        for no in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/jsonx",
+            "application/+json",
+            "json",
+            "",
+            "multipart/form-data; boundary=x",
+        ] {
+            assert!(!json(no), "{no}");
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ mod completions;
 mod failures;
 mod observability;
 mod operations;
+mod requests;
+mod stop_strings;
 
 use std::time::Duration;
 

@@ -189,6 +189,7 @@ async fn health_is_ok_and_503_when_the_engine_errors() {
         // A request the engine refuses at setup is a 503 with an error object too.
         let resp = reqwest::Client::new()
             .post(format!("{url}/v1/completions"))
+            .header("content-type", "application/json")
             .body(json!({"model": "broken", "prompt": "x"}).to_string())
             .send()
             .await

@@ -75,6 +75,8 @@ pub struct CountingEngine {
     pub inner: Arc<SimEngine>,
     pub cleanups: AtomicUsize,
     pub links: Mutex<Vec<Links>>,
+    /// Each request's id and the client's own id from its metadata.
+    pub client_ids: Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl LlmEngine for CountingEngine {
@@ -91,6 +93,14 @@ impl LlmEngine for CountingEngine {
             request.migration_link,
             request.malformed_migration_link.clone(),
         ));
+        let client = context
+            .metadata()
+            .get(tether_core::engine::Metadata::CLIENT_REQUEST_ID)
+            .map(str::to_owned);
+        self.client_ids
+            .lock()
+            .unwrap()
+            .push((request.id.clone(), client));
         self.inner.generate(request, context)
     }
     fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
@@ -187,6 +197,7 @@ pub async fn start_on(
         inner: sim,
         cleanups: AtomicUsize::new(0),
         links: Mutex::default(),
+        client_ids: Mutex::default(),
     });
     let served = ServedEngine {
         engine: engine.clone(),
@@ -492,4 +503,45 @@ pub fn sorted(lines: &[&str]) -> Vec<String> {
 /// Run `f` with a deadline: a test that hangs fails instead.
 pub async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(limit, f).await.expect("timed out")
+}
+
+/// `text` with every request id (`cmpl-`, `chatcmpl-`, `health-` then a 16-hex-digit
+/// nonce and a hex counter) shortened to its kind and counter (`cmpl-1`), so tests can
+/// name ids without knowing the server's random nonce. Checks the nonce's shape.
+pub fn short_ids(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    'scan: while !rest.is_empty() {
+        for kind in ["chatcmpl-", "cmpl-", "health-"] {
+            let after_word = out
+                .chars()
+                .last()
+                .is_none_or(|c| !c.is_ascii_alphanumeric());
+            if after_word && rest.starts_with(kind) {
+                let tail = &rest[kind.len()..];
+                let hex = tail.bytes().take_while(u8::is_ascii_hexdigit).count();
+                if hex > 16 {
+                    out.push_str(kind);
+                    out.push_str(&tail[16..hex]);
+                    rest = &tail[hex..];
+                    continue 'scan;
+                }
+            }
+        }
+        let c = rest.chars().next().expect("not empty");
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// The request id's kind and counter (`("cmpl", 1)` for `cmpl-<nonce>1`), and its nonce.
+pub fn id_parts(id: &str) -> (String, u64, String) {
+    let (kind, tail) = id.split_once('-').unwrap_or_else(|| panic!("an id: {id}"));
+    assert!(
+        tail.len() > 16 && tail.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let n = u64::from_str_radix(&tail[16..], 16).unwrap();
+    (kind.to_owned(), n, tail[..16].to_owned())
 }
