@@ -6,9 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde_json::json;
-use tether_cli::serve::{self, ServeConfig, ServedEngine};
+use tether_cli::serve::{ServeConfig, ServedEngine};
 use tether_core::protocol::{RawTraceLink, TraceLink};
-use tether_core::Runtime;
 
 use crate::serve_support::*;
 use crate::{chat, completion, json_of, LIMIT};
@@ -17,16 +16,7 @@ use crate::{chat, completion, json_of, LIMIT};
 async fn a_client_gone_during_the_engines_setup_is_a_counted_cancellation() {
     within(LIMIT, async {
         let engine = Arc::new(StuckSetupEngine::default());
-        let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = serve::start(
-            ServedEngine::other(engine.clone()),
-            runtime,
-            listener,
-            ServeConfig::default(),
-        )
-        .await
-        .unwrap();
+        let server = serve_engine(ServedEngine::other(engine.clone()), ServeConfig::default()).await;
         let url = format!("http://{}", server.local_addr());
         let client = {
             let url = url.clone();

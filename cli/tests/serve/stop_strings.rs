@@ -11,11 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tether_cli::serve::{self, ServeConfig, ServedEngine};
+use tether_cli::serve::{ServeConfig, ServedEngine};
 use tether_core::engine::{BoxFuture, ChunkStream, EngineConfig, GenerateContext, LlmEngine};
 use tether_core::error::EngineError;
 use tether_core::protocol::{Chunk, FinishReason, Request, Usage};
-use tether_core::Runtime;
 
 use crate::serve_support::*;
 use crate::{json_of, LIMIT};
@@ -191,16 +190,8 @@ impl LlmEngine for OneChunkEngine {
 async fn a_match_in_the_engines_last_chunk_is_a_stop_without_an_abort() {
     within(LIMIT, async {
         let engine = Arc::new(OneChunkEngine::default());
-        let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = serve::start(
-            ServedEngine::other(engine.clone()),
-            runtime,
-            listener,
-            ServeConfig::default(),
-        )
-        .await
-        .unwrap();
+        let server =
+            serve_engine(ServedEngine::other(engine.clone()), ServeConfig::default()).await;
         let client = reqwest::Client::new();
         for stream in [true, false] {
             let body = json!({

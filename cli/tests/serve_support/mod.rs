@@ -545,3 +545,13 @@ pub fn id_parts(id: &str) -> (String, u64, String) {
     let n = u64::from_str_radix(&tail[16..], 16).unwrap();
     (kind.to_owned(), n, tail[..16].to_owned())
 }
+
+/// Serve `engine` with `config` on 127.0.0.1 (a free port), the adapter on the current
+/// tokio runtime.
+pub async fn serve_engine(engine: ServedEngine, config: ServeConfig) -> Server {
+    let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve::start(engine, runtime, listener, config)
+        .await
+        .unwrap()
+}
