@@ -106,7 +106,7 @@ async fn responses_carry_the_request_id() {
         assert_eq!(json_of(&events[0])["id"], "chatcmpl-2");
         let resp = t
             .client
-            .get(format!("{}/health", t.base))
+            .get(format!("{}/health/canary", t.base))
             .send()
             .await
             .unwrap();
