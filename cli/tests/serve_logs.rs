@@ -1,7 +1,7 @@
 //! The `tether serve` binary's logs on stderr: one access log line per HTTP request
 //! (streams included, whether read to their end or cut), the adapter's warnings by
-//! default, its per-request events under `RUST_LOG=tether=debug`, and a bad
-//! `RUST_LOG` refused.
+//! default, its per-request events under `RUST_LOG=tether=debug`, requests refused
+//! for their API key logged (and the key never), and a bad `RUST_LOG` refused.
 
 mod serve_support;
 
@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use serve_support::{short_ids, spawn_serve_logging, SseReader};
+use serve_support::{short_ids, spawn_serve_logging, spawn_serve_with, SseReader};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -247,6 +247,48 @@ async fn tether_debug_logs_a_cut_streams_cancellation_once() {
     assert!(mine
         .iter()
         .any(|l| l.contains("tether::access") && l.ends_with(" client_gone=true")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_are_logged_as_401_and_the_key_never_is() {
+    const KEY: &str = "sk-from-the-environment-4242";
+    const GUESS: &str = "sk-a-wrong-guess-1717";
+    // The key comes from `TETHER_API_KEY`, with everything logged that can be.
+    let (child, addr) = spawn_serve_with(&["--addr", "127.0.0.1:0", "--step-us", "200"], |cmd| {
+        cmd.env("TETHER_API_KEY", KEY).env("RUST_LOG", "debug");
+    });
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let models = |authorization: Option<String>| {
+        let mut req = client.get(format!("{base}/v1/models"));
+        if let Some(value) = authorization {
+            req = req.header("authorization", value);
+        }
+        req
+    };
+    let resp = models(None).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = models(Some(format!("Bearer {GUESS}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = models(Some(format!("Bearer {KEY}"))).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = client.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stderr = stop(child);
+    assert_eq!(
+        access_lines(&stderr),
+        [
+            "method=GET path=/health status=200 client_gone=false",
+            "method=GET path=/v1/models status=200 client_gone=false",
+            "method=GET path=/v1/models status=401 client_gone=false",
+            "method=GET path=/v1/models status=401 client_gone=false",
+        ],
+        "{stderr}"
+    );
+    assert!(!stderr.contains(KEY) && !stderr.contains(GUESS), "{stderr}");
 }
 
 #[test]

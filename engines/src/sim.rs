@@ -145,6 +145,13 @@ impl SimEngine {
         self.core.lock().control.is_started()
     }
 
+    /// Whether the engine is started and its scheduler loop still exists (it did not
+    /// panic, and its runtime did not drop it): a cheap liveness check that queues
+    /// nothing. A loop that is there but stuck still counts as running.
+    pub fn is_running(&self) -> bool {
+        self.core.lock().control.is_running()
+    }
+
     fn validate(&self, request: &Request) -> Result<Admission, EngineError> {
         let cfg = &self.core.config;
         if request.token_ids.is_empty() {

@@ -521,19 +521,47 @@ async fn invalid_requests_are_setup_errors(rt: Rt) {
 
 async fn cleanup_ends_live_streams(rt: Rt) {
     let engine = started(config(), rt.clone()).await;
+    assert!(engine.is_running());
     let mut s = gen(&engine, req("a", &[1], 1000)).await;
     s.next().await.unwrap().unwrap();
     engine.cleanup().await.unwrap();
     engine.cleanup().await.unwrap();
-    assert!(!engine.is_started());
+    assert!(!engine.is_started() && !engine.is_running());
     idle(engine.gauges());
     let rest = collect(s).await;
     let err = rest.last().unwrap().as_ref().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Backend(BackendError::EngineShutdown));
     // It starts again after a cleanup.
     engine.start(1).await.unwrap();
+    assert!(engine.is_running());
     let items = collect(gen(&engine, req("b", &[1], 3)).await).await;
     assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+}
+
+/// A runtime that drops every task it is given, as a runtime shutting down does (and
+/// as tokio does with a task that panicked); its clock is tokio's.
+#[derive(Debug)]
+struct DropsTasks(Rt);
+
+impl Runtime for DropsTasks {
+    fn spawn(&self, future: tether_core::drive::SpawnFuture) {
+        drop(future);
+    }
+    fn sleep_until(&self, deadline: Instant) -> std::pin::Pin<Box<dyn tether_core::AsyncTimer>> {
+        self.0.sleep_until(deadline)
+    }
+    fn now(&self) -> Instant {
+        self.0.now()
+    }
+}
+
+#[tokio::test]
+async fn a_scheduler_its_runtime_dropped_is_not_running() {
+    let engine = SimEngine::new(config(), DropsTasks(tokio_rt()));
+    engine.start(0).await.unwrap();
+    // Started, but nothing will ever step its batch: not running.
+    assert!(engine.is_started());
+    assert!(!engine.is_running());
 }
 
 async fn one_scheduler_task_per_engine(rt: Rt) {

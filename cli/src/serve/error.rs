@@ -112,6 +112,19 @@ impl ApiError {
         )
     }
 
+    /// A 401: the request did not carry the server's API key (`invalid_request_error`
+    /// with code `invalid_api_key`, as OpenAI answers). `message` must not quote the
+    /// key that was sent.
+    pub(crate) fn invalid_api_key(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            None,
+            message,
+        )
+    }
+
     /// A 503: the server is shutting down and the request was cancelled.
     pub(crate) fn shutting_down() -> ApiError {
         ApiError::new(
@@ -262,6 +275,15 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     Ok(value)
 }
 
+/// Parse an already parsed JSON `value` as a `T`, with the errors of [`parse_json`]
+/// (for a body read once and then looked at as more than one shape).
+pub(crate) fn parse_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        data_error(&path, err.inner())
+    })
+}
+
 fn data_error(path: &str, inner: &serde_json::Error) -> ApiError {
     let message = inner.to_string();
     match inner.classify() {
@@ -370,6 +392,38 @@ mod tests {
         ] {
             assert!(!json(no), "{no}");
         }
+    }
+
+    #[test]
+    fn a_parsed_value_names_the_param_too() {
+        let e = parse_value::<Body>(serde_json::json!({"model": "m", "messages": [{"role": 1}]}))
+            .unwrap_err();
+        assert_eq!(
+            (e.body.code, e.body.param.as_deref()),
+            (Some("invalid_type"), Some("messages[0].role"))
+        );
+        let e = parse_value::<Body>(serde_json::json!({})).unwrap_err();
+        assert_eq!(
+            (e.body.code, e.body.param.as_deref()),
+            (Some("missing_required_parameter"), Some("model"))
+        );
+        assert_eq!(
+            parse_value::<Body>(serde_json::json!({"model": "m"}))
+                .unwrap()
+                .model,
+            "m"
+        );
+    }
+
+    #[test]
+    fn a_missing_key_is_a_401_invalid_api_key() {
+        let e = ApiError::invalid_api_key("no key");
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"message": "no key", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+        );
     }
 
     #[test]

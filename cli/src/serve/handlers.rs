@@ -1,5 +1,6 @@
 //! The HTTP handlers: the two generation endpoints (streamed as SSE or answered as
-//! one JSON body), `/v1/models`, `/health`, `/metrics` and the fallbacks.
+//! one JSON body), `/v1/models`, `/metrics` and the fallbacks (health checks and the
+//! other operator endpoints are [`super::ops`]'s).
 //!
 //! Owns the mapping from a request's items to the wire; validation is
 //! [`super::api`]'s, the request's start and its disconnect rule are
@@ -28,13 +29,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Extension, Request as HttpRequest, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use tether_core::drive::ProbeAdapter;
 use tether_core::error::{BackendError, EngineError, ErrorKind};
-use tether_core::protocol::{Annotated, Chunk, FinishReason, Request, Usage};
+use tether_core::protocol::{Annotated, Chunk, FinishReason, Usage};
 use tether_core::ResponseStream;
 
 use super::access::RequestIdSlot;
@@ -318,53 +318,6 @@ async fn unary_reply(mut stream: ResponseStream, mut reply: Reply) -> Response {
 pub(crate) async fn models(State(app): State<Arc<App>>) -> Response {
     let body = responses::models_body(&app.limits.model, app.started_at);
     ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response()
-}
-
-/// `GET /health`: runs a one-token canary through the engine ([`ProbeAdapter`]).
-pub(crate) async fn health(
-    State(app): State<Arc<App>>,
-    Extension(slot): Extension<RequestIdSlot>,
-) -> Response {
-    let mut response = check_health(&app, &slot).await;
-    response.headers_mut().extend(slot.header());
-    response
-}
-
-async fn check_health(app: &App, slot: &RequestIdSlot) -> Response {
-    let unhealthy = |reason: String| {
-        let body =
-            serde_json::json!({"status": "unhealthy", "model": app.limits.model, "error": reason});
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, JSON)],
-            body.to_string(),
-        )
-            .into_response()
-    };
-    if app.draining.load(Ordering::Acquire) {
-        return unhealthy("the server is shutting down".to_owned());
-    }
-    let id = app.ids.next("health");
-    slot.set(&id);
-    let canary =
-        Request::new(id, app.limits.model.clone(), tokenizer::encode("ok")).with_max_tokens(1);
-    match tokio::time::timeout(app.health_timeout, app.probe.probe(canary)).await {
-        Ok(Ok(items)) if ProbeAdapter::is_healthy(&items) => {
-            let body = serde_json::json!({"status": "ok", "model": app.limits.model});
-            ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response()
-        }
-        Ok(Ok(items)) => unhealthy(
-            items
-                .iter()
-                .find_map(|i| i.error.as_ref().map(ToString::to_string))
-                .unwrap_or_else(|| "the canary ended without a terminal".to_owned()),
-        ),
-        Ok(Err(e)) => unhealthy(e.to_string()),
-        Err(_) => unhealthy(format!(
-            "the canary took longer than {:?}",
-            app.health_timeout
-        )),
-    }
 }
 
 pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -4,8 +4,10 @@
 Run by `.ci/serve-e2e` against `tether serve --engine sim --allow-chaos` on
 127.0.0.1. It streams a chat completion and a completion, makes unary calls, closes
 one stream after 3 chunks, checks that an engine error mid-stream raises, that bad
-input is a 400/404 with an OpenAI error body, and finally that /metrics agrees:
-one abort, one cancelled request, nothing in flight, no engine slot held.
+input is a 400/404 with an OpenAI error body, that a wrong API key is refused (with
+`--api-key`: the server's key, which the client sends as its bearer token), that
+/health and /health/canary are ok, and finally that /metrics agrees: one abort, one
+cancelled request, nothing in flight, no engine slot held.
 """
 
 import argparse
@@ -96,10 +98,22 @@ def stop_strings(client):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True, help="http://127.0.0.1:PORT")
+    parser.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
     args = parser.parse_args()
     base = args.base_url.rstrip("/")
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=args.api_key or "unused", max_retries=0, timeout=30)
     finished = 0
+
+    if args.api_key:
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0, timeout=30)
+        try:
+            wrong.models.list()
+            check(False, "a wrong API key is refused")
+        except openai.AuthenticationError as e:
+            check(
+                e.status_code == 401 and e.body["code"] == "invalid_api_key",
+                "a wrong API key: 401 invalid_api_key",
+            )
 
     models = client.models.list()
     check([m.id for m in models.data] == [MODEL], "GET /v1/models lists the served model")
@@ -181,6 +195,8 @@ def main():
 
     status, body = http_get(f"{base}/health")
     check(status == 200 and json.loads(body)["status"] == "ok", "GET /health is ok")
+    status, body = http_get(f"{base}/health/canary")
+    check(status == 200 and json.loads(body)["status"] == "ok", "GET /health/canary is ok")
 
     # /metrics agrees with what happened (the abort may take a moment to land).
     deadline = time.monotonic() + 15
@@ -221,6 +237,8 @@ def main():
     check(not errors5xx, "metrics: no 5xx responses")
     check(m['tether_http_responses_total{endpoint="/v1/completions",status="400"}'] == 1, "metrics: one 400")
     check(m['tether_http_responses_total{endpoint="/v1/completions",status="404"}'] == 1, "metrics: one 404")
+    if args.api_key:
+        check(m['tether_http_responses_total{endpoint="/v1/models",status="401"}'] == 1, "metrics: one 401")
     print("openai e2e: all checks passed")
     return 0
 

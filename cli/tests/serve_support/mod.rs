@@ -36,7 +36,8 @@ pub fn spawn_serve_logging(args: &[&str], rust_log: Option<&str>) -> (Child, Str
     })
 }
 
-fn spawn_serve_with(args: &[&str], set_up: impl FnOnce(&mut Command)) -> (Child, String) {
+/// [`spawn_serve`] with the command set up by `set_up` first (environment variables).
+pub fn spawn_serve_with(args: &[&str], set_up: impl FnOnce(&mut Command)) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
     cmd.arg("serve")
         .args(args)
@@ -192,7 +193,7 @@ pub async fn start_on(
     runtime: Arc<dyn Runtime>,
 ) -> TestServer {
     let sim = Arc::new(SimEngine::new(sim, runtime.clone()));
-    let gauges = ServedEngine::sim(sim.clone()).gauges;
+    let ServedEngine { gauges, alive, .. } = ServedEngine::sim(sim.clone());
     let engine = Arc::new(CountingEngine {
         inner: sim,
         cleanups: AtomicUsize::new(0),
@@ -202,6 +203,7 @@ pub async fn start_on(
     let served = ServedEngine {
         engine: engine.clone(),
         gauges,
+        alive,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = serve::start(served, runtime, listener, config)
