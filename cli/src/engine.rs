@@ -259,6 +259,21 @@ impl Engine {
             }
         }
     }
+
+    /// Whether the engine is alive, without queueing anything: started, not cleaned
+    /// up, and its scheduler loop still there (it did not panic and its runtime did
+    /// not drop it). The error says which part failed.
+    pub fn liveness(&self) -> Result<(), String> {
+        let (name, started, running) = match self {
+            Engine::Sim(e) => ("sim", e.is_started(), e.is_running()),
+            Engine::Tiny(e) => ("tiny", e.is_started(), e.is_running()),
+        };
+        match (started, running) {
+            (_, true) => Ok(()),
+            (false, false) => Err(format!("the {name} engine is not started")),
+            (true, false) => Err(format!("the {name} engine's scheduler loop is not running")),
+        }
+    }
 }
 
 #[cfg(test)]

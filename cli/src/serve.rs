@@ -2,13 +2,25 @@
 //! runtime-agnostic [`Adapter`], where a closed connection really stops the engine and
 //! the metrics never lie.
 //!
-//! Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (SSE with
-//! `stream: true`, one JSON body otherwise), `GET /v1/models`, `GET /health` (a
-//! [`ProbeAdapter`] canary; 503 when the engine errors), `GET /metrics`
-//! (see [`metrics`] for the names). Text goes through the byte-level [`tokenizer`].
+//! Endpoints:
+//!
+//! | endpoint | what | API key |
+//! |---|---|---|
+//! | `POST /v1/completions`, `POST /v1/chat/completions` | generation: SSE with `stream: true`, one JSON body otherwise | yes |
+//! | `GET /v1/models` | the served model | yes |
+//! | `POST /tokenize`, `POST /detokenize` | the byte-level [`tokenizer`], in vLLM's shapes | yes |
+//! | `GET /health`, `GET`/`POST /ping` | liveness, answered at once without queueing (503 while shutting down or when the engine is not alive) | no |
+//! | `GET /health/canary` | a one-token [`ProbeAdapter`] canary through the engine (503 when it fails or takes longer than `--health-timeout`) | no |
+//! | `GET /version` | `{"version"}` of this build | no |
+//! | `GET /metrics` | Prometheus text (see [`metrics`] for the names) | no |
+//!
+//! With [`ServeConfig::api_key`] set, the endpoints marked "yes" (every path under
+//! `/v1/`) need `Authorization: Bearer KEY` (401 otherwise); CORS is off unless
+//! [`ServeConfig::cors_allow_origins`] names origins (see [`ApiKey`] and the `auth`
+//! module). Text goes through the byte-level [`tokenizer`].
 //! Every response to a generation request carries its id in `x-request-id`; every
-//! HTTP request gets one access log line (see [`logging`] for what the binary prints,
-//! and where).
+//! HTTP request gets one access log line, refused ones included (see [`logging`] for
+//! what the binary prints, and where).
 //!
 //! - A client that disconnects mid-request gets its request killed: the engine is
 //!   aborted exactly once, its slot freed, and the outcome is `cancelled` (not
@@ -51,22 +63,25 @@
 pub mod access;
 mod api;
 mod args;
+mod auth;
 mod error;
 mod generation;
 mod handlers;
 pub mod logging;
 pub mod metrics;
+mod ops;
 #[cfg(feature = "otel")]
 pub mod otel;
 mod params;
 mod responses;
+mod stop;
 pub mod tokenizer;
 mod traceparent;
 
 use std::fmt;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -77,10 +92,15 @@ use tether_core::drive::ProbeAdapter;
 use tether_core::{Adapter, AdapterConfig, Cause, Context, EngineError, LlmEngine, Runtime};
 use tether_engines::{SimEngine, TinyEngine};
 use tokio::sync::watch;
+use tower_http::cors::CorsLayer;
+use tower_http::request_id::PropagateRequestIdLayer;
+use tower_http::validate_request::ValidateRequestHeaderLayer;
 
 pub use crate::engine::EngineKind;
 pub use args::{run, ServeArgs};
+pub use auth::ApiKey;
 pub use metrics::{EngineGauges, GaugeFn, Metrics};
+pub use ops::LivenessFn;
 
 use crate::engine::Engine;
 use api::Limits;
@@ -111,11 +131,17 @@ pub struct ServeConfig {
     /// Pass `chaos:` annotations from clients on to the engine (testing only; they are
     /// stripped otherwise).
     pub allow_chaos: bool,
-    /// How long `/health` waits for its canary.
+    /// How long `/health/canary` waits for its canary.
     pub health_timeout: Duration,
     /// Interval of SSE keep-alive comments (they also reveal dead clients while an
     /// engine is silent).
     pub keep_alive: Duration,
+    /// The key every request to `/v1/*`, `/tokenize` and `/detokenize` must send as
+    /// `Authorization: Bearer KEY` (`None`: no key is asked for).
+    pub api_key: Option<ApiKey>,
+    /// The origins browsers may call the server from (CORS), each
+    /// `scheme://host[:port]`, or `*` alone for any. Empty: CORS off, no CORS headers.
+    pub cors_allow_origins: Vec<String>,
 }
 
 impl Default for ServeConfig {
@@ -131,53 +157,67 @@ impl Default for ServeConfig {
             allow_chaos: false,
             health_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(15),
+            api_key: None,
+            cors_allow_origins: Vec::new(),
         }
     }
 }
 
-/// The engine a server drives, and how to read its gauges for `/metrics`.
+/// The engine a server drives, how to read its gauges for `/metrics`, and how to tell
+/// whether it is alive for `/health`.
 #[derive(Clone)]
 pub struct ServedEngine {
     /// The engine (not started yet: [`start`] starts it).
     pub engine: Arc<dyn LlmEngine>,
     /// Reads the engine's gauges at every scrape, if it has any.
     pub gauges: Option<GaugeFn>,
+    /// The engine's own liveness check, run by every `GET /health` (cheap, never a
+    /// request: see [`LivenessFn`]). `None`: the engine is alive while it is started
+    /// and not shut down.
+    pub alive: Option<LivenessFn>,
 }
 
 impl fmt::Debug for ServedEngine {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ServedEngine")
             .field("gauges", &self.gauges.is_some())
+            .field("alive", &self.alive.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl ServedEngine {
-    /// A SimEngine, with its slots, queue and aborts exported.
+    /// A SimEngine, with its slots, queue and aborts exported, alive while its
+    /// scheduler loop runs.
     pub fn sim(engine: Arc<SimEngine>) -> ServedEngine {
         ServedEngine::from(Engine::Sim(engine))
     }
 
-    /// A TinyEngine, with its sequences, queue and aborts exported.
+    /// A TinyEngine, with its sequences, queue and aborts exported, alive while its
+    /// scheduler loop runs.
     pub fn tiny(engine: Arc<TinyEngine>) -> ServedEngine {
         ServedEngine::from(Engine::Tiny(engine))
     }
 
-    /// Any engine, without engine gauges.
+    /// Any engine, without engine gauges or a liveness check of its own.
     pub fn other(engine: Arc<dyn LlmEngine>) -> ServedEngine {
         ServedEngine {
             engine,
             gauges: None,
+            alive: None,
         }
     }
 }
 
 impl From<Engine> for ServedEngine {
-    /// Either engine, with its sequences, queue and aborts exported.
+    /// Either engine, with its sequences, queue and aborts exported, alive while its
+    /// scheduler loop runs ([`Engine::liveness`]).
     fn from(engine: Engine) -> ServedEngine {
         let llm = engine.llm();
+        let probed = engine.clone();
         ServedEngine {
             engine: llm,
+            alive: Some(Arc::new(move || probed.liveness())),
             gauges: Some(Arc::new(move || {
                 let g = engine.gauges();
                 EngineGauges {
@@ -235,9 +275,11 @@ pub(crate) struct App {
     pub(crate) runtime: Arc<dyn Runtime>,
     /// Every request's context is linked to it; killing it kills them all.
     pub(crate) root: Context,
-    pub(crate) next_id: AtomicU64,
+    pub(crate) ids: handlers::RequestIds,
     /// A shutdown began: new requests and health checks get a 503.
     pub(crate) draining: AtomicBool,
+    /// What `/health` checks besides `draining`.
+    pub(crate) liveness: ops::Liveness,
     pub(crate) health_timeout: Duration,
     pub(crate) keep_alive: Duration,
     pub(crate) started_at: u64,
@@ -311,12 +353,21 @@ pub async fn start(
             "--max-prompt-tokens must be at least 1".to_owned(),
         ));
     }
+    if config.keep_alive.is_zero() {
+        return Err(ServeError::InvalidOptions(
+            "--sse-keep-alive must be above 0".to_owned(),
+        ));
+    }
     if config.default_max_tokens > config.max_tokens_limit {
         return Err(ServeError::InvalidOptions(format!(
             "--default-max-tokens {} is above --max-tokens-limit {}",
             config.default_max_tokens, config.max_tokens_limit
         )));
     }
+    if let Some(key) = &config.api_key {
+        key.check().map_err(ServeError::InvalidOptions)?;
+    }
+    let cors = auth::cors_layer(&config.cors_allow_origins).map_err(ServeError::InvalidOptions)?;
     let started = match engine.engine.start(0).await {
         Ok(started) => started,
         Err(err) => {
@@ -366,13 +417,14 @@ pub async fn start(
         metrics: metrics.clone(),
         runtime,
         root: Context::new("tether-serve"),
-        next_id: AtomicU64::new(1),
+        ids: handlers::RequestIds::new(),
         draining: AtomicBool::new(false),
+        liveness: ops::Liveness::new(engine.alive.clone()),
         health_timeout: config.health_timeout,
         keep_alive: config.keep_alive,
         started_at: handlers::started_at(),
     });
-    let router = router(app.clone());
+    let router = router(app.clone(), config.api_key.clone(), cors);
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(run_server(
         listener,
@@ -391,8 +443,8 @@ pub async fn start(
     })
 }
 
-fn router(app: Arc<App>) -> Router {
-    Router::new()
+fn router(app: Arc<App>, api_key: Option<ApiKey>, cors: Option<CorsLayer>) -> Router {
+    let mut router = Router::new()
         .route(
             "/v1/completions",
             post(handlers::completions).fallback(handlers::wrong_method),
@@ -406,19 +458,52 @@ fn router(app: Arc<App>) -> Router {
             get(handlers::models).fallback(handlers::wrong_method),
         )
         .route(
-            "/health",
-            get(handlers::health).fallback(handlers::wrong_method),
+            "/tokenize",
+            post(ops::tokenize).fallback(handlers::wrong_method),
+        )
+        .route(
+            "/detokenize",
+            post(ops::detokenize).fallback(handlers::wrong_method),
+        )
+        .route("/health", get(ops::health).fallback(handlers::wrong_method))
+        .route(
+            "/health/canary",
+            get(ops::canary).fallback(handlers::wrong_method),
+        )
+        .route(
+            "/ping",
+            get(ops::health)
+                .post(ops::health)
+                .fallback(handlers::wrong_method),
+        )
+        .route(
+            "/version",
+            get(ops::version).fallback(handlers::wrong_method),
         )
         .route(
             "/metrics",
             get(handlers::metrics).fallback(handlers::wrong_method),
         )
-        .fallback(handlers::no_route)
+        .fallback(handlers::no_route);
+    // Layers wrap what was built before them: the key check runs inside the CORS
+    // layer (which answers preflights, requests without credentials, itself), and
+    // both inside the access log, so a refused request is logged and counted too.
+    if let Some(key) = api_key {
+        router = router.layer(ValidateRequestHeaderLayer::custom(
+            auth::RequireApiKey::new(key),
+        ));
+    }
+    if let Some(cors) = cors {
+        router = router.layer(cors);
+    }
+    router
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             access::observe,
         ))
         .layer(DefaultBodyLimit::max(error::MAX_BODY_BYTES))
+        // A client's own `x-request-id` is echoed on the response as it came.
+        .layer(PropagateRequestIdLayer::x_request_id())
         .with_state(app)
 }
 
@@ -463,6 +548,7 @@ async fn run_server(
         }
     }
     // The only call to cleanup: every path out of the loop above comes here once.
+    app.liveness.engine_cleaned_up();
     let cleanup = engine.cleanup().await;
     ShutdownReport {
         killed_in_flight,

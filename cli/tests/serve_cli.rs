@@ -44,6 +44,7 @@ async fn serves_then_exits_0_on_sigterm_after_cleanup() {
     assert_eq!(health.status(), 200);
     let resp = client
         .post(format!("http://{addr}/v1/completions"))
+        .header("content-type", "application/json")
         .body(r#"{"model": "sim", "prompt": "hi", "max_tokens": 4}"#)
         .send()
         .await
@@ -82,6 +83,20 @@ fn bad_serve_arguments_exit_2() {
         (vec!["--max-tokens-limit", "-1"], "-1"),
         (vec!["--device", "tpu"], "tpu"),
         (vec!["--device", "cuda"], "needs --engine tiny"),
+        // Checked once the address is bound: any free port.
+        (
+            vec![
+                "--addr",
+                "127.0.0.1:0",
+                "--cors-allow-origin",
+                "app.example",
+            ],
+            "is not an origin",
+        ),
+        (
+            vec!["--addr", "127.0.0.1:0", "--api-key", ""],
+            "--api-key must not be empty",
+        ),
     ];
     for (args, needle) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_tether"))

@@ -1,7 +1,7 @@
 //! The `tether serve` binary's logs on stderr: one access log line per HTTP request
 //! (streams included, whether read to their end or cut), the adapter's warnings by
-//! default, its per-request events under `RUST_LOG=tether=debug`, and a bad
-//! `RUST_LOG` refused.
+//! default, its per-request events under `RUST_LOG=tether=debug`, requests refused
+//! for their API key logged (and the key never), and a bad `RUST_LOG` refused.
 
 mod serve_support;
 
@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use serve_support::{spawn_serve_logging, SseReader};
+use serve_support::{short_ids, spawn_serve_logging, spawn_serve_with, SseReader};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -64,7 +64,14 @@ fn access_lines(stderr: &str) -> Vec<String> {
                 .parse()
                 .unwrap();
             assert!(ms >= 0.0, "{ms}");
-            let order = ["method", "path", "status", "request_id", "client_gone"];
+            let order = [
+                "method",
+                "path",
+                "status",
+                "request_id",
+                "client_request_id",
+                "client_gone",
+            ];
             assert!(f.keys().all(|k| order.contains(&k.as_str())), "{f:?}");
             order
                 .iter()
@@ -126,8 +133,13 @@ async fn the_access_log_has_one_line_per_request_and_warnings_show_by_default() 
         .unwrap();
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap();
-    // 2: a stream read to its end.
-    let resp = post(completion(3, true)).send().await.unwrap();
+    // 2: a stream read to its end, with the client's own request id.
+    let resp = post(completion(3, true))
+        .header("x-request-id", "client-7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "client-7");
     assert_eq!(resp.status(), 200);
     resp.text().await.unwrap();
     // 3: a stream cut after two events.
@@ -146,7 +158,7 @@ async fn the_access_log_has_one_line_per_request_and_warnings_show_by_default() 
         "tether_client_disconnects_total{endpoint=\"/v1/completions\"} 1",
     )
     .await;
-    let stderr = stop(child);
+    let stderr = short_ids(&stop(child));
     let lines = access_lines(&stderr);
     let scrapes = lines
         .iter()
@@ -155,7 +167,7 @@ async fn the_access_log_has_one_line_per_request_and_warnings_show_by_default() 
     assert!(scrapes >= 1, "{stderr}");
     let mut expected = vec![
         "method=POST path=/v1/completions status=200 request_id=cmpl-1 client_gone=false",
-        "method=POST path=/v1/completions status=200 request_id=cmpl-2 client_gone=false",
+        "method=POST path=/v1/completions status=200 request_id=cmpl-2 client_request_id=client-7 client_gone=false",
         "method=POST path=/v1/completions status=200 request_id=cmpl-3 client_gone=true",
         "method=POST path=/v1/completions status=400 client_gone=false",
         "method=GET path=/nope status=404 client_gone=false",
@@ -190,6 +202,7 @@ async fn tether_debug_logs_a_cut_streams_cancellation_once() {
     let client = reqwest::Client::new();
     let resp = client
         .post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
         .body(
             json!({"model": "sim", "prompt": "hi", "max_tokens": 4000, "stream": true}).to_string(),
         )
@@ -205,7 +218,7 @@ async fn tether_debug_logs_a_cut_streams_cancellation_once() {
         "tether_cancellations_total{cause=\"client_disconnect\",endpoint=\"completions\",stream=\"true\"} 1",
     )
     .await;
-    let stderr = stop(child);
+    let stderr = short_ids(&stop(child));
     let mine: Vec<&str> = stderr
         .lines()
         .filter(|l| l.contains(" request_id=cmpl-1 "))
@@ -234,6 +247,48 @@ async fn tether_debug_logs_a_cut_streams_cancellation_once() {
     assert!(mine
         .iter()
         .any(|l| l.contains("tether::access") && l.ends_with(" client_gone=true")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_requests_are_logged_as_401_and_the_key_never_is() {
+    const KEY: &str = "sk-from-the-environment-4242";
+    const GUESS: &str = "sk-a-wrong-guess-1717";
+    // The key comes from `TETHER_API_KEY`, with everything logged that can be.
+    let (child, addr) = spawn_serve_with(&["--addr", "127.0.0.1:0", "--step-us", "200"], |cmd| {
+        cmd.env("TETHER_API_KEY", KEY).env("RUST_LOG", "debug");
+    });
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let models = |authorization: Option<String>| {
+        let mut req = client.get(format!("{base}/v1/models"));
+        if let Some(value) = authorization {
+            req = req.header("authorization", value);
+        }
+        req
+    };
+    let resp = models(None).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = models(Some(format!("Bearer {GUESS}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = models(Some(format!("Bearer {KEY}"))).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = client.get(format!("{base}/health")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stderr = stop(child);
+    assert_eq!(
+        access_lines(&stderr),
+        [
+            "method=GET path=/health status=200 client_gone=false",
+            "method=GET path=/v1/models status=200 client_gone=false",
+            "method=GET path=/v1/models status=401 client_gone=false",
+            "method=GET path=/v1/models status=401 client_gone=false",
+        ],
+        "{stderr}"
+    );
+    assert!(!stderr.contains(KEY) && !stderr.contains(GUESS), "{stderr}");
 }
 
 #[test]

@@ -50,6 +50,7 @@ fn engine_generate_spans_are_exported_as_children_of_the_migration_link() {
             .client
             .post(format!("{}/v1/completions", t.base))
             .header("traceparent", format!("00-{TRACE}-{SPAN}-01"))
+            .header("content-type", "application/json")
             .body(body.to_string())
             .send()
             .await
@@ -154,6 +155,7 @@ fn the_binary_exports_over_otlp_http() {
         let resp = reqwest::Client::new()
             .post(format!("http://{addr}/v1/completions"))
             .header("traceparent", format!("00-{TRACE}-{SPAN}-01"))
+            .header("content-type", "application/json")
             .body(json!({"model": "sim", "prompt": "hi", "max_tokens": 2}).to_string())
             .send()
             .await

@@ -229,6 +229,13 @@ pub struct Metadata {
 }
 
 impl Metadata {
+    /// The key under which a serving frontend keeps the id the client gave a request
+    /// (an HTTP `x-request-id`; set with
+    /// [`Generate::client_request_id`](crate::Generate::client_request_id)). Clients
+    /// reuse such ids (retries), so it is for correlation only: the request's own id
+    /// stays unique. The request's span records it as `client_request_id`.
+    pub const CLIENT_REQUEST_ID: &'static str = "client_request_id";
+
     /// No pairs.
     pub fn new() -> Metadata {
         Metadata::default()

@@ -24,6 +24,8 @@
 //!   be a protocol error is counted as late (see [`AbortReceipt`]).
 //! - [`Chaos`] (request annotations such as `chaos:error@3`) injects an engine error,
 //!   a hang or a panic inside `poll_next` at a chosen step.
+//! - The annotation [`ECHO_ANNOTATION`] (`sim:echo`) makes a request's tokens its
+//!   prompt's, repeated: known text for a frontend's tests.
 //! - [`SimEngine::gauges`] exposes live slots, KV blocks, queue length and abort
 //!   counters, so a test can prove nothing leaks.
 //!
@@ -53,6 +55,12 @@ use tether_core::error::{EngineError, ErrorKind};
 use tether_core::protocol::Request;
 
 pub use crate::abort::{AbortHook, AbortReceipt};
+/// The request annotation that makes SimEngine emit the request's prompt tokens again,
+/// in a loop, instead of pseudo-random ones (deterministic text for tests of a
+/// frontend: stop strings, multi-byte characters). Stop, EOS and length rules apply as
+/// usual.
+pub const ECHO_ANNOTATION: &str = "sim:echo";
+
 pub use chaos::{is_chaos_annotation, is_chaos_panic, Chaos, ChaosParseError};
 pub use config::{SimConfig, SimConfigError};
 pub use state::SimGauges;
@@ -149,6 +157,13 @@ impl SimEngine {
     /// Whether `start` ran and `cleanup` has not.
     pub fn is_started(&self) -> bool {
         self.core.lock().control.is_started()
+    }
+
+    /// Whether the engine is started and its scheduler loop still exists (it did not
+    /// panic, and its runtime did not drop it): a cheap liveness check that queues
+    /// nothing. A loop that is there but stuck still counts as running.
+    pub fn is_running(&self) -> bool {
+        self.core.lock().control.is_running()
     }
 
     fn validate(&self, request: &Request) -> Result<Admission, EngineError> {

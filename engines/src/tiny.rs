@@ -217,6 +217,13 @@ impl TinyEngine {
         self.core.lock().control.is_started()
     }
 
+    /// Whether the engine is started and its scheduler loop still exists (it did not
+    /// panic, and its runtime did not drop it): a cheap liveness check that queues
+    /// nothing. A loop that is there but stuck still counts as running.
+    pub fn is_running(&self) -> bool {
+        self.core.lock().control.is_running()
+    }
+
     /// Where the model runs (`"cpu"`, `"cuda:0 (NVIDIA H100 80GB HBM3)"`), once started.
     pub fn device_description(&self) -> Option<String> {
         self.core

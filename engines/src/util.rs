@@ -27,6 +27,16 @@ impl LoopControl {
         self.kick.is_some()
     }
 
+    /// Whether `start` ran, `stop` has not, and the loop started then still exists: its
+    /// future holds the only receiver of the kicks, so a loop that returned, panicked
+    /// (its runtime drops a task that panics) or was dropped by a runtime shutting down
+    /// leaves none. A cheap liveness check: no lock but the caller's, nothing sent.
+    pub(crate) fn is_running(&self) -> bool {
+        self.kick
+            .as_ref()
+            .is_some_and(|kick| kick.receiver_count() > 0)
+    }
+
     /// Whether a loop started at `epoch` should go on.
     pub(crate) fn is_current(&self, epoch: u64) -> bool {
         self.is_started() && self.epoch == epoch
@@ -89,6 +99,7 @@ mod tests {
         let mut control = LoopControl::default();
         assert!(!control.is_started());
         let (first, kicks) = control.start().unwrap();
+        assert!(control.is_running(), "the loop holds its kicks");
         assert!(control.start().is_none(), "one loop per engine");
         assert!(control.is_current(first));
         control.kick();
@@ -97,8 +108,11 @@ mod tests {
         control.stop();
         assert!(!control.is_started() && !control.is_current(first));
         assert!(kicks.is_closed());
+        assert!(!control.is_running());
         let (second, _) = control.start().unwrap();
         assert!(second > first && control.is_current(second));
+        // `_` dropped the receiver at once: a loop that is gone while still started.
+        assert!(control.is_started() && !control.is_running());
     }
 
     #[test]

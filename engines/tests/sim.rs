@@ -28,6 +28,7 @@ on_both!(
     max_tokens_zero_ends_at_once,
     stop_token_ends_with_stop,
     eos_token_ends_with_eos_unless_ignored,
+    echo_annotation_repeats_the_prompt,
     queues_when_slots_are_full,
     queues_when_kv_blocks_are_full,
     abort_frees_slot_and_blocks,
@@ -203,6 +204,25 @@ async fn eos_token_ends_with_eos_unless_ignored(rt: Rt) {
     let items = collect(gen(&engine, r).await).await;
     assert_eq!(tokens(&items), all);
     assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+}
+
+async fn echo_annotation_repeats_the_prompt(rt: Rt) {
+    let engine = started(config(), rt).await;
+    // Byte tokens above the vocabulary come back as they went in.
+    let mut r = req("a", &[200, 7, 3000], 7);
+    r.annotations
+        .push(tether_engines::sim::ECHO_ANNOTATION.to_owned());
+    let items = collect(gen(&engine, r).await).await;
+    assert_eq!(tokens(&items), [200, 7, 3000, 200, 7, 3000, 200]);
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+    // Stop tokens still apply.
+    let mut r = req("b", &[1, 2, 3], 7);
+    r.annotations
+        .push(tether_engines::sim::ECHO_ANNOTATION.to_owned());
+    r.stop.stop_token_ids = vec![3];
+    let items = collect(gen(&engine, r).await).await;
+    assert_eq!(tokens(&items), [1, 2, 3]);
+    assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Stop));
 }
 
 /// A 2-slot engine, the time, and 5 requests of 4 tokens sent to it at that time.
@@ -537,19 +557,47 @@ async fn invalid_requests_are_setup_errors(rt: Rt) {
 
 async fn cleanup_ends_live_streams(rt: Rt) {
     let engine = started(config(), rt.clone()).await;
+    assert!(engine.is_running());
     let mut s = gen(&engine, req("a", &[1], 1000)).await;
     s.next().await.unwrap().unwrap();
     engine.cleanup().await.unwrap();
     engine.cleanup().await.unwrap();
-    assert!(!engine.is_started());
+    assert!(!engine.is_started() && !engine.is_running());
     idle(engine.gauges());
     let rest = collect(s).await;
     let err = rest.last().unwrap().as_ref().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Backend(BackendError::EngineShutdown));
     // It starts again after a cleanup.
     engine.start(1).await.unwrap();
+    assert!(engine.is_running());
     let items = collect(gen(&engine, req("b", &[1], 3)).await).await;
     assert_eq!(terminal(&items).finish_reason, Some(FinishReason::Length));
+}
+
+/// A runtime that drops every task it is given, as a runtime shutting down does (and
+/// as tokio does with a task that panicked); its clock is tokio's.
+#[derive(Debug)]
+struct DropsTasks(Rt);
+
+impl Runtime for DropsTasks {
+    fn spawn(&self, future: tether_core::drive::SpawnFuture) {
+        drop(future);
+    }
+    fn sleep_until(&self, deadline: Instant) -> std::pin::Pin<Box<dyn tether_core::AsyncTimer>> {
+        self.0.sleep_until(deadline)
+    }
+    fn now(&self) -> Instant {
+        self.0.now()
+    }
+}
+
+#[tokio::test]
+async fn a_scheduler_its_runtime_dropped_is_not_running() {
+    let engine = SimEngine::new(config(), DropsTasks(tokio_rt()));
+    engine.start(0).await.unwrap();
+    // Started, but nothing will ever step its batch: not running.
+    assert!(engine.is_started());
+    assert!(!engine.is_running());
 }
 
 async fn one_scheduler_task_per_engine(rt: Rt) {

@@ -423,10 +423,11 @@ async fn invalid_requests_are_setup_errors(rt: Rt) {
 
 async fn cleanup_ends_live_streams_and_engine_restarts(rt: Rt) {
     let engine = started(config(), rt).await;
+    assert!(engine.is_running());
     let mut stream = gen(&engine, req("c", &TETHER, 10_000)).await;
     assert!(stream.next().await.unwrap().unwrap().has_tokens());
     engine.cleanup().await.unwrap();
-    assert!(!engine.is_started());
+    assert!(!engine.is_started() && !engine.is_running());
     idle(engine.gauges());
     let rest = collect(stream).await;
     let last = rest.last().unwrap().as_ref().unwrap_err();

@@ -8,6 +8,9 @@ use std::time::Duration;
 use tether_core::protocol::RawTraceLink;
 use tether_core::AbortStatus;
 
+use std::future::IntoFuture;
+
+use tether_core::engine::Metadata;
 use tether_core::{
     AdapterConfig, Annotated, Chunk, Context, EngineError, FinishReason, Mode, Outcome, TraceLink,
     Usage,
@@ -44,6 +47,7 @@ on_both_runtimes!(
     timed_out_span_records_error_kind,
     setup_error_span_records_failure,
     failed_stream_span_is_an_error_a_cancelled_one_is_not,
+    the_clients_request_id_is_on_the_span_and_in_the_metadata,
 );
 
 async fn span_records_request_fields<R: ScenarioRuntime>(rt: R) {
@@ -61,6 +65,8 @@ async fn span_records_request_fields<R: ScenarioRuntime>(rt: R) {
     assert!(h.next(&mut s).await.is_some_and(|t| t.is_terminal()));
     let span = capture.only();
     assert_eq!(span.name, "engine.generate");
+    assert_eq!(span.get("request_id"), Some("r"));
+    assert_eq!(span.get("client_request_id"), None);
     assert_eq!(span.get("model"), Some("m"));
     assert_eq!(span.get("input_tokens"), Some("3"));
     assert_eq!(span.get("disagg_role"), Some("agg"));
@@ -394,5 +400,31 @@ async fn failed_stream_span_is_an_error_a_cancelled_one_is_not<R: ScenarioRuntim
         assert_eq!(span.get("error_kind"), None, "{span:?}");
     }
     h.wait_aborts(&h.engine.script("dropped"), 1).await;
+    h.assert_clean().await;
+}
+
+async fn the_clients_request_id_is_on_the_span_and_in_the_metadata<R: ScenarioRuntime>(rt: R) {
+    let capture = SpanCapture::new();
+    let _guard = capture.install();
+    let h = Harness::new(rt);
+    let generate = h
+        .adapter
+        .request(h.request("internal-7"))
+        .client_request_id("retry-of-42")
+        .into_future();
+    let mut s = h.generate_from(generate).await.expect("generate");
+    // On the span from its creation, beside the request's own (unique) id.
+    let span = capture.only();
+    assert_eq!(span.get("request_id"), Some("internal-7"));
+    assert_eq!(span.get("client_request_id"), Some("retry-of-42"));
+    // The engine sees it too, under the well-known key.
+    let script = h.engine.script("internal-7");
+    let gctx = script.generate_context().expect("generate was called");
+    assert_eq!(
+        gctx.metadata().get(Metadata::CLIENT_REQUEST_ID),
+        Some("retry-of-42")
+    );
+    script.tokens(&[1]).terminal(FinishReason::Eos);
+    drop(h.collect(&mut s).await);
     h.assert_clean().await;
 }

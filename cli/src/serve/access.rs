@@ -15,8 +15,12 @@
 //!   in the engine's setup included): status 499, `client_gone=true`.
 //!
 //! Fields: `method`, `path`, `status`, `duration_ms`, `request_id` (the handler's id,
-//! also sent as the `x-request-id` response header; absent for requests that never got
-//! one, such as a rejected body or a scrape), `client_gone`.
+//! unique; absent for requests that never got one, such as a rejected body or a
+//! scrape), `client_request_id` (the client's own `x-request-id`, when it sent one:
+//! clients reuse them, so it is logged beside ours, never instead), `client_gone`.
+//!
+//! The response's `x-request-id` header is the client's own id when it sent one
+//! (echoed as it came), else the handler's id.
 
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -38,25 +42,60 @@ pub const TARGET: &str = "tether::access";
 /// The response header that carries a request's id.
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The longest client `x-request-id` that is logged and put on the span (a longer one
+/// is still echoed, untouched).
+const MAX_CLIENT_ID: usize = 256;
+
 /// Where a handler puts the id it gave its request, for the access log (which also
-/// needs it when the handler never answers). One per HTTP request, in its extensions.
+/// needs it when the handler never answers), beside the id the client sent, if any.
+/// One per HTTP request, in its extensions.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct RequestIdSlot(Arc<OnceLock<String>>);
+pub(crate) struct RequestIdSlot {
+    id: Arc<OnceLock<String>>,
+    /// The client's own `x-request-id`, when it sent a loggable one.
+    client: Option<Arc<str>>,
+    /// The client sent an `x-request-id` (loggable or not): it is echoed as it came.
+    client_sent: bool,
+}
 
 impl RequestIdSlot {
-    /// Record `id` (the first one wins).
-    pub(crate) fn set(&self, id: &str) {
-        let _ = self.0.set(id.to_owned());
+    /// The slot of a request with these headers.
+    fn new(headers: &axum::http::HeaderMap) -> RequestIdSlot {
+        let sent = headers.get(REQUEST_ID);
+        RequestIdSlot {
+            id: Arc::default(),
+            client: sent
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty() && v.len() <= MAX_CLIENT_ID)
+                .map(Arc::from),
+            client_sent: sent.is_some(),
+        }
     }
 
-    /// The `x-request-id` header for the recorded id, if there is one.
+    /// Record `id` (the first one wins).
+    pub(crate) fn set(&self, id: &str) {
+        let _ = self.id.set(id.to_owned());
+    }
+
+    /// The id the client gave the request (`x-request-id`), if it sent a loggable one
+    /// (visible ASCII, at most 256 bytes).
+    pub(crate) fn client(&self) -> Option<&str> {
+        self.client.as_deref()
+    }
+
+    /// The `x-request-id` header for the recorded id, if there is one and the client
+    /// sent none (a client's own id is echoed instead, by the router's
+    /// `PropagateRequestIdLayer`).
     pub(crate) fn header(&self) -> Option<(HeaderName, HeaderValue)> {
+        if self.client_sent {
+            return None;
+        }
         let value = HeaderValue::from_str(self.get()?).ok()?;
         Some((REQUEST_ID, value))
     }
 
     fn get(&self) -> Option<&str> {
-        self.0.get().map(String::as_str)
+        self.id.get().map(String::as_str)
     }
 }
 
@@ -94,6 +133,7 @@ impl Access {
             status = self.status.unwrap_or(499),
             duration_ms,
             request_id = self.id.get().map(tracing::field::display),
+            client_request_id = self.id.client().map(tracing::field::display),
             client_gone,
         );
     }
@@ -136,7 +176,7 @@ pub(crate) async fn observe(
     mut req: Request,
     next: Next,
 ) -> Response<Body> {
-    let id = RequestIdSlot::default();
+    let id = RequestIdSlot::new(req.headers());
     req.extensions_mut().insert(id.clone());
     let mut access = Access {
         metrics: app.metrics.clone(),

@@ -7,15 +7,16 @@
 //!
 //! Rules: `model` must be the served model (else 404); the prompt must be non-empty and
 //! at most `max_prompt_tokens` byte tokens; `max_tokens` (or `max_completion_tokens`)
-//! must be in `0..=max_tokens_limit` (default 16); `n` must be 1; each `stop` string
-//! must be one byte (it becomes a stop token), at most 4 of them; `echo`, `logprobs`,
-//! tools are not supported. The parameters that change the output (`temperature`,
-//! `top_p`, `top_k`, `seed`, `min_tokens`, `ignore_eos`, the penalties, `logit_bias`,
-//! `response_format`, `best_of`, `suffix`, `tool_choice`) are honoured by the engine
-//! or accepted only at their defaults, else a 400 `unsupported_parameter` names them
-//! ([`super::params`] has the table and the ranges). The extension field
-//! `annotations` (a list of strings) is passed to the engine, except `chaos:`
-//! annotations, which are dropped unless the server runs with `--allow-chaos`.
+//! must be in `0..=max_tokens_limit` (default 16); `n` must be 1; `stop` is at most 4
+//! non-empty strings of any length (matched on the decoded text, see [`super::stop`]);
+//! `stream_options` only with `stream: true`; `echo`, `logprobs`, tools are not
+//! supported. The parameters that change the output (`temperature`, `top_p`, `top_k`,
+//! `seed`, `min_tokens`, `ignore_eos`, the penalties, `logit_bias`, `response_format`,
+//! `best_of`, `suffix`, `tool_choice`) are honoured by the engine or accepted only at
+//! their defaults, else a 400 `unsupported_parameter` names them ([`super::params`]
+//! has the table and the ranges). The extension field `annotations` (a list of
+//! strings) is passed to the engine, except `chaos:` annotations, which are dropped
+//! unless the server runs with `--allow-chaos`.
 
 use std::collections::BTreeMap;
 
@@ -259,6 +260,8 @@ pub(crate) struct Prepared {
     pub(crate) stream: bool,
     /// Send a usage chunk at the end of a stream.
     pub(crate) include_usage: bool,
+    /// The stop strings, matched on the decoded text ([`super::stop`]).
+    pub(crate) stops: Vec<String>,
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
@@ -335,10 +338,10 @@ impl Common {
         {
             return Err(unsupported("logprobs", "logprobs are not supported"));
         }
-        let stops = match self.stop {
-            None => Vec::new(),
-            Some(Stop::One(s)) => vec![s],
-            Some(Stop::Many(v)) => v,
+        let (stops, one) = match self.stop {
+            None => (Vec::new(), false),
+            Some(Stop::One(s)) => (vec![s], true),
+            Some(Stop::Many(v)) => (v, false),
         };
         if stops.len() > MAX_STOPS {
             return Err(invalid(
@@ -346,19 +349,13 @@ impl Common {
                 format!("at most {MAX_STOPS} stop strings, got {}", stops.len()),
             ));
         }
-        let mut stop_token_ids = Vec::with_capacity(stops.len());
-        for s in &stops {
-            match s.as_bytes() {
-                [byte] => stop_token_ids.push(u32::from(*byte)),
-                _ => {
-                    return Err(unsupported(
-                        "stop",
-                        format!(
-                        "stop strings must be one byte long (a byte-level stop token), got {s:?}"
-                    ),
-                    ))
-                }
-            }
+        if let Some(i) = stops.iter().position(String::is_empty) {
+            let param = if one {
+                "stop".to_owned()
+            } else {
+                format!("stop[{i}]")
+            };
+            return Err(invalid(&param, "stop strings must not be empty"));
         }
         let mut annotations = self.annotations.unwrap_or_default();
         if !limits.allow_chaos {
@@ -366,19 +363,26 @@ impl Common {
         }
         let mut request =
             Request::new(String::new(), self.model, token_ids).with_max_tokens(max_tokens);
-        request.stop.stop_token_ids = stop_token_ids;
+        // Matched by the server on the decoded text (an engine may match them too).
+        request.stop.stop.clone_from(&stops);
         request.annotations = annotations;
         params::apply(&self.params, limits.supported, max_tokens, &mut request)?;
         let stream = self.stream.unwrap_or(false);
+        if self.stream_options.is_some() && !stream {
+            return Err(invalid(
+                "stream_options",
+                "`stream_options` can only be set when `stream` is true",
+            ));
+        }
         Ok(Prepared {
             endpoint,
             request,
             stream,
-            include_usage: stream
-                && self
-                    .stream_options
-                    .and_then(|o| o.include_usage)
-                    .unwrap_or(false),
+            include_usage: self
+                .stream_options
+                .and_then(|o| o.include_usage)
+                .unwrap_or(false),
+            stops,
         })
     }
 }
@@ -530,10 +534,18 @@ mod tests {
         .unwrap();
         assert_eq!(p.request.token_ids, vec![104, 105]);
         assert_eq!(p.request.stop.max_tokens, Some(5));
-        assert_eq!(p.request.stop.stop_token_ids, vec![10]);
+        assert_eq!(p.stops, vec!["\n".to_owned()]);
+        assert_eq!(p.request.stop.stop, vec!["\n".to_owned()]);
+        assert!(p.request.stop.stop_token_ids.is_empty());
         assert_eq!(p.request.sampling.seed, Some(7));
         assert_eq!(p.request.annotations, vec!["keep".to_owned()]);
         assert!(p.stream && p.include_usage);
+        let p = completion(&serde_json::json!({
+            "model": "sim", "prompt": "x", "stop": ["终わり", "\n\nUser:", "🦀", "x"],
+            "stream_options": null,
+        }))
+        .unwrap();
+        assert_eq!(p.stops, ["终わり", "\n\nUser:", "🦀", "x"]);
         let p = completion(&serde_json::json!({"model": "sim", "prompt": [1, 2, 255]})).unwrap();
         assert_eq!(p.request.token_ids, vec![1, 2, 255]);
         assert_eq!(p.request.stop.max_tokens, Some(16));
@@ -584,8 +596,20 @@ mod tests {
                 "temperature",
             ),
             (
-                serde_json::json!({"model": "sim", "prompt": "x", "stop": "ab"}),
+                serde_json::json!({"model": "sim", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
                 "stop",
+            ),
+            (
+                serde_json::json!({"model": "sim", "prompt": "x", "stop": ["ab", ""]}),
+                "stop[1]",
+            ),
+            (
+                serde_json::json!({"model": "sim", "prompt": "x", "stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+            (
+                serde_json::json!({"model": "sim", "prompt": "x", "stream": false, "stream_options": {}}),
+                "stream_options",
             ),
             (
                 serde_json::json!({"model": "sim", "prompt": "x", "seed": -2}),

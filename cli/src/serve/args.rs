@@ -12,7 +12,7 @@ use std::time::Duration;
 use tether_core::Runtime;
 use tether_engines::{SimConfig, TinyConfig};
 
-use super::{ServeConfig, ServeError, ServedEngine};
+use super::{ApiKey, ServeConfig, ServeError, ServedEngine};
 use crate::engine::{EngineArgs, EngineKind, EngineSpec};
 use crate::load::{parse_duration, parse_timeout, Timeout};
 use crate::runtime::{self, RuntimeKind};
@@ -57,9 +57,14 @@ pub struct ServeArgs {
     /// `max_tokens` of requests that set none.
     #[arg(long, default_value_t = 16)]
     pub default_max_tokens: u32,
-    /// How long `/health` waits for its canary.
+    /// How long `/health/canary` waits for its canary (`/health` itself never waits).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub health_timeout: Duration,
+    /// Interval of the SSE keep-alive comments a streamed response sends while the
+    /// engine is silent (they keep proxies' idle timers from cutting the stream and
+    /// reveal a client that is gone).
+    #[arg(long, value_parser = parse_duration, default_value = "15s")]
+    pub sse_keep_alive: Duration,
     /// Pass clients' `chaos:` annotations to the engine (testing only).
     #[arg(long)]
     pub allow_chaos: bool,
@@ -74,6 +79,23 @@ pub struct ServeArgs {
     /// feature.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+
+    // Who may call the server (see `super::auth`).
+    /// Require `Authorization: Bearer KEY` on every `/v1/*`, `/tokenize` and
+    /// `/detokenize` request (401 otherwise); `/health`, `/ping`, `/metrics` and
+    /// `/version` stay open. Also read from `TETHER_API_KEY` (preferred: a flag shows
+    /// in the process list).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "TETHER_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<ApiKey>,
+    /// Allow browsers on ORIGIN (`https://app.example:8443`) to call the server
+    /// (CORS); repeatable; `*` for any origin. Default: CORS off (no CORS headers).
+    #[arg(long = "cors-allow-origin", value_name = "ORIGIN")]
+    pub cors_allow_origins: Vec<String>,
 }
 
 impl ServeArgs {
@@ -93,7 +115,9 @@ impl ServeArgs {
             default_max_tokens: self.default_max_tokens,
             allow_chaos: self.allow_chaos,
             health_timeout: self.health_timeout,
-            ..ServeConfig::default()
+            keep_alive: self.sse_keep_alive,
+            api_key: self.api_key.clone(),
+            cors_allow_origins: self.cors_allow_origins.clone(),
         }
     }
 

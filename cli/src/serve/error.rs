@@ -112,6 +112,19 @@ impl ApiError {
         )
     }
 
+    /// A 401: the request did not carry the server's API key (`invalid_request_error`
+    /// with code `invalid_api_key`, as OpenAI answers). `message` must not quote the
+    /// key that was sent.
+    pub(crate) fn invalid_api_key(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            None,
+            message,
+        )
+    }
+
     /// A 503: the server is shutting down and the request was cancelled.
     pub(crate) fn shutting_down() -> ApiError {
         ApiError::new(
@@ -188,9 +201,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A JSON request body parsed into `T`; every way it can fail is an [`ApiError`]
-/// (400, or 413 for a body over [`MAX_BODY_BYTES`]). The content type is not checked:
-/// a body that parses is accepted.
+/// A JSON request body parsed into `T`; every way it can fail is an [`ApiError`]:
+/// 415 unless the `content-type` is `application/json` (parameters such as a charset
+/// allowed, and `application/*+json`), 413 for a body over [`MAX_BODY_BYTES`], 400
+/// for a body that is not valid JSON or not the request's shape.
 #[derive(Debug)]
 pub(crate) struct OpenAiJson<T>(pub(crate) T);
 
@@ -202,6 +216,19 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let content_type = req.headers().get(axum::http::header::CONTENT_TYPE);
+        if !content_type.is_some_and(is_json) {
+            let got = content_type
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(|| "none".to_owned(), |v| format!("`{v}`"));
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+                None,
+                format!("the body must be JSON with `content-type: application/json`; got {got}"),
+            ));
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             let status = rejection.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -220,6 +247,21 @@ where
     }
 }
 
+/// Whether a `content-type` value names JSON: `application/json` or
+/// `application/<anything>+json`, any case, with or without parameters.
+fn is_json(value: &axum::http::HeaderValue) -> bool {
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    kind.eq_ignore_ascii_case("application")
+        && (sub.eq_ignore_ascii_case("json")
+            || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
 /// Parse `bytes` as a `T`, turning serde's error into an [`ApiError`] that names the
 /// field at fault.
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
@@ -231,6 +273,15 @@ pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiErro
     // Trailing characters after the value are malformed JSON too.
     de.end().map_err(|e| data_error(".", &e))?;
     Ok(value)
+}
+
+/// Parse an already parsed JSON `value` as a `T`, with the errors of [`parse_json`]
+/// (for a body read once and then looked at as more than one shape).
+pub(crate) fn parse_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        data_error(&path, err.inner())
+    })
 }
 
 fn data_error(path: &str, inner: &serde_json::Error) -> ApiError {
@@ -316,6 +367,63 @@ mod tests {
         assert_eq!(e.body.param.as_deref(), Some("messages[0].role"));
         let e = parse_json::<Body>(br#"{"model": "m", "messages": [{}]}"#).unwrap_err();
         assert_eq!(e.body.param.as_deref(), Some("messages[0].role"));
+    }
+
+    #[test]
+    fn only_json_content_types_are_json() {
+        let json = |v: &str| is_json(&axum::http::HeaderValue::from_str(v).unwrap());
+        for yes in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " application/json ;charset=UTF-8",
+            "application/merge-patch+json",
+        ] {
+            assert!(json(yes), "{yes}");
+        }
+        for no in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/jsonx",
+            "application/+json",
+            "json",
+            "",
+            "multipart/form-data; boundary=x",
+        ] {
+            assert!(!json(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn a_parsed_value_names_the_param_too() {
+        let e = parse_value::<Body>(serde_json::json!({"model": "m", "messages": [{"role": 1}]}))
+            .unwrap_err();
+        assert_eq!(
+            (e.body.code, e.body.param.as_deref()),
+            (Some("invalid_type"), Some("messages[0].role"))
+        );
+        let e = parse_value::<Body>(serde_json::json!({})).unwrap_err();
+        assert_eq!(
+            (e.body.code, e.body.param.as_deref()),
+            (Some("missing_required_parameter"), Some("model"))
+        );
+        assert_eq!(
+            parse_value::<Body>(serde_json::json!({"model": "m"}))
+                .unwrap()
+                .model,
+            "m"
+        );
+    }
+
+    #[test]
+    fn a_missing_key_is_a_401_invalid_api_key() {
+        let e = ApiError::invalid_api_key("no key");
+        assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+        let v: serde_json::Value = serde_json::from_str(&e.to_json()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"error": {"message": "no key", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+        );
     }
 
     #[test]

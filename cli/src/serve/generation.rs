@@ -33,12 +33,14 @@ use super::metrics::{Metrics, RequestLabels};
 use super::App;
 
 /// Start `request` (its id already set) under a context linked to the server's root,
-/// its record counted in the `labels` series; a setup error comes back typed, and then
-/// nothing is in flight any more.
+/// its record counted in the `labels` series, with the client's own id for the request
+/// (`client_id`, its `x-request-id`) on its span and in its metadata; a setup error
+/// comes back typed, and then nothing is in flight any more.
 pub(crate) async fn start(
     app: &App,
     request: Request,
     labels: RequestLabels,
+    client_id: Option<&str>,
 ) -> Result<ResponseStream, EngineError> {
     let context = Context::new(request.id.clone());
     // A graceful shutdown kills the root after its grace period, and with it every
@@ -48,9 +50,12 @@ pub(crate) async fn start(
     let (metrics, runtime) = (app.metrics.clone(), app.runtime.clone());
     let started = runtime.now();
     app.metrics.request_started();
-    app.adapter
-        .request(request)
-        .context(context)
+    let generate = app.adapter.request(request).context(context);
+    let generate = match client_id {
+        Some(id) => generate.client_request_id(id),
+        None => generate,
+    };
+    generate
         .on_record(move |record| {
             let duration = runtime.now().saturating_duration_since(started);
             metrics.record(record, labels, prompt_tokens, duration);

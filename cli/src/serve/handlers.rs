@@ -1,14 +1,21 @@
 //! The HTTP handlers: the two generation endpoints (streamed as SSE or answered as
-//! one JSON body), `/v1/models`, `/health`, `/metrics` and the fallbacks.
+//! one JSON body), `/v1/models`, `/metrics` and the fallbacks (health checks and the
+//! other operator endpoints are [`super::ops`]'s).
 //!
 //! Owns the mapping from a request's items to the wire; validation is
 //! [`super::api`]'s, the request's start and its disconnect rule are
 //! [`super::generation`]'s, counting responses and the access log are
 //! [`super::access`]'s.
 //!
-//! A generation request's id (`cmpl-{n}`, `chatcmpl-{n}`; `health-{n}` for a health
-//! canary) is sent back as the `x-request-id` header of every response given after it
-//! was assigned, and is the `request_id` of the access log and of tether's log events.
+//! A generation request's id (`cmpl-…`, `chatcmpl-…`; `health-…` for a health canary;
+//! see [`RequestIds`]: unique across restarts) is the response object's `id`, the
+//! `request_id` of the access log, of tether's log events and of the request's span,
+//! and the `x-request-id` response header unless the client sent its own `x-request-id`
+//! (then that one is echoed, logged as `client_request_id` and put on the span:
+//! clients reuse ids, so it never replaces ours).
+//!
+//! SSE responses carry `X-Accel-Buffering: no`, so nginx passes each event on as it is
+//! written instead of buffering the stream.
 //!
 //! A streamed request answers `200` with `text/event-stream` as soon as the engine
 //! accepted it (a [`tether_axum::sse`] response). Each chunk is a `data: {json}` event;
@@ -18,17 +25,16 @@
 //! event instead and ends the stream without `[DONE]`. Unary requests map the same
 //! ends to `200`, `500`/`504`, and `503`.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{Extension, Request as HttpRequest, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::sse::{Event, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
-use tether_core::drive::ProbeAdapter;
 use tether_core::error::{BackendError, EngineError, ErrorKind};
-use tether_core::protocol::{Annotated, Chunk, FinishReason, Request, Usage};
+use tether_core::protocol::{Annotated, Chunk, FinishReason, Usage};
 use tether_core::ResponseStream;
 
 use super::access::RequestIdSlot;
@@ -37,6 +43,7 @@ use super::error::{ApiError, OpenAiJson};
 use super::generation::{self, TokenClock};
 use super::metrics::RequestLabels;
 use super::responses::{self, openai_finish_reason, Head, UsageBody};
+use super::stop::StopMatcher;
 use super::traceparent::Traceparent;
 use super::{tokenizer, App};
 
@@ -76,12 +83,10 @@ async fn run(
     if app.draining.load(Ordering::Acquire) {
         return ApiError::shutting_down().into_response();
     }
-    // Relaxed: only uniqueness matters.
-    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = match prepared.endpoint {
-        Endpoint::Completions => format!("cmpl-{n}"),
-        Endpoint::Chat => format!("chatcmpl-{n}"),
-    };
+    let id = app.ids.next(match prepared.endpoint {
+        Endpoint::Completions => "cmpl",
+        Endpoint::Chat => "chatcmpl",
+    });
     slot.set(&id);
     let mut request = prepared.request;
     request.id = id.clone();
@@ -100,12 +105,14 @@ async fn run(
         endpoint: prepared.endpoint.label(),
         stream: prepared.stream,
     };
-    let mut response = match generation::start(&app, request, labels).await {
+    let mut response = match generation::start(&app, request, labels, slot.client()).await {
         Ok(stream) => {
             let reply = Reply {
                 clock: TokenClock::new(&app),
                 head,
                 decoder: tokenizer::Utf8Decoder::new(),
+                stops: StopMatcher::new(&prepared.stops),
+                finish_asked: false,
                 prompt_tokens,
                 completion_tokens: 0,
             };
@@ -126,6 +133,10 @@ struct Reply {
     clock: TokenClock,
     head: Head,
     decoder: tokenizer::Utf8Decoder,
+    /// The request's stop strings, if it has any.
+    stops: Option<StopMatcher>,
+    /// The early finish a matched stop string needs was asked for.
+    finish_asked: bool,
     prompt_tokens: u32,
     completion_tokens: u32,
 }
@@ -139,12 +150,38 @@ enum End {
 }
 
 impl Reply {
+    /// `text` through the stop strings: what may be sent now.
+    fn unstopped(&mut self, text: String) -> String {
+        match &mut self.stops {
+            Some(stops) => stops.push(&text).text,
+            None => text,
+        }
+    }
+
+    /// The end of the text: what the decoder and the stop strings still hold.
+    fn rest(&mut self) -> String {
+        let held = self.decoder.finish();
+        let mut out = self.unstopped(held);
+        if let Some(stops) = &mut self.stops {
+            out.push_str(&stops.finish());
+        }
+        out
+    }
+
+    /// Whether a stop string just matched and the request must now be finished early
+    /// (SPEC rule 12); `true` once.
+    fn must_finish(&mut self) -> bool {
+        let stopped = self.stops.as_ref().is_some_and(StopMatcher::stopped);
+        stopped && !std::mem::replace(&mut self.finish_asked, true)
+    }
+
     /// Take the next item: `Ok(text)` for text to send (maybe empty), `Err(end)` once
-    /// the request is over (with the last text in `tail`).
+    /// the request is over (with the last text in `tail`). After an `Ok`,
+    /// [`Reply::must_finish`] says whether a stop string ended the text.
     fn take(&mut self, item: Annotated<Chunk>, tail: &mut String) -> Result<String, End> {
         self.clock.read(&item);
         if let Some(err) = &item.error {
-            tail.push_str(&self.decoder.finish());
+            tail.push_str(&self.rest());
             return Err(End::Failed(ApiError::from_engine(err)));
         }
         let Some(chunk) = item.data else {
@@ -152,12 +189,19 @@ impl Reply {
         };
         let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
         self.completion_tokens = self.completion_tokens.saturating_add(n);
-        let text = self.decoder.push(&chunk.token_ids);
-        let Some(reason) = chunk.finish_reason else {
+        let decoded = self.decoder.push(&chunk.token_ids);
+        let text = self.unstopped(decoded);
+        let Some(mut reason) = chunk.finish_reason else {
             return Ok(text);
         };
         tail.push_str(&text);
-        tail.push_str(&self.decoder.finish());
+        tail.push_str(&self.rest());
+        if self.stops.as_ref().is_some_and(StopMatcher::stopped)
+            && openai_finish_reason(&reason).is_some()
+        {
+            // A stop string in the engine's last chunk: that is why the text ends.
+            reason = FinishReason::Stop;
+        }
         match openai_finish_reason(&reason) {
             Some(fr) => {
                 let usage = chunk
@@ -215,15 +259,28 @@ fn stream_reply(
     // The role comes first, as OpenAI sends it.
     let role = (reply.head.endpoint == Endpoint::Chat)
         .then(|| data_event(&reply.head.chunk("", None, true)));
-    let mut events = tether_axum::sse(stream, move |item| reply.events(item, include_usage));
+    let mut events = tether_axum::sse_with(stream, move |item, finisher| {
+        let events = reply.events(item, include_usage);
+        if reply.must_finish() {
+            // The next item is the terminal with `Stop`.
+            finisher.finish(FinishReason::Stop);
+        }
+        events
+    });
     if let Some(role) = role {
         events = events.leading(role);
     }
-    events
+    let mut response = events
         .trailer(Event::default().data("[DONE]"))
         .into_sse()
         .keep_alive(KeepAlive::new().interval(app.keep_alive))
-        .into_response()
+        .into_response();
+    // nginx buffers proxied responses unless told not to: events must go out as made.
+    response.headers_mut().insert(
+        HeaderName::from_static("x-accel-buffering"),
+        HeaderValue::from_static("no"),
+    );
+    response
 }
 
 /// One JSON body once the request is over. A client that leaves first drops this
@@ -241,7 +298,13 @@ async fn unary_reply(mut stream: ResponseStream, mut reply: Reply) -> Response {
         };
         let mut tail = String::new();
         match reply.take(item, &mut tail) {
-            Ok(t) => text.push_str(&t),
+            Ok(t) => {
+                text.push_str(&t);
+                if reply.must_finish() {
+                    // The next item is the terminal with `Stop`.
+                    stream.finish(FinishReason::Stop);
+                }
+            }
             Err(End::Finished(reason, usage)) => {
                 text.push_str(&tail);
                 let body = reply.head.full(&text, reason, usage);
@@ -255,55 +318,6 @@ async fn unary_reply(mut stream: ResponseStream, mut reply: Reply) -> Response {
 pub(crate) async fn models(State(app): State<Arc<App>>) -> Response {
     let body = responses::models_body(&app.limits.model, app.started_at);
     ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response()
-}
-
-/// `GET /health`: runs a one-token canary through the engine ([`ProbeAdapter`]).
-pub(crate) async fn health(
-    State(app): State<Arc<App>>,
-    Extension(slot): Extension<RequestIdSlot>,
-) -> Response {
-    let mut response = check_health(&app, &slot).await;
-    response.headers_mut().extend(slot.header());
-    response
-}
-
-async fn check_health(app: &App, slot: &RequestIdSlot) -> Response {
-    let unhealthy = |reason: String| {
-        let body =
-            serde_json::json!({"status": "unhealthy", "model": app.limits.model, "error": reason});
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::CONTENT_TYPE, JSON)],
-            body.to_string(),
-        )
-            .into_response()
-    };
-    if app.draining.load(Ordering::Acquire) {
-        return unhealthy("the server is shutting down".to_owned());
-    }
-    // Relaxed: only uniqueness matters.
-    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = format!("health-{n}");
-    slot.set(&id);
-    let canary =
-        Request::new(id, app.limits.model.clone(), tokenizer::encode("ok")).with_max_tokens(1);
-    match tokio::time::timeout(app.health_timeout, app.probe.probe(canary)).await {
-        Ok(Ok(items)) if ProbeAdapter::is_healthy(&items) => {
-            let body = serde_json::json!({"status": "ok", "model": app.limits.model});
-            ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response()
-        }
-        Ok(Ok(items)) => unhealthy(
-            items
-                .iter()
-                .find_map(|i| i.error.as_ref().map(ToString::to_string))
-                .unwrap_or_else(|| "the canary ended without a terminal".to_owned()),
-        ),
-        Ok(Err(e)) => unhealthy(e.to_string()),
-        Err(_) => unhealthy(format!(
-            "the canary took longer than {:?}",
-            app.health_timeout
-        )),
-    }
 }
 
 pub(crate) async fn metrics(State(app): State<Arc<App>>) -> Response {
@@ -326,4 +340,39 @@ fn unix_now() -> u64 {
 
 pub(crate) fn started_at() -> u64 {
     unix_now()
+}
+
+/// Makes request ids: `{kind}-{nonce}{n}`, a random 64-bit nonce drawn when the server
+/// starts (so ids do not repeat across restarts, as a bare counter would) and a
+/// counter, both in hex.
+#[derive(Debug)]
+pub(crate) struct RequestIds {
+    nonce: u64,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    /// A new nonce, from the standard library's per-process random hash keys and the
+    /// time (no extra dependency for a non-cryptographic id).
+    pub(crate) fn new() -> RequestIds {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.write_u32(std::process::id());
+        RequestIds {
+            nonce: h.finish(),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    /// The next id of `kind` (`cmpl`, `chatcmpl`, `health`).
+    pub(crate) fn next(&self, kind: &str) -> String {
+        // Relaxed: only uniqueness matters.
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{kind}-{:016x}{n:x}", self.nonce)
+    }
 }

@@ -83,11 +83,16 @@ pub const CAUSES: [&str; 3] = ["client_disconnect", "shutdown", "timeout"];
 
 /// The `endpoint` label of HTTP series (`tether_http_responses_total`,
 /// `tether_client_disconnects_total`): the known paths, and `other`.
-pub const HTTP_ENDPOINTS: [&str; 6] = [
+pub const HTTP_ENDPOINTS: [&str; 11] = [
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models",
+    "/tokenize",
+    "/detokenize",
     "/health",
+    "/health/canary",
+    "/ping",
+    "/version",
     "/metrics",
     "other",
 ];

@@ -4,10 +4,12 @@
 Run by `.ci/serve-e2e` against `tether serve --engine sim --allow-chaos` on
 127.0.0.1. It streams a chat completion and a completion, makes unary calls, closes
 one stream after 3 chunks, checks that an engine error mid-stream raises, that bad
-input is a 400/404 with an OpenAI error body, that /metrics agrees: one abort, one
-cancelled request, nothing in flight, no engine slot held; and finally (after the
-metrics, so their counts stay as above) that a parameter the engine does not honour is
-refused by name while its default is accepted (check_output_parameters).
+input is a 400/404 with an OpenAI error body, that a wrong API key is refused (with
+`--api-key`: the server's key, which the client sends as its bearer token), that
+/health and /health/canary are ok, that /metrics agrees: one abort, one cancelled
+request, nothing in flight, no engine slot held; and finally (after the metrics, so
+their counts stay as above) that a parameter the engine does not honour is refused by
+name while its default is accepted (check_output_parameters).
 """
 
 import argparse
@@ -63,13 +65,57 @@ def total(samples, name, **labels):
     return out
 
 
+def stop_strings(client):
+    """Multi-byte stop strings, matched across chunks (one byte token per chunk):
+    SimEngine's `sim:echo` annotation makes the text the prompt. Returns the number of
+    requests made (all finish) and of engine aborts they caused."""
+    prompt = "物語の終わりです 🦀 and more text"
+    echo = {"annotations": ["sim:echo"]}
+    # Streaming chat-free completion: the text ends before the stop string.
+    stream = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=500, stream=True, stop=["終わり", "🦀"], extra_body=echo,
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks)
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
+    check(text == "物語の", f"stop string (stream): the text ends before it ({text!r})")
+    check(reasons == ["stop"], f"stop string (stream): finish_reason stop ({reasons})")
+    # Unary, four stop strings, the crab completes first.
+    completion = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=500, stop=["never", "🦀", "more", "text"], extra_body=echo,
+    )
+    check(completion.choices[0].text == "物語の終わりです ", "stop string (unary): text before the crab")
+    check(completion.choices[0].finish_reason == "stop", "stop string (unary): finish_reason stop")
+    check(completion.usage.completion_tokens == len("物語の終わりです 🦀".encode()), "stop string (unary): usage up to the match")
+    # No match: everything comes back, held-back text included.
+    completion = client.completions.create(
+        model=MODEL, prompt="hello wor", max_tokens=9, stop="world", extra_body=echo,
+    )
+    check(completion.choices[0].text == "hello wor", "stop string: held-back text sent when no match comes")
+    check(completion.choices[0].finish_reason == "length", "stop string: no match, finish_reason length")
+    # Two early finishes, one abort each; the last one ended by itself.
+    return 3, 2
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True, help="http://127.0.0.1:PORT")
+    parser.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
     args = parser.parse_args()
     base = args.base_url.rstrip("/")
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key=args.api_key or "unused", max_retries=0, timeout=30)
     finished = 0
+
+    if args.api_key:
+        wrong = openai.OpenAI(base_url=f"{base}/v1", api_key="sk-wrong", max_retries=0, timeout=30)
+        try:
+            wrong.models.list()
+            check(False, "a wrong API key is refused")
+        except openai.AuthenticationError as e:
+            check(
+                e.status_code == 401 and e.body["code"] == "invalid_api_key",
+                "a wrong API key: 401 invalid_api_key",
+            )
 
     models = client.models.list()
     check([m.id for m in models.data] == [MODEL], "GET /v1/models lists the served model")
@@ -146,8 +192,13 @@ def main():
     except openai.NotFoundError as e:
         check(e.status_code == 404 and e.body["code"] == "model_not_found", "unknown model: 404 model_not_found")
 
+    made, stop_aborts = stop_strings(client)
+    finished += made
+
     status, body = http_get(f"{base}/health")
     check(status == 200 and json.loads(body)["status"] == "ok", "GET /health is ok")
+    status, body = http_get(f"{base}/health/canary")
+    check(status == 200 and json.loads(body)["status"] == "ok", "GET /health/canary is ok")
 
     # /metrics agrees with what happened (the abort may take a moment to land).
     deadline = time.monotonic() + 15
@@ -157,14 +208,18 @@ def main():
             m["tether_requests_in_flight"] == 0
             and m["tether_engine_live_sequences"] == 0
             and m["tether_engine_aborts_received_total"] == m["tether_aborts_total"]
+            and m["tether_aborts_total"] == 1 + stop_aborts
         )
         if settled or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     check(m["tether_requests_in_flight"] == 0, "metrics: nothing in flight")
     check(m["tether_engine_live_sequences"] == 0, "metrics: no engine slot held")
-    check(m["tether_aborts_total"] == 1, "metrics: exactly one abort sent (the closed stream)")
-    check(m["tether_engine_aborts_received_total"] == 1, "metrics: the engine received it")
+    check(
+        m["tether_aborts_total"] == 1 + stop_aborts,
+        f"metrics: exactly {1 + stop_aborts} aborts sent (the closed stream, the stop strings)",
+    )
+    check(m["tether_engine_aborts_received_total"] == 1 + stop_aborts, "metrics: the engine received them")
     requests = lambda outcome: total(m, "tether_requests_total", outcome=outcome)
     check(requests("cancelled") == 1, "metrics: one cancelled request")
     check(
@@ -184,6 +239,8 @@ def main():
     check(not errors5xx, "metrics: no 5xx responses")
     check(m['tether_http_responses_total{endpoint="/v1/completions",status="400"}'] == 1, "metrics: one 400")
     check(m['tether_http_responses_total{endpoint="/v1/completions",status="404"}'] == 1, "metrics: one 404")
+    if args.api_key:
+        check(m['tether_http_responses_total{endpoint="/v1/models",status="401"}'] == 1, "metrics: one 401")
     check_output_parameters(client)
     print("openai e2e: all checks passed")
     return 0

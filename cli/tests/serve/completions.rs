@@ -205,6 +205,7 @@ async fn tiny_engine_is_served_through_the_byte_tokenizer() {
         let a: Value = json_of(
             &client
                 .post(&url)
+                .header("content-type", "application/json")
                 .body(body.to_string())
                 .send()
                 .await
@@ -219,6 +220,7 @@ async fn tiny_engine_is_served_through_the_byte_tokenizer() {
         let events = sse_data(
             &client
                 .post(&url)
+                .header("content-type", "application/json")
                 .body(streamed.to_string())
                 .send()
                 .await

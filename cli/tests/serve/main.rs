@@ -1,6 +1,7 @@
 //! `tether serve` over real loopback HTTP (127.0.0.1, ephemeral ports): streaming and
 //! unary completions on both endpoints, disconnects, errors, timeouts, bad input,
-//! `/metrics`, `/health`, graceful shutdown, request ids and migration links, and the
+//! `/metrics`, `/health` and its canary, graceful shutdown, request ids and migration
+//! links, the API key and CORS, `/version` and the tokenizer endpoints, and the
 //! parameters that change the output (honoured or refused).
 //!
 //! These tests do real socket I/O, so they run on real time (a paused clock would
@@ -10,11 +11,15 @@
 #[path = "../serve_support/mod.rs"]
 mod serve_support;
 
+mod auth;
 mod completions;
 mod failures;
 mod observability;
 mod operations;
 mod params;
+mod requests;
+mod stop_strings;
+mod tokenize;
 
 use std::time::Duration;
 

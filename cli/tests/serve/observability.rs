@@ -6,9 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde_json::json;
-use tether_cli::serve::{self, ServeConfig, ServedEngine};
+use tether_cli::serve::{ServeConfig, ServedEngine};
 use tether_core::protocol::{RawTraceLink, TraceLink};
-use tether_core::Runtime;
 
 use crate::serve_support::*;
 use crate::{chat, completion, json_of, LIMIT};
@@ -17,22 +16,14 @@ use crate::{chat, completion, json_of, LIMIT};
 async fn a_client_gone_during_the_engines_setup_is_a_counted_cancellation() {
     within(LIMIT, async {
         let engine = Arc::new(StuckSetupEngine::default());
-        let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = serve::start(
-            ServedEngine::other(engine.clone()),
-            runtime,
-            listener,
-            ServeConfig::default(),
-        )
-        .await
-        .unwrap();
+        let server = serve_engine(ServedEngine::other(engine.clone()), ServeConfig::default()).await;
         let url = format!("http://{}", server.local_addr());
         let client = {
             let url = url.clone();
             tokio::spawn(async move {
                 reqwest::Client::new()
                     .post(format!("{url}/v1/chat/completions"))
+                    .header("content-type", "application/json")
                     .body(chat(4, true).to_string())
                     .send()
                     .await
@@ -92,31 +83,71 @@ async fn a_client_gone_during_the_engines_setup_is_a_counted_cancellation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn responses_carry_the_request_id() {
+async fn responses_carry_a_unique_request_id_or_the_clients_own() {
     within(LIMIT, async {
         let t = start().await;
         let resp = t.post("/v1/completions", &completion(2, false)).await;
         assert_eq!(resp.status(), 200);
         let header = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
         let body = json_of(&resp.text().await.unwrap());
-        assert_eq!((header.as_str(), &body["id"]), ("cmpl-1", &json!("cmpl-1")));
+        assert_eq!(body["id"], json!(header));
+        let (kind, n, nonce) = id_parts(&header);
+        assert_eq!((kind.as_str(), n), ("cmpl", 1));
         let resp = t.post("/v1/chat/completions", &chat(2, true)).await;
-        assert_eq!(resp.headers()["x-request-id"], "chatcmpl-2");
+        let header = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(id_parts(&header), ("chatcmpl".to_owned(), 2, nonce.clone()));
         let events = sse_data(&resp.text().await.unwrap());
-        assert_eq!(json_of(&events[0])["id"], "chatcmpl-2");
-        let resp = t
-            .client
-            .get(format!("{}/health", t.base))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.headers()["x-request-id"], "health-3");
-        // A request refused before it got an id has none.
+        assert_eq!(json_of(&events[0])["id"], json!(header));
+        // A client's own id is echoed as it came; ours stays in the body (and in the
+        // logs and on the span), unique.
+        for _ in 0..2 {
+            let resp = t
+                .client
+                .post(format!("{}/v1/completions", t.base))
+                .header("content-type", "application/json")
+                .header("x-request-id", "retry-me")
+                .body(completion(2, false).to_string())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.headers()["x-request-id"], "retry-me");
+            let body = json_of(&resp.text().await.unwrap());
+            let (kind, _, same) = id_parts(body["id"].as_str().unwrap());
+            assert_eq!((kind.as_str(), same), ("cmpl", nonce.clone()));
+        }
+        // The engine got the client's id beside ours (the span records both).
+        let ids: Vec<(String, Option<String>)> = t
+            .engine
+            .client_ids
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, client)| (short_ids(id), client.clone()))
+            .collect();
+        let retry = Some("retry-me".to_owned());
+        assert_eq!(
+            ids,
+            [
+                ("cmpl-1".to_owned(), None),
+                ("chatcmpl-2".to_owned(), None),
+                ("cmpl-3".to_owned(), retry.clone()),
+                ("cmpl-4".to_owned(), retry),
+            ]
+        );
+        // A request refused before it got an id has none, unless the client gave one.
         let resp = t
             .post("/v1/completions", &json!({"model": "sim", "prompt": ""}))
             .await;
         assert_eq!(resp.status(), 400);
         assert!(resp.headers().get("x-request-id").is_none());
+        // Another server (a restart) draws another nonce: its ids are not these.
+        let other = start().await;
+        let resp = other.post("/v1/completions", &completion(2, false)).await;
+        let header = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+        let (_, n, other_nonce) = id_parts(&header);
+        assert_eq!(n, 1);
+        assert_ne!(other_nonce, nonce);
     })
     .await;
 }
@@ -129,6 +160,7 @@ async fn a_malformed_traceparent_is_kept_aside_and_the_request_still_runs() {
             t.client
                 .post(format!("{}/v1/completions", t.base))
                 .header("traceparent", traceparent)
+                .header("content-type", "application/json")
                 .body(completion(2, false).to_string())
                 .send()
         };
@@ -142,7 +174,14 @@ async fn a_malformed_traceparent_is_kept_aside_and_the_request_still_runs() {
             assert_eq!(resp.status(), 200, "{traceparent}");
             resp.text().await.unwrap();
         }
-        let links = t.engine.links.lock().unwrap().clone();
+        let links: Vec<_> = t
+            .engine
+            .links
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(id, link, raw)| (short_ids(id), *link, raw.clone()))
+            .collect();
         assert_eq!(
             links,
             [

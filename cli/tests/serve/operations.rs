@@ -1,5 +1,5 @@
-//! The server as operated: `/metrics`, `/health`, graceful shutdown and the kill of
-//! what outlives its grace period.
+//! The server as operated: `/metrics`, `/health` (liveness) and `/ping`,
+//! `/health/canary`, graceful shutdown and the kill of what outlives its grace period.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use tether_cli::serve::{self, ServeConfig, ServedEngine};
-use tether_core::Runtime;
+use tether_core::{LlmEngine, Runtime};
+use tether_engines::{SimConfig, SimEngine};
 
 use crate::serve_support::*;
 use crate::{chat, completion, error_object, json_of, LIMIT};
@@ -158,10 +159,10 @@ async fn metrics_parse_as_prometheus_text_and_count_what_happened() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_is_ok_and_503_when_the_engine_errors() {
+async fn the_canary_is_ok_and_503_when_the_engine_errors_while_liveness_stays_ok() {
     within(LIMIT, async {
         let t = start().await;
-        let (status, body) = t.get("/health").await;
+        let (status, body) = t.get("/health/canary").await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(json_of(&body), json!({"status": "ok", "model": "sim"}));
         // Canaries are not client requests.
@@ -178,7 +179,7 @@ async fn health_is_ok_and_503_when_the_engine_errors() {
         .await
         .unwrap();
         let url = format!("http://{}", broken.local_addr());
-        let resp = reqwest::get(format!("{url}/health")).await.unwrap();
+        let resp = reqwest::get(format!("{url}/health/canary")).await.unwrap();
         assert_eq!(resp.status(), 503);
         let v = json_of(&resp.text().await.unwrap());
         assert_eq!(v["status"], "unhealthy");
@@ -186,9 +187,18 @@ async fn health_is_ok_and_503_when_the_engine_errors() {
             v["error"].as_str().unwrap().contains("the engine is down"),
             "{v}"
         );
+        // Liveness runs no request: the engine is started and not shut down, so it is
+        // alive, even though it refuses all work (that is the canary's to find).
+        let resp = reqwest::get(format!("{url}/health")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            json_of(&resp.text().await.unwrap()),
+            json!({"status": "ok", "model": "broken"})
+        );
         // A request the engine refuses at setup is a 503 with an error object too.
         let resp = reqwest::Client::new()
             .post(format!("{url}/v1/completions"))
+            .header("content-type", "application/json")
             .body(json!({"model": "broken", "prompt": "x"}).to_string())
             .send()
             .await
@@ -198,6 +208,170 @@ async fn health_is_ok_and_503_when_the_engine_errors() {
         assert_eq!(error_object(&v)["code"], "engine_unavailable");
         assert_eq!(broken.metrics().outcome("failed"), 1);
         assert_eq!(broken.metrics().in_flight(), 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_at_once_while_the_only_slot_is_busy_and_the_canary_times_out() {
+    within(LIMIT, async {
+        let config = ServeConfig {
+            health_timeout: Duration::from_millis(200),
+            ..chaos_config()
+        };
+        let sim = SimConfig {
+            max_sequences: 1,
+            ..sim_config()
+        };
+        let t = start_with(config, sim).await;
+        // The only slot: taken by a request that hangs after its first token.
+        let mut body = completion(100, true);
+        body["annotations"] = json!(["chaos:hang@1"]);
+        let mut busy = SseReader::new(t.post("/v1/completions", &body).await);
+        busy.next().await.unwrap();
+        // And one request queued behind it.
+        let queued = SseReader::new(t.post("/v1/completions", &completion(4, true)).await);
+        let engine = t.engine.inner.clone();
+        assert!(
+            eventually(LIMIT, || {
+                let g = engine.gauges();
+                g.live_slots == 1 && g.queue_len == 1
+            })
+            .await,
+            "{:?}",
+            engine.gauges()
+        );
+
+        // The canary queues too, and never gets the slot in time.
+        let (status, canary) = t.get("/health/canary").await;
+        assert_eq!(status, 503, "{canary}");
+        assert_eq!(
+            json_of(&canary),
+            json!({"status": "unhealthy", "model": "sim", "error": "the canary took longer than 200ms"})
+        );
+        // Liveness does not queue: the busy server is alive.
+        let ok = json!({"status": "ok", "model": "sim"});
+        let (status, health) = t.get("/health").await;
+        assert_eq!((status, json_of(&health)), (200, ok.clone()));
+        let (status, ping) = t.get("/ping").await;
+        assert_eq!((status, json_of(&ping)), (200, ok.clone()));
+        let resp = t.client.post(format!("{}/ping", t.base)).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(json_of(&resp.text().await.unwrap()), ok);
+        // The slot and the queue are still taken: nothing was answered by running.
+        let g = engine.gauges();
+        assert_eq!((g.live_slots, g.queue_len), (1, 1));
+
+        drop((busy, queued));
+        let m = t.server.metrics().clone();
+        assert!(
+            eventually(LIMIT, || {
+                let g = engine.gauges();
+                m.in_flight() == 0 && g.live_slots == 0 && g.queue_len == 0
+            })
+            .await,
+            "{:?}",
+            engine.gauges()
+        );
+    })
+    .await;
+}
+
+/// A runtime that drops every task it is given (as one that is shutting down does),
+/// with tokio's clock.
+#[derive(Debug)]
+struct DropsTasks(Arc<dyn Runtime>);
+
+impl Runtime for DropsTasks {
+    fn spawn(&self, future: tether_core::drive::SpawnFuture) {
+        drop(future);
+    }
+    fn sleep_until(
+        &self,
+        deadline: std::time::Instant,
+    ) -> std::pin::Pin<Box<dyn tether_core::AsyncTimer>> {
+        self.0.sleep_until(deadline)
+    }
+    fn now(&self) -> std::time::Instant {
+        self.0.now()
+    }
+}
+
+async fn served(engine: ServedEngine) -> (serve::Server, String) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
+    let server = serve::start(engine, runtime, listener, ServeConfig::default())
+        .await
+        .unwrap();
+    let base = format!("http://{}", server.local_addr());
+    (server, base)
+}
+
+/// `/health`, `GET /ping` and `POST /ping`: all the same status and body.
+async fn liveness_of(base: &str) -> (u16, serde_json::Value) {
+    let client = reqwest::Client::new();
+    let mut answers = Vec::new();
+    for request in [
+        client.get(format!("{base}/health")),
+        client.get(format!("{base}/ping")),
+        client.post(format!("{base}/ping")),
+    ] {
+        let resp = request.send().await.unwrap();
+        let status = resp.status().as_u16();
+        answers.push((status, json_of(&resp.text().await.unwrap())));
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    answers.pop().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_503_with_the_reason_when_the_engine_is_not_alive() {
+    within(LIMIT, async {
+        let unhealthy =
+            |error: &str| json!({"status": "unhealthy", "model": "sim", "error": error});
+        // The engine's own check says no: /health believes it (the canary, which
+        // runs a request, still passes: the check is the engine's word).
+        let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
+        let sim = Arc::new(SimEngine::new(sim_config(), runtime.clone()));
+        let (server, base) = served(ServedEngine {
+            alive: Some(Arc::new(|| Err("the gpu fell off the bus".to_owned()))),
+            ..ServedEngine::sim(sim)
+        })
+        .await;
+        assert_eq!(
+            liveness_of(&base).await,
+            (503, unhealthy("the gpu fell off the bus"))
+        );
+        let resp = reqwest::get(format!("{base}/health/canary")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        server.shutdown();
+        server.wait().await.cleanup.unwrap();
+
+        // SimEngine cleaned up under the server: not started any more.
+        let t = start().await;
+        assert_eq!(
+            liveness_of(&t.base).await,
+            (200, json!({"status": "ok", "model": "sim"}))
+        );
+        t.engine.inner.cleanup().await.unwrap();
+        assert_eq!(
+            liveness_of(&t.base).await,
+            (503, unhealthy("the sim engine is not started"))
+        );
+
+        // SimEngine whose scheduler loop its runtime dropped: started, not running.
+        let sim = Arc::new(SimEngine::new(sim_config(), DropsTasks(runtime.clone())));
+        let (server, base) = served(ServedEngine::sim(sim.clone())).await;
+        assert!(sim.is_started());
+        assert_eq!(
+            liveness_of(&base).await,
+            (
+                503,
+                unhealthy("the sim engine's scheduler loop is not running")
+            )
+        );
+        server.shutdown();
+        server.wait().await.cleanup.unwrap();
     })
     .await;
 }

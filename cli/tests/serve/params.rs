@@ -215,7 +215,7 @@ async fn tiny_seeded_sampling_reproduces_over_http() {
             let body = with(json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 16}), extra);
             let (client, url) = (client.clone(), url.clone());
             async move {
-                let resp = client.post(&url).body(body.to_string()).send().await.unwrap();
+                let resp = client.post(&url).header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
                 let status = resp.status().as_u16();
                 let v = json_of(&resp.text().await.unwrap());
                 assert_eq!(status, 200, "{body}: {v}");
@@ -234,7 +234,7 @@ async fn tiny_seeded_sampling_reproduces_over_http() {
         assert_eq!(post(json!({"temperature": 1.5, "top_p": 1e-9, "seed": 3})).await, greedy);
         // Streamed, the same seed gives the same text.
         let body = json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 16, "temperature": 0.9, "seed": 11, "stream": true});
-        let events = sse_data(&client.post(&url).body(body.to_string()).send().await.unwrap().text().await.unwrap());
+        let events = sse_data(&client.post(&url).header("content-type", "application/json").body(body.to_string()).send().await.unwrap().text().await.unwrap());
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         let streamed: String = events[..events.len() - 1]
             .iter()
@@ -243,7 +243,7 @@ async fn tiny_seeded_sampling_reproduces_over_http() {
         assert_eq!(streamed, sampled);
         // TinyEngine honours sampling, but penalties have no field: still refused.
         let body = json!({"model": "tiny", "prompt": "x", "temperature": 0.9, "presence_penalty": 1});
-        let resp = client.post(&url).body(body.to_string()).send().await.unwrap();
+        let resp = client.post(&url).header("content-type", "application/json").body(body.to_string()).send().await.unwrap();
         assert_eq!(resp.status(), 400);
         assert_eq!(json_of(&resp.text().await.unwrap())["error"]["param"], "presence_penalty");
         server.shutdown();

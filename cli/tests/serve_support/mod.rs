@@ -36,7 +36,8 @@ pub fn spawn_serve_logging(args: &[&str], rust_log: Option<&str>) -> (Child, Str
     })
 }
 
-fn spawn_serve_with(args: &[&str], set_up: impl FnOnce(&mut Command)) -> (Child, String) {
+/// [`spawn_serve`] with the command set up by `set_up` first (environment variables).
+pub fn spawn_serve_with(args: &[&str], set_up: impl FnOnce(&mut Command)) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
     cmd.arg("serve")
         .args(args)
@@ -75,6 +76,8 @@ pub struct CountingEngine {
     pub inner: Arc<SimEngine>,
     pub cleanups: AtomicUsize,
     pub links: Mutex<Vec<Links>>,
+    /// Each request's id and the client's own id from its metadata.
+    pub client_ids: Mutex<Vec<(String, Option<String>)>>,
 }
 
 impl LlmEngine for CountingEngine {
@@ -91,6 +94,14 @@ impl LlmEngine for CountingEngine {
             request.migration_link,
             request.malformed_migration_link.clone(),
         ));
+        let client = context
+            .metadata()
+            .get(tether_core::engine::Metadata::CLIENT_REQUEST_ID)
+            .map(str::to_owned);
+        self.client_ids
+            .lock()
+            .unwrap()
+            .push((request.id.clone(), client));
         self.inner.generate(request, context)
     }
     fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
@@ -182,15 +193,17 @@ pub async fn start_on(
     runtime: Arc<dyn Runtime>,
 ) -> TestServer {
     let sim = Arc::new(SimEngine::new(sim, runtime.clone()));
-    let gauges = ServedEngine::sim(sim.clone()).gauges;
+    let ServedEngine { gauges, alive, .. } = ServedEngine::sim(sim.clone());
     let engine = Arc::new(CountingEngine {
         inner: sim,
         cleanups: AtomicUsize::new(0),
         links: Mutex::default(),
+        client_ids: Mutex::default(),
     });
     let served = ServedEngine {
         engine: engine.clone(),
         gauges,
+        alive,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = serve::start(served, runtime, listener, config)
@@ -492,4 +505,55 @@ pub fn sorted(lines: &[&str]) -> Vec<String> {
 /// Run `f` with a deadline: a test that hangs fails instead.
 pub async fn within<T>(limit: Duration, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(limit, f).await.expect("timed out")
+}
+
+/// `text` with every request id (`cmpl-`, `chatcmpl-`, `health-` then a 16-hex-digit
+/// nonce and a hex counter) shortened to its kind and counter (`cmpl-1`), so tests can
+/// name ids without knowing the server's random nonce. Checks the nonce's shape.
+pub fn short_ids(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    'scan: while !rest.is_empty() {
+        for kind in ["chatcmpl-", "cmpl-", "health-"] {
+            let after_word = out
+                .chars()
+                .last()
+                .is_none_or(|c| !c.is_ascii_alphanumeric());
+            if after_word && rest.starts_with(kind) {
+                let tail = &rest[kind.len()..];
+                let hex = tail.bytes().take_while(u8::is_ascii_hexdigit).count();
+                if hex > 16 {
+                    out.push_str(kind);
+                    out.push_str(&tail[16..hex]);
+                    rest = &tail[hex..];
+                    continue 'scan;
+                }
+            }
+        }
+        let c = rest.chars().next().expect("not empty");
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// The request id's kind and counter (`("cmpl", 1)` for `cmpl-<nonce>1`), and its nonce.
+pub fn id_parts(id: &str) -> (String, u64, String) {
+    let (kind, tail) = id.split_once('-').unwrap_or_else(|| panic!("an id: {id}"));
+    assert!(
+        tail.len() > 16 && tail.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let n = u64::from_str_radix(&tail[16..], 16).unwrap();
+    (kind.to_owned(), n, tail[..16].to_owned())
+}
+
+/// Serve `engine` with `config` on 127.0.0.1 (a free port), the adapter on the current
+/// tokio runtime.
+pub async fn serve_engine(engine: ServedEngine, config: ServeConfig) -> Server {
+    let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve::start(engine, runtime, listener, config)
+        .await
+        .unwrap()
 }

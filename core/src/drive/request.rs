@@ -169,6 +169,14 @@ impl<'a> Generate<'a> {
         self
     }
 
+    /// The id the client gave this request (an HTTP `x-request-id`), kept in its
+    /// [`Metadata`] under [`Metadata::CLIENT_REQUEST_ID`] for the engine and recorded
+    /// on its span as `client_request_id`. Clients reuse such ids, so the request's
+    /// own id (`Request::id`) must stay unique; this one is for correlation.
+    pub fn client_request_id(self, id: impl Into<String>) -> Self {
+        self.metadata(Metadata::CLIENT_REQUEST_ID, id)
+    }
+
     /// Call `f` with this request's record once it is over (after the adapter's
     /// observer), however it ends: a handler's way to usage and timings when the
     /// stream itself was moved into a response body.

@@ -49,8 +49,9 @@ pub(crate) enum SpanNote {
 }
 
 /// The request's span, with the migration link (or a malformed one's raw values) as
-/// fields from its creation, so a layer sees them in `on_new_span`.
-pub(crate) fn open(request: &Request, mode: Mode) -> Span {
+/// fields from its creation, so a layer sees them in `on_new_span`, and the client's
+/// own id for the request (`client_id`), if it gave one.
+pub(crate) fn open(request: &Request, mode: Mode, client_id: Option<&str>) -> Span {
     // Owned hex only when there is a link (rare); a malformed one is kept as it came.
     let (trace_id, span_id): (Option<Cow<'_, str>>, Option<Cow<'_, str>>) =
         match (&request.migration_link, &request.malformed_migration_link) {
@@ -67,6 +68,8 @@ pub(crate) fn open(request: &Request, mode: Mode) -> Span {
     tracing::info_span!(
         target: "request_span",
         "engine.generate",
+        request_id = %request.id,
+        client_request_id = client_id,
         model = %request.model,
         input_tokens = request.token_ids.len(),
         disagg_role = mode.as_str(),

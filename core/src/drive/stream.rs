@@ -148,7 +148,10 @@ impl ResponseStream {
             log::malformed_migration_link(&request.id, &raw.trace_id, &raw.span_id);
         }
         let span = if adapter.config.spans {
-            span::open(&request, limits.mode)
+            let client_id = metadata
+                .as_deref()
+                .and_then(|m| m.get(crate::engine::Metadata::CLIENT_REQUEST_ID));
+            span::open(&request, limits.mode, client_id)
         } else {
             Span::none()
         };

@@ -93,6 +93,8 @@ struct Seq {
     eos_token_ids: Vec<u32>,
     min_tokens: u32,
     chaos: Option<Chaos>,
+    /// [`ECHO_ANNOTATION`](super::ECHO_ANNOTATION): the prompt, emitted again in a loop.
+    echo: Option<Box<[u32]>>,
 }
 
 impl Seq {
@@ -198,6 +200,12 @@ impl State {
             },
             min_tokens: request.stop.min_tokens.unwrap_or(0),
             chaos: admission.chaos,
+            echo: (request
+                .annotations
+                .iter()
+                .any(|a| a == super::ECHO_ANNOTATION)
+                && !request.token_ids.is_empty())
+            .then(|| request.token_ids.into()),
         };
         self.seqs.insert(id, seq);
         self.ids.entry(request_id).or_default().push(id);
@@ -453,7 +461,11 @@ fn advance(seq: &mut Seq, vocab_size: u32) -> Advance {
         Some(Chaos::Hang(k)) if k == step => return Advance::Hang,
         _ => {}
     }
-    let token = (seq.rng.next_u64() % u64::from(vocab_size.max(1))) as u32;
+    let token = match &seq.echo {
+        // The prompt is not empty (checked at admission); the index wraps around it.
+        Some(prompt) => prompt[seq.emitted as usize % prompt.len()],
+        None => (seq.rng.next_u64() % u64::from(vocab_size.max(1))) as u32,
+    };
     seq.emitted += 1;
     let may_stop = seq.emitted >= seq.min_tokens;
     let finish = if may_stop && seq.stop_token_ids.contains(&token) {

@@ -53,6 +53,9 @@
 //! # let _ = app;
 //! ```
 //!
+//! A handler that ends requests itself (a stop string matched in the decoded text,
+//! SPEC rule 12) uses [`sse_with`]: its map also gets a [`Finisher`].
+//!
 //! To send usage and timings when the request is over, start it with
 //! [`on_record`](tether_core::Generate::on_record), or build the trailer from the record
 //! with [`SseStream::trailer_with`].
@@ -64,4 +67,4 @@
 
 mod sse;
 
-pub use sse::{sse, SseStream};
+pub use sse::{sse, sse_with, Finisher, Finishing, MapEvents, SseStream};

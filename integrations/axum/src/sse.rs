@@ -33,17 +33,103 @@ use tether_core::ResponseStream;
 /// Return the result from a handler as it is, or call [`SseStream::into_sse`] for the
 /// axum [`Sse`] response (to set its keep-alive). See the [crate docs](crate) for a
 /// handler.
-pub fn sse<F, I>(mut stream: ResponseStream, map: F) -> SseStream<F>
+pub fn sse<F, I>(stream: ResponseStream, map: F) -> SseStream<F>
 where
     F: FnMut(Annotated<Chunk>) -> I,
     I: IntoIterator<Item = Event>,
 {
-    stream.set_kill_on_drop(true);
-    SseStream {
-        stream: Some(stream),
-        map,
-        pending: VecDeque::new(),
-        trailer: Trailer::None,
+    SseStream::new(stream, map)
+}
+
+/// [`sse`] for a `map` that may end the request early: it also gets a [`Finisher`],
+/// whose [`finish`](Finisher::finish) ends the stream with a finish reason (SPEC rule
+/// 12: a stop string matched in the text decoded so far). The next item `map` gets is
+/// then the terminal chunk with that reason; the engine is aborted once, and the
+/// outcome is `Finished(reason)`, so a [trailer](SseStream::trailer) is sent.
+///
+/// ```
+/// use axum::response::sse::Event;
+/// use tether_core::protocol::FinishReason;
+/// use tether_core::ResponseStream;
+///
+/// /// One event per chunk; the request ends at the first token 0.
+/// fn events(stream: ResponseStream) -> impl axum::response::IntoResponse {
+///     tether_axum::sse_with(stream, |item, finisher| {
+///         let chunk = item.data?;
+///         if chunk.token_ids.contains(&0) {
+///             finisher.finish(FinishReason::Stop);
+///         }
+///         Some(Event::default().data(format!("{:?}", chunk.token_ids)))
+///     })
+///     .trailer(Event::default().data("[DONE]"))
+/// }
+/// # let _ = events;
+/// ```
+pub fn sse_with<F, I>(stream: ResponseStream, map: F) -> SseStream<Finishing<F>>
+where
+    F: FnMut(Annotated<Chunk>, &mut Finisher<'_>) -> I,
+    I: IntoIterator<Item = Event>,
+{
+    SseStream::new(stream, Finishing(map))
+}
+
+/// Ends the request of an [`sse_with`] stream early, from inside its `map`.
+#[derive(Debug)]
+pub struct Finisher<'a> {
+    stream: &'a mut ResponseStream,
+}
+
+impl Finisher<'_> {
+    /// End the stream with `reason` ([`ResponseStream::finish`]): the next item is the
+    /// terminal chunk with that reason. Returns `false`, changing nothing, when the
+    /// request is already over for the consumer or a kill or a timeout already owes it
+    /// its terminal.
+    pub fn finish(&mut self, reason: FinishReason) -> bool {
+        self.stream.finish(reason)
+    }
+}
+
+/// How an [`SseStream`] turns each item into events: any
+/// `FnMut(Annotated<Chunk>) -> impl IntoIterator<Item = Event>` (what [`sse`] takes),
+/// or a [`Finishing`] map (what [`sse_with`] makes).
+pub trait MapEvents {
+    /// The events of one item.
+    type Events: IntoIterator<Item = Event>;
+
+    /// The events for `item`; `finisher` may end the request early.
+    fn events(&mut self, item: Annotated<Chunk>, finisher: &mut Finisher<'_>) -> Self::Events;
+}
+
+impl<F, I> MapEvents for F
+where
+    F: FnMut(Annotated<Chunk>) -> I,
+    I: IntoIterator<Item = Event>,
+{
+    type Events = I;
+
+    fn events(&mut self, item: Annotated<Chunk>, _: &mut Finisher<'_>) -> I {
+        self(item)
+    }
+}
+
+/// The map of an [`sse_with`] stream: it gets a [`Finisher`] with each item.
+pub struct Finishing<F>(F);
+
+impl<F, I> MapEvents for Finishing<F>
+where
+    F: FnMut(Annotated<Chunk>, &mut Finisher<'_>) -> I,
+    I: IntoIterator<Item = Event>,
+{
+    type Events = I;
+
+    fn events(&mut self, item: Annotated<Chunk>, finisher: &mut Finisher<'_>) -> I {
+        (self.0)(item, finisher)
+    }
+}
+
+impl<F> fmt::Debug for Finishing<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Finishing")
     }
 }
 
@@ -101,6 +187,16 @@ fn finished_normally(outcome: &Outcome) -> bool {
 }
 
 impl<F> SseStream<F> {
+    fn new(mut stream: ResponseStream, map: F) -> SseStream<F> {
+        stream.set_kill_on_drop(true);
+        SseStream {
+            stream: Some(stream),
+            map,
+            pending: VecDeque::new(),
+            trailer: Trailer::None,
+        }
+    }
+
     /// Send `event` first, before the request's first item, as soon as the response
     /// starts (a chat API's role announcement). Called twice, both are sent, in order.
     pub fn leading(mut self, event: Event) -> Self {
@@ -133,20 +229,15 @@ impl<F> SseStream<F> {
     /// comments that keep a silent stream open through proxies and idle timeouts. (A
     /// client that closes its connection is noticed without them: hyper reads the
     /// connection's end and drops the body.)
-    pub fn into_sse<I>(self) -> Sse<Self>
+    pub fn into_sse(self) -> Sse<Self>
     where
-        F: FnMut(Annotated<Chunk>) -> I + Send + 'static,
-        I: IntoIterator<Item = Event>,
+        F: MapEvents + Send + 'static,
     {
         Sse::new(self)
     }
 }
 
-impl<F, I> Stream for SseStream<F>
-where
-    F: FnMut(Annotated<Chunk>) -> I,
-    I: IntoIterator<Item = Event>,
-{
+impl<F: MapEvents> Stream for SseStream<F> {
     type Item = Result<Event, Infallible>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
@@ -160,7 +251,10 @@ where
             };
             match Pin::new(&mut *stream).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(item)) => this.pending.extend((this.map)(item)),
+                Poll::Ready(Some(item)) => {
+                    let mut finisher = Finisher { stream };
+                    this.pending.extend(this.map.events(item, &mut finisher));
+                }
                 Poll::Ready(None) => {
                     // Over for the consumer, so the record is there, and letting the
                     // stream go kills nothing.
@@ -177,10 +271,9 @@ where
 // called through `&mut`), so it is `Unpin` whatever `F` is.
 impl<F> Unpin for SseStream<F> {}
 
-impl<F, I> IntoResponse for SseStream<F>
+impl<F> IntoResponse for SseStream<F>
 where
-    F: FnMut(Annotated<Chunk>) -> I + Send + 'static,
-    I: IntoIterator<Item = Event>,
+    F: MapEvents + Send + 'static,
 {
     /// `Sse::new(self)` without keep-alive (see [`SseStream::into_sse`]).
     fn into_response(self) -> Response {

@@ -94,7 +94,8 @@ fn event_of(text: &str) -> Event {
 /// `POST /generate`, body `"<max_tokens> [annotation…]"`: SimEngine's tokens as SSE,
 /// a leading `start` event with the request id, `data: [DONE]` after a normal finish
 /// (with the word `record-trailer`: an `end` event with the outcome and the tokens,
-/// after any end).
+/// after any end; with `finish-after=N`: the mapping ends the request with
+/// `FinishReason::Stop` once it mapped N chunks, through `sse_with`).
 async fn generate(State(app): State<Arc<AppState>>, body: String) -> Response {
     let mut words = body.split_whitespace();
     let Some(max_tokens) = words.next().and_then(|w| w.parse().ok()) else {
@@ -103,9 +104,13 @@ async fn generate(State(app): State<Arc<AppState>>, body: String) -> Response {
     let id = format!("req-{}", app.next_id.fetch_add(1, Ordering::SeqCst));
     let mut request = Request::new(id.clone(), "sim", vec![1, 2, 3]).with_max_tokens(max_tokens);
     let mut record_trailer = false;
+    let mut finish_after = None;
     for word in words {
         match word {
             "record-trailer" => record_trailer = true,
+            w if w.starts_with("finish-after=") => {
+                finish_after = w["finish-after=".len()..].parse::<usize>().ok();
+            }
             annotation => request.annotations.push(annotation.to_owned()),
         }
     }
@@ -117,10 +122,18 @@ async fn generate(State(app): State<Arc<AppState>>, body: String) -> Response {
     };
     let mapped = app.mapped.clone();
     let gone = BodyGone(app.body_gone.clone(), id.clone());
-    let events = tether_axum::sse(stream, move |item| {
+    let mut seen = 0;
+    let events = tether_axum::sse_with(stream, move |item, finisher| {
         let _alive = &gone;
         let text = item_text(&item)?;
         let _ = mapped.send(text.clone());
+        seen += 1;
+        if finish_after == Some(seen) {
+            assert!(
+                finisher.finish(FinishReason::Stop),
+                "the finish was refused"
+            );
+        }
         Some(event_of(&text))
     })
     .leading(Event::default().event("start").data(id));
@@ -419,6 +432,36 @@ async fn a_full_stream_arrives_as_events_in_order_with_the_trailer() {
         .all(|e| e.ends_with(" None")));
 
     f.shut_down().await.assert_quiet(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_that_finishes_early_ends_the_stream_with_its_reason_and_aborts_once() {
+    let mut f = serve(Duration::from_secs(60)).await;
+    // About 100 s of tokens: only the early finish can end it within the guard.
+    let mut client = SseClient::post(f.addr, "50000 finish-after=3").await;
+    let events = within("the whole body", client.rest()).await;
+
+    let record = within("the record", f.records.recv())
+        .await
+        .expect("a record");
+    assert_eq!(record.outcome, Outcome::Finished(FinishReason::Stop));
+    assert_eq!(record.cause, None);
+    assert_eq!(record.abort, AbortStatus::Sent);
+    assert_abort_reached_a_live_request(within("the abort", f.aborts.recv()).await);
+    // Three mapped chunks, then the terminal the finish made: no tokens, `Stop`; the
+    // trailer follows, as after any normal finish.
+    let mapped = drain(&mut f.mapped);
+    assert_eq!(mapped.len(), 4, "{mapped:?}");
+    assert!(
+        mapped[..3].iter().all(|e| e.ends_with(" None")),
+        "{mapped:?}"
+    );
+    assert_eq!(mapped[3], "data: [] Some(Stop)");
+    let mut expected = vec!["event: start\ndata: req-1".to_owned()];
+    expected.extend(mapped.iter().cloned());
+    expected.push("data: [DONE]".to_owned());
+    assert_eq!(events, expected);
+    f.shut_down().await.assert_quiet(1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
