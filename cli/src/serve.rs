@@ -17,9 +17,15 @@
 //!   aborted, even if the client leaves before the last bytes are written. The
 //!   in-flight gauge drops after the outcome is counted.
 //! - Bad input is a 400 (404 for an unknown model) with an OpenAI error object.
+//! - Connections (see [`conn`]): `TCP_NODELAY` on every socket; a request head must
+//!   arrive within [`ServeConfig::header_read_timeout`], an idle keep-alive connection
+//!   is closed after [`ServeConfig::idle_timeout`], a client that stops reading after
+//!   [`ServeConfig::write_timeout`] (its request is killed as a disconnect); beyond
+//!   [`ServeConfig::max_connections`] a new connection gets a 503 and is closed.
 //! - [`Server::shutdown`] (SIGINT/SIGTERM in the binary): stop accepting, let in-flight
-//!   requests finish for [`ServeConfig::shutdown_grace`], kill the rest, then call the
-//!   engine's `cleanup` exactly once.
+//!   requests finish for [`ServeConfig::shutdown_grace`], kill the rest, drop the
+//!   connections still open at most [`KILL_WAIT`] later, then call the engine's
+//!   `cleanup` exactly once.
 //!
 //! ```no_run
 //! # async fn demo(runtime: std::sync::Arc<dyn tether_core::Runtime>) {
@@ -42,6 +48,7 @@
 pub mod access;
 mod api;
 mod args;
+pub mod conn;
 mod error;
 mod generation;
 mod handlers;
@@ -54,7 +61,6 @@ pub mod tokenizer;
 mod traceparent;
 
 use std::fmt;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -77,8 +83,8 @@ use api::Limits;
 use metrics::MetricsObserver;
 
 /// How long a killed request may take to end once the grace period expired, before
-/// the server stops waiting for its connection.
-const KILL_WAIT: Duration = Duration::from_secs(5);
+/// the server drops its connection.
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// How the server runs. `Default` is the command line's defaults.
 #[derive(Clone, Debug)]
@@ -106,6 +112,18 @@ pub struct ServeConfig {
     /// Interval of SSE keep-alive comments (they also reveal dead clients while an
     /// engine is silent).
     pub keep_alive: Duration,
+    /// Time a connection that began sending a request head has to complete it; it is
+    /// closed otherwise (slowloris).
+    pub header_read_timeout: Duration,
+    /// Time a keep-alive connection with no request in flight and nothing received is
+    /// kept open.
+    pub idle_timeout: Duration,
+    /// Time a write to a client may stay pending (the client stopped reading) before
+    /// the connection is closed and its request killed as a disconnect.
+    pub write_timeout: Duration,
+    /// Open connections at most; a connection beyond gets a 503 and is closed.
+    /// Default: [`conn::default_max_connections`] (from the open-file limit).
+    pub max_connections: usize,
 }
 
 impl Default for ServeConfig {
@@ -121,6 +139,10 @@ impl Default for ServeConfig {
             allow_chaos: false,
             health_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(15),
+            header_read_timeout: conn::DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: conn::DEFAULT_IDLE_TIMEOUT,
+            write_timeout: conn::DEFAULT_WRITE_TIMEOUT,
+            max_connections: conn::default_max_connections(),
         }
     }
 }
@@ -208,9 +230,12 @@ pub enum ServeError {
 /// What a stopped server reports.
 #[derive(Debug)]
 pub struct ShutdownReport {
-    /// Whether the grace period expired and requests still running were killed.
+    /// Whether the grace period expired with requests in flight, which were killed.
     pub killed_in_flight: bool,
-    /// Whether every connection closed (false: the server stopped waiting for some).
+    /// Whether every connection closed (false: some were still open [`KILL_WAIT`] after
+    /// the grace period, and the server dropped them). Connections with no request in
+    /// flight are closed by the server at the end of the grace period, and count as
+    /// closed.
     pub drained: bool,
     /// The engine's `cleanup` result (it is called exactly once).
     pub cleanup: Result<(), EngineError>,
@@ -307,6 +332,13 @@ pub async fn start(
             config.default_max_tokens, config.max_tokens_limit
         )));
     }
+    let conn_config = conn::ConnConfig {
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        write_timeout: config.write_timeout,
+        max_connections: config.max_connections,
+    };
+    conn_config.check().map_err(ServeError::InvalidOptions)?;
     let started = match engine.engine.start(0).await {
         Ok(started) => started,
         Err(err) => {
@@ -370,6 +402,7 @@ pub async fn start(
         engine.engine,
         stopped,
         config.shutdown_grace,
+        conn_config,
     ));
     Ok(Server {
         addr,
@@ -425,37 +458,27 @@ async fn run_server(
     engine: Arc<dyn LlmEngine>,
     stopped: watch::Receiver<bool>,
     grace: Duration,
+    conn_config: conn::ConnConfig,
 ) -> ShutdownReport {
-    let serve = axum::serve(listener, router)
-        .with_graceful_shutdown(wait_for_stop(stopped.clone()))
-        .into_future();
-    tokio::pin!(serve);
-    let mut killed_in_flight = false;
-    let mut drained = true;
-    tokio::select! {
-        // `serve` only ends by itself if accepting fails for good.
-        _ = &mut serve => {}
-        () = wait_for_stop(stopped) => {
-            // Acquire/Release pair: a handler that sees the flag sees a shutdown that began.
-            app.draining.store(true, Ordering::Release);
-            tokio::select! {
-                _ = &mut serve => {}
-                () = tokio::time::sleep(grace) => {
-                    killed_in_flight = true;
-                    app.root.kill_with(Cause::Shutdown);
-                    tokio::select! {
-                        _ = &mut serve => {}
-                        () = tokio::time::sleep(KILL_WAIT) => drained = false,
-                    }
-                }
-            }
-        }
-    }
+    // Accepting only ends on a shutdown (a failed accept is retried after a back-off).
+    let connections = conn::accept_until(
+        listener,
+        router,
+        conn_config,
+        app.metrics.clone(),
+        wait_for_stop(stopped),
+    )
+    .await;
+    // Acquire/Release pair: a handler that sees the flag sees a shutdown that began.
+    app.draining.store(true, Ordering::Release);
+    let drained = connections
+        .drain(grace, KILL_WAIT, || app.root.kill_with(Cause::Shutdown))
+        .await;
     // The only call to cleanup: every path out of the loop above comes here once.
     let cleanup = engine.cleanup().await;
     ShutdownReport {
-        killed_in_flight,
-        drained,
+        killed_in_flight: drained.killed_in_flight,
+        drained: drained.drained,
         cleanup,
     }
 }
