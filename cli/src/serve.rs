@@ -225,6 +225,14 @@ pub enum ServeError {
     /// The OTLP exporter could not be set up.
     #[error("cannot set up otlp export: {0}")]
     Otel(String),
+    /// A second SIGINT/SIGTERM arrived during the graceful shutdown: the process exits
+    /// at once (exit code 1), without waiting for requests in flight or the engine's
+    /// cleanup.
+    #[error("{signal} during the shutdown: exited without draining or cleaning up")]
+    ForcedExit {
+        /// The signal's name (`SIGINT`, `SIGTERM`).
+        signal: &'static str,
+    },
 }
 
 /// What a stopped server reports.

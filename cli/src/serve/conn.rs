@@ -30,10 +30,12 @@
 //!
 //! # Shutdown
 //! [`accept_until`] stops accepting; [`Connections::drain`] asks every connection to
-//! shut down gracefully (hyper closes idle ones, and the others after their response),
-//! waits for the grace period, then kills the requests still running, closes the
-//! connections that have no request in flight, and drops the rest after at most the
-//! kill wait.
+//! shut down gracefully (connections idle between requests or still waiting for their
+//! first one close at once, the others after their response), waits for the grace
+//! period, then kills the requests still running, closes the connections that have no
+//! request in flight, and drops the rest after at most the kill wait. So neither a
+//! silent client, a half-sent head, an idle keep-alive connection nor a client that
+//! stopped reading keeps the process from exiting.
 
 #[cfg(test)]
 mod tests;
@@ -702,7 +704,8 @@ async fn write_refusal(mut stream: TcpStream) -> io::Result<()> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Phase {
     Serving,
-    /// Finish the request in flight, then close (hyper's graceful shutdown).
+    /// Finish the request in flight, then close (hyper's graceful shutdown); close now
+    /// if no request came yet.
     Draining,
     /// The grace period is over: close now unless a request is in flight.
     Killing,
@@ -745,7 +748,13 @@ async fn serve_connection(
                     graceful = true;
                     conn.as_mut().graceful_shutdown();
                 }
-                if now == Phase::Killing && state.in_flight() == 0 {
+                // hyper closes a connection idle between requests, not one still
+                // waiting for its first request (a silent client, a half-sent head):
+                // that one is closed here. Once the grace period is over, so is any
+                // connection without a request in flight.
+                let idle = state.in_flight() == 0;
+                let first_request_pending = idle && state.idle_gen() == 0;
+                if first_request_pending || (now == Phase::Killing && idle) {
                     break;
                 }
             }

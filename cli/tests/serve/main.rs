@@ -1,6 +1,7 @@
 //! `tether serve` over real loopback HTTP (127.0.0.1, ephemeral ports): streaming and
 //! unary completions on both endpoints, disconnects, errors, timeouts, bad input,
-//! `/metrics`, `/health`, graceful shutdown, request ids and migration links.
+//! `/metrics`, `/health`, graceful shutdown, request ids and migration links, and the
+//! connection layer (keep-alive, timeouts, the connection limit).
 //!
 //! These tests do real socket I/O, so they run on real time (a paused clock would
 //! auto-advance past timeouts while a socket is merely waiting); every wait is
@@ -10,6 +11,7 @@
 mod serve_support;
 
 mod completions;
+mod connections;
 mod failures;
 mod observability;
 mod operations;

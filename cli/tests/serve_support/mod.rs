@@ -181,6 +181,17 @@ pub async fn start_on(
     sim: SimConfig,
     runtime: Arc<dyn Runtime>,
 ) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_listening(config, sim, runtime, listener).await
+}
+
+/// [`start_on`] on `listener` (one whose accepted sockets inherit its options).
+pub async fn start_listening(
+    config: ServeConfig,
+    sim: SimConfig,
+    runtime: Arc<dyn Runtime>,
+    listener: tokio::net::TcpListener,
+) -> TestServer {
     let sim = Arc::new(SimEngine::new(sim, runtime.clone()));
     let gauges = ServedEngine::sim(sim.clone()).gauges;
     let engine = Arc::new(CountingEngine {
@@ -192,7 +203,6 @@ pub async fn start_on(
         engine: engine.clone(),
         gauges,
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = serve::start(served, runtime, listener, config)
         .await
         .unwrap();
