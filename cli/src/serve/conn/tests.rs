@@ -1,6 +1,11 @@
 use super::*;
 
-use tokio::io::DuplexStream;
+use std::fmt;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+use super::admission::{ACCEPT_BACKOFF_MAX, ACCEPT_ERROR_LOG_INTERVAL, REFUSAL};
+use super::in_flight::InFlight;
 
 const PEER: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 1);
 
@@ -13,8 +18,16 @@ const TIMEOUTS: Timeouts = Timeouts {
 /// A `TimedIo` over one end of an in-memory pipe of `capacity` bytes, the other end, and
 /// the connection's state.
 fn timed(capacity: usize) -> (TimedIo<DuplexStream>, DuplexStream, Arc<ConnState>) {
+    timed_counted(capacity, Arc::default())
+}
+
+/// [`timed`], counting the requests in flight in `tracker`.
+fn timed_counted(
+    capacity: usize,
+    tracker: Arc<Tracker>,
+) -> (TimedIo<DuplexStream>, DuplexStream, Arc<ConnState>) {
     let (server, client) = tokio::io::duplex(capacity);
-    let state = Arc::new(ConnState::new(Arc::default()));
+    let state = Arc::new(ConnState::new(tracker));
     (
         TimedIo::new(server, PEER, TIMEOUTS, state.clone()),
         client,
@@ -161,18 +174,19 @@ async fn a_started_head_has_the_header_timeout_from_its_first_byte() {
 
 #[tokio::test(start_paused = true)]
 async fn no_read_deadline_while_a_request_is_in_flight_and_idle_counts_from_its_end() {
-    let (mut io, mut client, state) = timed(1024);
+    let tracker = Arc::new(Tracker::default());
+    let (mut io, mut client, state) = timed_counted(1024, tracker.clone());
     let mut buf = [0u8; 64];
     client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     assert_eq!(io.read(&mut buf).await.unwrap(), 18);
     // hyper parsed the head and called the service.
     let request = InFlight::new(state.clone());
-    assert_eq!(state.tracker.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(tracker.requests.load(Ordering::Relaxed), 1);
     // An hour with nothing received is fine while the request runs.
     let pending = tokio::time::timeout(Duration::from_secs(3600), io.read(&mut buf)).await;
     assert!(pending.is_err(), "the read ended: {pending:?}");
     drop(request);
-    assert_eq!(state.tracker.requests.load(Ordering::Relaxed), 0);
+    assert_eq!(tracker.requests.load(Ordering::Relaxed), 0);
     let idle_from = Instant::now();
     assert_eq!(timed_out(io.read(&mut buf).await), "idle timeout expired");
     assert_eq!(idle_from.elapsed(), TIMEOUTS.idle);
