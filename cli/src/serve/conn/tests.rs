@@ -229,6 +229,20 @@ async fn a_write_pending_for_the_write_timeout_fails() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_flush_between_stalled_writes_does_not_restart_the_write_deadline() {
+    let (mut io, _client, state) = timed(16);
+    let _request = InFlight::new(state);
+    io.write_all(&[b'x'; 16]).await.unwrap();
+    let stalled = Instant::now();
+    let pending = tokio::time::timeout(TIMEOUTS.write / 2, io.write(b"y")).await;
+    assert!(pending.is_err(), "{pending:?}");
+    // A pipe's flush (like a socket's) is ready at once: no write made progress.
+    io.flush().await.unwrap();
+    assert_eq!(timed_out(io.write(b"y").await), "write timeout expired");
+    assert_eq!(stalled.elapsed(), TIMEOUTS.write);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_slow_reader_that_keeps_reading_never_hits_the_write_timeout() {
     let (mut io, mut client, state) = timed(16);
     let _request = InFlight::new(state);

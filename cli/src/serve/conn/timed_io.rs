@@ -181,15 +181,20 @@ impl<T> TimedIo<T> {
         }
     }
 
-    /// After a write or flush: arm the write deadline while it is pending, disarm it
-    /// once it made progress.
+    /// After a write, flush or shutdown: arm the write deadline while it is pending;
+    /// disarm it once a write made progress (`progress`: `result` is a write's). A
+    /// ready flush says nothing about the bytes still waiting (a socket's flush does
+    /// nothing), so it leaves the deadline as it is.
     fn wrote<R>(
         &mut self,
         cx: &mut Context<'_>,
         result: Poll<io::Result<R>>,
+        progress: bool,
     ) -> Poll<io::Result<R>> {
         if result.is_ready() {
-            self.write = None;
+            if progress {
+                self.write = None;
+            }
             return result;
         }
         if self.write.is_none() {
@@ -233,7 +238,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         this.check(cx)?;
         let result = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.wrote(cx, result)
+        this.wrote(cx, result, true)
     }
 
     fn poll_write_vectored(
@@ -244,7 +249,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         this.check(cx)?;
         let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.wrote(cx, result)
+        this.wrote(cx, result, true)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -255,13 +260,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         let this = self.get_mut();
         this.check(cx)?;
         let result = Pin::new(&mut this.inner).poll_flush(cx);
-        this.wrote(cx, result)
+        this.wrote(cx, result, false)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check(cx)?;
         let result = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.wrote(cx, result)
+        this.wrote(cx, result, false)
     }
 }
