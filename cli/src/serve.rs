@@ -482,7 +482,8 @@ async fn run_server(
     let drained = connections
         .drain(grace, KILL_WAIT, || app.root.kill_with(Cause::Shutdown))
         .await;
-    // The only call to cleanup: every path out of the loop above comes here once.
+    // The only call to cleanup: the server task reaches it once, after every connection
+    // closed or was dropped.
     let cleanup = engine.cleanup().await;
     ShutdownReport {
         killed_in_flight: drained.killed_in_flight,
