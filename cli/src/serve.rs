@@ -38,9 +38,15 @@
 //!   silently ignored. SimEngine honours `seed`, `min_tokens` and `ignore_eos`;
 //!   TinyEngine also samples (`temperature`, `top_p`, `top_k`). The table is in
 //!   `serve/params.rs`.
+//! - Connections (see [`conn`]): `TCP_NODELAY` on every socket; a request head must
+//!   arrive within [`ServeConfig::header_read_timeout`], an idle keep-alive connection
+//!   is closed after [`ServeConfig::idle_timeout`], a client that stops reading after
+//!   [`ServeConfig::write_timeout`] (its request is killed as a disconnect); beyond
+//!   [`ServeConfig::max_connections`] a new connection gets a 503 and is closed.
 //! - [`Server::shutdown`] (SIGINT/SIGTERM in the binary): stop accepting, let in-flight
-//!   requests finish for [`ServeConfig::shutdown_grace`], kill the rest, then call the
-//!   engine's `cleanup` exactly once.
+//!   requests finish for [`ServeConfig::shutdown_grace`], kill the rest, drop the
+//!   connections still open at most [`KILL_WAIT`] later, then call the engine's
+//!   `cleanup` exactly once.
 //!
 //! ```no_run
 //! # async fn demo(runtime: std::sync::Arc<dyn tether_core::Runtime>) {
@@ -64,6 +70,7 @@ pub mod access;
 mod api;
 mod args;
 mod auth;
+pub mod conn;
 mod error;
 mod generation;
 mod handlers;
@@ -79,7 +86,6 @@ pub mod tokenizer;
 mod traceparent;
 
 use std::fmt;
-use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -107,8 +113,8 @@ use api::Limits;
 use metrics::MetricsObserver;
 
 /// How long a killed request may take to end once the grace period expired, before
-/// the server stops waiting for its connection.
-const KILL_WAIT: Duration = Duration::from_secs(5);
+/// the server drops its connection.
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// How the server runs. `Default` is the command line's defaults.
 #[derive(Clone, Debug)]
@@ -142,6 +148,18 @@ pub struct ServeConfig {
     /// The origins browsers may call the server from (CORS), each
     /// `scheme://host[:port]`, or `*` alone for any. Empty: CORS off, no CORS headers.
     pub cors_allow_origins: Vec<String>,
+    /// Time a connection that began sending a request head has to complete it; it is
+    /// closed otherwise (slowloris).
+    pub header_read_timeout: Duration,
+    /// Time a keep-alive connection with no request in flight and nothing received is
+    /// kept open.
+    pub idle_timeout: Duration,
+    /// Time a write to a client may stay pending (the client stopped reading) before
+    /// the connection is closed and its request killed as a disconnect.
+    pub write_timeout: Duration,
+    /// Open connections at most; a connection beyond gets a 503 and is closed.
+    /// Default: [`conn::default_max_connections`] (from the open-file limit).
+    pub max_connections: usize,
 }
 
 impl Default for ServeConfig {
@@ -159,6 +177,10 @@ impl Default for ServeConfig {
             keep_alive: Duration::from_secs(15),
             api_key: None,
             cors_allow_origins: Vec::new(),
+            header_read_timeout: conn::DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: conn::DEFAULT_IDLE_TIMEOUT,
+            write_timeout: conn::DEFAULT_WRITE_TIMEOUT,
+            max_connections: conn::default_max_connections(),
         }
     }
 }
@@ -253,14 +275,25 @@ pub enum ServeError {
     /// The OTLP exporter could not be set up.
     #[error("cannot set up otlp export: {0}")]
     Otel(String),
+    /// A second SIGINT/SIGTERM arrived during the graceful shutdown: the process exits
+    /// at once (exit code 1), without waiting for requests in flight or the engine's
+    /// cleanup.
+    #[error("{signal} during the shutdown: exited without draining or cleaning up")]
+    ForcedExit {
+        /// The signal's name (`SIGINT`, `SIGTERM`).
+        signal: &'static str,
+    },
 }
 
 /// What a stopped server reports.
 #[derive(Debug)]
 pub struct ShutdownReport {
-    /// Whether the grace period expired and requests still running were killed.
+    /// Whether the grace period expired with requests in flight, which were killed.
     pub killed_in_flight: bool,
-    /// Whether every connection closed (false: the server stopped waiting for some).
+    /// Whether every connection closed (false: some were still open [`KILL_WAIT`] after
+    /// the grace period, and the server dropped them). Connections with no request in
+    /// flight are closed by the server at the end of the grace period, and count as
+    /// closed.
     pub drained: bool,
     /// The engine's `cleanup` result (it is called exactly once).
     pub cleanup: Result<(), EngineError>,
@@ -368,6 +401,13 @@ pub async fn start(
         key.check().map_err(ServeError::InvalidOptions)?;
     }
     let cors = auth::cors_layer(&config.cors_allow_origins).map_err(ServeError::InvalidOptions)?;
+    let conn_config = conn::ConnConfig {
+        header_read_timeout: config.header_read_timeout,
+        idle_timeout: config.idle_timeout,
+        write_timeout: config.write_timeout,
+        max_connections: config.max_connections,
+    };
+    conn_config.check().map_err(ServeError::InvalidOptions)?;
     let started = match engine.engine.start(0).await {
         Ok(started) => started,
         Err(err) => {
@@ -433,6 +473,7 @@ pub async fn start(
         engine.engine,
         stopped,
         config.shutdown_grace,
+        conn_config,
     ));
     Ok(Server {
         addr,
@@ -521,38 +562,29 @@ async fn run_server(
     engine: Arc<dyn LlmEngine>,
     stopped: watch::Receiver<bool>,
     grace: Duration,
+    conn_config: conn::ConnConfig,
 ) -> ShutdownReport {
-    let serve = axum::serve(listener, router)
-        .with_graceful_shutdown(wait_for_stop(stopped.clone()))
-        .into_future();
-    tokio::pin!(serve);
-    let mut killed_in_flight = false;
-    let mut drained = true;
-    tokio::select! {
-        // `serve` only ends by itself if accepting fails for good.
-        _ = &mut serve => {}
-        () = wait_for_stop(stopped) => {
-            // Acquire/Release pair: a handler that sees the flag sees a shutdown that began.
-            app.draining.store(true, Ordering::Release);
-            tokio::select! {
-                _ = &mut serve => {}
-                () = tokio::time::sleep(grace) => {
-                    killed_in_flight = true;
-                    app.root.kill_with(Cause::Shutdown);
-                    tokio::select! {
-                        _ = &mut serve => {}
-                        () = tokio::time::sleep(KILL_WAIT) => drained = false,
-                    }
-                }
-            }
-        }
-    }
-    // The only call to cleanup: every path out of the loop above comes here once.
+    // Accepting only ends on a shutdown (a failed accept is retried after a back-off).
+    let connections = conn::accept_until(
+        listener,
+        router,
+        conn_config,
+        app.metrics.clone(),
+        wait_for_stop(stopped),
+    )
+    .await;
+    // Acquire/Release pair: a handler that sees the flag sees a shutdown that began.
+    app.draining.store(true, Ordering::Release);
+    let drained = connections
+        .drain(grace, KILL_WAIT, || app.root.kill_with(Cause::Shutdown))
+        .await;
+    // The only call to cleanup: the server task reaches it once, after every connection
+    // closed or was dropped.
     app.liveness.engine_cleaned_up();
     let cleanup = engine.cleanup().await;
     ShutdownReport {
-        killed_in_flight,
-        drained,
+        killed_in_flight: drained.killed_in_flight,
+        drained: drained.drained,
         cleanup,
     }
 }

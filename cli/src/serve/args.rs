@@ -19,8 +19,8 @@ use crate::runtime::{self, RuntimeKind};
 
 /// `tether serve`: an OpenAI-compatible HTTP server over an engine.
 ///
-/// Exit code: 0 after a clean shutdown (SIGINT or SIGTERM), 1 on a failure, 2 on bad
-/// arguments.
+/// Exit code: 0 after a clean shutdown (SIGINT or SIGTERM), 1 on a failure or when a
+/// second SIGINT/SIGTERM during the shutdown forced an exit, 2 on bad arguments.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
     /// Engine to serve, and TinyEngine's device.
@@ -96,6 +96,24 @@ pub struct ServeArgs {
     /// (CORS); repeatable; `*` for any origin. Default: CORS off (no CORS headers).
     #[arg(long = "cors-allow-origin", value_name = "ORIGIN")]
     pub cors_allow_origins: Vec<String>,
+
+    // Connections (`super::conn`).
+    /// Time a client that began sending a request head has to complete it, or its
+    /// connection is closed (slowloris).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// Time a keep-alive connection with no request in flight and nothing received is
+    /// kept open (above nginx's 60 s upstream keep-alive, so a proxy closes first).
+    #[arg(long, value_parser = parse_duration, default_value = "75s")]
+    pub idle_timeout: Duration,
+    /// Time a write to a client that stopped reading may stay pending before its
+    /// connection is closed and its request killed.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub write_timeout: Duration,
+    /// Open connections at most; more get a 503 and are closed (default: the
+    /// open-file soft limit minus 64, at most 4096; 1024 if unknown).
+    #[arg(long)]
+    pub max_connections: Option<usize>,
 }
 
 impl ServeArgs {
@@ -118,6 +136,12 @@ impl ServeArgs {
             keep_alive: self.sse_keep_alive,
             api_key: self.api_key.clone(),
             cors_allow_origins: self.cors_allow_origins.clone(),
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            write_timeout: self.write_timeout,
+            max_connections: self
+                .max_connections
+                .unwrap_or_else(super::conn::default_max_connections),
         }
     }
 
@@ -233,6 +257,10 @@ impl Signals {
 /// `tether serve: listening on http://ADDR` on stdout once it accepts connections, and
 /// its logs on stderr ([`super::logging`]: filtered by `RUST_LOG`, a bad filter is an
 /// [`ServeError::InvalidOptions`]).
+///
+/// A second SIGINT or SIGTERM during the shutdown ends it at once, without waiting for
+/// the requests in flight or the engine's cleanup: it prints a line saying so and
+/// returns [`ServeError::ForcedExit`].
 pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
     let threads = args.threads.unwrap_or_else(runtime::default_threads).max(1);
     args.engine_spec()
@@ -298,7 +326,16 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
             args.shutdown_grace
         );
         server.shutdown();
-        let report = server.wait().await;
+        let report = tokio::select! {
+            report = server.wait() => report,
+            again = signals.recv() => {
+                eprintln!(
+                    "tether serve: {again} during the shutdown: exiting now, without waiting \
+                     for requests in flight or the engine's cleanup"
+                );
+                return Err(ServeError::ForcedExit { signal: again });
+            }
+        };
         eprintln!(
             "tether serve: stopped (in-flight killed: {}, drained: {}, engine cleanup: {})",
             report.killed_in_flight,
@@ -310,7 +347,12 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         );
         report.cleanup.map_err(ServeError::Cleanup)
     });
-    rt.shutdown_timeout(Duration::from_secs(1));
+    if matches!(result, Err(ServeError::ForcedExit { .. })) {
+        // Asked to exit now: do not wait for the tasks still running either.
+        rt.shutdown_background();
+    } else {
+        rt.shutdown_timeout(Duration::from_secs(1));
+    }
     drop(pool);
     #[cfg(feature = "otel")]
     if let Some(otel) = otel {

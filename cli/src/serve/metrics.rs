@@ -20,6 +20,8 @@
 //! | `tether_output_tokens_total` | counter | |
 //! | `tether_aborts_total` | counter | (engine aborts the adapter sent) |
 //! | `tether_http_responses_total` | counter | `endpoint`, `status` (499: the client went away before a response) |
+//! | `tether_http_connections` | gauge | (HTTP connections open now; refused ones are not counted) |
+//! | `tether_http_connections_refused_total` | counter | (connections answered 503 and closed: `--max-connections` was reached) |
 //! | `tether_engine_live_sequences` | gauge | (SimEngine slots / TinyEngine sequences held now) |
 //! | `tether_engine_queue_length` | gauge | |
 //! | `tether_engine_aborts_received_total` | counter | |
@@ -180,6 +182,8 @@ pub struct Metrics {
     output_tokens: Counter,
     aborts: Counter,
     http: Family<HttpLabel, Counter>,
+    connections: Gauge,
+    connections_refused: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -212,6 +216,8 @@ impl Metrics {
             output_tokens: Counter::default(),
             aborts: Counter::default(),
             http: Family::default(),
+            connections: Gauge::default(),
+            connections_refused: Counter::default(),
         };
         for labels in RequestLabels::all() {
             let (endpoint, stream) = (labels.endpoint, labels.stream());
@@ -302,6 +308,16 @@ impl Metrics {
             "HTTP responses by endpoint and status (499: the client went away first)",
             m.http.clone(),
         );
+        registry.register(
+            "http_connections",
+            "HTTP connections open now",
+            m.connections.clone(),
+        );
+        registry.register(
+            "http_connections_refused",
+            "HTTP connections answered 503 and closed because the connection limit was reached",
+            m.connections_refused.clone(),
+        );
         if let Some(gauges) = engine {
             registry.register_collector(Box::new(EngineCollector(gauges)));
         }
@@ -369,6 +385,28 @@ impl Metrics {
                     .get()
             })
             .sum()
+    }
+
+    /// HTTP connections open now.
+    pub fn connections(&self) -> i64 {
+        self.connections.get()
+    }
+
+    /// HTTP connections refused (the connection limit was reached) so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.get()
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.connections.inc();
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.dec();
+    }
+
+    pub(crate) fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     pub(crate) fn request_started(&self) {

@@ -10,9 +10,16 @@ input is a 400/404 with an OpenAI error body, that a wrong API key is refused (w
 request, nothing in flight, no engine slot held; and finally (after the metrics, so
 their counts stay as above) that a parameter the engine does not honour is refused by
 name while its default is accepted (check_output_parameters).
+
+It also measures and prints the time to the first SSE event of streamed requests
+sent one after another on ONE reused keep-alive connection (the case where a
+server without TCP_NODELAY holds the first event back for ~40 ms, until the
+client's delayed ACK), with a generous sanity bound on the median; and, given
+`--idle-timeout`, that a connection that sends nothing is closed by the server.
 """
 
 import argparse
+import socket
 import sys
 import time
 
@@ -22,7 +29,16 @@ import urllib.request
 
 import openai
 
+try:  # the HTTP client the openai package ships with (httpx, renamed httpx2 lately)
+    import httpx2 as httpx
+except ImportError:
+    import httpx
+
 MODEL = "sim"
+# The median first-event time on a reused connection must stay below this: Nagle's
+# algorithm meeting a delayed ACK costs 40 ms a request on Linux, a loaded 2-core CI
+# box a few ms at worst.
+FIRST_EVENT_P50_BOUND_MS = 30.0
 
 
 def check(cond, what):
@@ -97,10 +113,68 @@ def stop_strings(client):
     return 3, 2
 
 
+def percentile(values, q):
+    """The q-quantile (0..1) of values, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def reused_connection_latency(base, api_key=None, requests=20):
+    """Time to the first `data:` line of `requests` streamed completions sent one after
+    another on one keep-alive connection (after a warm-up request on it), in ms."""
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True}
+    times, ports = [], set()
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=base, timeout=30, headers=headers) as http:
+        warm = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2})
+        check(warm.status_code == 200, "latency: warm-up request on the connection")
+        for _ in range(requests):
+            start = time.perf_counter()
+            first = None
+            with http.stream("POST", "/v1/completions", json=body) as resp:
+                stream = resp.extensions.get("network_stream")
+                sock = stream.get_extra_info("socket") if stream is not None else None
+                if sock is not None:
+                    ports.add(sock.getsockname()[1])
+                lines = []
+                for line in resp.iter_lines():
+                    if first is None and line.startswith("data:"):
+                        first = (time.perf_counter() - start) * 1000.0
+                    lines.append(line)
+            if first is None or "data: [DONE]" not in lines:
+                raise AssertionError(f"latency: a streamed request did not complete: {lines!r}")
+            times.append(first)
+    if ports:
+        check(len(ports) == 1, f"latency: all {requests} streams reused one connection")
+    return times
+
+
+def idle_connection_closed(base, idle_timeout):
+    """Open a connection, send nothing, and wait (bounded) for the server to close it;
+    returns the seconds it took."""
+    host, port = base.split("://", 1)[1].rsplit(":", 1)
+    bound = idle_timeout + 15
+    with socket.create_connection((host, int(port)), timeout=bound) as sock:
+        start = time.monotonic()
+        try:
+            data = sock.recv(1024)
+        except socket.timeout:
+            raise AssertionError(f"idle connection still open after {bound}s")
+        except ConnectionResetError:
+            data = b""
+        waited = time.monotonic() - start
+    check(data == b"", "idle connection: closed without a byte sent")
+    return waited
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-url", required=True, help="http://127.0.0.1:PORT")
     parser.add_argument("--api-key", default=None, help="the server's --api-key, if it has one")
+    parser.add_argument(
+        "--idle-timeout", type=float, default=None,
+        help="the server's --idle-timeout in seconds: check that an idle connection is closed",
+    )
     args = parser.parse_args()
     base = args.base_url.rstrip("/")
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=args.api_key or "unused", max_retries=0, timeout=30)
@@ -242,6 +316,17 @@ def main():
     if args.api_key:
         check(m['tether_http_responses_total{endpoint="/v1/models",status="401"}'] == 1, "metrics: one 401")
     check_output_parameters(client)
+
+    # Last: the first event's latency on a reused keep-alive connection (printed).
+    times = reused_connection_latency(base, args.api_key)
+    p50, worst = percentile(times, 0.5), max(times)
+    print(f"  first SSE event on a reused connection: p50 {p50:.2f} ms, max {worst:.2f} ms ({len(times)} requests)")
+    check(p50 < FIRST_EVENT_P50_BOUND_MS, f"latency: p50 below {FIRST_EVENT_P50_BOUND_MS:.0f} ms (no Nagle stall)")
+
+    if args.idle_timeout is not None:
+        waited = idle_connection_closed(base, args.idle_timeout)
+        print(f"  idle connection closed after {waited:.2f} s (--idle-timeout {args.idle_timeout:g} s)")
+        check(waited >= args.idle_timeout * 0.9, "idle connection: not closed before the idle timeout")
     print("openai e2e: all checks passed")
     return 0
 

@@ -1,8 +1,9 @@
 //! `tether serve` over real loopback HTTP (127.0.0.1, ephemeral ports): streaming and
 //! unary completions on both endpoints, disconnects, errors, timeouts, bad input,
 //! `/metrics`, `/health` and its canary, graceful shutdown, request ids and migration
-//! links, the API key and CORS, `/version` and the tokenizer endpoints, and the
-//! parameters that change the output (honoured or refused).
+//! links, the API key and CORS, `/version` and the tokenizer endpoints, the parameters
+//! that change the output (honoured or refused), and the connection layer (keep-alive,
+//! timeouts, the connection limit).
 //!
 //! These tests do real socket I/O, so they run on real time (a paused clock would
 //! auto-advance past timeouts while a socket is merely waiting); every wait is
@@ -13,6 +14,7 @@ mod serve_support;
 
 mod auth;
 mod completions;
+mod connections;
 mod failures;
 mod observability;
 mod operations;

@@ -44,6 +44,28 @@ pub fn spawn_serve_with(args: &[&str], set_up: impl FnOnce(&mut Command)) -> (Ch
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     set_up(&mut cmd);
+    spawned(cmd)
+}
+
+/// Start `tether serve ARGS` with its open-file limit (soft and hard) set to `nofile`
+/// (through `sh -c 'ulimit -n'`), `RUST_LOG` as in [`spawn_serve_logging`].
+pub fn spawn_serve_nofile(nofile: u64, args: &[&str], rust_log: Option<&str>) -> (Child, String) {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\" serve \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_tether"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    match rust_log {
+        Some(filter) => cmd.env("RUST_LOG", filter),
+        None => cmd.env_remove("RUST_LOG"),
+    };
+    spawned(cmd)
+}
+
+/// Spawn `cmd` (a `tether serve`) and read the address from its first line on stdout.
+fn spawned(mut cmd: Command) -> (Child, String) {
     let mut child = cmd.spawn().expect("run tether serve");
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
@@ -192,6 +214,17 @@ pub async fn start_on(
     sim: SimConfig,
     runtime: Arc<dyn Runtime>,
 ) -> TestServer {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_listening(config, sim, runtime, listener).await
+}
+
+/// [`start_on`] on `listener` (one whose accepted sockets inherit its options).
+pub async fn start_listening(
+    config: ServeConfig,
+    sim: SimConfig,
+    runtime: Arc<dyn Runtime>,
+    listener: tokio::net::TcpListener,
+) -> TestServer {
     let sim = Arc::new(SimEngine::new(sim, runtime.clone()));
     let ServedEngine { gauges, alive, .. } = ServedEngine::sim(sim.clone());
     let engine = Arc::new(CountingEngine {
@@ -205,7 +238,6 @@ pub async fn start_on(
         gauges,
         alive,
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = serve::start(served, runtime, listener, config)
         .await
         .unwrap();

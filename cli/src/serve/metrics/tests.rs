@@ -262,3 +262,42 @@ fn http_endpoints_are_the_known_paths_or_other() {
     assert_eq!(http_endpoint("/v1/completions/"), "other");
     assert_eq!(http_endpoint("/admin"), "other");
 }
+
+#[test]
+fn connections_open_and_refused_are_exported() {
+    let m = Metrics::new(None);
+    let text = m.encode();
+    assert_eq!(
+        family(&text, "tether_http_connections"),
+        [
+            "# HELP tether_http_connections HTTP connections open now.",
+            "# TYPE tether_http_connections gauge",
+            "tether_http_connections 0",
+        ]
+    );
+    assert_eq!(
+        family(&text, "tether_http_connections_refused"),
+        [
+            "# HELP tether_http_connections_refused HTTP connections answered 503 and closed because the connection limit was reached.",
+            "# TYPE tether_http_connections_refused counter",
+            "tether_http_connections_refused_total 0",
+        ]
+    );
+    m.connection_opened();
+    m.connection_opened();
+    m.connection_opened();
+    m.connection_closed();
+    m.connection_refused();
+    m.connection_refused();
+    let text = m.encode();
+    assert!(
+        text.lines().any(|l| l == "tether_http_connections 2"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "tether_http_connections_refused_total 2"),
+        "{text}"
+    );
+    assert_eq!((m.connections(), m.connections_refused()), (2, 2));
+}
