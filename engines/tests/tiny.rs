@@ -15,6 +15,7 @@ use tether_engines::tiny::{
     AbortHook, AbortReceipt, TinyConfig, TinyEngine, TinyGauges, TinyModel,
 };
 
+use common::tiny::{config, started, TETHER, TETHER_SEED0};
 use common::{
     assert_one_record, collect, gctx, kill_ends_with_cancelled, observed_adapter, on_both, smol_rt,
     terminal, tokens, tokio_rt, until, Rt,
@@ -43,38 +44,10 @@ on_both!(
     drop_through_adapter_frees_everything,
 );
 
-/// `b"tether"` as byte tokens.
-const TETHER: [u32; 6] = [116, 101, 116, 104, 101, 114];
-
 /// What the default model (seed 0) answers to `b"tether"`, greedily, 16 tokens.
 const DEFAULT_TETHER: [u32; 16] = [
     107, 24, 161, 164, 194, 53, 232, 251, 203, 199, 157, 199, 139, 168, 90, 90,
 ];
-
-/// What [`config`]'s model answers to `b"tether"`, greedily, 16 tokens.
-const TETHER_SEED0: [u32; 16] = [
-    73, 130, 209, 102, 131, 35, 72, 95, 36, 73, 35, 90, 75, 54, 253, 75,
-];
-
-/// A smaller model than the default (tests run unoptimized): same code paths, a
-/// sixteenth of the compute. The long context keeps a `max_tokens = 10_000` request
-/// running for thousands of steps: the scheduler may run dozens of steps between two
-/// polls of a test (tokio polls up to 61 tasks between two polls of the main future).
-fn config() -> TinyConfig {
-    TinyConfig {
-        d_model: 32,
-        heads: 2,
-        d_ff: 128,
-        max_context: 4096,
-        ..TinyConfig::default()
-    }
-}
-
-async fn started(cfg: TinyConfig, rt: Rt) -> Arc<TinyEngine> {
-    let engine = Arc::new(TinyEngine::new(cfg, rt));
-    engine.start(7).await.unwrap();
-    engine
-}
 
 fn req(id: &str, prompt: &[u32], max_tokens: u32) -> Request {
     Request::new(id, "tiny", prompt.to_vec()).with_max_tokens(max_tokens)

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use tether_core::{ErrorKind, FinishReason, LlmEngine, Request, SupportedParams};
 use tether_engines::tiny::{TinyConfig, TinyEngine};
 
+use common::tiny::{config, started, TETHER, TETHER_SEED0};
 use common::{collect, gctx, on_both, terminal, tokens, Rt};
 
 on_both!(
@@ -19,36 +18,10 @@ on_both!(
     bad_sampling_values_are_setup_errors,
 );
 
-/// `b"tether"` as byte tokens.
-const TETHER: [u32; 6] = [116, 101, 116, 104, 101, 114];
-
-/// What [`config`]'s model answers to `b"tether"`, greedily, 16 tokens (as in
-/// `tests/tiny.rs`).
-const TETHER_GREEDY: [u32; 16] = [
-    73, 130, 209, 102, 131, 35, 72, 95, 36, 73, 35, 90, 75, 54, 253, 75,
-];
-
 /// What [`config`]'s model answers to `b"tether"` at temperature 1 with seed 11.
 const TETHER_SEED11: [u32; 16] = [
     43, 102, 7, 223, 119, 26, 19, 125, 96, 187, 92, 193, 132, 82, 208, 155,
 ];
-
-/// The same smaller model as `tests/tiny.rs` (tests run unoptimized).
-fn config() -> TinyConfig {
-    TinyConfig {
-        d_model: 32,
-        heads: 2,
-        d_ff: 128,
-        max_context: 4096,
-        ..TinyConfig::default()
-    }
-}
-
-async fn started(cfg: TinyConfig, rt: Rt) -> Arc<TinyEngine> {
-    let engine = Arc::new(TinyEngine::new(cfg, rt));
-    engine.start(7).await.unwrap();
-    engine
-}
 
 /// A request for 16 tokens after `prompt`, sampled at `temperature` with `seed`.
 fn sampled(id: &str, prompt: &[u32], temperature: Option<f32>, seed: Option<u64>) -> Request {
@@ -90,7 +63,7 @@ async fn same_seed_same_tokens_whatever_the_batch(rt: Rt) {
     let engine = started(config(), rt.clone()).await;
     let alone = run(&engine, sampled("a", &TETHER, Some(1.0), Some(11))).await;
     assert_eq!(alone, TETHER_SEED11);
-    assert_ne!(alone, TETHER_GREEDY, "temperature 1 samples");
+    assert_ne!(alone, TETHER_SEED0, "temperature 1 samples");
     assert_eq!(
         run(&engine, sampled("b", &TETHER, Some(1.0), Some(11))).await,
         alone
@@ -149,17 +122,17 @@ async fn degenerate_sampling_is_greedy(rt: Rt) {
     let mut r = sampled("none", &TETHER, None, Some(11));
     r.sampling.top_k = Some(3);
     r.sampling.top_p = Some(0.5);
-    assert_eq!(run(&engine, r.clone()).await, TETHER_GREEDY);
+    assert_eq!(run(&engine, r.clone()).await, TETHER_SEED0);
     r.sampling.temperature = Some(0.0);
-    assert_eq!(run(&engine, r).await, TETHER_GREEDY);
+    assert_eq!(run(&engine, r).await, TETHER_SEED0);
     // top_k = 1 keeps only the best token, at any temperature.
     let mut r = sampled("k1", &TETHER, Some(2.0), Some(11));
     r.sampling.top_k = Some(1);
-    assert_eq!(run(&engine, r).await, TETHER_GREEDY);
+    assert_eq!(run(&engine, r).await, TETHER_SEED0);
     // A tiny top_p keeps only the best token too.
     let mut r = sampled("p", &TETHER, Some(2.0), Some(11));
     r.sampling.top_p = Some(1e-6);
-    assert_eq!(run(&engine, r).await, TETHER_GREEDY);
+    assert_eq!(run(&engine, r).await, TETHER_SEED0);
     // top_k = 0 means no limit: the same as leaving it out.
     let mut r = sampled("k0", &TETHER, Some(1.0), Some(11));
     r.sampling.top_k = Some(0);

@@ -16,6 +16,8 @@ use tether_core::{
     GenerateContext, LlmEngine, Outcome, Request, RequestRecord, ResponseStream, Runtime,
 };
 
+pub mod tiny;
+
 pub type Rt = Arc<dyn Runtime>;
 
 pub fn tokio_rt() -> Rt {
