@@ -4,23 +4,13 @@
 mod serve_support;
 
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serve_support::spawn_serve;
+use serve_support::{spawn_serve, wait_exit};
 
-/// Wait (bounded) for the child to exit.
+/// Wait (at most `limit`) for the child to exit.
 fn wait(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("tether serve did not exit within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_exit(child, limit)
 }
 
 fn signal(child: &Child, name: &str) {

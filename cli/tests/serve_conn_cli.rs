@@ -13,47 +13,20 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use serve_support::{spawn_serve_logging, spawn_serve_nofile, SseReader};
+use serve_support::{
+    signal, spawn_serve_logging, spawn_serve_nofile, stop_serve, wait_exit, SseReader,
+};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
-fn signal(child: &Child, name: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{name}"), &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-}
-
 /// Wait (bounded) for the child to exit.
 fn wait(child: &mut Child) -> ExitStatus {
-    let deadline = Instant::now() + LIMIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("tether serve did not exit within {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_exit(child, LIMIT)
 }
 
 /// SIGTERM the child, wait (bounded) for it to exit 0, and return its stderr.
-fn stop(mut child: Child) -> String {
-    signal(&child, "TERM");
-    let status = wait(&mut child);
-    let mut stderr = String::new();
-    child
-        .stderr
-        .as_mut()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    stderr
+fn stop(child: Child) -> String {
+    stop_serve(child, LIMIT)
 }
 
 /// A blocking connection to `addr`, reads bounded by [`LIMIT`].

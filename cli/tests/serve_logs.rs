@@ -7,35 +7,16 @@ mod serve_support;
 
 use std::collections::BTreeMap;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
-use serve_support::{short_ids, spawn_serve_logging, spawn_serve_with, SseReader};
+use serve_support::{short_ids, spawn_serve_logging, spawn_serve_with, stop_serve, SseReader};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// SIGTERM the child, wait (bounded) for it to exit 0, and return its stderr.
-fn stop(mut child: Child) -> String {
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + LIMIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("tether serve did not exit within {LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert_eq!(status.code(), Some(0), "{stderr}");
-    stderr
+fn stop(child: Child) -> String {
+    stop_serve(child, LIMIT)
 }
 
 /// The fields of an access log line (`None` for any other line).

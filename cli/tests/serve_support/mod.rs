@@ -589,3 +589,38 @@ pub async fn serve_engine(engine: ServedEngine, config: ServeConfig) -> Server {
         .await
         .unwrap()
 }
+
+/// Send signal `name` (`TERM`, `INT`, ...) to the child.
+pub fn signal(child: &Child, name: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{name} failed");
+}
+
+/// Wait (at most `limit`) for the child to exit; kill it and fail the test otherwise.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tether serve did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGTERM the child, wait (at most `limit`) for it to exit 0, and return its stderr.
+pub fn stop_serve(mut child: Child, limit: Duration) -> String {
+    signal(&child, "TERM");
+    let status = wait_exit(&mut child, limit);
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    stderr
+}
