@@ -20,6 +20,7 @@
 
 mod args;
 mod client;
+pub mod http;
 mod ledger;
 pub mod plan;
 mod report;
@@ -34,7 +35,9 @@ use tether_core::protocol::Mode;
 use tether_core::{Adapter, AdapterConfig, Runtime};
 use tether_engines::{SimConfig, TinyConfig};
 
-pub use args::{parse_chaos, parse_duration, parse_timeout, LoadArgs, Timeout};
+pub use args::{
+    misplaced_flags, parse_chaos, parse_duration, parse_timeout, LoadArgs, Timeout, UrlArgs,
+};
 pub use plan::{Action, ChaosRates, HangRange, PlanCounts};
 pub use report::{Leaks, Outcomes, Percentiles, Report, SHOWN_VIOLATIONS};
 
@@ -118,6 +121,9 @@ pub enum LoadError {
     /// The engine did not start (an unavailable device is a usage error).
     #[error("{0}")]
     Engine(#[from] StartError),
+    /// `--url`: the server could not be asked for its model.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl LoadError {
@@ -126,7 +132,7 @@ impl LoadError {
         match self {
             LoadError::InvalidOptions(_) => true,
             LoadError::Engine(e) => e.is_usage(),
-            LoadError::Runtime(_) => false,
+            LoadError::Runtime(_) | LoadError::Unreachable(_) => false,
         }
     }
 }

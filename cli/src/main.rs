@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use tether_cli::conformance::{self, ConformanceArgs};
 use tether_cli::engine::StartError;
 use tether_cli::load::{self, LoadArgs};
@@ -28,16 +28,31 @@ enum Command {
 
 fn main() -> ExitCode {
     // Usage errors exit with code 2 (clap's convention, and ours).
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     tether_cli::quiet_chaos_panics();
     match cli.command {
-        Command::Load(args) => load_main(&args),
+        Command::Load(args) => {
+            let misplaced = matches
+                .subcommand_matches("load")
+                .map(load::misplaced_flags)
+                .unwrap_or_default();
+            load_main(&args, &misplaced)
+        }
         Command::Serve(args) => serve_main(&args),
         Command::Conformance(args) => conformance_main(&args),
     }
 }
 
-fn load_main(args: &LoadArgs) -> ExitCode {
+fn load_main(args: &LoadArgs, misplaced: &[&str]) -> ExitCode {
+    match args.to_url_options(misplaced) {
+        Ok(Some(opts)) => return url_main(args, &opts),
+        Ok(None) => {}
+        Err(err) => {
+            eprintln!("tether load: error: {err}");
+            return usage_or_failure(err.is_usage());
+        }
+    }
     let run = args.to_options_with_note().and_then(|(opts, note)| {
         if let Some(note) = note {
             eprintln!("tether load: {note}");
@@ -45,6 +60,33 @@ fn load_main(args: &LoadArgs) -> ExitCode {
         load::run(&opts, !args.no_progress && !args.json)
     });
     match run {
+        Ok(report) => {
+            if args.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => {
+                        eprintln!("tether load: cannot write the report: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.table());
+            }
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("tether load: error: {err}");
+            usage_or_failure(err.is_usage())
+        }
+    }
+}
+
+fn url_main(args: &LoadArgs, opts: &load::http::UrlOptions) -> ExitCode {
+    match load::http::run_url(opts, !args.no_progress && !args.json) {
         Ok(report) => {
             if args.json {
                 match serde_json::to_string_pretty(&report) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tether_core::protocol::Mode;
 use tether_engines::{SimConfig, TinyConfig};
 
+use super::http::{EndpointMix, MetricNames, Preset, Selector, StreamMix, UrlOptions};
 use super::plan::{CHAOS_KINDS, ENGINE_FAULTS};
 use super::{ChaosRates, LoadError, LoadOptions};
 use crate::engine::{EngineArgs, EngineKind};
@@ -22,7 +23,7 @@ pub struct LoadArgs {
     /// Engine to load, and TinyEngine's device.
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Requests to run [default: 10000; 1000 with --engine tiny].
+    /// Requests to run [default: 10000; 1000 with --engine tiny or --url].
     #[arg(long)]
     pub requests: Option<usize>,
     /// Requests in flight at once.
@@ -105,6 +106,127 @@ pub struct LoadArgs {
     /// No progress bar.
     #[arg(long)]
     pub no_progress: bool,
+    /// Load an OpenAI-compatible server over HTTP (`http://host:port`) instead of an
+    /// in-process engine: stop, kill and drop become disconnects; see the `--url`
+    /// flags below.
+    #[arg(long, value_name = "URL", help_heading = "HTTP (--url)")]
+    pub url: Option<String>,
+    /// The flags of a `--url` run.
+    #[command(flatten)]
+    pub http: UrlArgs,
+}
+
+/// The flags of `tether load --url` (used only with it).
+#[derive(Clone, Debug, clap::Args)]
+#[command(next_help_heading = "HTTP (--url)")]
+pub struct UrlArgs {
+    /// Endpoint: `chat` (/v1/chat/completions), `completions` (/v1/completions) or
+    /// `mixed` (each request draws one).
+    #[arg(long, value_enum, default_value_t = EndpointMix::Mixed)]
+    pub endpoint: EndpointMix,
+    /// Streaming: `true`, `false` or `mixed` (each request draws).
+    #[arg(long, value_enum, default_value_t = StreamMix::Mixed)]
+    pub stream: StreamMix,
+    /// Model to ask for [default: the first id of GET /v1/models].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Send `Authorization: Bearer KEY`.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// Send server faults (error, hang, panic) as `chaos:` annotations: the server must
+    /// run `tether serve --allow-chaos` (hang also needs its --inter-token-timeout).
+    /// Without it the chaos is client disconnects only (stop, kill, drop).
+    #[arg(long)]
+    pub allow_server_chaos: bool,
+    /// The server's metric names: tether, vllm or sglang.
+    #[arg(long, value_enum, default_value_t = Preset::Tether)]
+    pub preset: Preset,
+    /// In-flight gauge(s), summed (`NAME[{label="v"}],...`; `none` to skip).
+    #[arg(long, value_name = "NAMES")]
+    pub metric_in_flight: Option<String>,
+    /// Counter of requests the server ended, any outcome (`none` to skip).
+    #[arg(long, value_name = "NAME")]
+    pub metric_requests: Option<String>,
+    /// Counter of requests the server finished normally (`none` to skip).
+    #[arg(long, value_name = "NAME")]
+    pub metric_finished: Option<String>,
+    /// Counter of requests cancelled because the client disconnected (`none` to skip).
+    #[arg(long, value_name = "NAME")]
+    pub metric_cancellations: Option<String>,
+    /// Counter of requests the server cancelled on its own timeouts (`none` to skip).
+    #[arg(long, value_name = "NAME")]
+    pub metric_timeouts: Option<String>,
+    /// Counter of engine aborts the server sent (`none` to skip).
+    #[arg(long, value_name = "NAME")]
+    pub metric_aborts: Option<String>,
+    /// The longest one request may take; then it is dropped (an error `timeout`).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Unary requests planned to disconnect leave after up to this long.
+    #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+    pub unary_disconnect_within: Duration,
+    /// How long the server's metrics may take to settle after the run.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub settle_timeout: Duration,
+}
+
+/// The flags (argument id, flag) that only an in-process run takes.
+const IN_PROCESS_ONLY: [(&str, &str); 12] = [
+    ("kind", "--engine"),
+    ("device", "--device"),
+    ("runtime", "--runtime"),
+    ("mode", "--mode"),
+    ("first_token_timeout", "--first-token-timeout"),
+    ("inter_token_timeout", "--inter-token-timeout"),
+    ("deferral_deadline", "--deferral-deadline"),
+    ("max_seqs", "--max-seqs"),
+    ("kv_blocks", "--kv-blocks"),
+    ("step_us", "--step-us"),
+    ("batch_ns", "--batch-ns"),
+    ("prefill_ns", "--prefill-ns"),
+];
+
+/// The flags (argument id, flag) that only a `--url` run takes.
+const URL_ONLY: [(&str, &str); 14] = [
+    ("endpoint", "--endpoint"),
+    ("stream", "--stream"),
+    ("model", "--model"),
+    ("api_key", "--api-key"),
+    ("allow_server_chaos", "--allow-server-chaos"),
+    ("preset", "--preset"),
+    ("metric_in_flight", "--metric-in-flight"),
+    ("metric_requests", "--metric-requests"),
+    ("metric_finished", "--metric-finished"),
+    ("metric_cancellations", "--metric-cancellations"),
+    ("metric_timeouts", "--metric-timeouts"),
+    ("metric_aborts", "--metric-aborts"),
+    ("request_timeout", "--request-timeout"),
+    ("unary_disconnect_within", "--unary-disconnect-within"),
+];
+
+/// The flags of `matches` (a `tether load` command line) that do not fit its mode: the
+/// in-process-only ones with `--url`, the `--url`-only ones without it.
+pub fn misplaced_flags(matches: &clap::ArgMatches) -> Vec<&'static str> {
+    let url = matches.value_source("url").is_some();
+    let list: &[(&str, &str)] = if url { &IN_PROCESS_ONLY } else { &URL_ONLY };
+    list.iter()
+        .filter(|(id, _)| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        .map(|&(_, flag)| flag)
+        .collect()
+}
+
+/// An optional metric flag: `None` keeps the preset's, `none` unsets it.
+fn metric_flag(
+    flag: &Option<String>,
+    preset: Option<Selector>,
+) -> Result<Option<Selector>, LoadError> {
+    match flag.as_deref().map(str::trim) {
+        None => Ok(preset),
+        Some("none") => Ok(None),
+        Some(spec) => Selector::parse(spec)
+            .map(Some)
+            .map_err(LoadError::InvalidOptions),
+    }
 }
 
 /// An optional time limit on the command line (`none` for no limit).
@@ -169,6 +291,82 @@ pub fn parse_chaos(spec: &str) -> Result<ChaosRates, String> {
 }
 
 impl LoadArgs {
+    /// The `--url` run these arguments ask for, checked (`None` without `--url`).
+    /// `misplaced` lists the in-process-only flags given (see [`misplaced_flags`]):
+    /// any of them is a usage error.
+    pub fn to_url_options(&self, misplaced: &[&str]) -> Result<Option<UrlOptions>, LoadError> {
+        let Some(url) = &self.url else {
+            if !misplaced.is_empty() {
+                return Err(LoadError::InvalidOptions(format!(
+                    "{} only apply with --url",
+                    misplaced.join(", ")
+                )));
+            }
+            return Ok(None);
+        };
+        if !misplaced.is_empty() {
+            return Err(LoadError::InvalidOptions(format!(
+                "--url loads a server over HTTP: {} only apply to an in-process run",
+                misplaced.join(", ")
+            )));
+        }
+        let h = &self.http;
+        let mut chaos = match &self.chaos {
+            Some(spec) => parse_chaos(spec).map_err(LoadError::InvalidOptions)?,
+            None if h.allow_server_chaos => ChaosRates::default(),
+            None => ChaosRates::default().without_engine_faults(),
+        };
+        let flags = [
+            self.stop, self.kill, self.drop, self.error, self.hang, self.panic,
+        ];
+        for (name, value) in CHAOS_KINDS.into_iter().zip(flags) {
+            if let Some(v) = value {
+                chaos.set(name, v);
+            }
+        }
+        let preset = h.preset.names();
+        let in_flight = match h.metric_in_flight.as_deref().map(str::trim) {
+            None => preset.in_flight,
+            Some("none") => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(Selector::parse)
+                .collect::<Result<_, _>>()
+                .map_err(LoadError::InvalidOptions)?,
+        };
+        let metrics = MetricNames {
+            in_flight,
+            requests: metric_flag(&h.metric_requests, preset.requests)?,
+            finished: metric_flag(&h.metric_finished, preset.finished)?,
+            cancellations: metric_flag(&h.metric_cancellations, preset.cancellations)?,
+            timeouts: metric_flag(&h.metric_timeouts, preset.timeouts)?,
+            aborts: metric_flag(&h.metric_aborts, preset.aborts)?,
+        };
+        let opts = UrlOptions {
+            url: url.clone(),
+            endpoint: h.endpoint,
+            stream: h.stream,
+            model: h.model.clone(),
+            api_key: h.api_key.clone(),
+            requests: self.requests.unwrap_or(1000),
+            concurrency: self.concurrency,
+            threads: self.threads.unwrap_or_else(runtime::default_threads),
+            max_tokens: self.max_tokens,
+            prompt_chars: (self.prompt_min, self.prompt_max),
+            chaos,
+            allow_server_chaos: h.allow_server_chaos,
+            seed: self.seed,
+            unary_disconnect_within: h.unary_disconnect_within,
+            request_timeout: h.request_timeout,
+            settle_timeout: h.settle_timeout,
+            preset: Some(h.preset),
+            metrics,
+        };
+        opts.validate()?;
+        Ok(Some(opts))
+    }
+
     /// The options these arguments ask for, checked.
     pub fn to_options(&self) -> Result<LoadOptions, LoadError> {
         self.to_options_with_note().map(|(opts, _)| opts)

@@ -1,0 +1,612 @@
+//! `tether load --url URL`: the seeded chaos plan of the in-process load, sent over
+//! HTTP to any OpenAI-compatible server with a pooled keep-alive client. The client's
+//! stop, kill and drop all become disconnects (the response is dropped, which closes
+//! the connection): after k SSE events when streaming, after a delay before the
+//! response when unary. Server faults (error, hang, panic) are `chaos:` annotations,
+//! sent only with `--allow-server-chaos` (the server must run `tether serve
+//! --allow-chaos`).
+//!
+//! The server's `/metrics` is scraped before the run and, after it, until it settled
+//! (the in-flight gauge back at its start and the counters still) or the settle timeout
+//! passed; [`check`] turns the two scrapes and the client's counts into the
+//! invariants.
+//!
+//! ```no_run
+//! # async fn f() {
+//! use tether_cli::load::http::{run_url_on, UrlOptions};
+//! let opts = UrlOptions { url: "http://127.0.0.1:8000".into(), ..Default::default() };
+//! let report = run_url_on(&opts, indicatif::ProgressBar::hidden()).await.expect("valid");
+//! assert!(report.passed(), "{}", report.table());
+//! # }
+//! ```
+
+mod check;
+mod client;
+pub mod metrics;
+mod report;
+mod sse;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::ProgressBar;
+use serde_json::json;
+
+pub use check::{Check, CheckStatus, ClientCounts};
+pub use metrics::{MetricNames, Preset, Selector, Values};
+pub use report::{CpuShare, UrlReport};
+
+use super::plan::{self, Planned};
+use super::{ChaosRates, HangRange, LoadError, Percentiles};
+use client::{Disconnect, Ending, HttpClient, Job, Seen};
+
+/// Which endpoint the requests go to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EndpointMix {
+    /// `/v1/chat/completions`.
+    Chat,
+    /// `/v1/completions`.
+    Completions,
+    /// Each request draws one (seeded).
+    Mixed,
+}
+
+/// Whether the requests stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamMix {
+    /// Every request streams (SSE).
+    True,
+    /// No request streams.
+    False,
+    /// Each request draws (seeded).
+    Mixed,
+}
+
+/// Everything a `--url` run needs.
+#[derive(Clone, Debug)]
+pub struct UrlOptions {
+    /// The server's base URL (`http://host:port`).
+    pub url: String,
+    /// The endpoint mix.
+    pub endpoint: EndpointMix,
+    /// The streaming mix.
+    pub stream: StreamMix,
+    /// The model (`None`: the first id `/v1/models` lists).
+    pub model: Option<String>,
+    /// Sent as `Authorization: Bearer KEY`.
+    pub api_key: Option<String>,
+    /// Requests to run.
+    pub requests: usize,
+    /// Requests in flight at once.
+    pub concurrency: usize,
+    /// Worker threads of the runtime [`run_url`] builds.
+    pub threads: usize,
+    /// `max_tokens` of each request.
+    pub max_tokens: u32,
+    /// Prompt lengths (characters) are drawn from this range.
+    pub prompt_chars: (u32, u32),
+    /// The chaos mix: stop, kill and drop are disconnects; error, hang and panic need
+    /// `allow_server_chaos`.
+    pub chaos: ChaosRates,
+    /// Send server faults as `chaos:` annotations.
+    pub allow_server_chaos: bool,
+    /// Seed of the plan.
+    pub seed: u64,
+    /// A unary disconnect happens after `within × (k + 1) / (max_tokens + 1)`, k the
+    /// plan's point.
+    pub unary_disconnect_within: Duration,
+    /// The longest a request may take (then it is dropped, an error `timeout`).
+    pub request_timeout: Duration,
+    /// How long to wait for the server's metrics to settle after the run.
+    pub settle_timeout: Duration,
+    /// The preset the metric names came from (for the report).
+    pub preset: Option<Preset>,
+    /// The metrics the checks read.
+    pub metrics: MetricNames,
+}
+
+impl Default for UrlOptions {
+    fn default() -> Self {
+        UrlOptions {
+            url: String::new(),
+            endpoint: EndpointMix::Mixed,
+            stream: StreamMix::Mixed,
+            model: None,
+            api_key: None,
+            requests: 1000,
+            concurrency: 64,
+            threads: crate::runtime::default_threads(),
+            max_tokens: 16,
+            prompt_chars: (8, 64),
+            chaos: ChaosRates::default().without_engine_faults(),
+            allow_server_chaos: false,
+            seed: 0,
+            unary_disconnect_within: Duration::from_millis(20),
+            request_timeout: Duration::from_secs(60),
+            settle_timeout: Duration::from_secs(10),
+            preset: Some(Preset::Tether),
+            metrics: Preset::Tether.names(),
+        }
+    }
+}
+
+impl UrlOptions {
+    /// The base URL without a trailing `/`, checked: `http://host[:port]`.
+    pub fn base(&self) -> Result<String, LoadError> {
+        let bad = |why: &str| {
+            Err(LoadError::InvalidOptions(format!(
+                "--url `{}` {why} (expected http://host:port)",
+                self.url
+            )))
+        };
+        let url = self.url.trim_end_matches('/');
+        let Ok(uri) = url.parse::<hyper::Uri>() else {
+            return bad("is not a URL");
+        };
+        if uri.scheme_str() != Some("http") {
+            return bad("is not an http:// URL (https is not supported)");
+        }
+        if uri.authority().is_none_or(|a| a.host().is_empty()) {
+            return bad("has no host");
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return bad("must not have a path");
+        }
+        Ok(url.to_owned())
+    }
+
+    /// Check the options; the error says what to change.
+    pub fn validate(&self) -> Result<(), LoadError> {
+        let bad = |msg: String| Err(LoadError::InvalidOptions(msg));
+        self.base()?;
+        if self.concurrency == 0 || self.threads == 0 {
+            return bad("--concurrency and --threads must be at least 1".to_owned());
+        }
+        for (name, rate) in self.chaos.named() {
+            if !(0.0..=1.0).contains(&rate) {
+                return bad(format!("--{name} must be a fraction in 0..1, got {rate}"));
+            }
+        }
+        if self.chaos.total() > 1.0 + 1e-9 {
+            return bad("the chaos fractions add up to more than 1".to_owned());
+        }
+        let faults = self.chaos.engine_faults();
+        if !faults.is_empty() && !self.allow_server_chaos {
+            return bad(format!(
+                "--url sends server faults ({}) only with --allow-server-chaos (and the server \
+                 must run `tether serve --allow-chaos`)",
+                faults.join(", ")
+            ));
+        }
+        if self.prompt_chars.0 == 0 || self.prompt_chars.0 > self.prompt_chars.1 {
+            return bad(format!(
+                "prompt lengths {}..={} must be a non-empty range starting at 1 or more",
+                self.prompt_chars.0, self.prompt_chars.1
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return bad("--request-timeout must not be zero".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The seeded plan (hangs after the first token: the server needs an inter-token
+    /// timeout to end them).
+    pub fn plan(&self) -> (Vec<Planned>, super::PlanCounts) {
+        let hang = Some(HangRange {
+            from: 1,
+            to: self.max_tokens,
+        });
+        plan::plan_all(
+            self.seed,
+            self.requests,
+            &self.chaos,
+            self.max_tokens,
+            self.prompt_chars,
+            hang,
+        )
+    }
+}
+
+/// Build a tokio runtime of `opts.threads` workers and run the load on it, with a
+/// progress bar on stderr if `progress` is set and stderr is a terminal.
+pub fn run_url(opts: &UrlOptions, progress: bool) -> Result<UrlReport, LoadError> {
+    opts.validate()?;
+    let bar = if progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        super::progress_bar(opts.requests)
+    } else {
+        ProgressBar::hidden()
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(opts.threads)
+        .enable_all()
+        .build()?
+        .block_on(run_url_on(opts, bar))
+}
+
+/// A cheap seeded draw for request `index` (the endpoint and stream mixes).
+fn draw(seed: u64, index: usize, salt: u64) -> bool {
+    let mut z = (seed ^ salt).wrapping_add((index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) & 1 == 1
+}
+
+/// Request `index`'s job.
+fn job(opts: &UrlOptions, base: &str, model: &str, index: usize, planned: &Planned) -> Job {
+    let chat = match opts.endpoint {
+        EndpointMix::Chat => true,
+        EndpointMix::Completions => false,
+        EndpointMix::Mixed => draw(opts.seed, index, 0x00c4_a7),
+    };
+    let stream = match opts.stream {
+        StreamMix::True => true,
+        StreamMix::False => false,
+        StreamMix::Mixed => draw(opts.seed, index, 0x5743_a3),
+    };
+    let text: String = (0..planned.prompt_len)
+        .map(|i| char::from(b'a' + ((index as u32 + i) % 26) as u8))
+        .collect();
+    let mut body = if chat {
+        json!({"model": model, "messages": [{"role": "user", "content": text}]})
+    } else {
+        json!({"model": model, "prompt": text})
+    };
+    body["max_tokens"] = json!(opts.max_tokens);
+    body["stream"] = json!(stream);
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    if let Some(chaos) = planned.action.chaos() {
+        body["annotations"] = json!([chaos.annotation()]);
+    }
+    let disconnect = match planned.action.client_at() {
+        None => Disconnect::Never,
+        Some(k) if stream => Disconnect::AfterEvents(k),
+        Some(k) => {
+            Disconnect::After(opts.unary_disconnect_within * (k + 1) / (opts.max_tokens + 1).max(1))
+        }
+    };
+    let path = if chat {
+        "/v1/chat/completions"
+    } else {
+        "/v1/completions"
+    };
+    Job {
+        uri: format!("{base}{path}")
+            .parse()
+            .expect("a checked base URL and a fixed path"),
+        body: body.to_string(),
+        bearer: opts.api_key.clone(),
+        stream,
+        disconnect,
+        timeout: opts.request_timeout,
+    }
+}
+
+/// Scrape `/metrics` and read `names` off it.
+async fn scrape(
+    client: &HttpClient,
+    base: &str,
+    opts: &UrlOptions,
+) -> Result<(Values, Vec<metrics::Sample>), String> {
+    let (status, body) = client::get(
+        client,
+        &format!("{base}/metrics"),
+        opts.api_key.as_deref(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    if status != 200 {
+        return Err(format!("GET /metrics answered {status}"));
+    }
+    let text = String::from_utf8_lossy(&body);
+    let samples = metrics::parse(&text)?;
+    Ok((opts.metrics.values(&samples), samples))
+}
+
+/// `utime + stime` of this process, in seconds (USER_HZ is 100 on Linux).
+fn cpu_times() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces: fields are counted after its `)`.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i)?.parse::<f64>().ok().map(|t| t / 100.0);
+    // Fields 14 and 15 of the file; 11 and 12 after the state (field 3).
+    Some((tick(11)?, tick(12)?))
+}
+
+/// Run the load on the current tokio runtime.
+pub async fn run_url_on(opts: &UrlOptions, progress: ProgressBar) -> Result<UrlReport, LoadError> {
+    opts.validate()?;
+    let base = opts.base()?;
+    let client = client::build(opts.concurrency);
+    let model = match &opts.model {
+        Some(m) => m.clone(),
+        None => client::first_model(
+            &client,
+            &base,
+            opts.api_key.as_deref(),
+            opts.request_timeout,
+        )
+        .await
+        .map_err(|e| LoadError::Unreachable(format!("{base}: {e}")))?,
+    };
+    let (plan, plan_counts) = opts.plan();
+    let before = scrape(&client, &base, opts).await;
+
+    let cpu0 = cpu_times();
+    let t0 = Instant::now();
+    let jobs: Arc<Vec<Job>> = Arc::new(
+        plan.iter()
+            .enumerate()
+            .map(|(i, p)| job(opts, &base, &model, i, p))
+            .collect(),
+    );
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..opts.concurrency.min(opts.requests) {
+        let (jobs, next, client, progress) =
+            (jobs.clone(), next.clone(), client.clone(), progress.clone());
+        workers.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                // Relaxed: only the uniqueness of each number matters.
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                let Some(job) = jobs.get(index) else {
+                    return out;
+                };
+                out.push((index, client::run(&client, job).await));
+                progress.inc(1);
+            }
+        }));
+    }
+    let mut seen: Vec<Option<Seen>> = vec![None; opts.requests];
+    for worker in workers {
+        for (index, s) in worker.await.expect("a load worker panicked") {
+            seen[index] = Some(s);
+        }
+    }
+    let elapsed = t0.elapsed();
+    let cpu1 = cpu_times();
+    progress.finish_and_clear();
+
+    // Settle: the server ends what the disconnects cancelled on its own time. A bounded
+    // poll until the in-flight gauge is back and two scrapes in a row agree.
+    let mut after = None;
+    let mut settled = false;
+    if let Ok((b, _)) = &before {
+        let deadline = Instant::now() + opts.settle_timeout;
+        let mut last: Option<Values> = None;
+        loop {
+            if let Ok((v, _)) = scrape(&client, &base, opts).await {
+                let back = v.in_flight == b.in_flight;
+                if back && last.as_ref() == Some(&v) {
+                    settled = true;
+                    after = Some(v);
+                    break;
+                }
+                last = Some(v);
+            }
+            if Instant::now() >= deadline {
+                after = last;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    let seen: Vec<Seen> = seen
+        .into_iter()
+        .map(|s| s.expect("every job ran"))
+        .collect();
+    Ok(build_report(
+        opts,
+        Finished {
+            base,
+            model,
+            plan: &plan,
+            plan_counts,
+            seen: &seen,
+            elapsed,
+            cpu: cpu0.zip(cpu1),
+            before,
+            after,
+            settled,
+        },
+    ))
+}
+
+/// What a run produced, for [`build_report`].
+struct Finished<'a> {
+    base: String,
+    model: String,
+    plan: &'a [Planned],
+    plan_counts: super::PlanCounts,
+    seen: &'a [Seen],
+    elapsed: Duration,
+    cpu: Option<((f64, f64), (f64, f64))>,
+    before: Result<(Values, Vec<metrics::Sample>), String>,
+    after: Option<Values>,
+    settled: bool,
+}
+
+fn build_report(opts: &UrlOptions, run: Finished<'_>) -> UrlReport {
+    let mut violations = Vec::new();
+    let mut counts = ClientCounts::default();
+    let (mut errors, mut status_codes) = (BTreeMap::new(), BTreeMap::new());
+    let (mut ttft, mut itl, mut latency) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut disconnects, mut tokens) = (0, 0);
+    for (index, (s, planned)) in run.seen.iter().zip(run.plan).enumerate() {
+        if let Some(code) = s.status {
+            *status_codes.entry(code).or_insert(0u64) += 1;
+        }
+        ttft.extend(s.ttft.map(|d| d.as_secs_f64() * 1000.0));
+        latency.extend(s.latency.map(|d| d.as_secs_f64() * 1000.0));
+        itl.extend(s.gaps_us.iter().map(|&g| f64::from(g) / 1000.0));
+        tokens += s.tokens;
+        if s.ending != Ending::Failed(client::Failure::Connect) {
+            counts.sent += 1;
+        }
+        if s.left() {
+            counts.left += 1;
+            if s.status.is_none() {
+                counts.left_unary += 1;
+            }
+        }
+        let action = planned.action;
+        let tag = format!("r{index} ({action})");
+        match s.ending {
+            Ending::Complete => {
+                counts.complete += 1;
+                if action.chaos().is_some() {
+                    violations.push(format!(
+                        "{tag}: completed, the server ignored the chaos annotation (does it \
+                         run with --allow-chaos?)"
+                    ));
+                }
+            }
+            Ending::Disconnected => disconnects += 1,
+            Ending::Failed(f) => {
+                *errors.entry(f.label()).or_insert(0u64) += 1;
+                if action.chaos().is_none() {
+                    violations.push(format!("{tag}: failed: {}", f.label()));
+                }
+            }
+        }
+    }
+    let checks = match (&run.before, &run.after) {
+        (Ok((before, _)), Some(after)) => check::checks(before, after, counts),
+        (Err(e), _) => not_available(&format!("cannot read /metrics before the run: {e}")),
+        (Ok(_), None) => not_available("cannot read /metrics after the run"),
+    };
+    for c in checks.iter().filter(|c| c.status == CheckStatus::Failed) {
+        violations.push(format!("{} broke: {}", c.name, c.detail));
+    }
+    let secs = run.elapsed.as_secs_f64();
+    let cores = crate::runtime::default_threads() as u64;
+    let cpu = run
+        .cpu
+        .map(|((u0, s0), (u1, s1))| {
+            let (user_s, system_s) = (u1 - u0, s1 - s0);
+            let core = if secs > 0.0 {
+                100.0 * (user_s + system_s) / secs
+            } else {
+                0.0
+            };
+            CpuShare {
+                user_s,
+                system_s,
+                percent_of_core: core,
+                percent_of_machine: core / cores.max(1) as f64,
+                cores,
+            }
+        })
+        .unwrap_or_default();
+    UrlReport {
+        url: run.base,
+        model: run.model,
+        endpoint: format!("{:?}", opts.endpoint).to_lowercase(),
+        stream: format!("{:?}", opts.stream).to_lowercase(),
+        preset: opts.preset.map(|p| p.to_string()),
+        requests: opts.requests as u64,
+        concurrency: opts.concurrency as u64,
+        seed: opts.seed,
+        max_tokens: opts.max_tokens,
+        plan: run.plan_counts,
+        client: counts,
+        disconnects,
+        errors,
+        status_codes,
+        ttft_ms: Percentiles::of(&mut ttft),
+        itl_ms: Percentiles::of(&mut itl),
+        latency_ms: Percentiles::of(&mut latency),
+        elapsed_s: secs,
+        requests_per_s: if secs > 0.0 {
+            opts.requests as f64 / secs
+        } else {
+            0.0
+        },
+        tokens,
+        cpu,
+        metrics: opts.metrics.clone(),
+        metrics_before: run.before.ok().map(|(v, _)| v),
+        metrics_after: run.after,
+        settled: run.settled,
+        checks,
+        violations,
+    }
+}
+
+fn not_available(why: &str) -> Vec<Check> {
+    [
+        "in_flight_returned",
+        "cancellations_match_disconnects",
+        "aborts_match_cancellations",
+    ]
+    .into_iter()
+    .map(|name| Check {
+        name,
+        status: CheckStatus::NotAvailable,
+        detail: why.to_owned(),
+    })
+    .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::plan::Action;
+
+    #[test]
+    fn urls_are_checked() {
+        let base = |url: &str| {
+            UrlOptions {
+                url: url.to_owned(),
+                ..UrlOptions::default()
+            }
+            .base()
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            base("http://127.0.0.1:8000/"),
+            Ok("http://127.0.0.1:8000".into())
+        );
+        for bad in [
+            "localhost:8000",
+            "https://x",
+            "http://x/v1",
+            "not a url",
+            "",
+        ] {
+            assert!(base(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unary_disconnects_spread_over_the_window() {
+        let opts = UrlOptions {
+            url: "http://h:1".into(),
+            max_tokens: 3,
+            stream: StreamMix::False,
+            unary_disconnect_within: Duration::from_millis(40),
+            ..UrlOptions::default()
+        };
+        let p = |action| Planned {
+            prompt_len: 4,
+            action,
+        };
+        let d = |action| job(&opts, "http://h:1", "m", 0, &p(action)).disconnect;
+        assert_eq!(
+            d(Action::Drop(0)),
+            Disconnect::After(Duration::from_millis(10))
+        );
+        assert_eq!(
+            d(Action::Kill(3)),
+            Disconnect::After(Duration::from_millis(40))
+        );
+        assert_eq!(d(Action::None), Disconnect::Never);
+    }
+}
