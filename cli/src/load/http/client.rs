@@ -269,13 +269,12 @@ async fn streamed(resp: Response<Incoming>, disconnect: Disconnect, start: Insta
     let mut usage = None;
     let mut failure = None;
     let mut last: Option<Instant> = None;
+    if leave_after == Some(0) {
+        // Dropping the body closes the connection: the server sees the client leave.
+        seen.ending = Ending::Disconnected;
+        return seen;
+    }
     loop {
-        if leave_after == Some(events) && !done {
-            // Dropping the body closes the connection: the server sees the client leave.
-            seen.ending = Ending::Disconnected;
-            seen.tokens = text_events;
-            return seen;
-        }
         let frame = match next_frame(&mut body).await {
             None => break,
             Some(Ok(frame)) => frame,
@@ -323,6 +322,13 @@ async fn streamed(resp: Response<Incoming>, disconnect: Disconnect, start: Insta
                         .push(u32::try_from((now - prev).as_micros()).unwrap_or(u32::MAX)),
                 }
                 last = Some(now);
+            }
+            if leave_after == Some(events) {
+                // Events can share a read: the client leaves right after the k-th,
+                // dropping the body (and so the connection) with the rest unread.
+                seen.ending = Ending::Disconnected;
+                seen.tokens = text_events;
+                return seen;
             }
         }
     }
