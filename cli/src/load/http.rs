@@ -239,12 +239,12 @@ fn job(opts: &UrlOptions, base: &str, model: &str, index: usize, planned: &Plann
     let chat = match opts.endpoint {
         EndpointMix::Chat => true,
         EndpointMix::Completions => false,
-        EndpointMix::Mixed => draw(opts.seed, index, 0x00c4_a7),
+        EndpointMix::Mixed => draw(opts.seed, index, 0x00c4_a7c4),
     };
     let stream = match opts.stream {
         StreamMix::True => true,
         StreamMix::False => false,
-        StreamMix::Mixed => draw(opts.seed, index, 0x5743_a3),
+        StreamMix::Mixed => draw(opts.seed, index, 0x5743_a3b7),
     };
     let text: String = (0..planned.prompt_len)
         .map(|i| char::from(b'a' + ((index as u32 + i) % 26) as u8))
