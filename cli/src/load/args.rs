@@ -540,6 +540,52 @@ mod tests {
     }
 
     #[test]
+    fn url_options_take_the_preset_and_the_overrides() {
+        let url = |args: &[&str]| {
+            let mut argv = vec!["--url", "http://127.0.0.1:8000"];
+            argv.extend_from_slice(args);
+            load_args(&argv).to_url_options(&[]).unwrap().unwrap()
+        };
+        let opts = url(&[]);
+        assert_eq!(opts.requests, 1000);
+        assert_eq!(opts.chaos, ChaosRates::default().without_engine_faults());
+        assert_eq!(opts.metrics, Preset::Tether.names());
+        let opts = url(&["--allow-server-chaos"]);
+        assert_eq!(opts.chaos, ChaosRates::default());
+        let opts = url(&[
+            "--preset",
+            "vllm",
+            "--metric-in-flight",
+            "a,b{x=\"1\"}",
+            "--metric-aborts",
+            "vllm:aborts_total",
+        ]);
+        assert_eq!(
+            opts.metrics.in_flight,
+            [
+                Selector::parse("a").unwrap(),
+                Selector::parse("b{x=\"1\"}").unwrap()
+            ]
+        );
+        assert_eq!(
+            opts.metrics.aborts,
+            Some(Selector::parse("vllm:aborts_total").unwrap())
+        );
+        assert_eq!(opts.metrics.cancellations, None);
+        let opts = url(&[
+            "--metric-cancellations",
+            "none",
+            "--metric-in-flight",
+            "none",
+        ]);
+        assert_eq!(opts.metrics.cancellations, None);
+        assert!(opts.metrics.in_flight.is_empty());
+        assert_eq!(opts.metrics.aborts, Preset::Tether.names().aborts);
+        // Without --url there is no HTTP run.
+        assert!(load_args(&[]).to_url_options(&[]).unwrap().is_none());
+    }
+
+    #[test]
     fn chaos_specs_parse() {
         let r = parse_chaos("kill=0.5, hang=0.1").unwrap();
         assert_eq!((r.kill, r.hang, r.stop), (0.5, 0.1, 0.0));
