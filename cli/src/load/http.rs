@@ -8,7 +8,7 @@
 //!
 //! The server's `/metrics` is scraped before the run and, after it, until it settled
 //! (the in-flight gauge back at its start and the counters still) or the settle timeout
-//! passed; [`check`] turns the two scrapes and the client's counts into the
+//! passed; the `check` module turns the two scrapes and the client's counts into the
 //! invariants.
 //!
 //! ```no_run

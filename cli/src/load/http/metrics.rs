@@ -3,7 +3,7 @@
 //! summed over every series that carries those labels), and the presets naming the
 //! metrics of `tether serve`, vLLM and SGLang.
 //!
-//! Owns parsing and naming only; which checks hold is [`super::check`]'s business.
+//! Owns parsing and naming only; which checks hold is the `check` module's business.
 
 use std::fmt;
 
