@@ -301,6 +301,7 @@ async fn a_gauge_that_never_comes_back_is_reported_broken() {
     );
 
     // The binary says so too, and exits 1.
+    let base2 = base.clone();
     let out = tokio::task::spawn_blocking(move || {
         tether(&[
             "load",
@@ -324,6 +325,37 @@ async fn a_gauge_that_never_comes_back_is_reported_broken() {
         stdout.contains("in_flight_returned broke: in-flight gauge 50 before, 70 after"),
         "{stdout}"
     );
+
+    // And in JSON.
+    let out = tokio::task::spawn_blocking(move || {
+        tether(&[
+            "load",
+            "--url",
+            &base2,
+            "--requests",
+            "10",
+            "--concurrency",
+            "2",
+            "--chaos",
+            "none",
+            "--settle-timeout",
+            "200ms",
+            "--json",
+        ])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["checks"][0]["name"], "in_flight_returned");
+    assert_eq!(v["checks"][0]["status"], "failed");
+    assert_eq!(v["checks"][1]["status"], "not_available");
+    assert_eq!(v["metrics_before"]["in_flight"], 70.0);
+    assert_eq!(v["metrics_after"]["in_flight"], 80.0);
+    assert_eq!(v["client"]["complete"], 10);
+    assert_eq!(v["status_codes"]["200"], 10);
+    assert_eq!(v["settled"], false);
+    assert!(v["cpu"]["percent_of_core"].is_f64());
 }
 
 fn vllm_metrics(_: u64) -> String {
