@@ -21,7 +21,7 @@ use tether_cli::load::http::{
     run_url_on, CheckStatus, EndpointMix, Preset, StreamMix, UrlOptions, UrlReport,
 };
 use tether_cli::load::ChaosRates;
-use tether_cli::serve::ServeConfig;
+use tether_cli::serve::{ApiKey, ServeConfig};
 use tether_engines::SimConfig;
 
 const CHECKS: [&str; 3] = [
@@ -181,6 +181,38 @@ async fn streamed_disconnects_are_all_counted_by_tether_serve() {
     assert!(r.disconnects > 0 && r.disconnects <= p.drop);
     assert_eq!(r.status_codes.get(&200), Some(&300));
     assert_matches_server(&t, &r);
+    t.settled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_is_sent_as_a_bearer_token() {
+    let config = ServeConfig {
+        api_key: Some(ApiKey::new("sekrit")),
+        ..chaos_config()
+    };
+    let t = start_with(config, fast_sim()).await;
+    let opts = UrlOptions {
+        requests: 40,
+        api_key: Some("sekrit".to_owned()),
+        ..options(&t.base)
+    };
+    let r = within(
+        Duration::from_secs(30),
+        run_url_on(&opts, ProgressBar::hidden()),
+    )
+    .await
+    .unwrap();
+    assert!(r.passed(), "{}", r.table());
+    assert_eq!(statuses(&r), [CheckStatus::Passed; 3]);
+    // Without it the model cannot be asked for: the server is unreachable (exit 1).
+    let err = run_url_on(&options(&t.base), ProgressBar::hidden())
+        .await
+        .unwrap_err();
+    assert!(!err.is_usage());
+    assert!(
+        err.to_string().contains("GET /v1/models answered 401"),
+        "{err}"
+    );
     t.settled().await;
 }
 
