@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# tether serve's CPU per request, against a bare hyper server that writes the same SSE
+# events with no engine and no tether (benches/src/bin/bare_sse.rs), under the same
+# streaming keep-alive load (benches/src/bin/sse_load.rs): the `serve` table of
+# BENCHMARKS.md.
+#
+#   benches/serve.sh                        # 20 000 requests after 2 000 of warm-up, concurrency 64
+#   REQUESTS=5000 WARMUP=500 benches/serve.sh
+#   PERF=1 benches/serve.sh                 # also `perf record -g` tether serve's measured run
+#
+# Server CPU is utime+stime from /proc/PID/stat before and after the measured run (the
+# warm-up excluded), in clock ticks (`getconf CLK_TCK`), divided by the requests; the
+# client's own CPU per request is shown too (it shares the machine). Rows:
+# - bare: bare_sse, one write per event;
+# - tether serve: `--engine sim --step-us $STEP_US`, the default log filter (the access
+#   log, one line per request, on stderr, here to a file);
+# - tether serve, log off: the same with RUST_LOG=off.
+# tether's CPU includes SimEngine's: its scheduler task (one timer wake-up per step for
+# the whole batch, amortized over the requests in it) and its per-request state and
+# token draws, which are small beside the HTTP path.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REQUESTS="${REQUESTS:-20000}"
+WARMUP="${WARMUP:-2000}"
+CONCURRENCY="${CONCURRENCY:-64}"
+TOKENS="${TOKENS:-16}"
+STEP_US="${STEP_US:-50}"
+THREADS="${THREADS:-$(nproc)}"
+CLIENT_THREADS="${CLIENT_THREADS:-1}"
+TARGET="${CARGO_TARGET_DIR:-target}"
+# Line tables, so perf can name the frames; the code is the same as without.
+export CARGO_PROFILE_RELEASE_DEBUG="${CARGO_PROFILE_RELEASE_DEBUG:-line-tables-only}"
+
+cargo build --release -p tether-cli
+cargo build --release -p tether-benches --bin bare_sse --bin sse_load
+TETHER="$TARGET/release/tether"
+BARE="$TARGET/release/bare_sse"
+LOAD="$TARGET/release/sse_load"
+TICK=$(getconf CLK_TCK)
+OUT="$TARGET/tether-bench/serve"
+mkdir -p "$OUT"
+
+PID=""
+cleanup() { if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi; }
+trap cleanup EXIT
+
+# The server's utime+stime in ticks (fields 14 and 15; the command name has no spaces).
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+
+# start NAME ENV... -- COMMAND...: run a server in the background, wait for its
+# "listening on http://ADDR" line, set PID and URL.
+start() {
+    local name=$1; shift
+    local envs=()
+    while [ "$1" != "--" ]; do envs+=("$1"); shift; done
+    shift
+    env "${envs[@]}" "$@" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
+    PID=$!
+    for _ in $(seq 200); do
+        URL=$(grep -o 'http://[0-9.:]*' "$OUT/$name.stdout" 2>/dev/null | head -1 || true)
+        [ -n "$URL" ] && return 0
+        sleep 0.05
+    done
+    echo "$name did not start:" >&2
+    cat "$OUT/$name.stderr" >&2
+    exit 1
+}
+
+# measure NAME: warm-up, then the measured run against $URL; prints a table row and
+# keeps the figures in BARE_CPU for the ratio.
+BARE_CPU=""
+measure() {
+    local name=$1
+    "$LOAD" --url "$URL" --requests "$WARMUP" --warmup 0 --concurrency "$CONCURRENCY" \
+        --max-tokens "$TOKENS" --threads "$CLIENT_THREADS" >/dev/null
+    local perf_pid=""
+    if [ "${PERF:-0}" = 1 ] && [ "$name" != bare ]; then
+        perf record -g -o "$OUT/perf-${name// /_}.data" -p "$PID" 2>/dev/null &
+        perf_pid=$!
+        sleep 0.5
+    fi
+    local before after line
+    before=$(ticks "$PID")
+    line=$("$LOAD" --url "$URL" --requests "$REQUESTS" --warmup 0 --concurrency "$CONCURRENCY" \
+        --max-tokens "$TOKENS" --threads "$CLIENT_THREADS")
+    after=$(ticks "$PID")
+    if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
+    echo "$name: $line" >>"$OUT/runs.log"
+    local errors rps p50 p99 events client cpu ratio
+    errors=$(field errors "$line")
+    rps=$(field rps "$line")
+    p50=$(field ttft_p50_us "$line")
+    p99=$(field ttft_p99_us "$line")
+    events=$(field events_per_request "$line")
+    client=$(field cpu_ticks "$line")
+    [ "$errors" = 0 ] || echo "$name: $errors errors" >&2
+    cpu=$(python3 -c "import sys; t, k, n = map(float, sys.argv[1:]); print(f'{t * 1e6 / k / n:.1f}')" \
+        "$((after - before))" "$TICK" "$REQUESTS")
+    client=$(python3 -c "import sys; t, k, n = map(float, sys.argv[1:]); print(f'{t * 1e6 / k / n:.1f}')" \
+        "$client" "$TICK" "$REQUESTS")
+    if [ -z "$BARE_CPU" ]; then BARE_CPU=$cpu; fi
+    ratio=$(python3 -c "import sys; a, b = map(float, sys.argv[1:]); print(f'{a / b:.2f}×')" "$cpu" "$BARE_CPU")
+    echo "| $name | $rps | $p50 | $p99 | $events | $cpu | $ratio | $client |"
+}
+
+: >"$OUT/runs.log"
+echo "<!-- $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(lscpu | sed -n 's/^Model name:[[:space:]]*//p'), load $(cut -d' ' -f1-3 /proc/loadavg); $REQUESTS requests after $WARMUP, concurrency $CONCURRENCY, $TOKENS tokens, step ${STEP_US} µs, server threads $THREADS, client threads $CLIENT_THREADS -->"
+echo
+echo "| server | requests/s | TTFT p50 (µs) | TTFT p99 (µs) | events/request | server CPU µs/request | ÷ bare | client CPU µs/request |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+
+start bare -- "$BARE" --addr 127.0.0.1:0 --threads "$THREADS"
+measure bare
+cleanup; PID=""
+
+start tether RUST_LOG= -- "$TETHER" serve --engine sim --step-us "$STEP_US" --addr 127.0.0.1:0 --threads "$THREADS"
+measure "tether serve"
+cleanup; PID=""
+
+start tether-quiet RUST_LOG=off -- "$TETHER" serve --engine sim --step-us "$STEP_US" --addr 127.0.0.1:0 --threads "$THREADS"
+measure "tether serve, log off"
+cleanup; PID=""
