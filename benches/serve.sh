@@ -34,7 +34,8 @@ export CARGO_PROFILE_RELEASE_DEBUG="${CARGO_PROFILE_RELEASE_DEBUG:-line-tables-o
 
 cargo build --release -p tether-cli
 cargo build --release -p tether-benches --bin bare_sse --bin sse_load
-TETHER="$TARGET/release/tether"
+# TETHER=path: measure another build of tether (an older commit's, to compare).
+TETHER="${TETHER:-$TARGET/release/tether}"
 BARE="$TARGET/release/bare_sse"
 LOAD="$TARGET/release/sse_load"
 TICK=$(getconf CLK_TCK)

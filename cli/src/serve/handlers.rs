@@ -243,8 +243,8 @@ impl Reply {
     }
 }
 
-fn data_event(value: &serde_json::Value) -> Event {
-    Event::default().data(value.to_string())
+fn data_event(json: &str) -> Event {
+    Event::default().data(json)
 }
 
 /// The SSE response: the chat role first, one event per chunk with text, then the end
@@ -308,7 +308,7 @@ async fn unary_reply(mut stream: ResponseStream, mut reply: Reply) -> Response {
             Err(End::Finished(reason, usage)) => {
                 text.push_str(&tail);
                 let body = reply.head.full(&text, reason, usage);
-                return ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response();
+                return ([(header::CONTENT_TYPE, JSON)], body).into_response();
             }
             Err(End::Failed(err)) => return err.into_response(),
         }
