@@ -4,13 +4,15 @@
 # streaming keep-alive load (benches/src/bin/sse_load.rs): the `serve` table of
 # BENCHMARKS.md.
 #
-#   benches/serve.sh                        # 20 000 requests after 2 000 of warm-up, concurrency 64
+#   benches/serve.sh                        # 3 rounds of 20 000 requests after 2 000 of warm-up, concurrency 64
 #   REQUESTS=5000 WARMUP=500 benches/serve.sh
-#   PERF=1 benches/serve.sh                 # also `perf record -g` tether serve's measured run
+#   PERF=1 benches/serve.sh                 # also `perf record` (dwarf call graphs) tether serve's first round
+#   TETHER=path/to/tether benches/serve.sh  # measure another build (an older commit's)
 #
-# Server CPU is utime+stime from /proc/PID/stat before and after the measured run (the
-# warm-up excluded), in clock ticks (`getconf CLK_TCK`), divided by the requests; the
-# client's own CPU per request is shown too (it shares the machine). Rows:
+# Server CPU is utime+stime from /proc/PID/stat before and after each measured round
+# (the warm-up excluded), in clock ticks (`getconf CLK_TCK`), divided by the requests;
+# each figure is the median of the rounds. The client's own CPU per request is shown
+# too (it shares the machine). Rows:
 # - bare: bare_sse, one write per event;
 # - tether serve: `--engine sim --step-us $STEP_US`, the default log filter (the access
 #   log, one line per request, on stderr, here to a file);
@@ -23,6 +25,7 @@ cd "$(dirname "$0")/.."
 
 REQUESTS="${REQUESTS:-20000}"
 WARMUP="${WARMUP:-2000}"
+ROUNDS="${ROUNDS:-3}"
 CONCURRENCY="${CONCURRENCY:-64}"
 TOKENS="${TOKENS:-16}"
 STEP_US="${STEP_US:-50}"
@@ -34,7 +37,6 @@ export CARGO_PROFILE_RELEASE_DEBUG="${CARGO_PROFILE_RELEASE_DEBUG:-line-tables-o
 
 cargo build --release -p tether-cli
 cargo build --release -p tether-benches --bin bare_sse --bin sse_load
-# TETHER=path: measure another build of tether (an older commit's, to compare).
 TETHER="${TETHER:-$TARGET/release/tether}"
 BARE="$TARGET/release/bare_sse"
 LOAD="$TARGET/release/sse_load"
@@ -69,47 +71,57 @@ start() {
     exit 1
 }
 
-# measure NAME: warm-up, then the measured run against $URL; prints a table row and
-# keeps the figures in BARE_CPU for the ratio.
+# measure NAME: warm-up, then ROUNDS measured runs against $URL; prints a table row
+# (medians over the rounds; the server CPU's min–max beside it) and keeps bare's CPU
+# per request in BARE_CPU for the ratio.
 BARE_CPU=""
 measure() {
-    local name=$1
+    local name=$1 runs="$OUT/rounds.txt"
     "$LOAD" --url "$URL" --requests "$WARMUP" --warmup 0 --concurrency "$CONCURRENCY" \
         --max-tokens "$TOKENS" --threads "$CLIENT_THREADS" >/dev/null
-    local perf_pid=""
-    if [ "${PERF:-0}" = 1 ] && [ "$name" != bare ]; then
-        perf record -g -o "$OUT/perf-${name// /_}.data" -p "$PID" 2>/dev/null &
-        perf_pid=$!
-        sleep 0.5
-    fi
-    local before after line
-    before=$(ticks "$PID")
-    line=$("$LOAD" --url "$URL" --requests "$REQUESTS" --warmup 0 --concurrency "$CONCURRENCY" \
-        --max-tokens "$TOKENS" --threads "$CLIENT_THREADS")
-    after=$(ticks "$PID")
-    if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
-    echo "$name: $line" >>"$OUT/runs.log"
-    local errors rps p50 p99 events client cpu ratio
-    errors=$(field errors "$line")
-    rps=$(field rps "$line")
-    p50=$(field ttft_p50_us "$line")
-    p99=$(field ttft_p99_us "$line")
-    events=$(field events_per_request "$line")
-    client=$(field cpu_ticks "$line")
-    [ "$errors" = 0 ] || echo "$name: $errors errors" >&2
-    cpu=$(python3 -c "import sys; t, k, n = map(float, sys.argv[1:]); print(f'{t * 1e6 / k / n:.1f}')" \
-        "$((after - before))" "$TICK" "$REQUESTS")
-    client=$(python3 -c "import sys; t, k, n = map(float, sys.argv[1:]); print(f'{t * 1e6 / k / n:.1f}')" \
-        "$client" "$TICK" "$REQUESTS")
-    if [ -z "$BARE_CPU" ]; then BARE_CPU=$cpu; fi
-    ratio=$(python3 -c "import sys; a, b = map(float, sys.argv[1:]); print(f'{a / b:.2f}×')" "$cpu" "$BARE_CPU")
-    echo "| $name | $rps | $p50 | $p99 | $events | $cpu | $ratio | $client |"
+    : >"$runs"
+    local perf_pid="" round before after line
+    for round in $(seq "$ROUNDS"); do
+        if [ "${PERF:-0}" = 1 ] && [ "$name" != bare ] && [ "$round" = 1 ]; then
+            perf record -F 4999 --call-graph dwarf,16384 -o "$OUT/perf-${name//[ ,]/_}.data" \
+                -p "$PID" 2>/dev/null &
+            perf_pid=$!
+            sleep 0.5
+        fi
+        before=$(ticks "$PID")
+        line=$("$LOAD" --url "$URL" --requests "$REQUESTS" --warmup 0 \
+            --concurrency "$CONCURRENCY" --max-tokens "$TOKENS" --threads "$CLIENT_THREADS")
+        after=$(ticks "$PID")
+        if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; perf_pid=""; fi
+        echo "$line server_ticks=$((after - before))" >>"$runs"
+        echo "$name: $line server_ticks=$((after - before))" >>"$OUT/runs.log"
+    done
+    local row
+    row=$(python3 - "$name" "$runs" "$TICK" "$REQUESTS" "${BARE_CPU:-0}" <<'PY'
+import statistics, sys
+name, path, tick, n, bare = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+runs = [dict(kv.split("=") for kv in line.split()) for line in open(path) if line.strip()]
+med = lambda k: statistics.median(float(r[k]) for r in runs)
+per_req = lambda ticks: ticks * 1e6 / tick / n
+cpu = [per_req(float(r["server_ticks"])) for r in runs]
+errors = sum(int(r["errors"]) for r in runs)
+if errors:
+    print(f"{name}: {errors} errors", file=sys.stderr)
+c = statistics.median(cpu)
+ratio = c / bare if bare else 1.0
+print(f"{c:.1f}\t| {name} | {med('rps'):.0f} | {med('ttft_p50_us'):.0f} | {med('ttft_p99_us'):.0f} "
+      f"| {med('events_per_request'):.0f} | **{c:.1f}** ({min(cpu):.0f}–{max(cpu):.0f}) | {ratio:.2f}× "
+      f"| {per_req(med('cpu_ticks')):.1f} |")
+PY
+)
+    if [ -z "$BARE_CPU" ]; then BARE_CPU=${row%%$'\t'*}; fi
+    echo "${row#*$'\t'}"
 }
 
 : >"$OUT/runs.log"
-echo "<!-- $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(lscpu | sed -n 's/^Model name:[[:space:]]*//p'), load $(cut -d' ' -f1-3 /proc/loadavg); $REQUESTS requests after $WARMUP, concurrency $CONCURRENCY, $TOKENS tokens, step ${STEP_US} µs, server threads $THREADS, client threads $CLIENT_THREADS -->"
+echo "<!-- $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(lscpu | sed -n 's/^Model name:[[:space:]]*//p'), load $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS rounds of $REQUESTS requests after $WARMUP, concurrency $CONCURRENCY, $TOKENS tokens, step ${STEP_US} µs, server threads $THREADS, client threads $CLIENT_THREADS -->"
 echo
-echo "| server | requests/s | TTFT p50 (µs) | TTFT p99 (µs) | events/request | server CPU µs/request | ÷ bare | client CPU µs/request |"
+echo "| server | requests/s | TTFT p50 (µs) | TTFT p99 (µs) | events/request | server CPU µs/request (min–max) | ÷ bare | client CPU µs/request |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 
 start bare -- "$BARE" --addr 127.0.0.1:0 --threads "$THREADS"
