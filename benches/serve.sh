@@ -8,6 +8,8 @@
 #   REQUESTS=5000 WARMUP=500 benches/serve.sh
 #   PERF=1 benches/serve.sh                 # also `perf record` (dwarf call graphs) tether serve's first round
 #   TETHER=path/to/tether benches/serve.sh  # measure another build (an older commit's)
+#   INSTR=1 benches/serve.sh                # also each server's user-space instructions
+#                                           # per request (callgrind; needs valgrind)
 #
 # Server CPU is utime+stime from /proc/PID/stat before and after each measured round
 # (the warm-up excluded), in clock ticks (`getconf CLK_TCK`), divided by the requests;
@@ -61,7 +63,7 @@ start() {
     shift
     env "${envs[@]}" "$@" >"$OUT/$name.stdout" 2>"$OUT/$name.stderr" &
     PID=$!
-    for _ in $(seq 200); do
+    for _ in $(seq 1200); do
         URL=$(grep -o 'http://[0-9.:]*' "$OUT/$name.stdout" 2>/dev/null | head -1 || true)
         [ -n "$URL" ] && return 0
         sleep 0.05
@@ -135,3 +137,47 @@ cleanup; PID=""
 start tether-quiet RUST_LOG=off -- "$TETHER" serve --engine sim --step-us "$STEP_US" --addr 127.0.0.1:0 --threads "$THREADS"
 measure "tether serve, log off"
 cleanup; PID=""
+
+# instr NAME COMMAND...: the server's user-space instructions per request, which unlike
+# CPU time do not move with the load on the machine: the server runs under callgrind,
+# whose counts are zeroed after a warm-up and dumped after $IREQUESTS requests (at
+# concurrency $CONCURRENCY; the kernel's work, the socket writes among it, is not
+# counted).
+instr() {
+    local name=$1; shift
+    local file="$OUT/callgrind-$name"
+    rm -f "$file".*
+    start "callgrind-$name" RUST_LOG="${LOG_FILTER:-}" -- \
+        valgrind --tool=callgrind --callgrind-out-file="$file.%p" "$@"
+    "$LOAD" --url "$URL" --requests "$IWARMUP" --warmup 0 --concurrency "$CONCURRENCY" \
+        --max-tokens "$TOKENS" >/dev/null
+    callgrind_control --zero "$PID" >/dev/null 2>&1
+    "$LOAD" --url "$URL" --requests "$IREQUESTS" --warmup 0 --concurrency "$CONCURRENCY" \
+        --max-tokens "$TOKENS" >/dev/null
+    callgrind_control --dump "$PID" >/dev/null 2>&1
+    local total
+    total=$(callgrind_annotate "$file.$PID.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+    cleanup; PID=""
+    echo "$total"
+}
+
+if [ "${INSTR:-0}" = 1 ]; then
+    command -v valgrind >/dev/null || { echo "valgrind not found" >&2; exit 1; }
+    IWARMUP="${IWARMUP:-300}"
+    IREQUESTS="${IREQUESTS:-2000}"
+    echo
+    echo "| server | user-space instructions per request (callgrind, $IREQUESTS requests after $IWARMUP) | ÷ bare |"
+    echo "|---|---:|---:|"
+    bare_i=$(instr bare "$BARE" --addr 127.0.0.1:0 --threads "$THREADS")
+    tether_i=$(LOG_FILTER="" instr tether "$TETHER" serve --engine sim --step-us "$STEP_US" \
+        --addr 127.0.0.1:0 --threads "$THREADS")
+    quiet_i=$(LOG_FILTER=off instr tether-quiet "$TETHER" serve --engine sim --step-us "$STEP_US" \
+        --addr 127.0.0.1:0 --threads "$THREADS")
+    python3 - "$IREQUESTS" "$bare_i" "$tether_i" "$quiet_i" <<'PY'
+import sys
+n = int(sys.argv[1])
+bare, tether, quiet = (int(v) / n for v in sys.argv[2:])
+for name, v in [("bare", bare), ("tether serve", tether), ("tether serve, log off", quiet)]:
+    print(f"| {name} | {f'{v:,.0f}'.replace(',', ' ')} | {v / bare:.2f}× |")
+PY
+fi
