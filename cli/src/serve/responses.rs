@@ -219,10 +219,86 @@ impl Head {
     }
 }
 
+/// The streamed chunks of one request that carry text and no finish reason (all but
+/// the chat role chunk and the last one): the JSON around the text is serialized once,
+/// when the stream starts, so each chunk only escapes its own text. Each chunk is
+/// byte for byte what [`Head::chunk`]`(text, None, false)` makes.
+#[derive(Clone, Debug)]
+pub(crate) struct TextChunks {
+    /// The chunk's JSON up to the text's opening quote.
+    before: String,
+    /// The chunk's JSON after the text's closing quote.
+    after: String,
+}
+
+impl TextChunks {
+    /// The chunks of the request `head` describes.
+    pub(crate) fn new(head: &Head) -> TextChunks {
+        // The text is the first string value of a chunk (`choices` comes first, and
+        // nothing before the text in it is a string), so the marker's first occurrence
+        // is the text's, whatever the id or the model name hold.
+        const MARK: &str = "\u{1}";
+        const MARK_JSON: &str = "\"\\u0001\"";
+        let whole = head.chunk(MARK, None, false);
+        let at = whole
+            .find(MARK_JSON)
+            .expect("a chunk holds its text as a JSON string");
+        TextChunks {
+            before: whole[..at].to_owned(),
+            after: whole[at + MARK_JSON.len()..].to_owned(),
+        }
+    }
+
+    /// The chunk carrying `text`, as JSON text.
+    pub(crate) fn chunk(&self, text: &str) -> String {
+        // Room for the quotes and a few escapes: a chunk is one allocation.
+        let mut out = Vec::with_capacity(self.before.len() + text.len() + 16 + self.after.len());
+        out.extend_from_slice(self.before.as_bytes());
+        serde_json::to_writer(&mut out, text).expect("a string serializes");
+        out.extend_from_slice(self.after.as_bytes());
+        String::from_utf8(out).expect("serde_json writes UTF-8")
+    }
+}
+
 /// The body of `GET /v1/models`.
 pub(crate) fn models_body(model: &str, created: u64) -> serde_json::Value {
     serde_json::json!({
         "object": "list",
         "data": [{"id": model, "object": "model", "created": created, "owned_by": "tether"}],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_chunks_are_head_chunks_byte_for_byte() {
+        let texts = [
+            "",
+            "a",
+            "say \"hi\" \\ back",
+            "\u{1}\u{0}\u{8}\t\n\u{b}\u{c}\r\u{1f}\u{7f}",
+            "终わり 🦀",
+            "\\u0001",
+        ];
+        for endpoint in [Endpoint::Completions, Endpoint::Chat] {
+            for model in ["sim", "we\"ird \u{1} \\u0001 model"] {
+                let head = Head {
+                    id: "cmpl-0123456789abcdef1".to_owned(),
+                    created: 1_796_000_000,
+                    model: model.to_owned(),
+                    endpoint,
+                };
+                let chunks = TextChunks::new(&head);
+                for text in texts {
+                    assert_eq!(
+                        chunks.chunk(text),
+                        head.chunk(text, None, false),
+                        "{text:?}"
+                    );
+                }
+            }
+        }
+    }
 }
