@@ -186,9 +186,17 @@ fn main() {
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--addr" => addr = args.next().and_then(|a| a.parse().ok()).expect("--addr ADDR"),
+            "--addr" => {
+                addr = args
+                    .next()
+                    .and_then(|a| a.parse().ok())
+                    .expect("--addr ADDR")
+            }
             "--threads" => {
-                threads = args.next().and_then(|a| a.parse().ok()).expect("--threads N");
+                threads = args
+                    .next()
+                    .and_then(|a| a.parse().ok())
+                    .expect("--threads N");
             }
             "--burst" => burst = true,
             other => {
