@@ -190,7 +190,7 @@ fn main() {
                 addr = args
                     .next()
                     .and_then(|a| a.parse().ok())
-                    .expect("--addr ADDR")
+                    .expect("--addr ADDR");
             }
             "--threads" => {
                 threads = args
