@@ -42,7 +42,7 @@ use super::api::{ChatRequest, CompletionRequest, Endpoint, Prepared};
 use super::error::{ApiError, OpenAiJson};
 use super::generation::{self, TokenClock};
 use super::metrics::RequestLabels;
-use super::responses::{self, openai_finish_reason, Head, UsageBody};
+use super::responses::{self, openai_finish_reason, Head, TextChunks, UsageBody};
 use super::stop::StopMatcher;
 use super::traceparent::Traceparent;
 use super::{tokenizer, App};
@@ -110,6 +110,7 @@ async fn run(
             let reply = Reply {
                 clock: TokenClock::new(&app),
                 head,
+                texts: None,
                 decoder: tokenizer::Utf8Decoder::new(),
                 stops: StopMatcher::new(&prepared.stops),
                 finish_asked: false,
@@ -132,6 +133,8 @@ async fn run(
 struct Reply {
     clock: TokenClock,
     head: Head,
+    /// A streamed reply's text chunks (`None`: a unary reply, which has none).
+    texts: Option<TextChunks>,
     decoder: tokenizer::Utf8Decoder,
     /// The request's stop strings, if it has any.
     stops: Option<StopMatcher>,
@@ -220,6 +223,14 @@ impl Reply {
         }
     }
 
+    /// A chunk carrying `text` and no finish reason, as JSON text.
+    fn text_chunk(&self, text: &str) -> String {
+        match &self.texts {
+            Some(texts) => texts.chunk(text),
+            None => self.head.chunk(text, None, false),
+        }
+    }
+
     /// The SSE events for `item`; `[DONE]` is the stream's trailer, not one of them.
     fn events(
         &mut self,
@@ -229,13 +240,13 @@ impl Reply {
         let mut tail = String::new();
         let events = match self.take(item, &mut tail) {
             Ok(text) if text.is_empty() => [None, None],
-            Ok(text) => [Some(data_event(&self.head.chunk(&text, None, false))), None],
+            Ok(text) => [Some(data_event(&self.text_chunk(&text))), None],
             Err(End::Finished(reason, usage)) => [
                 Some(data_event(&self.head.chunk(&tail, Some(reason), false))),
                 include_usage.then(|| data_event(&self.head.usage_chunk(usage))),
             ],
             Err(End::Failed(err)) => [
-                (!tail.is_empty()).then(|| data_event(&self.head.chunk(&tail, None, false))),
+                (!tail.is_empty()).then(|| data_event(&self.text_chunk(&tail))),
                 Some(Event::default().data(err.to_json())),
             ],
         };
@@ -243,8 +254,8 @@ impl Reply {
     }
 }
 
-fn data_event(value: &serde_json::Value) -> Event {
-    Event::default().data(value.to_string())
+fn data_event(json: &str) -> Event {
+    Event::default().data(json)
 }
 
 /// The SSE response: the chat role first, one event per chunk with text, then the end
@@ -256,6 +267,7 @@ fn stream_reply(
     include_usage: bool,
     app: &App,
 ) -> Response {
+    reply.texts = Some(TextChunks::new(&reply.head));
     // The role comes first, as OpenAI sends it.
     let role = (reply.head.endpoint == Endpoint::Chat)
         .then(|| data_event(&reply.head.chunk("", None, true)));
@@ -308,7 +320,7 @@ async fn unary_reply(mut stream: ResponseStream, mut reply: Reply) -> Response {
             Err(End::Finished(reason, usage)) => {
                 text.push_str(&tail);
                 let body = reply.head.full(&text, reason, usage);
-                return ([(header::CONTENT_TYPE, JSON)], body.to_string()).into_response();
+                return ([(header::CONTENT_TYPE, JSON)], body).into_response();
             }
             Err(End::Failed(err)) => return err.into_response(),
         }

@@ -79,11 +79,19 @@ where
 pub fn install(extra: Option<ExtraLayer>) -> Result<bool, ServeError> {
     let filter = filter_from_env()?;
     let ansi = std::io::stderr().is_terminal();
-    Ok(tracing_subscriber::registry()
-        .with(extra)
-        .with(lines(filter, std::io::stderr, ansi))
-        .try_init()
-        .is_ok())
+    // Not `.with(extra)` for both: an absent (`None`) layer is "interested in
+    // everything", so every span and event that passes the level hint (the adapter's
+    // `engine.generate` span on every request) would be built and recorded for nobody.
+    let installed = match extra {
+        Some(extra) => tracing_subscriber::registry()
+            .with(extra)
+            .with(lines(filter, std::io::stderr, ansi))
+            .try_init(),
+        None => tracing_subscriber::registry()
+            .with(lines(filter, std::io::stderr, ansi))
+            .try_init(),
+    };
+    Ok(installed.is_ok())
 }
 
 #[cfg(test)]
