@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # tether serve's CPU per request, against a bare hyper server that writes the same SSE
 # events with no engine and no tether (benches/src/bin/bare_sse.rs), under the same
-# streaming keep-alive load (benches/src/bin/sse_load.rs): the `serve` table of
-# BENCHMARKS.md.
+# streaming keep-alive load (`tether load --url`: completions, streamed, no chaos): the
+# `serve` table of BENCHMARKS.md.
 #
 #   benches/serve.sh                        # 3 rounds of 20 000 requests after 2 000 of warm-up, concurrency 64
 #   REQUESTS=5000 WARMUP=500 benches/serve.sh
@@ -38,10 +38,11 @@ TARGET="${CARGO_TARGET_DIR:-target}"
 export CARGO_PROFILE_RELEASE_DEBUG="${CARGO_PROFILE_RELEASE_DEBUG:-line-tables-only}"
 
 cargo build --release -p tether-cli
-cargo build --release -p tether-benches --bin bare_sse --bin sse_load
+cargo build --release -p tether-benches --bin bare_sse
 TETHER="${TETHER:-$TARGET/release/tether}"
 BARE="$TARGET/release/bare_sse"
-LOAD="$TARGET/release/sse_load"
+# The client is always this tree's `tether load --url` (TETHER may be an older server).
+CLIENT="$TARGET/release/tether"
 TICK=$(getconf CLK_TCK)
 OUT="$TARGET/tether-bench/serve"
 mkdir -p "$OUT"
@@ -49,6 +50,23 @@ mkdir -p "$OUT"
 PID=""
 cleanup() { if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; fi; }
 trap cleanup EXIT
+
+# load N: `tether load --url $URL` with N streamed completions of $TOKENS tokens at
+# $CONCURRENCY, no chaos; prints one line of key=value pairs: requests/s, client TTFT
+# p50/p99 in µs, tokens per request, the client's CPU in ticks, errors.
+load() {
+    local json
+    json=$("$CLIENT" load --url "$URL" --model sim --requests "$1" --concurrency "$CONCURRENCY" \
+        --max-tokens "$TOKENS" --endpoint completions --stream true --chaos none \
+        --threads "$CLIENT_THREADS" --no-progress --json) || true
+    python3 - "$TICK" "$json" <<'PY'
+import json, sys
+tick, r = float(sys.argv[1]), json.loads(sys.argv[2])
+print(f"rps={r['requests_per_s']:.1f} ttft_p50_us={r['ttft_ms']['p50'] * 1000:.0f} "
+      f"ttft_p99_us={r['ttft_ms']['p99'] * 1000:.0f} tokens_per_request={r['tokens'] / r['requests']:.2f} "
+      f"cpu_ticks={(r['cpu']['user_s'] + r['cpu']['system_s']) * tick:.0f} errors={sum(r['errors'].values())}")
+PY
+}
 
 # The server's utime+stime in ticks (fields 14 and 15; the command name has no spaces).
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -79,8 +97,7 @@ start() {
 BARE_CPU=""
 measure() {
     local name=$1 runs="$OUT/rounds.txt"
-    "$LOAD" --url "$URL" --requests "$WARMUP" --warmup 0 --concurrency "$CONCURRENCY" \
-        --max-tokens "$TOKENS" --threads "$CLIENT_THREADS" >/dev/null
+    load "$WARMUP" >/dev/null
     : >"$runs"
     local perf_pid="" round before after line
     for round in $(seq "$ROUNDS"); do
@@ -91,8 +108,7 @@ measure() {
             sleep 0.5
         fi
         before=$(ticks "$PID")
-        line=$("$LOAD" --url "$URL" --requests "$REQUESTS" --warmup 0 \
-            --concurrency "$CONCURRENCY" --max-tokens "$TOKENS" --threads "$CLIENT_THREADS")
+        line=$(load "$REQUESTS")
         after=$(ticks "$PID")
         if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; perf_pid=""; fi
         echo "$line server_ticks=$((after - before))" >>"$runs"
@@ -112,7 +128,7 @@ if errors:
 c = statistics.median(cpu)
 ratio = c / bare if bare else 1.0
 print(f"{c:.1f}\t| {name} | {med('rps'):.0f} | {med('ttft_p50_us'):.0f} | {med('ttft_p99_us'):.0f} "
-      f"| {med('events_per_request'):.0f} | **{c:.1f}** ({min(cpu):.0f}–{max(cpu):.0f}) | {ratio:.2f}× "
+      f"| {med('tokens_per_request'):.0f} | **{c:.1f}** ({min(cpu):.0f}–{max(cpu):.0f}) | {ratio:.2f}× "
       f"| {per_req(med('cpu_ticks')):.1f} |")
 PY
 )
@@ -123,7 +139,7 @@ PY
 : >"$OUT/runs.log"
 echo "<!-- $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(lscpu | sed -n 's/^Model name:[[:space:]]*//p'), load $(cut -d' ' -f1-3 /proc/loadavg); $ROUNDS rounds of $REQUESTS requests after $WARMUP, concurrency $CONCURRENCY, $TOKENS tokens, step ${STEP_US} µs, server threads $THREADS, client threads $CLIENT_THREADS -->"
 echo
-echo "| server | requests/s | TTFT p50 (µs) | TTFT p99 (µs) | events/request | server CPU µs/request (min–max) | ÷ bare | client CPU µs/request |"
+echo "| server | requests/s | TTFT p50 (µs) | TTFT p99 (µs) | tokens/request | server CPU µs/request (min–max) | ÷ bare | client CPU µs/request |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 
 start bare -- "$BARE" --addr 127.0.0.1:0 --threads "$THREADS"
@@ -149,11 +165,9 @@ instr() {
     rm -f "$file".*
     start "callgrind-$name" RUST_LOG="${LOG_FILTER:-}" -- \
         valgrind --tool=callgrind --callgrind-out-file="$file.%p" "$@"
-    "$LOAD" --url "$URL" --requests "$IWARMUP" --warmup 0 --concurrency "$CONCURRENCY" \
-        --max-tokens "$TOKENS" >/dev/null
+    load "$IWARMUP" >/dev/null
     callgrind_control --zero "$PID" >/dev/null 2>&1
-    "$LOAD" --url "$URL" --requests "$IREQUESTS" --warmup 0 --concurrency "$CONCURRENCY" \
-        --max-tokens "$TOKENS" >/dev/null
+    load "$IREQUESTS" >/dev/null
     callgrind_control --dump "$PID" >/dev/null 2>&1
     local total
     total=$(callgrind_annotate "$file.$PID.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
