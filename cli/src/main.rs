@@ -60,24 +60,7 @@ fn load_main(args: &LoadArgs, misplaced: &[&str]) -> ExitCode {
         load::run(&opts, !args.no_progress && !args.json)
     });
     match run {
-        Ok(report) => {
-            if args.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(json) => println!("{json}"),
-                    Err(e) => {
-                        eprintln!("tether load: cannot write the report: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", report.table());
-            }
-            if report.passed() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Ok(report) => print_report(&report, args.json, report.passed(), || report.table()),
         Err(err) => {
             eprintln!("tether load: error: {err}");
             usage_or_failure(err.is_usage())
@@ -87,28 +70,36 @@ fn load_main(args: &LoadArgs, misplaced: &[&str]) -> ExitCode {
 
 fn url_main(args: &LoadArgs, opts: &load::http::UrlOptions) -> ExitCode {
     match load::http::run_url(opts, !args.no_progress && !args.json) {
-        Ok(report) => {
-            if args.json {
-                match serde_json::to_string_pretty(&report) {
-                    Ok(json) => println!("{json}"),
-                    Err(e) => {
-                        eprintln!("tether load: cannot write the report: {e}");
-                        return ExitCode::FAILURE;
-                    }
-                }
-            } else {
-                print!("{}", report.table());
-            }
-            if report.passed() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
+        Ok(report) => print_report(&report, args.json, report.passed(), || report.table()),
         Err(err) => {
             eprintln!("tether load: error: {err}");
             usage_or_failure(err.is_usage())
         }
+    }
+}
+
+/// Print a load report (`--json` or its table); success when it `passed`.
+fn print_report(
+    report: &impl serde::Serialize,
+    json: bool,
+    passed: bool,
+    table: impl FnOnce() -> String,
+) -> ExitCode {
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("tether load: cannot write the report: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", table());
+    }
+    if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -226,30 +226,32 @@ impl Report {
             l.tasks,
             if l.is_clean() { "(clean)" } else { "(LEAK)" }
         );
-        if self.passed() {
-            let _ = writeln!(s, "  result      ok: every invariant held");
-        } else {
-            let _ = writeln!(
-                s,
-                "  result      FAILED: {} violations",
-                self.violations.len()
-            );
-            for v in self.violations.iter().take(SHOWN_VIOLATIONS) {
-                let _ = writeln!(s, "    - {v}");
-            }
-            if self.violations.len() > SHOWN_VIOLATIONS {
-                let _ = writeln!(
-                    s,
-                    "    ... and {} more (--json lists them all)",
-                    self.violations.len() - SHOWN_VIOLATIONS
-                );
-            }
-        }
+        write_result(&mut s, &self.violations);
         s
     }
 }
 
-fn join(counts: &BTreeMap<String, u64>) -> String {
+/// The table's last lines: `ok`, or the violations (the first [`SHOWN_VIOLATIONS`]).
+pub(crate) fn write_result(s: &mut String, violations: &[String]) {
+    if violations.is_empty() {
+        let _ = writeln!(s, "  result      ok: every invariant held");
+        return;
+    }
+    let _ = writeln!(s, "  result      FAILED: {} violations", violations.len());
+    for v in violations.iter().take(SHOWN_VIOLATIONS) {
+        let _ = writeln!(s, "    - {v}");
+    }
+    if violations.len() > SHOWN_VIOLATIONS {
+        let _ = writeln!(
+            s,
+            "    ... and {} more (--json lists them all)",
+            violations.len() - SHOWN_VIOLATIONS
+        );
+    }
+}
+
+/// Counts as `key value  key value`.
+pub(crate) fn join(counts: &BTreeMap<String, u64>) -> String {
     counts
         .iter()
         .map(|(k, v)| format!("{k} {v}"))

@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use super::check::{Check, CheckStatus, ClientCounts};
 use super::metrics::{MetricNames, Values};
-use crate::load::{Percentiles, PlanCounts, SHOWN_VIOLATIONS};
+use crate::load::report::{join, write_result};
+use crate::load::{Percentiles, PlanCounts};
 
 /// The load tool's own CPU time over the run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -184,33 +185,7 @@ impl UrlReport {
             };
             let _ = writeln!(s, "    {:<32} {status:<6} {}", check.name, check.detail);
         }
-        if self.passed() {
-            let _ = writeln!(s, "  result      ok: every invariant held");
-        } else {
-            let _ = writeln!(
-                s,
-                "  result      FAILED: {} violations",
-                self.violations.len()
-            );
-            for v in self.violations.iter().take(SHOWN_VIOLATIONS) {
-                let _ = writeln!(s, "    - {v}");
-            }
-            if self.violations.len() > SHOWN_VIOLATIONS {
-                let _ = writeln!(
-                    s,
-                    "    ... and {} more (--json lists them all)",
-                    self.violations.len() - SHOWN_VIOLATIONS
-                );
-            }
-        }
+        write_result(&mut s, &self.violations);
         s
     }
-}
-
-fn join(counts: &BTreeMap<String, u64>) -> String {
-    counts
-        .iter()
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect::<Vec<_>>()
-        .join("  ")
 }
