@@ -1,17 +1,8 @@
 //! The `tether` binary: exit codes and output formats.
 
-use std::process::{Command, Output};
+mod serve_support;
 
-fn tether(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(args)
-        .output()
-        .expect("run tether")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use serve_support::{stderr, tether};
 
 #[test]
 fn bad_arguments_exit_2_with_a_message() {

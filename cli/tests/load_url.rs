@@ -5,7 +5,6 @@
 
 mod serve_support;
 
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -479,17 +478,6 @@ async fn the_tether_preset_against_vllm_has_nothing_to_check() {
     assert_eq!(statuses(&r), [CheckStatus::NotAvailable; 3]);
     assert!(r.passed(), "no broken invariant: {}", r.table());
     assert_eq!(r.metrics_after.as_ref().unwrap().in_flight, None);
-}
-
-fn tether(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args(args)
-        .output()
-        .expect("run tether")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[test]

@@ -624,3 +624,16 @@ pub fn stop_serve(mut child: Child, limit: Duration) -> String {
     assert_eq!(status.code(), Some(0), "{stderr}");
     stderr
 }
+
+/// Run the `tether` binary with `args` to its end.
+pub fn tether(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(args)
+        .output()
+        .expect("run tether")
+}
+
+/// A finished run's stderr, as text.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}

@@ -21,6 +21,17 @@ pub enum CheckStatus {
     NotAvailable,
 }
 
+impl CheckStatus {
+    /// `Passed` when the compared numbers agree (`held`), `Failed` otherwise.
+    fn judged(held: bool) -> CheckStatus {
+        if held {
+            CheckStatus::Passed
+        } else {
+            CheckStatus::Failed
+        }
+    }
+}
+
 /// One named check and what it compared.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Check {
@@ -59,11 +70,7 @@ pub(crate) fn checks(before: &Values, after: &Values, client: ClientCounts) -> V
     out.push(match (before.in_flight, after.in_flight) {
         (Some(b), Some(a)) => Check {
             name: "in_flight_returned",
-            status: if a == b {
-                CheckStatus::Passed
-            } else {
-                CheckStatus::Failed
-            },
+            status: CheckStatus::judged(a == b),
             detail: format!("in-flight gauge {b} before, {a} after"),
         },
         _ => Check {
@@ -86,11 +93,7 @@ pub(crate) fn checks(before: &Values, after: &Values, client: ClientCounts) -> V
                 && (0..=client.left_unary as i64).contains(&unseen);
             Check {
                 name: "cancellations_match_disconnects",
-                status: if ok {
-                    CheckStatus::Passed
-                } else {
-                    CheckStatus::Failed
-                },
+                status: CheckStatus::judged(ok),
                 detail: format!(
                     "disconnects made {d} = cancelled for client disconnect {c} + finished \
                      before the disconnect {early} + never started {unseen} (unary, at most {})",
@@ -112,11 +115,7 @@ pub(crate) fn checks(before: &Values, after: &Values, client: ClientCounts) -> V
             let t = t.unwrap_or(0);
             Check {
                 name: "aborts_match_cancellations",
-                status: if a == c + t {
-                    CheckStatus::Passed
-                } else {
-                    CheckStatus::Failed
-                },
+                status: CheckStatus::judged(a == c + t),
                 detail: format!(
                     "aborts {a} = cancellations for client disconnect {c} + server timeouts {t}"
                 ),
