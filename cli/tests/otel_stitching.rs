@@ -10,17 +10,16 @@
 //! child of the prefill span.
 #![cfg(feature = "otel")]
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+mod otel_support;
+
+use std::sync::Arc;
 
 use futures_util::StreamExt;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use opentelemetry_proto::tonic::trace::v1::{Span, SpanFlags};
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use prost::Message;
 use tether_cli::serve::otel::{self, OtelTraceIds};
 use tether_core::protocol::RawTraceLink;
 use tether_core::{
@@ -31,62 +30,7 @@ use tether_engines::{SimConfig, SimEngine};
 use tether_tokio::TokioRuntime;
 use tracing_subscriber::layer::SubscriberExt;
 
-/// An OTLP/HTTP collector on 127.0.0.1, on a runtime of its own: it keeps every
-/// export request's body and answers with an empty export response.
-struct Collector {
-    addr: SocketAddr,
-    bodies: Arc<Mutex<Vec<Vec<u8>>>>,
-    _rt: tokio::runtime::Runtime,
-}
-
-impl Collector {
-    fn start() -> Collector {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-        let sink = bodies.clone();
-        let addr = rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let app = axum::Router::new().route(
-                "/v1/traces",
-                axum::routing::post(move |body: axum::body::Bytes| {
-                    let sink = sink.clone();
-                    async move {
-                        sink.lock().unwrap().push(body.to_vec());
-                        (
-                            [("content-type", "application/x-protobuf")],
-                            Vec::<u8>::new(),
-                        )
-                    }
-                }),
-            );
-            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-            addr
-        });
-        Collector {
-            addr,
-            bodies,
-            _rt: rt,
-        }
-    }
-
-    /// Every span received so far, decoded.
-    fn spans(&self) -> Vec<Span> {
-        self.bodies
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|body| ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf"))
-            .flat_map(|req| req.resource_spans)
-            .flat_map(|rs| rs.scope_spans)
-            .flat_map(|ss| ss.spans)
-            .collect()
-    }
-}
+use otel_support::Collector;
 
 /// The export pipeline of `tether serve --otlp-endpoint` (OTLP/HTTP protobuf, batch
 /// processor, [`otel::layer`]) to a fresh [`Collector`], with the layer as this

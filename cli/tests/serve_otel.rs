@@ -5,15 +5,15 @@
 //! trace is `otel_stitching.rs`.
 #![cfg(feature = "otel")]
 
+mod otel_support;
 mod serve_support;
 
-use std::process::Command;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry::Value;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, Sampler, SdkTracerProvider, SpanData};
+use otel_support::Collector;
 use serde_json::json;
 use serve_support::*;
 use tether_cli::serve::otel::OtelTraceIds;
@@ -128,29 +128,9 @@ fn the_binary_exports_over_otlp_http() {
         .enable_all()
         .build()
         .unwrap();
-    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
-    let collector = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let sink = received.clone();
-        let app = axum::Router::new().route(
-            "/v1/traces",
-            axum::routing::post(move |body: axum::body::Bytes| {
-                let sink = sink.clone();
-                async move {
-                    sink.lock().unwrap().push(body.to_vec());
-                    (
-                        [("content-type", "application/x-protobuf")],
-                        Vec::<u8>::new(),
-                    )
-                }
-            }),
-        );
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    });
-    let endpoint = format!("http://{collector}");
-    let (mut child, addr) = spawn_serve(&["--addr", "127.0.0.1:0", "--otlp-endpoint", &endpoint]);
+    let collector = Collector::start();
+    let endpoint = format!("http://{}", collector.addr);
+    let (child, addr) = spawn_serve(&["--addr", "127.0.0.1:0", "--otlp-endpoint", &endpoint]);
     rt.block_on(async {
         let resp = reqwest::Client::new()
             .post(format!("http://{addr}/v1/completions"))
@@ -163,23 +143,10 @@ fn the_binary_exports_over_otlp_http() {
         assert_eq!(resp.status(), 200);
         resp.text().await.unwrap();
     });
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "tether serve did not exit");
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    assert_eq!(status.code(), Some(0));
+    stop_serve(child, Duration::from_secs(20));
     // The batch was flushed at shutdown: one protobuf export naming the span and
     // carrying the link's raw trace id.
-    let bodies = received.lock().unwrap().concat();
+    let bodies = collector.bytes();
     let contains = |needle: &[u8]| bodies.windows(needle.len()).any(|w| w == needle);
     assert!(
         contains(b"engine.generate"),
