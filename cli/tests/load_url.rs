@@ -94,14 +94,7 @@ async fn every_invariant_holds_against_tether_serve_with_server_chaos() {
         allow_server_chaos: true,
         ..options(&t.base)
     };
-    let r = within(
-        Duration::from_secs(60),
-        run_url_on(&opts, ProgressBar::hidden()),
-    )
-    .await
-    .unwrap();
-    assert!(r.passed(), "{}", r.table());
-    assert_eq!(statuses(&r), [CheckStatus::Passed; 3], "{}", r.table());
+    let r = run_passing(&opts, Duration::from_secs(60)).await;
     assert!(r.settled);
     let (_, p) = opts.plan();
     assert_eq!(r.plan, p);
@@ -155,14 +148,7 @@ async fn streamed_disconnects_are_all_counted_by_tether_serve() {
         },
         ..options(&t.base)
     };
-    let r = within(
-        Duration::from_secs(60),
-        run_url_on(&opts, ProgressBar::hidden()),
-    )
-    .await
-    .unwrap();
-    assert!(r.passed(), "{}", r.table());
-    assert_eq!(statuses(&r), [CheckStatus::Passed; 3]);
+    let r = run_passing(&opts, Duration::from_secs(60)).await;
     // Streamed requests are never left before the server started them.
     assert_eq!(r.client.left_unary, 0);
     let (_, p) = opts.plan();
@@ -195,14 +181,7 @@ async fn the_api_key_is_sent_as_a_bearer_token() {
         api_key: Some("sekrit".to_owned()),
         ..options(&t.base)
     };
-    let r = within(
-        Duration::from_secs(30),
-        run_url_on(&opts, ProgressBar::hidden()),
-    )
-    .await
-    .unwrap();
-    assert!(r.passed(), "{}", r.table());
-    assert_eq!(statuses(&r), [CheckStatus::Passed; 3]);
+    run_passing(&opts, Duration::from_secs(30)).await;
     // Without it the model cannot be asked for: the server is unreachable (exit 1).
     let err = run_url_on(&options(&t.base), ProgressBar::hidden())
         .await
@@ -426,6 +405,16 @@ async fn preset_run(metrics_text: fn(u64) -> String, preset: Preset) -> UrlRepor
     )
     .await
     .unwrap()
+}
+
+/// Run `opts` within `limit`; every invariant must hold and every check pass.
+async fn run_passing(opts: &UrlOptions, limit: Duration) -> UrlReport {
+    let r = within(limit, run_url_on(opts, ProgressBar::hidden()))
+        .await
+        .unwrap();
+    assert!(r.passed(), "{}", r.table());
+    assert_eq!(statuses(&r), [CheckStatus::Passed; 3], "{}", r.table());
+    r
 }
 
 fn assert_gauge_only(r: &UrlReport, in_flight: f64) {
