@@ -204,6 +204,8 @@ pub struct Gauges {
     pub kv_blocks: usize,
     /// TinyEngine: bytes of KV cache held (0 for SimEngine).
     pub kv_bytes: usize,
+    /// Requests accepted by `generate` since the engine was created.
+    pub accepted: u64,
     /// `abort` calls received.
     pub aborts_received: u64,
     /// SimEngine: aborts that could only be a protocol error (TinyEngine cannot tell: 0).
@@ -240,6 +242,7 @@ impl Engine {
                     queue_len: g.queue_len,
                     kv_blocks: g.kv_blocks_used,
                     kv_bytes: 0,
+                    accepted: g.accepted,
                     aborts_received: g.aborts_received,
                     late_aborts: g.late_aborts,
                     lingering: g.lingering,
@@ -252,6 +255,7 @@ impl Engine {
                     queue_len: g.queue_len,
                     kv_blocks: 0,
                     kv_bytes: g.kv_bytes,
+                    accepted: g.accepted,
                     aborts_received: g.aborts_received,
                     late_aborts: 0,
                     lingering: 0,

@@ -103,7 +103,7 @@ use tower_http::request_id::PropagateRequestIdLayer;
 use tower_http::validate_request::ValidateRequestHeaderLayer;
 
 pub use crate::engine::EngineKind;
-pub use args::{run, ServeArgs};
+pub use args::{log_engine_abort, run, ServeArgs, ENGINE_LOG_TARGET};
 pub use auth::ApiKey;
 pub use metrics::{EngineGauges, GaugeFn, Metrics};
 pub use ops::LivenessFn;
@@ -245,7 +245,9 @@ impl From<Engine> for ServedEngine {
                 EngineGauges {
                     live_sequences: g.live_sequences as u64,
                     queue_length: g.queue_len as u64,
+                    accepted: g.accepted,
                     aborts_received: g.aborts_received,
+                    late_aborts: g.late_aborts,
                 }
             })),
         }

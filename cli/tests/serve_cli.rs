@@ -73,6 +73,8 @@ fn bad_serve_arguments_exit_2() {
         (vec!["--max-tokens-limit", "-1"], "-1"),
         (vec!["--device", "tpu"], "tpu"),
         (vec!["--device", "cuda"], "needs --engine tiny"),
+        (vec!["--max-seqs", "0"], "max_sequences must be at least 1"),
+        (vec!["--prefill-ns", "-5"], "-5"),
         // Checked once the address is bound: any free port.
         (
             vec![

@@ -211,10 +211,19 @@ async fn tether_debug_logs_a_cut_streams_cancellation_once() {
         " DEBUG tether: abort sent ",
         " DEBUG tether: stream complete ",
         " INFO tether::access: method=POST path=/v1/completions status=200 ",
+        // The engine's own side, logged by its abort hook.
+        " DEBUG tether::engine: engine abort received request_id=cmpl-1 receipt=",
     ] {
         assert_eq!(message(m), 1, "{m:?} in\n{stderr}");
     }
-    assert_eq!(mine.len(), 5, "{stderr}");
+    assert_eq!(mine.len(), 6, "{stderr}");
+    // The stream is dropped on the consumer's thread as the abort is spawned: the abort
+    // finds the sequence dropped (almost always) or still live, never unknown (late).
+    let engine = mine.iter().find(|l| l.contains("tether::engine")).unwrap();
+    assert!(
+        engine.ends_with(" receipt=\"after_end\"") || engine.ends_with(" receipt=\"live\""),
+        "{engine}"
+    );
     let complete = mine.iter().find(|l| l.contains("stream complete")).unwrap();
     for field in [
         "outcome=\"cancelled\"",

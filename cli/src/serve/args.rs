@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_core::Runtime;
-use tether_engines::{SimConfig, TinyConfig};
+use tether_engines::{AbortHook, AbortReceipt, SimConfig, TinyConfig};
 
 use super::{ApiKey, ServeConfig, ServeError, ServedEngine};
 use crate::engine::{EngineArgs, EngineKind, EngineSpec};
@@ -71,6 +71,14 @@ pub struct ServeArgs {
     /// SimEngine: time of one decode step, in microseconds.
     #[arg(long, default_value_t = 1000)]
     pub step_us: u64,
+    /// SimEngine: prefill time per prompt token, in nanoseconds (a step that admits a
+    /// prompt takes that much longer, and sends nothing meanwhile).
+    #[arg(long, default_value_t = 1000)]
+    pub prefill_ns: u64,
+    /// Engine: sequences in the batch; more requests wait in the engine's queue
+    /// [default: 256; 32 with --engine tiny].
+    #[arg(long)]
+    pub max_seqs: Option<usize>,
     /// Seed of the engine (SimEngine's tokens, TinyEngine's weights).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -153,21 +161,48 @@ impl ServeArgs {
                 // ASCII only: every token decodes to a character on its own.
                 vocab_size: 128,
                 decode_step_cost: Duration::from_micros(self.step_us),
+                prefill_cost_per_token: Duration::from_nanos(self.prefill_ns),
+                max_sequences: self.max_seqs.unwrap_or(spec.sim.max_sequences),
                 seed: self.seed,
                 ..spec.sim
             },
             tiny: TinyConfig {
                 seed: self.seed,
+                max_sequences: self.max_seqs.unwrap_or(spec.tiny.max_sequences),
                 ..spec.tiny
             },
             ..spec
         }
     }
 
-    /// Build the engine these arguments ask for, on `runtime`.
+    /// Build the engine these arguments ask for, on `runtime`, logging every abort it
+    /// receives ([`log_engine_abort`]).
     pub fn engine(&self, runtime: Arc<dyn Runtime>) -> ServedEngine {
-        ServedEngine::from(self.engine_spec().build(runtime, None))
+        let hook: AbortHook = Arc::new(log_engine_abort);
+        ServedEngine::from(self.engine_spec().build(runtime, Some(hook)))
     }
+}
+
+/// The target of [`log_engine_abort`]'s event.
+pub const ENGINE_LOG_TARGET: &str = "tether::engine";
+
+/// The engine's side of an abort, logged by the engine itself the moment it handled
+/// it: a debug event `engine abort received` (target [`ENGINE_LOG_TARGET`]) with the
+/// `request_id` and what the abort found (`receipt`: `live`, `after_end` or `late`).
+/// Its timestamp, against the moment a client went away, is the disconnect-to-abort
+/// latency `deploy/nginx/e2e` measures through a proxy (`RUST_LOG=tether::engine=debug`).
+pub fn log_engine_abort(request_id: &str, receipt: AbortReceipt) {
+    let receipt = match receipt {
+        AbortReceipt::Live => "live",
+        AbortReceipt::AfterEnd => "after_end",
+        AbortReceipt::Late => "late",
+    };
+    tracing::debug!(
+        target: ENGINE_LOG_TARGET,
+        request_id = %request_id,
+        receipt,
+        "engine abort received"
+    );
 }
 
 /// A background smol executor for the adapter and the engine, stopped on drop.
@@ -359,4 +394,52 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
         otel.shutdown();
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    fn spec_of(args: &[&str]) -> EngineSpec {
+        let argv = std::iter::once("serve").chain(args.iter().copied());
+        Cli::try_parse_from(argv).unwrap().args.engine_spec()
+    }
+
+    #[test]
+    fn engine_flags_reach_the_engines_config() {
+        let default = spec_of(&[]);
+        assert_eq!(
+            default.sim.max_sequences,
+            SimConfig::default().max_sequences
+        );
+        assert_eq!(
+            default.sim.prefill_cost_per_token,
+            Duration::from_nanos(1000)
+        );
+        assert_eq!(default.sim.decode_step_cost, Duration::from_micros(1000));
+        assert_eq!(
+            default.tiny.max_sequences,
+            TinyConfig::default().max_sequences
+        );
+        let set = spec_of(&[
+            "--max-seqs",
+            "3",
+            "--prefill-ns",
+            "250000",
+            "--step-us",
+            "5000",
+        ]);
+        assert_eq!(set.sim.max_sequences, 3);
+        assert_eq!(set.sim.prefill_cost_per_token, Duration::from_micros(250));
+        assert_eq!(set.sim.decode_step_cost, Duration::from_millis(5));
+        assert_eq!(set.tiny.max_sequences, 3);
+    }
 }

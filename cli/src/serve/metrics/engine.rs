@@ -1,5 +1,8 @@
 //! The engine's own gauges in `/metrics` ([`EngineGauges`], read through a
-//! [`GaugeFn`] at every scrape): live sequences, queue length, aborts received.
+//! [`GaugeFn`] at every scrape): live sequences, queue length, requests accepted,
+//! aborts received and late aborts. They are the engine's books, kept apart from
+//! tether's own counters, so that `/metrics` can show the two agree (every abort tether
+//! sent was received, none twice; no request was accepted twice behind a proxy).
 //!
 //! Owns the collector that encodes them; nothing here counts requests.
 
@@ -18,8 +21,14 @@ pub struct EngineGauges {
     pub live_sequences: u64,
     /// Requests waiting for one.
     pub queue_length: u64,
+    /// Requests the engine's `generate` accepted since it was created.
+    pub accepted: u64,
     /// `abort` calls the engine received.
     pub aborts_received: u64,
+    /// Aborts that found nothing the engine could still expect an abort for: a second
+    /// abort of one request, or one for an id it never saw (SimEngine tells them
+    /// apart; 0 for an engine that cannot).
+    pub late_aborts: u64,
 }
 
 /// Reads an engine's gauges.
@@ -51,13 +60,32 @@ impl Collector for EngineCollector {
             None,
             queue.metric_type(),
         )?)?;
-        let aborts = ConstCounter::new(g.aborts_received);
-        aborts.encode(encoder.encode_descriptor(
-            "engine_aborts_received",
-            "Aborts the engine received",
-            None,
-            aborts.metric_type(),
-        )?)?;
+        let counters = [
+            (
+                "engine_requests_accepted",
+                "Requests the engine's generate accepted",
+                g.accepted,
+            ),
+            (
+                "engine_aborts_received",
+                "Aborts the engine received",
+                g.aborts_received,
+            ),
+            (
+                "engine_late_aborts",
+                "Aborts that found nothing to abort: a second abort of a request, or one for an unknown id",
+                g.late_aborts,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
         Ok(())
     }
 }

@@ -54,7 +54,9 @@ fn records_land_in_their_series() {
     let m = Arc::new(Metrics::new(Some(Arc::new(|| EngineGauges {
         live_sequences: 2,
         queue_length: 1,
+        accepted: 9,
         aborts_received: 5,
+        late_aborts: 3,
     }))));
     let obs = MetricsObserver(m.clone());
     let done = Duration::from_millis(3);
@@ -87,6 +89,9 @@ fn records_land_in_their_series() {
         "tether_http_responses_total{endpoint=\"/v1/completions\",status=\"200\"} 1",
         "tether_engine_live_sequences 2",
         "tether_engine_aborts_received_total 5",
+        "tether_engine_requests_accepted_total 9",
+        "tether_engine_late_aborts_total 3",
+        "tether_engine_queue_length 1",
     ] {
         assert!(
             text.lines().any(|l| l == line),
