@@ -169,6 +169,41 @@ async fn streamed_disconnects_are_all_counted_by_tether_serve() {
     t.settled().await;
 }
 
+/// Behind a proxy the metrics are every worker's, summed: the run loads one server and
+/// reads its `/metrics` and another's (which finished 5 requests before the run), and
+/// every value it reads is the sum of the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_urls_are_read_instead_of_the_server_and_summed() {
+    let loaded = start_with(chaos_config(), fast_sim()).await;
+    let other = start_with(chaos_config(), fast_sim()).await;
+    for _ in 0..5 {
+        let body = json!({"model": "sim", "prompt": "hi", "max_tokens": 3});
+        assert_eq!(other.post("/v1/completions", &body).await.status(), 200);
+    }
+    let opts = UrlOptions {
+        chaos: ChaosRates {
+            drop: 0.2,
+            ..ChaosRates::NONE
+        },
+        metrics_urls: vec![
+            format!("{}/metrics", loaded.base),
+            format!("{}/metrics/", other.base),
+        ],
+        ..options(&loaded.base)
+    };
+    let r = run_passing(&opts, Duration::from_secs(60)).await;
+    let before = r.metrics_before.as_ref().expect("scraped before");
+    let after = r.metrics_after.as_ref().expect("scraped after");
+    assert_eq!(before.finished, Some(5.0));
+    assert_eq!(before.requests, Some(5.0));
+    let m = loaded.server.metrics();
+    assert_eq!(after.finished, Some(m.outcome("finished") as f64 + 5.0));
+    assert_eq!(after.aborts, Some(m.aborts() as f64));
+    assert!(m.aborts() > 0);
+    assert_eq!(other.server.metrics().aborts(), 0);
+    loaded.settled().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_key_is_sent_as_a_bearer_token() {
     let config = ServeConfig {
@@ -472,7 +507,7 @@ async fn the_tether_preset_against_vllm_has_nothing_to_check() {
 #[test]
 fn bad_url_arguments_exit_2_with_a_message() {
     let url = "http://127.0.0.1:9";
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 13] = [
         (
             &["load", "--url", "localhost:8000"],
             "--url `localhost:8000`",
@@ -501,6 +536,18 @@ fn bad_url_arguments_exit_2_with_a_message() {
             "--endpoint only apply with --url",
         ),
         (&["load", "--url", url, "--stream", "maybe"], "maybe"),
+        (
+            &["load", "--url", url, "--metrics-url", "http://x:1"],
+            "--metrics-url `http://x:1` must have a path",
+        ),
+        (
+            &["load", "--url", url, "--metrics-url", "ftp://x:1/metrics"],
+            "is not an http:// URL",
+        ),
+        (
+            &["load", "--metrics-url", "http://x:1/metrics"],
+            "--metrics-url only apply with --url",
+        ),
     ];
     for (args, needle) in cases {
         let out = tether(args);

@@ -159,6 +159,11 @@ pub struct UrlArgs {
     /// Counter of engine aborts the server sent (`none` to skip).
     #[arg(long, value_name = "NAME")]
     pub metric_aborts: Option<String>,
+    /// Read the metrics from this `/metrics` URL instead of the server's own
+    /// (`http://host:port/metrics`); repeatable: the values of every URL given are
+    /// summed. Behind a proxy in front of several workers, give each worker's.
+    #[arg(long = "metrics-url", value_name = "URL")]
+    pub metrics_urls: Vec<String>,
     /// The longest one request may take; then it is dropped (an error `timeout`).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub request_timeout: Duration,
@@ -187,7 +192,7 @@ const IN_PROCESS_ONLY: [(&str, &str); 12] = [
 ];
 
 /// The flags (argument id, flag) that only a `--url` run takes.
-const URL_ONLY: [(&str, &str); 14] = [
+const URL_ONLY: [(&str, &str); 15] = [
     ("endpoint", "--endpoint"),
     ("stream", "--stream"),
     ("model", "--model"),
@@ -200,6 +205,7 @@ const URL_ONLY: [(&str, &str); 14] = [
     ("metric_cancellations", "--metric-cancellations"),
     ("metric_timeouts", "--metric-timeouts"),
     ("metric_aborts", "--metric-aborts"),
+    ("metrics_urls", "--metrics-url"),
     ("request_timeout", "--request-timeout"),
     ("unary_disconnect_within", "--unary-disconnect-within"),
 ];
@@ -362,6 +368,7 @@ impl LoadArgs {
             settle_timeout: h.settle_timeout,
             preset: Some(h.preset),
             metrics,
+            metrics_urls: h.metrics_urls.clone(),
         };
         opts.validate()?;
         Ok(Some(opts))

@@ -105,6 +105,9 @@ pub struct UrlOptions {
     pub preset: Option<Preset>,
     /// The metrics the checks read.
     pub metrics: MetricNames,
+    /// Where the metrics are read: `{url}/metrics` when empty, else each of these
+    /// `/metrics` URLs, summed (the workers behind a proxy).
+    pub metrics_urls: Vec<String>,
 }
 
 impl Default for UrlOptions {
@@ -128,6 +131,7 @@ impl Default for UrlOptions {
             settle_timeout: Duration::from_secs(10),
             preset: Some(Preset::Tether),
             metrics: Preset::Tether.names(),
+            metrics_urls: Vec::new(),
         }
     }
 }
@@ -135,32 +139,26 @@ impl Default for UrlOptions {
 impl UrlOptions {
     /// The base URL without a trailing `/`, checked: `http://host[:port]`.
     pub fn base(&self) -> Result<String, LoadError> {
-        let bad = |why: &str| {
-            Err(LoadError::InvalidOptions(format!(
-                "--url `{}` {why} (expected http://host:port)",
-                self.url
-            )))
-        };
-        let url = self.url.trim_end_matches('/');
-        let Ok(uri) = url.parse::<hyper::Uri>() else {
-            return bad("is not a URL");
-        };
-        if uri.scheme_str() != Some("http") {
-            return bad("is not an http:// URL (https is not supported)");
+        checked_url("--url", &self.url, false)
+    }
+
+    /// The `/metrics` URLs to scrape (the server's own unless `metrics_urls` are
+    /// given), checked.
+    pub fn metrics_urls(&self) -> Result<Vec<String>, LoadError> {
+        if self.metrics_urls.is_empty() {
+            return Ok(vec![format!("{}/metrics", self.base()?)]);
         }
-        if uri.authority().is_none_or(|a| a.host().is_empty()) {
-            return bad("has no host");
-        }
-        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-            return bad("must not have a path");
-        }
-        Ok(url.to_owned())
+        self.metrics_urls
+            .iter()
+            .map(|u| checked_url("--metrics-url", u, true))
+            .collect()
     }
 
     /// Check the options; the error says what to change.
     pub fn validate(&self) -> Result<(), LoadError> {
         let bad = |msg: String| Err(LoadError::InvalidOptions(msg));
         self.base()?;
+        self.metrics_urls()?;
         if self.concurrency == 0 || self.threads == 0 {
             return bad("--concurrency and --threads must be at least 1".to_owned());
         }
@@ -226,6 +224,40 @@ pub fn run_url(opts: &UrlOptions, progress: bool) -> Result<UrlReport, LoadError
         .block_on(run_url_on(opts, bar))
 }
 
+/// `url` checked as an `http://host[:port]` URL with a path only if `with_path`
+/// (`flag` names it in the error); returned without a trailing `/`.
+fn checked_url(flag: &str, url: &str, with_path: bool) -> Result<String, LoadError> {
+    let expected = if with_path {
+        "http://host:port/path"
+    } else {
+        "http://host:port"
+    };
+    let bad = |why: &str| {
+        Err(LoadError::InvalidOptions(format!(
+            "{flag} `{url}` {why} (expected {expected})"
+        )))
+    };
+    let trimmed = url.trim_end_matches('/');
+    let Ok(uri) = trimmed.parse::<hyper::Uri>() else {
+        return bad("is not a URL");
+    };
+    if uri.scheme_str() != Some("http") {
+        return bad("is not an http:// URL (https is not supported)");
+    }
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return bad("has no host");
+    }
+    let has_path = !matches!(uri.path(), "" | "/");
+    if has_path != with_path || uri.query().is_some() {
+        return bad(if with_path {
+            "must have a path and no query"
+        } else {
+            "must not have a path"
+        });
+    }
+    Ok(trimmed.to_owned())
+}
+
 /// A cheap seeded draw for request `index` (the endpoint and stream mixes).
 fn draw(seed: u64, index: usize, salt: u64) -> bool {
     let mut z = (seed ^ salt).wrapping_add((index as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
@@ -286,24 +318,27 @@ fn job(opts: &UrlOptions, base: &str, model: &str, index: usize, planned: &Plann
     }
 }
 
-/// Scrape `/metrics` and read `names` off it.
+/// Scrape every `/metrics` URL and read `names` off their samples, summed over the
+/// URLs (one that cannot be read fails the scrape).
 async fn scrape(
     client: &HttpClient,
-    base: &str,
+    urls: &[String],
     opts: &UrlOptions,
 ) -> Result<(Values, Vec<metrics::Sample>), String> {
-    let (status, body) = client::get(
-        client,
-        &format!("{base}/metrics"),
-        opts.api_key.as_deref(),
-        Duration::from_secs(10),
-    )
-    .await?;
-    if status != 200 {
-        return Err(format!("GET /metrics answered {status}"));
+    let mut samples = Vec::new();
+    for url in urls {
+        let (status, body) = client::get(
+            client,
+            url,
+            opts.api_key.as_deref(),
+            Duration::from_secs(10),
+        )
+        .await?;
+        if status != 200 {
+            return Err(format!("GET {url} answered {status}"));
+        }
+        samples.extend(metrics::parse(&String::from_utf8_lossy(&body))?);
     }
-    let text = String::from_utf8_lossy(&body);
-    let samples = metrics::parse(&text)?;
     Ok((opts.metrics.values(&samples), samples))
 }
 
@@ -322,6 +357,7 @@ fn cpu_times() -> Option<(f64, f64)> {
 pub async fn run_url_on(opts: &UrlOptions, progress: ProgressBar) -> Result<UrlReport, LoadError> {
     opts.validate()?;
     let base = opts.base()?;
+    let metrics_urls = opts.metrics_urls()?;
     let client = client::build(opts.concurrency);
     let model = match &opts.model {
         Some(m) => m.clone(),
@@ -335,7 +371,7 @@ pub async fn run_url_on(opts: &UrlOptions, progress: ProgressBar) -> Result<UrlR
         .map_err(|e| LoadError::Unreachable(format!("{base}: {e}")))?,
     };
     let (plan, plan_counts) = opts.plan();
-    let before = scrape(&client, &base, opts).await;
+    let before = scrape(&client, &metrics_urls, opts).await;
 
     let cpu0 = cpu_times();
     let t0 = Instant::now();
@@ -381,7 +417,7 @@ pub async fn run_url_on(opts: &UrlOptions, progress: ProgressBar) -> Result<UrlR
         let deadline = Instant::now() + opts.settle_timeout;
         let mut last: Option<Values> = None;
         loop {
-            if let Ok((v, _)) = scrape(&client, &base, opts).await {
+            if let Ok((v, _)) = scrape(&client, &metrics_urls, opts).await {
                 let back = v.in_flight == b.in_flight;
                 if back && last.as_ref() == Some(&v) {
                     settled = true;
