@@ -352,8 +352,9 @@ class Stream:
         if b"data: [DONE]" in data:
             self.done = True
 
-    def read_events(self, n: int, timeout: float = 10.0) -> None:
-        """Read until `n` events in all (or the end)."""
+    def read_events(self, n: float, timeout: float = 10.0) -> None:
+        """Read until `n` events in all, `[DONE]`, or the end of the connection (a
+        reset counts as the end): `eof` says which."""
         self.sock.settimeout(timeout)
         try:
             while self.events < n and not self.done:
@@ -366,17 +367,8 @@ class Stream:
             self.eof = True
 
     def read_to_end(self, timeout: float) -> None:
-        """Read until the server closes or `[DONE]`; an error (reset) counts as the end."""
-        self.sock.settimeout(timeout)
-        try:
-            while not self.done:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    self.eof = True
-                    return
-                self.count(chunk)
-        except ConnectionResetError:
-            self.eof = True
+        """Read until `[DONE]` or the end of the connection."""
+        self.read_events(float("inf"), timeout)
 
     def close(self) -> None:
         self.closed_at = time.time()
