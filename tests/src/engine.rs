@@ -64,6 +64,11 @@ struct Slot {
     /// The stream panics with this message when dropped.
     drop_panic: Option<String>,
     abort_reply: Vec<Step>,
+    /// `abort` does not return while this is set (an abort stuck in the engine).
+    hold_abort: bool,
+    abort_waker: Option<Waker>,
+    /// `abort` panics with this message once it has counted itself.
+    abort_panic: Option<String>,
     context: Option<GenerateContext>,
     abort_context: Option<GenerateContext>,
     generates: u32,
@@ -262,6 +267,19 @@ impl LlmEngine for ScriptEngine {
                 w.wake();
             }
             self.state.bump(|c| c.aborts += 1);
+            if let Some(msg) = lock(&slot).abort_panic.take() {
+                panic!("{msg}");
+            }
+            std::future::poll_fn(|cx| {
+                let mut s = lock(&slot);
+                if s.hold_abort {
+                    s.abort_waker = Some(cx.waker().clone());
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
         })
     }
 
@@ -449,6 +467,32 @@ impl Script {
     /// Make this request's stream panic with `msg` when it is dropped.
     pub fn panic_on_drop(&self, msg: &str) -> &Self {
         lock(&self.slot).drop_panic = Some(msg.to_owned());
+        self
+    }
+
+    /// Make `abort` for this id stay pending (after counting itself) until
+    /// [`Script::release_abort`].
+    pub fn hold_abort(&self) -> &Self {
+        lock(&self.slot).hold_abort = true;
+        self
+    }
+
+    /// Let a held `abort` return.
+    pub fn release_abort(&self) -> &Self {
+        let waker = {
+            let mut s = lock(&self.slot);
+            s.hold_abort = false;
+            s.abort_waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        self
+    }
+
+    /// Make `abort` for this id panic with `msg` (after counting itself).
+    pub fn panic_in_abort(&self, msg: &str) -> &Self {
+        lock(&self.slot).abort_panic = Some(msg.to_owned());
         self
     }
 

@@ -32,6 +32,8 @@ on_both_runtimes!(
     tokenless_chunk_does_not_meet_first_token_timeout,
     inter_token_timeout_yields_error_and_aborts_once,
     cancel_grace_expiry_after_stop_forces_cancelled,
+    cancel_grace_expires_while_the_engines_abort_never_returns,
+    cancel_grace_expires_after_the_engines_abort_panicked,
     nothing_is_yielded_after_terminal,
     one_record_per_request_across_mixed_batch,
     probe_reports_unhealthy_on_error_finish_reason,
@@ -256,9 +258,61 @@ async fn cancel_grace_expiry_after_stop_forces_cancelled<R: ScenarioRuntime>(rt:
         (Outcome::Cancelled, AbortStatus::Sent)
     );
     assert_eq!(h.observer.aborts("r"), 1);
-    // The abort, and the watchdog that runs the grace off the consumer's path (rule 11).
-    assert_eq!((h.counting.spawned(), h.counting.timers()), (2, 1));
+    // One task: the abort, with the watchdog that runs the grace off the consumer's
+    // path (rule 11) riding in it, started by the same stop.
+    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
     h.assert_clean().await;
+}
+
+/// The stop's watchdog rides in the abort's task: an abort stuck in the engine must not
+/// hold the grace back (the two are polled side by side).
+async fn cancel_grace_expires_while_the_engines_abort_never_returns<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
+    let (mut s, script, ctx) = h.start("r").await;
+    script.tokens(&[1]).hold_abort();
+    assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
+    let stopped = h.rt.now();
+    ctx.stop();
+    h.wait_aborts(&script, 1).await;
+    assert_eq!(
+        h.collect(&mut s).await,
+        vec![terminal(FinishReason::Cancelled)]
+    );
+    let waited = h.rt.now() - stopped;
+    if h.rt.exact_clock() {
+        assert_eq!(waited, DEADLINE);
+    } else {
+        assert!(waited >= DEADLINE, "forced after {waited:?}");
+    }
+    let rec = h.observer.record("r");
+    assert_eq!(
+        (rec.outcome, rec.abort),
+        (Outcome::Cancelled, AbortStatus::Sent)
+    );
+    // The abort's task is still in the engine's abort; it ends once the engine lets go.
+    assert_eq!(h.counting.spawned(), 1);
+    script.release_abort();
+    h.assert_clean().await;
+    assert_eq!(script.aborts(), 1);
+}
+
+/// An engine's abort that panics is dropped (a warning, see the logs tests); the
+/// watchdog in the same task still runs the grace.
+async fn cancel_grace_expires_after_the_engines_abort_panicked<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
+    let (mut s, script, ctx) = h.start("r").await;
+    script.tokens(&[1]).panic_in_abort("abort boom");
+    assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
+    ctx.stop();
+    h.wait_aborts(&script, 1).await;
+    assert_eq!(
+        h.collect(&mut s).await,
+        vec![terminal(FinishReason::Cancelled)]
+    );
+    assert_eq!(h.observer.record("r").outcome, Outcome::Cancelled);
+    assert_eq!(h.counting.spawned(), 1);
+    h.assert_clean().await;
+    assert_eq!(script.aborts(), 1);
 }
 
 async fn nothing_is_yielded_after_terminal<R: ScenarioRuntime>(rt: R) {

@@ -43,6 +43,7 @@ on_both_runtimes!(
     an_expired_cancel_grace_is_a_warning,
     an_engine_that_ends_without_a_terminal_is_a_warning,
     an_engine_panic_is_a_warning,
+    an_abort_panic_is_a_warning,
     a_setup_failure_logs_its_end_as_setup_failed,
     a_malformed_migration_link_is_a_warning,
     a_finished_request_logs_only_its_end,
@@ -249,6 +250,28 @@ async fn an_engine_panic_is_a_warning<R: ScenarioRuntime>(rt: R) {
         messages(&id),
         expect(&[
             (WARN, "engine misbehaviour: its stream panicked: boom"),
+            (DEBUG, "stream complete"),
+        ])
+    );
+}
+
+async fn an_abort_panic_is_a_warning<R: ScenarioRuntime>(rt: R) {
+    LogCapture::global();
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
+    let id = unique_id("abort-panic");
+    let (mut s, script, ctx) = h.start(&id).await;
+    script.tokens(&[1]).panic_in_abort("abort boom");
+    assert!(h.next(&mut s).await.is_some());
+    ctx.stop();
+    drop(h.collect(&mut s).await);
+    h.assert_clean().await;
+    assert_eq!(
+        messages(&id),
+        expect(&[
+            (DEBUG, "cancellation seen"),
+            (DEBUG, "abort sent"),
+            (WARN, "engine misbehaviour: abort panicked"),
+            (WARN, "cancel grace expired: the stopped request is killed"),
             (DEBUG, "stream complete"),
         ])
     );

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::log;
 use super::slot::EngineSlot;
-use super::timers::Timer;
-use super::watchdog::{OffPoller, Watchdog};
+use super::watchdog::{AbortAndWatch, OffPoller, Watch, Watchdog};
 use super::AdapterInner;
 use crate::context::{Context, Signal};
 use crate::engine::{GenerateContext, HintHandle, HintSink, Metadata};
@@ -140,59 +139,84 @@ impl Shared {
 
     /// The engine-facing half of any actor's actions: spawn the abort if one is due,
     /// and start the cancel clocks they start.
+    ///
+    /// When a stop both sends the abort and starts the cancel grace (the common stop),
+    /// the watchdog that times the grace rides in the abort's task instead of a second
+    /// task: a stop spawns one task, whose first poll enters the engine's `abort`.
     pub(super) fn abort_and_arm(this: &Arc<Self>, acts: Actions) {
-        if acts.abort {
-            Shared::spawn_abort(this);
-        } else if acts.arm_deferral {
-            log::abort_deferred(this);
+        if !acts.abort {
+            if acts.arm_deferral {
+                log::abort_deferred(this);
+            }
+            Shared::arm(this, acts, None);
+            return;
         }
-        Shared::arm(this, acts, None);
+        // A watchdog already running is woken by `spawn_abort`, after the spawn.
+        let watchdog = match Shared::record_clocks(this, acts, None) {
+            Watch::Nothing | Watch::Wake(_) => None,
+            Watch::Spawn => Some(Watchdog::new(this.clone())),
+        };
+        Shared::spawn_abort(this, watchdog);
     }
 
-    fn spawn_abort(this: &Arc<Self>) {
+    /// Spawn the engine's abort, with the request's `watchdog` in the same task when one
+    /// is to be started now.
+    fn spawn_abort(this: &Arc<Self>, watchdog: Option<Watchdog>) {
         log::abort_sent(this);
         if let Some(obs) = &this.adapter.config.observer {
             obs.on_abort(&this.request_id);
         }
         let ctx = Shared::generate_context(this);
         let adapter = this.adapter.clone();
-        this.adapter
-            .runtime
-            .spawn(Box::pin(async move { adapter.engine.abort(ctx).await }));
-        // A watchdog waiting on this abort's deadline, or draining for it, is done.
-        Shared::wake_watchdog(this);
+        let abort = async move { adapter.engine.abort(ctx).await };
+        match watchdog {
+            None => {
+                this.adapter.runtime.spawn(Box::pin(abort));
+                // A watchdog waiting on this abort's deadline, or draining for it, is
+                // done.
+                Shared::wake_watchdog(this);
+            }
+            // The only watchdog is the one riding along: nothing else to wake.
+            Some(watchdog) => this
+                .adapter
+                .runtime
+                .spawn(Box::pin(AbortAndWatch::new(abort, watchdog))),
+        }
     }
 
     /// Arm the cancel deadlines `acts` asks for and hand over `engine` for draining;
     /// spawn the watchdog the first time, wake it afterwards. Nothing (no clock read,
     /// no lock) when there is nothing to arm or hand over.
     pub(super) fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
+        match Shared::record_clocks(this, acts, engine) {
+            Watch::Nothing => {}
+            Watch::Wake(waker) => waker.wake(),
+            Watch::Spawn => this
+                .adapter
+                .runtime
+                .spawn(Box::pin(Watchdog::new(this.clone()))),
+        }
+    }
+
+    /// Start the clocks `acts` starts and hand over `engine`, under the watchdog's lock;
+    /// say whether a watchdog must now be started (the caller starts it) or woken.
+    fn record_clocks(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) -> Watch {
         // Which clocks start, and how long they run, is the pure layer's call.
         if !this.limits().started_by(&acts) && engine.is_none() {
-            return;
+            return Watch::Nothing;
         }
-        let rt = &this.adapter.runtime;
-        let now = rt.now();
-        let (spawn, waker) = {
-            let mut off = lock(&this.off);
-            let off = off.get_or_insert_with(Box::default);
-            off.anchors.start(&acts, now);
-            if engine.is_some() {
-                off.handoff = engine;
-            }
-            let spawn = !off.spawned;
-            off.spawned = true;
-            (spawn, off.waker.clone())
-        };
-        if spawn {
-            rt.spawn(Box::pin(Watchdog {
-                shared: this.clone(),
-                timer: Timer::default(),
-                engine: None,
-            }));
-        } else if let Some(w) = waker {
-            w.wake();
+        let now = this.adapter.runtime.now();
+        let mut off = lock(&this.off);
+        let off = off.get_or_insert_with(Box::default);
+        off.anchors.start(&acts, now);
+        if engine.is_some() {
+            off.handoff = engine;
         }
+        if off.spawned {
+            return off.waker.clone().map_or(Watch::Nothing, Watch::Wake);
+        }
+        off.spawned = true;
+        Watch::Spawn
     }
 
     pub(super) fn wake_watchdog(this: &Arc<Self>) {

@@ -10,12 +10,17 @@
 //!   the abort was sent or discarded.
 //!
 //! It is spawned by whichever actor first arms a cancel deadline or hands over the
-//! engine, and ends as soon as nothing it owns still matters. It must not forward,
-//! emit or record anything: the consumer's side is over or is the poller's.
+//! engine, and ends as soon as nothing it owns still matters. When the step that arms
+//! it also sends the abort (a stop), it runs in the abort's task ([`AbortAndWatch`]):
+//! one task per stop, whose first poll enters the engine's `abort`. It must not
+//! forward, emit or record anything: the consumer's side is over or is the poller's.
 
 use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, Waker};
+
+use pin_project::pin_project;
 
 use super::log;
 use super::shared::Shared;
@@ -43,7 +48,26 @@ pub(crate) struct Watchdog {
     pub(crate) engine: Option<EngineSlot>,
 }
 
+/// What arming the cancel clocks asks of the caller.
+pub(crate) enum Watch {
+    /// Nothing to time or drain.
+    Nothing,
+    /// A watchdog runs: wake it (it has new anchors or an engine).
+    Wake(Waker),
+    /// No watchdog runs: start one (the lock already marked it spawned).
+    Spawn,
+}
+
 impl Watchdog {
+    /// A watchdog for `shared`'s request, not started.
+    pub(crate) fn new(shared: Arc<Shared>) -> Watchdog {
+        Watchdog {
+            shared,
+            timer: Timer::default(),
+            engine: None,
+        }
+    }
+
     /// Nothing is left to do: step down under the lock, so that an engine handed over
     /// after this point finds no watchdog and spawns a new one (which lets it go at
     /// once) instead of waiting forever in the mailbox. `false` if one arrived first.
@@ -133,6 +157,57 @@ impl Future for Watchdog {
                     break;
                 }
             }
+        }
+    }
+}
+
+/// The engine's abort and the request's watchdog in one task: the abort is polled
+/// first (its first poll enters the engine's `abort`), then the watchdog; the task ends
+/// when both have. An abort that panics is logged as engine misbehaviour and dropped:
+/// the watchdog's clocks still run.
+#[pin_project]
+pub(crate) struct AbortAndWatch<F> {
+    #[pin]
+    abort: Option<F>,
+    watchdog: Option<Watchdog>,
+}
+
+impl<F: Future<Output = ()>> AbortAndWatch<F> {
+    pub(crate) fn new(abort: F, watchdog: Watchdog) -> Self {
+        AbortAndWatch {
+            abort: Some(abort),
+            watchdog: Some(watchdog),
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for AbortAndWatch<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if let Some(abort) = this.abort.as_mut().as_pin_mut() {
+            match catch_unwind(AssertUnwindSafe(|| abort.poll(cx))) {
+                Ok(Poll::Pending) => {}
+                Ok(Poll::Ready(())) => this.abort.set(None),
+                Err(_) => {
+                    if let Some(w) = this.watchdog.as_ref() {
+                        log::engine_misbehaved(&w.shared, "abort panicked");
+                    }
+                    // Dropping what panicked may panic again: nothing of it is kept.
+                    let _ = catch_unwind(AssertUnwindSafe(|| this.abort.set(None)));
+                }
+            }
+        }
+        if let Some(watchdog) = this.watchdog.as_mut() {
+            if Pin::new(watchdog).poll(cx).is_ready() {
+                *this.watchdog = None;
+            }
+        }
+        if this.abort.is_none() && this.watchdog.is_none() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 }

@@ -56,6 +56,96 @@ fn stop_races_final_chunk() {
     seen.expect(&["aborts=0", "aborts=1"]);
 }
 
+/// `stop_races_final_chunk` with a cancel grace: the stop that sends the abort also
+/// starts the watchdog, which rides in the abort's task. Whichever wins, one task at
+/// most is spawned (and only with the abort), and once the request is over the
+/// watchdog retires: nothing is left pending.
+#[test]
+fn stop_with_grace_races_final_chunk() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::with_grace(Mode::Aggregated, Duration::from_secs(5));
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        rig.chan.push(Ok(Chunk::tokens(vec![7])), false);
+        let chan = rig.chan.clone();
+        let worker = thread::spawn(move || {
+            chan.push(Ok(Chunk::terminal(FinishReason::Length)), true);
+        });
+        let ctx = rig.ctx.clone();
+        let stopper = thread::spawn(move || ctx.stop());
+        let items = collect(&mut stream);
+        worker.join().unwrap();
+        stopper.join().unwrap();
+        assert_eq!(items.len(), 2, "{items:?}");
+        assert_eq!(
+            reason(one_terminal_last(&items)),
+            Some(FinishReason::Length)
+        );
+        assert_eq!(
+            rig.record().outcome,
+            Outcome::Finished(FinishReason::Length)
+        );
+        let aborts = rig.aborts();
+        assert_eq!(
+            rig.rt.spawns(),
+            aborts,
+            "one task per abort, the watchdog in it"
+        );
+        // The executor's next turn: the request is over, the watchdog retires.
+        rig.rt.run_pending();
+        assert_eq!(rig.rt.pending(), 0, "a watchdog outlived its request");
+        reached.saw(format!("aborts={aborts}"));
+        drop(stream);
+        rig.shutdown();
+    });
+    seen.expect(&["aborts=0", "aborts=1"]);
+}
+
+/// A stop with a cancel grace (its watchdog rides in the abort's task) races a kill:
+/// one abort, one task, the synthesized `Cancelled`, and the watchdog retires once the
+/// request is over (the grace no longer matters).
+#[test]
+fn stop_with_grace_races_kill() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::with_grace(Mode::Aggregated, Duration::from_secs(5));
+        let signals = StdArc::new(StdMutex::new(Vec::new()));
+        let s = signals.clone();
+        rig.ctx
+            .add_listener(move |signal| std_lock(&s).push(signal));
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        let ctx = rig.ctx.clone();
+        let stopper = thread::spawn(move || ctx.stop());
+        let ctx = rig.ctx.clone();
+        let killer = thread::spawn(move || ctx.kill());
+        let items = collect(&mut stream);
+        stopper.join().unwrap();
+        killer.join().unwrap();
+        assert_eq!(
+            reason(one_terminal_last(&items)),
+            Some(FinishReason::Cancelled)
+        );
+        assert_eq!(rig.record().outcome, Outcome::Cancelled);
+        assert_eq!(rig.aborts(), 1);
+        assert_eq!(
+            rig.rt.spawns(),
+            1,
+            "the abort, with the watchdog if any in it"
+        );
+        rig.rt.run_pending();
+        assert_eq!(rig.rt.pending(), 0, "a watchdog outlived its request");
+        reached.saw(format!("{:?}", std_lock(&signals)));
+        drop(stream);
+        rig.shutdown();
+    });
+    // Stop first: the abort carried the watchdog; kill first: no grace, no watchdog.
+    seen.expect(&["[Stop, Kill]", "[Kill]"]);
+}
+
 /// A kill races the consumer dropping the stream on another thread (after at most one
 /// poll). Exactly one abort (aggregated mode, the engine never ends), exactly one
 /// record: `Cancelled` if the consumer's poll saw the kill, `Dropped` otherwise.

@@ -234,6 +234,22 @@ impl Rig {
         first_token_timeout: Option<Duration>,
         gate: Option<StdArc<Gate>>,
     ) -> Rig {
+        Rig::build_with_grace(mode, on_abort, ctx, first_token_timeout, gate, None)
+    }
+
+    /// A rig whose adapter has a cancel grace (a stop then also starts the watchdog).
+    pub(crate) fn with_grace(mode: Mode, grace: Duration) -> Rig {
+        Rig::build_with_grace(mode, None, Context::new("loom"), None, None, Some(grace))
+    }
+
+    fn build_with_grace(
+        mode: Mode,
+        on_abort: Option<Chunk>,
+        ctx: Context,
+        first_token_timeout: Option<Duration>,
+        gate: Option<StdArc<Gate>>,
+        cancel_grace: Option<Duration>,
+    ) -> Rig {
         let rt = LoomRuntime::new();
         let chan = StdArc::new(Chan {
             inner: Mutex::new(ChanInner::default()),
@@ -256,7 +272,7 @@ impl Rig {
         let config = AdapterConfig::default()
             .mode(mode)
             .deferral_deadline(DEFERRAL)
-            .cancel_grace(None)
+            .cancel_grace(cancel_grace)
             .first_token_timeout(first_token_timeout)
             .inter_token_timeout(None)
             .observer(Arc::from_std(observer))

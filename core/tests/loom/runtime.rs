@@ -73,6 +73,16 @@ impl LoomRuntime {
         std_lock(&self.0.pending).append(&mut left);
     }
 
+    /// Tasks spawned so far.
+    pub(crate) fn spawns(&self) -> usize {
+        self.0.spawns.load(SeqCst)
+    }
+
+    /// Spawned tasks not finished yet.
+    pub(crate) fn pending(&self) -> usize {
+        std_lock(&self.0.pending).len()
+    }
+
     /// Drop whatever is still pending (they hold the request: a leak for loom).
     pub(crate) fn shutdown(&self) {
         let pending = std::mem::take(&mut *std_lock(&self.0.pending));

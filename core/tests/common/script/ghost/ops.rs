@@ -127,7 +127,13 @@ impl Harness {
                         expect_abort = self.request_abort();
                         if let Some(grace) = self.cfg_grace {
                             self.g.grace_due = Some(self.now() + grace);
-                            self.need_watchdog();
+                            if expect_abort && !self.g.watchdog {
+                                // Started by the step that sends the abort: the
+                                // watchdog rides in the abort's task (one spawn).
+                                self.g.watchdog = true;
+                            } else {
+                                self.need_watchdog();
+                            }
                         }
                     }
                 } else if raises && !self.g.live {
