@@ -12,9 +12,10 @@
 //! synchronous [`Context`] listener, not by a monitor task. The abort future is spawned
 //! only when an abort is due. The token timeouts (time to first token, inter-token) run
 //! on the consumer's poller with one lazily created timer, re-armed in place. On the
-//! cancel path only, one watchdog task per request runs the cancel grace and the
-//! deferral deadline (which must fire whether or not the consumer polls) and drains an
-//! engine whose abort is still deferred after the consumer's end.
+//! cancel path only, one watchdog per request runs the cancel grace and the deferral
+//! deadline (which must fire whether or not the consumer polls) and drains an engine
+//! whose abort is still deferred after the consumer's end. When the step that sends the
+//! abort also starts the watchdog (a stop with a grace), both run in one spawned task.
 
 mod counting;
 mod log;
