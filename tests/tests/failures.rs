@@ -236,16 +236,29 @@ async fn cancel_grace_expiry_after_stop_forces_cancelled<R: ScenarioRuntime>(rt:
     let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
     let (mut s, script, ctx) = h.start("r").await;
     script.tokens(&[1]);
-    assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
-    // The grace counts from the stop itself, not from the consumer's next poll.
+    stop_and_wait_out_the_grace(&h, &mut s, &script, &ctx).await;
+    assert_eq!(h.observer.aborts("r"), 1);
+    // One task: the abort, with the watchdog that runs the grace off the consumer's
+    // path (rule 11) riding in it, started by the same stop.
+    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
+    h.assert_clean().await;
+}
+
+/// Read the first token, stop, and see the engine (which ignores the abort and goes
+/// silent) cut off exactly when the grace runs out, counted from the stop itself, not
+/// from the consumer's next poll: the synthesized `Cancelled`, recorded with the abort
+/// sent.
+async fn stop_and_wait_out_the_grace<R: ScenarioRuntime>(
+    h: &Harness<R>,
+    s: &mut ResponseStream,
+    script: &tether_tests::Script,
+    ctx: &tether_core::Context,
+) {
+    assert_eq!(h.next(s).await, Some(tokens(&[1])));
     let stopped = h.rt.now();
     ctx.stop();
-    h.wait_aborts(&script, 1).await;
-    // This engine ignores the abort and goes silent.
-    assert_eq!(
-        h.collect(&mut s).await,
-        vec![terminal(FinishReason::Cancelled)]
-    );
+    h.wait_aborts(script, 1).await;
+    assert_eq!(h.collect(s).await, vec![terminal(FinishReason::Cancelled)]);
     let waited = h.rt.now() - stopped;
     if h.rt.exact_clock() {
         assert_eq!(waited, DEADLINE);
@@ -257,11 +270,6 @@ async fn cancel_grace_expiry_after_stop_forces_cancelled<R: ScenarioRuntime>(rt:
         (rec.outcome, rec.abort),
         (Outcome::Cancelled, AbortStatus::Sent)
     );
-    assert_eq!(h.observer.aborts("r"), 1);
-    // One task: the abort, with the watchdog that runs the grace off the consumer's
-    // path (rule 11) riding in it, started by the same stop.
-    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
-    h.assert_clean().await;
 }
 
 /// The stop's watchdog rides in the abort's task: an abort stuck in the engine must not
@@ -270,25 +278,7 @@ async fn cancel_grace_expires_while_the_engines_abort_never_returns<R: ScenarioR
     let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
     let (mut s, script, ctx) = h.start("r").await;
     script.tokens(&[1]).hold_abort();
-    assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
-    let stopped = h.rt.now();
-    ctx.stop();
-    h.wait_aborts(&script, 1).await;
-    assert_eq!(
-        h.collect(&mut s).await,
-        vec![terminal(FinishReason::Cancelled)]
-    );
-    let waited = h.rt.now() - stopped;
-    if h.rt.exact_clock() {
-        assert_eq!(waited, DEADLINE);
-    } else {
-        assert!(waited >= DEADLINE, "forced after {waited:?}");
-    }
-    let rec = h.observer.record("r");
-    assert_eq!(
-        (rec.outcome, rec.abort),
-        (Outcome::Cancelled, AbortStatus::Sent)
-    );
+    stop_and_wait_out_the_grace(&h, &mut s, &script, &ctx).await;
     // The abort's task is still in the engine's abort; it ends once the engine lets go.
     assert_eq!(h.counting.spawned(), 1);
     script.release_abort();

@@ -28,23 +28,7 @@ fn stop_races_final_chunk() {
     let reached = seen.clone();
     model(move || {
         let rig = Rig::new(Mode::Aggregated, None);
-        let (mut stream, gctx) = rig.start();
-        drop(gctx);
-        rig.chan.push(Ok(Chunk::tokens(vec![7])), false);
-        let chan = rig.chan.clone();
-        let worker = thread::spawn(move || {
-            chan.push(Ok(Chunk::terminal(FinishReason::Length)), true);
-        });
-        let ctx = rig.ctx.clone();
-        let stopper = thread::spawn(move || ctx.stop());
-        let items = collect(&mut stream);
-        worker.join().unwrap();
-        stopper.join().unwrap();
-        assert_eq!(items.len(), 2, "{items:?}");
-        let last = one_terminal_last(&items);
-        assert_eq!(reason(last), Some(FinishReason::Length));
-        let record = rig.record();
-        assert_eq!(record.outcome, Outcome::Finished(FinishReason::Length));
+        let stream = race_stop_with_final_chunk(&rig);
         assert_eq!(
             rig.aborts(),
             usize::from(stream.state().abort() == Abort::Sent)
@@ -54,6 +38,33 @@ fn stop_races_final_chunk() {
         rig.shutdown();
     });
     seen.expect(&["aborts=0", "aborts=1"]);
+}
+
+/// The race of [`stop_races_final_chunk`] on `rig`: the engine's own terminal reaches
+/// the consumer either way, and the request is recorded finished. Returns the stream.
+fn race_stop_with_final_chunk(rig: &Rig) -> tether_core::ResponseStream {
+    let (mut stream, gctx) = rig.start();
+    drop(gctx);
+    rig.chan.push(Ok(Chunk::tokens(vec![7])), false);
+    let chan = rig.chan.clone();
+    let worker = thread::spawn(move || {
+        chan.push(Ok(Chunk::terminal(FinishReason::Length)), true);
+    });
+    let ctx = rig.ctx.clone();
+    let stopper = thread::spawn(move || ctx.stop());
+    let items = collect(&mut stream);
+    worker.join().unwrap();
+    stopper.join().unwrap();
+    assert_eq!(items.len(), 2, "{items:?}");
+    assert_eq!(
+        reason(one_terminal_last(&items)),
+        Some(FinishReason::Length)
+    );
+    assert_eq!(
+        rig.record().outcome,
+        Outcome::Finished(FinishReason::Length)
+    );
+    stream
 }
 
 /// `stop_races_final_chunk` with a cancel grace: the stop that sends the abort also
@@ -66,27 +77,7 @@ fn stop_with_grace_races_final_chunk() {
     let reached = seen.clone();
     model(move || {
         let rig = Rig::with_grace(Mode::Aggregated, Duration::from_secs(5));
-        let (mut stream, gctx) = rig.start();
-        drop(gctx);
-        rig.chan.push(Ok(Chunk::tokens(vec![7])), false);
-        let chan = rig.chan.clone();
-        let worker = thread::spawn(move || {
-            chan.push(Ok(Chunk::terminal(FinishReason::Length)), true);
-        });
-        let ctx = rig.ctx.clone();
-        let stopper = thread::spawn(move || ctx.stop());
-        let items = collect(&mut stream);
-        worker.join().unwrap();
-        stopper.join().unwrap();
-        assert_eq!(items.len(), 2, "{items:?}");
-        assert_eq!(
-            reason(one_terminal_last(&items)),
-            Some(FinishReason::Length)
-        );
-        assert_eq!(
-            rig.record().outcome,
-            Outcome::Finished(FinishReason::Length)
-        );
+        let stream = race_stop_with_final_chunk(&rig);
         let aborts = rig.aborts();
         assert_eq!(
             rig.rt.spawns(),
