@@ -51,8 +51,9 @@ pub struct ResponseStream {
 /// What only the consumer's side (poller, setup, `Drop`) touches.
 pub(super) struct Local {
     engine: Option<EngineSlot>,
-    silence: Silence,
-    timer: Timer,
+    /// The token timeouts and their timer: boxed, and only when a limit is set (most
+    /// requests have none, and every idle request carries this word).
+    silence: Option<Box<SilenceClock>>,
     stats: StatsRecorder,
     span: Span,
     listener: Option<ListenerId>,
@@ -71,6 +72,12 @@ pub(super) struct Local {
     pub(super) extras: Option<Box<Extras>>,
     /// How the request ended, once it did (the rest of its record is in `stats`).
     pub(super) ended: Option<Ended>,
+}
+
+/// The token timeouts (rule 11) and the one timer that runs them.
+struct SilenceClock {
+    silence: Silence,
+    timer: Timer,
 }
 
 /// The rarely used per-request extras.
@@ -192,9 +199,17 @@ impl ResponseStream {
             shared,
             local: Local {
                 engine: Some(EngineSlot::Setup(setup)),
-                silence: Silence::new(limits.first_token_timeout, limits.inter_token_timeout),
-                timer: Timer::default(),
-                stats: StatsRecorder::new(start),
+                silence: {
+                    let silence =
+                        Silence::new(limits.first_token_timeout, limits.inter_token_timeout);
+                    silence.any().then(|| {
+                        Box::new(SilenceClock {
+                            silence,
+                            timer: Timer::default(),
+                        })
+                    })
+                },
+                stats: StatsRecorder::new(),
                 span,
                 listener: Some(listener),
                 registered: None,
@@ -275,32 +290,32 @@ fn poll_silence(
     cx: &mut TaskContext<'_>,
     rt: &dyn super::Runtime,
 ) -> bool {
-    if !local.silence.any() {
+    let Some(clock) = local.silence.as_deref_mut() else {
         return false;
-    }
+    };
     if shared.cell.load_cached(&mut local.step_cache).first_token() {
         // A hint without a token: the first-token limit is met.
-        local.silence.first_token_seen();
+        clock.silence.first_token_seen();
     }
-    if local.silence.needs_wait_start() {
-        local.silence.waiting(rt.now());
+    if clock.silence.needs_wait_start() {
+        clock.silence.waiting(rt.now());
     }
     loop {
-        let Some(next) = local.silence.poll_timeout() else {
+        let Some(next) = clock.silence.poll_timeout() else {
             return false;
         };
-        if !local.timer.poll_until(next, cx, rt) {
+        if !clock.timer.poll_until(next, cx, rt) {
             return false;
         }
         // Fired for a deadline that moved later since: the next turn re-arms.
-        if let Some(due) = local.silence.handle_timeout(rt.now()) {
+        if let Some(due) = clock.silence.handle_timeout(rt.now()) {
             let (state, acts) = shared.cell.apply(due.event());
             if let (
                 Due::Timeout(which),
                 Some(Synthesized::FirstTokenTimeout | Synthesized::InterTokenTimeout),
             ) = (due, state.pending_terminal())
             {
-                let (first, inter) = local.silence.limits();
+                let (first, inter) = clock.silence.limits();
                 let first_token = which == Timeout::FirstToken;
                 let limit = if first_token { first } else { inter };
                 log::timeout_fired(shared, first_token, limit.unwrap_or_default());
@@ -382,8 +397,10 @@ fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annota
     let terminal = chunk.is_terminal();
     if n > 0 {
         let now = adapter.runtime.now();
-        local.stats.tokens(n, now);
-        local.silence.token();
+        local.stats.tokens(n, now, shared.start);
+        if let Some(clock) = local.silence.as_deref_mut() {
+            clock.silence.token();
+        }
     } else if !terminal && local.stats.ttft().is_none() {
         shared.mark_scheduled(adapter.runtime.now());
     }
@@ -479,7 +496,10 @@ fn forward_last(
 
 /// A terminal of tether's own, the outcome it makes, and the timeout kind for the span.
 fn synthesize(local: &Local, synth: Synthesized) -> (Annotated<Chunk>, Outcome, SpanNote) {
-    let (first_token_timeout, inter_token_timeout) = local.silence.limits();
+    let (first_token_timeout, inter_token_timeout) = local
+        .silence
+        .as_deref()
+        .map_or((None, None), |clock| clock.silence.limits());
     match synth {
         Synthesized::Cancelled => (
             Annotated::from_data(Chunk::terminal(FinishReason::Cancelled)),
