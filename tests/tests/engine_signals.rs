@@ -12,6 +12,7 @@ on_both_runtimes!(
     notify_scheduled_ends_the_queue_time,
     a_tokenless_chunk_before_the_first_token_ends_the_queue_time,
     without_a_signal_there_is_no_queue_time,
+    a_tokenless_terminal_is_no_scheduling_signal,
     metadata_reaches_generate_and_abort,
     the_minimal_canary_probes_with_health_check_defaults,
 );
@@ -75,6 +76,21 @@ async fn without_a_signal_there_is_no_queue_time<R: ScenarioRuntime>(rt: R) {
     let rec = h.observer.record("r");
     assert_eq!(rec.queue_time, None);
     assert!(rec.ttft.is_some());
+    h.assert_clean().await;
+}
+
+async fn a_tokenless_terminal_is_no_scheduling_signal<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::new(rt);
+    let (mut s, script, _ctx) = h.start("r").await;
+    sleep(&h.rt, Duration::from_millis(3)).await;
+    // The engine ends at once, with no token: the end is not "scheduled".
+    script.terminal(FinishReason::Length);
+    assert_eq!(
+        h.collect(&mut s).await,
+        vec![data(Chunk::terminal(FinishReason::Length))]
+    );
+    let rec = h.observer.record("r");
+    assert_eq!((rec.queue_time, rec.ttft), (None, None));
     h.assert_clean().await;
 }
 
