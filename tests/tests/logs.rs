@@ -192,16 +192,7 @@ async fn a_first_token_timeout_is_a_warning<R: ScenarioRuntime>(rt: R) {
 }
 
 async fn an_expired_cancel_grace_is_a_warning<R: ScenarioRuntime>(rt: R) {
-    LogCapture::global();
-    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
-    let id = unique_id("grace");
-    let (mut s, script, ctx) = h.start(&id).await;
-    script.tokens(&[1]);
-    assert!(h.next(&mut s).await.is_some());
-    // Stopped, and the engine never ends: the grace runs out.
-    ctx.stop();
-    drop(h.collect(&mut s).await);
-    h.assert_clean().await;
+    let id = stopped_until_the_grace_runs_out(rt, "grace", |_| {}).await;
     assert_eq!(
         messages(&id),
         expect(&[
@@ -215,6 +206,26 @@ async fn an_expired_cancel_grace_is_a_warning<R: ScenarioRuntime>(rt: R) {
         event(&id, "cancel grace expired: the stopped request is killed").get("cancel_grace_ms"),
         Some("20")
     );
+}
+
+/// A request (named after `name`) with a grace of [`DEADLINE`] whose engine, set up by
+/// `script` besides its one token, never ends: its first token is read, it is stopped
+/// and read to its end while the grace runs out. Returns its id, for its log events.
+async fn stopped_until_the_grace_runs_out<R: ScenarioRuntime>(
+    rt: R,
+    name: &str,
+    script: impl FnOnce(&tether_tests::Script),
+) -> String {
+    LogCapture::global();
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
+    let id = unique_id(name);
+    let (mut s, engine, ctx) = h.start(&id).await;
+    script(engine.tokens(&[1]));
+    assert!(h.next(&mut s).await.is_some());
+    ctx.stop();
+    drop(h.collect(&mut s).await);
+    h.assert_clean().await;
+    id
 }
 
 async fn an_engine_that_ends_without_a_terminal_is_a_warning<R: ScenarioRuntime>(rt: R) {
@@ -256,15 +267,10 @@ async fn an_engine_panic_is_a_warning<R: ScenarioRuntime>(rt: R) {
 }
 
 async fn an_abort_panic_is_a_warning<R: ScenarioRuntime>(rt: R) {
-    LogCapture::global();
-    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
-    let id = unique_id("abort-panic");
-    let (mut s, script, ctx) = h.start(&id).await;
-    script.tokens(&[1]).panic_in_abort("abort boom");
-    assert!(h.next(&mut s).await.is_some());
-    ctx.stop();
-    drop(h.collect(&mut s).await);
-    h.assert_clean().await;
+    let id = stopped_until_the_grace_runs_out(rt, "abort-panic", |script| {
+        script.panic_in_abort("abort boom");
+    })
+    .await;
     assert_eq!(
         messages(&id),
         expect(&[

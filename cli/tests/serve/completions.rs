@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tether_cli::serve::{self, ServeConfig, ServedEngine};
 use tether_core::Runtime;
 
 use crate::serve_support::*;
@@ -184,21 +183,7 @@ async fn the_adapter_and_engine_may_run_on_smol() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_engine_is_served_through_the_byte_tokenizer() {
     within(LIMIT, async {
-        let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
-        let engine = Arc::new(tether_engines::TinyEngine::new(
-            tether_engines::TinyConfig::default(),
-            runtime.clone(),
-        ));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let server = serve::start(
-            ServedEngine::tiny(engine.clone()),
-            runtime,
-            listener,
-            ServeConfig::default(),
-        )
-        .await
-        .unwrap();
-        let url = format!("http://{}/v1/completions", server.local_addr());
+        let (server, engine, url) = crate::tiny_server().await;
         let client = reqwest::Client::new();
         let body = json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 8});
         let text = |v: Value| v["choices"][0]["text"].as_str().unwrap().to_owned();

@@ -42,6 +42,35 @@ fn chat(max_tokens: u32, stream: bool) -> Value {
     })
 }
 
+/// A `tether serve` over a default TinyEngine on this tokio runtime: the server, the
+/// engine (for its gauges) and the URL of its `/v1/completions`.
+async fn tiny_server() -> (
+    tether_cli::serve::Server,
+    std::sync::Arc<tether_engines::TinyEngine>,
+    String,
+) {
+    use std::sync::Arc;
+    use tether_cli::serve::{self, ServeConfig, ServedEngine};
+    use tether_core::Runtime;
+
+    let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
+    let engine = Arc::new(tether_engines::TinyEngine::new(
+        tether_engines::TinyConfig::default(),
+        runtime.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = serve::start(
+        ServedEngine::tiny(engine.clone()),
+        runtime,
+        listener,
+        ServeConfig::default(),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}/v1/completions", server.local_addr());
+    (server, engine, url)
+}
+
 fn json_of(data: &str) -> Value {
     serde_json::from_str(data).unwrap_or_else(|e| panic!("not json ({e}): {data}"))
 }

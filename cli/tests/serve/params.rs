@@ -2,12 +2,7 @@
 //! 400 naming it (and never reaches the engine), its default is accepted, and what the
 //! engine honours works: SimEngine's seed, TinyEngine's seeded sampling.
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
-use tether_cli::serve::{self, ServeConfig, ServedEngine, Server};
-use tether_core::Runtime;
-use tether_engines::{TinyConfig, TinyEngine};
 
 use crate::serve_support::*;
 use crate::{error_object, json_of, LIMIT};
@@ -190,26 +185,10 @@ async fn defaults_are_accepted_and_sim_honours_its_own() {
     .await;
 }
 
-async fn tiny_server() -> (Server, String) {
-    let runtime: Arc<dyn Runtime> = Arc::new(tether_tokio::TokioRuntime::current());
-    let engine = Arc::new(TinyEngine::new(TinyConfig::default(), runtime.clone()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = serve::start(
-        ServedEngine::tiny(engine),
-        runtime,
-        listener,
-        ServeConfig::default(),
-    )
-    .await
-    .unwrap();
-    let url = format!("http://{}/v1/completions", server.local_addr());
-    (server, url)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_seeded_sampling_reproduces_over_http() {
     within(LIMIT, async {
-        let (server, url) = tiny_server().await;
+        let (server, _engine, url) = crate::tiny_server().await;
         let client = reqwest::Client::new();
         let post = |extra: Value| {
             let body = with(json!({"model": "tiny", "prompt": "The quick brown fox", "max_tokens": 16}), extra);
