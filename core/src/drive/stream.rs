@@ -80,6 +80,22 @@ struct SilenceClock {
     timer: Timer,
 }
 
+impl SilenceClock {
+    /// The clock for these limits, `None` when neither is set.
+    fn for_limits(
+        first_token: Option<std::time::Duration>,
+        inter_token: Option<std::time::Duration>,
+    ) -> Option<Box<SilenceClock>> {
+        let silence = Silence::new(first_token, inter_token);
+        silence.any().then(|| {
+            Box::new(SilenceClock {
+                silence,
+                timer: Timer::default(),
+            })
+        })
+    }
+}
+
 /// The rarely used per-request extras.
 #[derive(Default)]
 pub(super) struct Extras {
@@ -199,16 +215,10 @@ impl ResponseStream {
             shared,
             local: Local {
                 engine: Some(EngineSlot::Setup(setup)),
-                silence: {
-                    let silence =
-                        Silence::new(limits.first_token_timeout, limits.inter_token_timeout);
-                    silence.any().then(|| {
-                        Box::new(SilenceClock {
-                            silence,
-                            timer: Timer::default(),
-                        })
-                    })
-                },
+                silence: SilenceClock::for_limits(
+                    limits.first_token_timeout,
+                    limits.inter_token_timeout,
+                ),
                 stats: StatsRecorder::new(),
                 span,
                 listener: Some(listener),
