@@ -20,10 +20,7 @@ async fn streaming_completion_ends_with_exactly_one_done() {
         let events = sse_data(&resp.text().await.unwrap());
         assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| json_of(e))
-            .collect();
+        let chunks = crate::data_chunks(&events);
         let text: String = chunks
             .iter()
             .map(|c| c["choices"][0]["text"].as_str().unwrap())
@@ -64,7 +61,7 @@ async fn streaming_chat_sends_the_role_first_then_usage_then_one_done() {
         let events = sse_data(&resp.text().await.unwrap());
         assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| json_of(e)).collect();
+        let chunks = crate::data_chunks(&events);
         assert_eq!(chunks[0]["choices"][0]["delta"], json!({"role": "assistant", "content": ""}));
         for c in &chunks {
             assert_eq!(c["object"], "chat.completion.chunk");

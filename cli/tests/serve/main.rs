@@ -71,6 +71,14 @@ async fn tiny_server() -> (
     (server, engine, url)
 }
 
+/// The JSON of a stream's data events before its last one (`[DONE]`).
+fn data_chunks(events: &[String]) -> Vec<Value> {
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| json_of(e))
+        .collect()
+}
+
 fn json_of(data: &str) -> Value {
     serde_json::from_str(data).unwrap_or_else(|e| panic!("not json ({e}): {data}"))
 }

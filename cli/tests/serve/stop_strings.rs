@@ -32,10 +32,7 @@ fn echo(prompt: &str, max_tokens: usize, stop: &Value, stream: bool) -> Value {
 fn streamed(body: &str) -> (String, String) {
     let events = sse_data(body);
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| json_of(e))
-        .collect();
+    let chunks = crate::data_chunks(&events);
     let text = chunks
         .iter()
         .map(|c| c["choices"][0]["text"].as_str().unwrap())
@@ -259,10 +256,7 @@ async fn chat_streams_stop_too() {
         });
         let resp = t.post("/v1/chat/completions", &body).await;
         let events = sse_data(&resp.text().await.unwrap());
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| json_of(e))
-            .collect();
+        let chunks = crate::data_chunks(&events);
         let text: String = chunks
             .iter()
             .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
