@@ -368,18 +368,22 @@ pub async fn run_on(
     let settle = opts.settle_timeout + opts.deferral_deadline;
     runtime::wait_until(&*runtime, settle, || {
         let g = engine.gauges();
-        adapter_tasks.live() == 0
+        // The adapter's abort task, once started, stays until the adapter goes.
+        adapter_tasks.live() <= clients.adapter.background_tasks()
             && g.live_sequences == 0
             && g.queue_len == 0
             && g.aborts_received == ledger.aborts_sent()
     })
     .await;
     let gauges = engine.gauges();
+    let (mut violations, mut totals) = ledger.check(&clients.plan, opts.mode, opts.max_tokens);
+    // The last handle on the adapter goes: its abort task ends with it, so every task
+    // the adapter spawned must now end.
+    drop(clients);
+    runtime::wait_until(&*runtime, opts.settle_timeout, || adapter_tasks.live() == 0).await;
     let adapter_alive = adapter_tasks.live();
     let _ = engine.llm().cleanup().await;
     runtime::wait_until(&*runtime, opts.settle_timeout, || engine_tasks.live() == 0).await;
-    let (mut violations, mut totals) = ledger.check(&clients.plan, opts.mode, opts.max_tokens);
-    drop(clients);
     // Read before the cleanup, which frees everything.
     let leaks = Leaks {
         engine_slots: gauges.live_sequences as u64,

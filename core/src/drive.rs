@@ -9,14 +9,17 @@
 //!
 //! ## Costs
 //! No task is spawned per request on the happy path: cancellation is noticed by a
-//! synchronous [`Context`] listener, not by a monitor task. The abort future is spawned
-//! only when an abort is due. The token timeouts (time to first token, inter-token) run
+//! synchronous [`Context`] listener, not by a monitor task. Aborts are carried out by
+//! one task per adapter, started at the adapter's first abort and parked between aborts
+//! (a stop queues the abort and wakes it; an abort that does not finish in its first
+//! poll moves to a task of its own). The token timeouts (time to first token, inter-token) run
 //! on the consumer's poller with one lazily created timer, re-armed in place. On the
 //! cancel path only, one watchdog per request runs the cancel grace and the deferral
 //! deadline (which must fire whether or not the consumer polls) and drains an engine
-//! whose abort is still deferred after the consumer's end. When the step that sends the
-//! abort also starts the watchdog (a stop with a grace), both run in one spawned task.
+//! whose abort is still deferred after the consumer's end; a stop's watchdog is started
+//! by the abort task, after the engine's `abort` was entered.
 
+mod abort_task;
 mod counting;
 mod log;
 mod probe;
@@ -224,6 +227,15 @@ pub(crate) struct AdapterInner {
     pub(crate) config: AdapterConfig,
     /// What each request runs under unless it says otherwise (from `config`).
     pub(crate) limits: request::Limits,
+    /// The queue to the adapter's abort task (started at the first abort).
+    pub(crate) aborts: Arc<abort_task::AbortQueue>,
+}
+
+impl Drop for AdapterInner {
+    fn drop(&mut self) {
+        // No request is left (each holds the adapter): the abort task may end.
+        self.aborts.close();
+    }
 }
 
 /// Runs requests against one engine on one runtime. Cheap to clone.
@@ -254,6 +266,7 @@ impl Adapter {
                 runtime: Box::new(runtime),
                 limits: request::Limits::of(&config),
                 config,
+                aborts: Arc::default(),
             }),
         }
     }
@@ -266,6 +279,22 @@ impl Adapter {
     /// The configuration.
     pub fn config(&self) -> &AdapterConfig {
         &self.inner.config
+    }
+
+    /// Tasks this adapter keeps between requests: 1 once its abort task was started (at
+    /// the adapter's first abort; it parks between aborts and ends when the adapter and
+    /// all its requests are dropped), 0 before. A leak check counts the runtime's live
+    /// tasks beyond this (see [`CountingRuntime::live`]).
+    pub fn background_tasks(&self) -> usize {
+        usize::from(self.inner.aborts.started())
+    }
+
+    /// Aborts decided and not yet carried out by the abort task: queued, or being
+    /// entered (the engine's `abort` polled once, the request's cancel clocks started).
+    /// 0 once every decided abort was entered in the engine and the tasks it needs
+    /// (the request's watchdog, an unfinished abort) were spawned.
+    pub fn unfinished_aborts(&self) -> usize {
+        self.inner.aborts.unfinished()
     }
 
     /// Start the engine as worker `worker_id` (`LlmEngine::start`). The adapter does

@@ -18,6 +18,7 @@ use tether_core::{
 use crate::engine::{Script, ScriptEngine};
 use crate::observer::RecordingObserver;
 use crate::runtime::{guarded, next_item, ScenarioRuntime};
+use futures_lite::future::yield_now;
 
 /// The short deadline scenarios configure (deferral, grace, timeouts): instant on the
 /// paused tokio clock, short enough on smol's real one.
@@ -124,13 +125,26 @@ impl<R: ScenarioRuntime> Harness<R> {
         items
     }
 
-    /// Wait until `n` aborts of `script`'s request were entered in the engine.
+    /// Wait until `n` aborts of `script`'s request were entered in the engine, and the
+    /// adapter's abort task has carried out every abort decided so far (so the tasks
+    /// it spawns for them, the watchdogs, are counted).
     pub async fn wait_aborts(&self, script: &Script, n: u32) {
         guarded(
             &self.rt,
             "the engine abort",
             self.engine.until(|_| script.aborts() >= n),
         )
+        .await;
+        self.settle_abort_task().await;
+    }
+
+    /// Wait until the adapter's abort task has no abort queued or in hand.
+    async fn settle_abort_task(&self) {
+        guarded(&self.rt, "the abort task to carry out every abort", async {
+            while self.adapter.unfinished_aborts() > 0 {
+                yield_now().await;
+            }
+        })
         .await;
     }
 
@@ -191,14 +205,18 @@ impl<R: ScenarioRuntime> Harness<R> {
 
     async fn check(&self, entry_time: bool) {
         self.settle_aborts().await;
-        // Spawned tasks (aborts, watchdogs) end and let go of the engine's streams on
-        // their own schedule: wait for both to reach zero, guarded.
+        // Spawned tasks (unfinished aborts, watchdogs) end and let go of the engine's
+        // streams on their own schedule: wait for both to reach zero, guarded. The
+        // adapter's own abort task, once started, parks for the adapter's life.
+        self.settle_abort_task().await;
+        let parked = self.adapter.background_tasks();
         guarded(
             &self.rt,
-            "every spawned task to finish",
-            self.counting.until_idle(),
+            "every spawned task but the adapter's abort task to finish",
+            self.counting.until_live_at_most(parked),
         )
         .await;
+        assert_eq!(self.counting.live(), self.adapter.background_tasks());
         guarded(
             &self.rt,
             "every engine stream to be released",

@@ -238,9 +238,11 @@ async fn cancel_grace_expiry_after_stop_forces_cancelled<R: ScenarioRuntime>(rt:
     script.tokens(&[1]);
     stop_and_wait_out_the_grace(&h, &mut s, &script, &ctx).await;
     assert_eq!(h.observer.aborts("r"), 1);
-    // One task: the abort, with the watchdog that runs the grace off the consumer's
-    // path (rule 11) riding in it, started by the same stop.
-    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
+    // Two tasks: the adapter's abort task, and the watchdog that runs the grace off
+    // the consumer's path (rule 11), started by the abort task once it entered the
+    // engine's abort.
+    assert_eq!(h.counting.spawned(), 2);
+    assert_eq!(h.counting.timers(), 1);
     h.assert_clean().await;
 }
 
@@ -272,22 +274,26 @@ async fn stop_and_wait_out_the_grace<R: ScenarioRuntime>(
     );
 }
 
-/// The stop's watchdog rides in the abort's task: an abort stuck in the engine must not
-/// hold the grace back (the two are polled side by side).
+/// An abort stuck in the engine moves from the adapter's abort task to a task of its
+/// own, with the stop's watchdog riding in it: it must not hold the grace back (the two
+/// are polled side by side).
 async fn cancel_grace_expires_while_the_engines_abort_never_returns<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
     let (mut s, script, ctx) = h.start("r").await;
     script.tokens(&[1]).hold_abort();
     stop_and_wait_out_the_grace(&h, &mut s, &script, &ctx).await;
-    // The abort's task is still in the engine's abort; it ends once the engine lets go.
-    assert_eq!(h.counting.spawned(), 1);
+    // The abort task, and the stuck abort's own task (with the watchdog in it), still
+    // in the engine's abort: it ends once the engine lets go.
+    assert_eq!(h.counting.spawned(), 2);
+    assert_eq!(h.counting.live(), 2);
     script.release_abort();
     h.assert_clean().await;
     assert_eq!(script.aborts(), 1);
 }
 
 /// An engine's abort that panics is dropped (a warning, see the logs tests); the
-/// watchdog in the same task still runs the grace.
+/// adapter's abort task survives it and still starts the watchdog, which runs the
+/// grace.
 async fn cancel_grace_expires_after_the_engines_abort_panicked<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
     let (mut s, script, ctx) = h.start("r").await;
@@ -300,7 +306,8 @@ async fn cancel_grace_expires_after_the_engines_abort_panicked<R: ScenarioRuntim
         vec![terminal(FinishReason::Cancelled)]
     );
     assert_eq!(h.observer.record("r").outcome, Outcome::Cancelled);
-    assert_eq!(h.counting.spawned(), 1);
+    // The abort task and the watchdog it started.
+    assert_eq!(h.counting.spawned(), 2);
     h.assert_clean().await;
     assert_eq!(script.aborts(), 1);
 }

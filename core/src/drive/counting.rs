@@ -95,14 +95,21 @@ impl<R: Runtime> CountingRuntime<R> {
     /// Resolves once no spawned task is live; woken by each task's end, so it needs no
     /// timer. It never resolves while a task leaks: put a deadline around it.
     pub fn until_idle(&self) -> impl Future<Output = ()> + '_ {
+        self.until_live_at_most(0)
+    }
+
+    /// Resolves once at most `n` spawned tasks are live (an adapter's parked abort task,
+    /// [`Adapter::background_tasks`](super::Adapter::background_tasks), is one that
+    /// stays); woken by each task's end, so it needs no timer. Put a deadline around it.
+    pub fn until_live_at_most(&self, n: usize) -> impl Future<Output = ()> + '_ {
         poll_fn(move |cx| {
-            if self.live() == 0 {
+            if self.live() <= n {
                 return Poll::Ready(());
             }
             lock(&self.counts.idle_waiters).push(cx.waker().clone());
             // Re-check: a task may have ended (and taken the waiters) between the first
             // check and the push.
-            if self.live() == 0 {
+            if self.live() <= n {
                 Poll::Ready(())
             } else {
                 Poll::Pending

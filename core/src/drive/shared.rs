@@ -6,9 +6,10 @@
 use std::task::Waker;
 use std::time::{Duration, Instant};
 
+use super::abort_task::AbortQueue;
 use super::log;
 use super::slot::EngineSlot;
-use super::watchdog::{AbortAndWatch, OffPoller, Watch, Watchdog};
+use super::watchdog::{OffPoller, Watch, Watchdog};
 use super::AdapterInner;
 use crate::context::{Context, Signal};
 use crate::engine::{GenerateContext, HintHandle, HintSink, Metadata};
@@ -137,12 +138,9 @@ impl Shared {
         }
     }
 
-    /// The engine-facing half of any actor's actions: spawn the abort if one is due,
-    /// and start the cancel clocks they start.
-    ///
-    /// When a stop both sends the abort and starts the cancel grace (the common stop),
-    /// the watchdog that times the grace rides in the abort's task instead of a second
-    /// task: a stop spawns one task, whose first poll enters the engine's `abort`.
+    /// The engine-facing half of any actor's actions: queue the abort if one is due
+    /// (the adapter's abort task enters it, then starts the cancel clocks the step
+    /// started), otherwise start those clocks here.
     pub(super) fn abort_and_arm(this: &Arc<Self>, acts: Actions) {
         if !acts.abort {
             if acts.arm_deferral {
@@ -151,37 +149,11 @@ impl Shared {
             Shared::arm(this, acts, None);
             return;
         }
-        // A watchdog already running is woken by `spawn_abort`, after the spawn.
-        let watchdog = match Shared::record_clocks(this, acts, None) {
-            Watch::Nothing | Watch::Wake(_) => None,
-            Watch::Spawn => Some(Watchdog::new(this.clone())),
-        };
-        Shared::spawn_abort(this, watchdog);
-    }
-
-    /// Spawn the engine's abort, with the request's `watchdog` in the same task when one
-    /// is to be started now.
-    fn spawn_abort(this: &Arc<Self>, watchdog: Option<Watchdog>) {
         log::abort_sent(this);
         if let Some(obs) = &this.adapter.config.observer {
             obs.on_abort(&this.request_id);
         }
-        let ctx = Shared::generate_context(this);
-        let adapter = this.adapter.clone();
-        let abort = async move { adapter.engine.abort(ctx).await };
-        match watchdog {
-            None => {
-                this.adapter.runtime.spawn(Box::pin(abort));
-                // A watchdog waiting on this abort's deadline, or draining for it, is
-                // done.
-                Shared::wake_watchdog(this);
-            }
-            // The only watchdog is the one riding along: nothing else to wake.
-            Some(watchdog) => this
-                .adapter
-                .runtime
-                .spawn(Box::pin(AbortAndWatch::new(abort, watchdog))),
-        }
+        AbortQueue::push(&this.adapter.aborts, &*this.adapter.runtime, this, acts);
     }
 
     /// Arm the cancel deadlines `acts` asks for and hand over `engine` for draining;
@@ -200,7 +172,11 @@ impl Shared {
 
     /// Start the clocks `acts` starts and hand over `engine`, under the watchdog's lock;
     /// say whether a watchdog must now be started (the caller starts it) or woken.
-    fn record_clocks(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) -> Watch {
+    pub(super) fn record_clocks(
+        this: &Arc<Self>,
+        acts: Actions,
+        engine: Option<EngineSlot>,
+    ) -> Watch {
         // Which clocks start, and how long they run, is the pure layer's call.
         if !this.limits().started_by(&acts) && engine.is_none() {
             return Watch::Nothing;

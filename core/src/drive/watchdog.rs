@@ -10,10 +10,10 @@
 //!   the abort was sent or discarded.
 //!
 //! It is spawned by whichever actor first arms a cancel deadline or hands over the
-//! engine, and ends as soon as nothing it owns still matters. When the step that arms
-//! it also sends the abort (a stop), it runs in the abort's task ([`AbortAndWatch`]):
-//! one task per stop, whose first poll enters the engine's `abort`. It must not
-//! forward, emit or record anything: the consumer's side is over or is the poller's.
+//! engine (for a stop: the adapter's abort task, right after it entered the engine's
+//! `abort`), and ends as soon as nothing it owns still matters. When that abort did
+//! not finish in its first poll, the two share one task ([`AbortAndWatch`]). It must
+//! not forward, emit or record anything: the consumer's side is over or is the poller's.
 
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -161,8 +161,8 @@ impl Future for Watchdog {
     }
 }
 
-/// The engine's abort and the request's watchdog in one task: the abort is polled
-/// first (its first poll enters the engine's `abort`), then the watchdog; the task ends
+/// An engine's abort that did not finish in its first poll and the request's watchdog
+/// in one task: the abort is polled first, then the watchdog; the task ends
 /// when both have. An abort that panics is logged as engine misbehaviour and dropped:
 /// the watchdog's clocks still run.
 #[pin_project]

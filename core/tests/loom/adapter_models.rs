@@ -68,9 +68,10 @@ fn race_stop_with_final_chunk(rig: &Rig) -> tether_core::ResponseStream {
 }
 
 /// `stop_races_final_chunk` with a cancel grace: the stop that sends the abort also
-/// starts the watchdog, which rides in the abort's task. Whichever wins, one task at
-/// most is spawned (and only with the abort), and once the request is over the
-/// watchdog retires: nothing is left pending.
+/// starts the grace, whose watchdog the adapter's abort task starts after entering the
+/// engine's abort. Whichever wins, tasks are spawned only with the abort (the abort
+/// task and that watchdog), and once the request is over the watchdog retires: only
+/// the parked abort task is left, and it ends with the adapter.
 #[test]
 fn stop_with_grace_races_final_chunk() {
     let seen = Seen::default();
@@ -81,12 +82,16 @@ fn stop_with_grace_races_final_chunk() {
         let aborts = rig.aborts();
         assert_eq!(
             rig.rt.spawns(),
-            aborts,
-            "one task per abort, the watchdog in it"
+            2 * aborts,
+            "the abort task and the stop's watchdog, only with the abort"
         );
         // The executor's next turn: the request is over, the watchdog retires.
         rig.rt.run_pending();
-        assert_eq!(rig.rt.pending(), 0, "a watchdog outlived its request");
+        assert_eq!(
+            rig.rt.pending(),
+            rig.adapter.background_tasks(),
+            "a watchdog outlived its request"
+        );
         reached.saw(format!("aborts={aborts}"));
         drop(stream);
         rig.shutdown();
@@ -94,9 +99,9 @@ fn stop_with_grace_races_final_chunk() {
     seen.expect(&["aborts=0", "aborts=1"]);
 }
 
-/// A stop with a cancel grace (its watchdog rides in the abort's task) races a kill:
-/// one abort, one task, the synthesized `Cancelled`, and the watchdog retires once the
-/// request is over (the grace no longer matters).
+/// A stop with a cancel grace races a kill: one abort, the synthesized `Cancelled`, the
+/// abort task plus, when the stop came first, the watchdog it starts for the grace,
+/// which retires once the request is over (the grace no longer matters).
 #[test]
 fn stop_with_grace_races_kill() {
     let seen = Seen::default();
@@ -122,13 +127,15 @@ fn stop_with_grace_races_kill() {
         );
         assert_eq!(rig.record().outcome, Outcome::Cancelled);
         assert_eq!(rig.aborts(), 1);
+        let stop_first = std_lock(&signals).len() == 2;
         assert_eq!(
             rig.rt.spawns(),
-            1,
-            "the abort, with the watchdog if any in it"
+            1 + usize::from(stop_first),
+            "the abort task, and the stop's watchdog when the stop sent the abort"
         );
         rig.rt.run_pending();
-        assert_eq!(rig.rt.pending(), 0, "a watchdog outlived its request");
+        assert_eq!(rig.rt.pending(), 1, "a watchdog outlived its request");
+        assert_eq!(rig.adapter.background_tasks(), 1);
         reached.saw(format!("{:?}", std_lock(&signals)));
         drop(stream);
         rig.shutdown();

@@ -19,11 +19,13 @@
 //!   racing stop/kill/hint/timer is woken. The consumer parks in
 //!   `loom::future::block_on`, so a missed wake-up is a deadlock, which loom reports.
 //!
-//! The test runtime is loom-friendly: `spawn` polls the future inline with a no-op
-//! waker (the abort future completes at once) and keeps it if it is still pending; the
-//! clock is frozen and only moves when a model advances it; timers fire only then.
+//! The test runtime is loom-friendly: `spawn` polls the future inline (the adapter's
+//! abort task enters the engine's abort at once) and keeps it if it is still pending,
+//! with a waker that flags it for [`runtime::LoomRuntime::run_woken`]; the clock is
+//! frozen and only moves when a model advances it; timers fire only then.
 #![cfg(tether_loom)]
 
+mod abort_task_models;
 mod adapter_models;
 mod context_models;
 mod deferral_models;

@@ -1,8 +1,10 @@
-//! A loom-friendly runtime: inline spawn, frozen clock, manually fired timers.
+//! A loom-friendly runtime: inline spawn, frozen clock, manually fired timers. Each
+//! task's waker sets a flag, so a model can poll only the tasks that were woken
+//! ([`LoomRuntime::run_woken`]): a lost wake-up leaves its task unpolled.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::task::{Context as TaskContext, Poll, Waker};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use tether_core::drive::SpawnFuture;
@@ -17,8 +19,39 @@ pub(crate) struct RtState {
     next_timer: AtomicUsize,
     /// `(timer id, deadline, waker)`: loom mutex, the wakers are loom wakers.
     timers: Mutex<Vec<(usize, Instant, Waker)>>,
-    pub(crate) pending: StdMutex<Vec<SpawnFuture>>,
+    pub(crate) pending: StdMutex<Vec<Task>>,
     spawns: AtomicUsize,
+}
+
+/// A spawned task still pending, and the flag its waker sets.
+pub(crate) struct Task {
+    future: SpawnFuture,
+    woken: StdArc<Woken>,
+}
+
+/// Set by the task's waker (std atomic: the model's threads run one at a time, and
+/// the flag is read only after they were joined).
+#[derive(Default)]
+struct Woken(AtomicBool);
+
+impl Wake for Woken {
+    fn wake(self: StdArc<Self>) {
+        self.0.store(true, SeqCst);
+    }
+}
+
+impl Task {
+    /// Poll once with its own waker; `Some(self)` while still pending.
+    fn poll(mut self) -> Option<Task> {
+        self.woken.0.store(false, SeqCst);
+        let waker = Waker::from(self.woken.clone());
+        let mut cx = TaskContext::from_waker(&waker);
+        self.future
+            .as_mut()
+            .poll(&mut cx)
+            .is_pending()
+            .then_some(self)
+    }
 }
 
 #[derive(Clone)]
@@ -65,12 +98,25 @@ impl LoomRuntime {
     /// whose timer or engine woke it). Called by one thread of a model at a time.
     pub(crate) fn run_pending(&self) {
         let tasks = std::mem::take(&mut *std_lock(&self.0.pending));
-        let mut cx = TaskContext::from_waker(Waker::noop());
-        let mut left: Vec<SpawnFuture> = tasks
-            .into_iter()
-            .filter_map(|mut t| t.as_mut().poll(&mut cx).is_pending().then_some(t))
-            .collect();
+        let mut left: Vec<Task> = tasks.into_iter().filter_map(Task::poll).collect();
         std_lock(&self.0.pending).append(&mut left);
+    }
+
+    /// A real executor's turns: poll only the tasks whose waker was called, until none
+    /// is (bounded). A task that is never woken is never polled here.
+    pub(crate) fn run_woken(&self) {
+        for _ in 0..16 {
+            let (woken, mut rest): (Vec<Task>, Vec<Task>) =
+                std::mem::take(&mut *std_lock(&self.0.pending))
+                    .into_iter()
+                    .partition(|t| t.woken.0.load(SeqCst));
+            if woken.is_empty() {
+                std_lock(&self.0.pending).append(&mut rest);
+                return;
+            }
+            rest.extend(woken.into_iter().filter_map(Task::poll));
+            std_lock(&self.0.pending).append(&mut rest);
+        }
     }
 
     /// Tasks spawned so far.
@@ -93,11 +139,14 @@ impl LoomRuntime {
 }
 
 impl Runtime for LoomRuntime {
-    fn spawn(&self, mut future: SpawnFuture) {
+    fn spawn(&self, future: SpawnFuture) {
         self.0.spawns.fetch_add(1, SeqCst);
-        let mut cx = TaskContext::from_waker(Waker::noop());
-        if future.as_mut().poll(&mut cx).is_pending() {
-            std_lock(&self.0.pending).push(future);
+        let task = Task {
+            future,
+            woken: StdArc::default(),
+        };
+        if let Some(task) = task.poll() {
+            std_lock(&self.0.pending).push(task);
         }
     }
 

@@ -3,6 +3,7 @@
 //! kill. Every scenario asserts the exact items, the exact record and the exact number
 //! of aborts (decided, via the observer, and entered, via the engine).
 
+mod abort_task;
 mod deferral;
 mod drops;
 mod forwarding;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use tether_core::{AdapterConfig, Chunk, FinishReason, Mode};
 use tether_tests::{data, on_both_runtimes};
 
+use abort_task::*;
 use deferral::*;
 use drops::*;
 use forwarding::*;
@@ -67,4 +69,9 @@ on_both_runtimes!(
     drop_before_first_poll_aborts_once,
     drop_after_stop_does_not_abort_twice,
     drop_after_terminal_does_nothing,
+    the_abort_task_is_started_once_for_every_stop,
+    a_burst_of_stops_is_carried_out_by_the_one_task,
+    a_pending_abort_does_not_hold_up_the_next,
+    an_abort_panic_leaves_the_abort_task_running,
+    the_abort_task_ends_with_its_adapter,
 );

@@ -8,7 +8,7 @@ use tether_core::AbortStatus;
 use futures_util::future::join;
 use tether_core::lifecycle::Phase;
 use tether_core::{AdapterConfig, Chunk, Context, FinishReason, Outcome, Usage};
-use tether_tests::{data, guarded, poll_once, yield_now, Harness, ScenarioRuntime, Step};
+use tether_tests::{data, poll_once, yield_now, Harness, ScenarioRuntime, Step};
 
 use crate::{terminal, tokens, HOUR};
 
@@ -37,9 +37,9 @@ pub(crate) async fn stop_before_terminal_aborts_once_and_chunks_flow_to_engine_t
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Finished(FinishReason::Length));
     assert_eq!((rec.output_tokens, rec.abort), (3, AbortStatus::Sent));
-    // One task: the abort, with the watchdog holding the 5 s cancel grace in it (ended
-    // by the terminal).
-    assert_eq!(h.counting.spawned(), 1);
+    // Two tasks: the adapter's abort task, and the watchdog holding the 5 s cancel
+    // grace (started by the abort task, ended by the terminal).
+    assert_eq!(h.counting.spawned(), 2);
     assert_eq!(script.aborts(), 1);
     h.assert_clean().await;
 }
@@ -213,8 +213,9 @@ pub(crate) async fn stop_then_kill_aborts_once<R: ScenarioRuntime>(rt: R) {
     );
     assert_eq!(h.observer.record("r").outcome, Outcome::Cancelled);
     h.wait_aborts(&script, 1).await;
-    // One task: the abort with the stop's grace watchdog in it.
-    assert_eq!(h.counting.spawned(), 1);
+    // The abort task, and the stop's grace watchdog it started (which found the
+    // request over).
+    assert_eq!(h.counting.spawned(), 2);
     assert_eq!(script.aborts(), 1);
     h.assert_clean().await;
 }
@@ -227,15 +228,14 @@ pub(crate) async fn a_watchdog_ends_with_its_request<R: ScenarioRuntime>(rt: R) 
     assert_eq!(s.request_id(), "r");
     ctx.stop();
     h.wait_aborts(&script, 1).await;
-    // On smol the abort task may still be ending on another thread after the engine
-    // counted its abort: wait for that task alone.
-    guarded(&h.rt, "the abort task to end", async {
-        while h.counting.live() > 1 {
-            yield_now().await;
-        }
-    })
-    .await;
-    assert_eq!(h.counting.live(), 1, "the watchdog holds the grace");
+    // On smol the abort task may still be starting the watchdog on another thread
+    // after the engine counted its abort.
+    assert_eq!(h.counting.spawned(), 2);
+    assert_eq!(
+        h.counting.live(),
+        2,
+        "the parked abort task, and the watchdog holding the grace"
+    );
     let shown = format!("{s:?}");
     assert!(
         shown.starts_with("ResponseStream { request_id: \"r\", state: State {"),

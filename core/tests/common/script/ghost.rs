@@ -56,6 +56,9 @@ struct Ghost {
     engine_ended: bool,
     /// The watchdog task exists and has not ended.
     watchdog: bool,
+    /// The adapter's abort task was started (at the first abort; it stays parked for
+    /// the adapter's life).
+    abort_task: bool,
     /// When the cancel grace expires (armed by the stop, off the consumer's path).
     grace_due: Option<Instant>,
     /// When the deferred abort is released (armed by the event that deferred it).
@@ -178,6 +181,7 @@ pub(crate) fn run(script: &Script) -> Result<Summary, String> {
             discarded: false,
             engine_ended: false,
             watchdog: false,
+            abort_task: false,
             grace_due: None,
             deferral_due: None,
             handed_over: false,

@@ -50,10 +50,14 @@ impl Harness {
         }
     }
 
+    /// The abort goes out through the adapter's abort task: spawned at the first abort.
     fn abort_now(&mut self) -> bool {
         self.g.deferred = false;
         self.g.aborted = true;
-        self.g.spawns_allowed += 1;
+        if !self.g.abort_task {
+            self.g.abort_task = true;
+            self.g.spawns_allowed += 1;
+        }
         true
     }
 
@@ -126,14 +130,10 @@ impl Harness {
                         self.g.cancel = Cancel::Stop;
                         expect_abort = self.request_abort();
                         if let Some(grace) = self.cfg_grace {
+                            // Timed by the watchdog (started by the abort task after
+                            // it entered the abort, when the stop sent one).
                             self.g.grace_due = Some(self.now() + grace);
-                            if expect_abort && !self.g.watchdog {
-                                // Started by the step that sends the abort: the
-                                // watchdog rides in the abort's task (one spawn).
-                                self.g.watchdog = true;
-                            } else {
-                                self.need_watchdog();
-                            }
+                            self.need_watchdog();
                         }
                     }
                 } else if raises && !self.g.live {
@@ -234,7 +234,8 @@ impl Harness {
         }
     }
 
-    /// The spawned tasks run (the watchdog is the only one that can still be pending):
+    /// The spawned tasks run (the watchdog is the only one that can still have work; the
+    /// abort task, parked, has none):
     /// it drains a handed-over engine, then fires the deadlines that passed. Returns
     /// whether it must have aborted and whether it must have woken the consumer.
     fn run_watchdog(&mut self) -> Result<(bool, bool), String> {
