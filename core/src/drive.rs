@@ -4,7 +4,7 @@
 //! This module owns the glue between events and actions, and no policy: every decision
 //! (forward, abort, synthesize, finish) comes out of the machine's pure `step`. What it
 //! adds is where events come from (the engine stream, the [`Context`] listener, `Drop`,
-//! the first-token hint, timers) and how actions are carried out (yield an item, spawn
+//! the first-token hint, timers) and how actions are carried out (yield an item, queue
 //! the abort, record the outcome).
 //!
 //! ## Costs

@@ -200,7 +200,9 @@ pub trait LlmEngine: Send + Sync + 'static {
     /// Stop work on the request behind `context` as soon as possible. tether calls it
     /// at most once per request and never after the engine's own terminal was seen. It
     /// may arrive while this request's `generate` is still pending (a kill or a drop
-    /// during setup: `generate` is cancellation-safe) and runs on a spawned task. In
+    /// during setup: `generate` is cancellation-safe). It is first polled by the
+    /// adapter's abort task, one abort after another: it must not block in a poll (an
+    /// abort that is not done in its first poll moves on to a task of its own). In
     /// decode mode before the first token it is deferred (SPEC rule 2), and the stream
     /// is kept alive, not dropped, until it was sent. The default does nothing (for
     /// engines whose stream stops when dropped).

@@ -1,6 +1,6 @@
 //! [`Shared`]: the part of a request that the context listener, the first-token hint,
 //! the consumer's `Drop` and the watchdog reach from other threads, and the actions they
-//! carry out off the consumer's poller (spawn the abort, arm the cancel deadlines, wake
+//! carry out off the consumer's poller (queue the abort, arm the cancel deadlines, wake
 //! the consumer).
 
 use std::task::Waker;

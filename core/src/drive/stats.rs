@@ -63,7 +63,7 @@ pub enum AbortStatus {
     /// Due but held back (decode mode, before the first token): it is sent at the first
     /// token, the hint or the deferral deadline, unless the engine ends first.
     Deferred,
-    /// Handed to the runtime (`LlmEngine::abort` runs on a spawned task).
+    /// Handed to the adapter's abort task, which enters `LlmEngine::abort`.
     Sent,
     /// Was deferred, and the engine ended by itself first: never sent.
     Discarded,

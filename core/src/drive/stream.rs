@@ -615,7 +615,7 @@ impl PinnedDrop for ResponseStream {
         }
         let (state, acts) = shared.cell.apply(Event::ConsumerDropped);
         // Finishes (records Dropped, lets go of the listener, hands a still-owed
-        // engine to the watchdog) and spawns the abort when one is due.
+        // engine to the watchdog) and queues the abort when one is due.
         let _ = perform(shared, local, acts, state, Item::None);
     }
 }

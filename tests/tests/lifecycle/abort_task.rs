@@ -2,10 +2,14 @@
 //! between aborts, so a stop spawns nothing once it runs; an abort that does not finish
 //! at once (or panics) never holds up the next; the task ends with the adapter.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tether_core::{Adapter, AdapterConfig, FinishReason, Outcome};
-use tether_tests::{guarded, Harness, ScenarioRuntime};
+use tether_core::engine::BoxFuture;
+use tether_core::{
+    Adapter, AdapterConfig, ChunkStream, EngineConfig, EngineError, FinishReason, GenerateContext,
+    LlmEngine, Outcome, Request,
+};
+use tether_tests::{guarded, yield_now, Harness, ScenarioRuntime};
 
 use crate::{terminal, tokens};
 
@@ -134,4 +138,94 @@ pub(crate) async fn the_abort_task_ends_with_its_adapter<R: ScenarioRuntime>(rt:
     guarded(&h.rt, "the abort task to end", h.counting.until_idle()).await;
     assert_eq!((h.counting.spawned(), h.counting.live()), (1, 0));
     assert_eq!(script.aborts(), 1);
+}
+
+/// The engine of [`aborts_not_yet_carried_out_are_counted`]: the script engine, plus a
+/// look at the adapter's `unfinished_aborts()` from inside each `abort`.
+struct Peeking {
+    inner: tether_tests::ScriptEngine,
+    adapter: Mutex<Option<Adapter>>,
+    seen: Mutex<Vec<usize>>,
+}
+
+impl LlmEngine for Peeking {
+    fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {
+        self.inner.start(worker_id)
+    }
+    fn generate(
+        &self,
+        request: Request,
+        context: GenerateContext,
+    ) -> BoxFuture<'_, Result<ChunkStream, EngineError>> {
+        self.inner.generate(request, context)
+    }
+    fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
+        let adapter = self.adapter.lock().unwrap();
+        if let Some(adapter) = adapter.as_ref() {
+            self.seen.lock().unwrap().push(adapter.unfinished_aborts());
+        }
+        self.inner.abort(context)
+    }
+    fn cleanup(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        self.inner.cleanup()
+    }
+}
+
+/// `Adapter::unfinished_aborts` counts the aborts queued and the one being carried out:
+/// seen from inside each engine `abort` of three stops made before the task ran, 3,
+/// then 2, then 1 (on tokio's single thread; smol's task may run beside the stops), and
+/// 0 once all were carried out.
+pub(crate) async fn aborts_not_yet_carried_out_are_counted<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::with_config(rt, no_grace());
+    let engine = Arc::new(Peeking {
+        inner: h.engine.clone(),
+        adapter: Mutex::new(None),
+        seen: Mutex::new(Vec::new()),
+    });
+    let adapter = Adapter::new(engine.clone(), h.counting.clone(), no_grace());
+    *engine.adapter.lock().unwrap() = Some(adapter.clone());
+    let mut started = Vec::new();
+    for id in ["a", "b", "c"] {
+        let ctx = tether_core::Context::new(id);
+        let stream = guarded(
+            &h.rt,
+            "generate",
+            adapter.generate(h.request(id), ctx.clone()),
+        )
+        .await
+        .expect("generate succeeds");
+        started.push((stream, h.engine.script(id), ctx));
+    }
+    assert_eq!(adapter.unfinished_aborts(), 0);
+    for (_, _, ctx) in &started {
+        ctx.stop();
+    }
+    if h.rt.exact_clock() {
+        assert_eq!(
+            adapter.unfinished_aborts(),
+            3,
+            "queued, the task not run yet"
+        );
+    }
+    for (_, script, _) in &started {
+        h.wait_aborts(script, 1).await;
+    }
+    guarded(&h.rt, "the abort task to be done", async {
+        while adapter.unfinished_aborts() > 0 {
+            yield_now().await;
+        }
+    })
+    .await;
+    let seen = engine.seen.lock().unwrap().clone();
+    if h.rt.exact_clock() {
+        assert_eq!(seen, [3, 2, 1]);
+    } else {
+        assert_eq!(seen.len(), 3);
+        assert!(seen.iter().all(|n| (1..=3).contains(n)), "{seen:?}");
+    }
+    // Let go of the cycle (the engine held its adapter) and of the requests.
+    engine.adapter.lock().unwrap().take();
+    drop(started);
+    drop(adapter);
+    guarded(&h.rt, "the abort task to end", h.counting.until_idle()).await;
 }

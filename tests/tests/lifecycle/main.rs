@@ -74,4 +74,5 @@ on_both_runtimes!(
     a_pending_abort_does_not_hold_up_the_next,
     an_abort_panic_leaves_the_abort_task_running,
     the_abort_task_ends_with_its_adapter,
+    aborts_not_yet_carried_out_are_counted,
 );
