@@ -24,7 +24,8 @@ use std::task::{Context as TaskContext, Poll, Waker};
 use super::log;
 use super::shared::Shared;
 use super::watchdog::{AbortAndWatch, Watch, Watchdog};
-use super::{Runtime, SpawnFuture};
+use super::{AdapterInner, Runtime, SpawnFuture};
+use crate::engine::GenerateContext;
 use crate::lifecycle::Actions;
 use crate::sync::{lock, Arc, Mutex};
 
@@ -78,9 +79,7 @@ impl AbortQueue {
         };
         if spawn {
             // Outside the lock: a runtime may poll the task inline.
-            runtime.spawn(Box::pin(AbortTask {
-                queue: this.clone(),
-            }));
+            runtime.spawn(Box::pin(AbortTask::new(this.clone(), call_abort)));
         } else if let Some(waker) = waker {
             waker.wake();
         }
@@ -112,20 +111,93 @@ impl AbortQueue {
     }
 }
 
-/// The adapter's abort task.
-struct AbortTask {
-    queue: Arc<AbortQueue>,
+/// The engine's abort of one request, as a future that owns what it borrows.
+fn call_abort(
+    adapter: Arc<AdapterInner>,
+    ctx: GenerateContext,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move { adapter.engine.abort(ctx).await }
 }
 
-impl Future for AbortTask {
+/// The adapter's abort task. `F` is [`call_abort`]'s future (a type with no name).
+struct AbortTask<F> {
+    queue: Arc<AbortQueue>,
+    call: fn(Arc<AdapterInner>, GenerateContext) -> F,
+    /// The allocation of the last abort that finished in its first poll, reused for
+    /// the next one (a finished `async` block holds nothing, not even its adapter).
+    spare: Option<Pin<Box<F>>>,
+}
+
+impl<F: Future<Output = ()> + Send + 'static> AbortTask<F> {
+    fn new(queue: Arc<AbortQueue>, call: fn(Arc<AdapterInner>, GenerateContext) -> F) -> Self {
+        AbortTask {
+            queue,
+            call,
+            spare: None,
+        }
+    }
+
+    /// Carry out one abort: enter the engine's `abort` (its first poll, here), then
+    /// start the clocks the step started and the watchdog if one is due.
+    fn run(&mut self, job: Job, cx: &mut TaskContext<'_>) {
+        let Job { shared, acts } = job;
+        let fresh = (self.call)(shared.adapter.clone(), Shared::generate_context(&shared));
+        let mut abort = match self.spare.take() {
+            Some(mut spare) => {
+                spare.as_mut().set(fresh);
+                spare
+            }
+            None => Box::pin(fresh),
+        };
+        let unfinished: Option<SpawnFuture> =
+            match catch_unwind(AssertUnwindSafe(|| abort.as_mut().poll(cx))) {
+                Ok(Poll::Ready(())) => {
+                    self.spare = Some(abort);
+                    None
+                }
+                Ok(Poll::Pending) => Some(abort),
+                Err(_) => {
+                    log::engine_misbehaved(&shared, "abort panicked");
+                    // Dropping what panicked may panic again: nothing of it is kept.
+                    let _ = catch_unwind(AssertUnwindSafe(move || drop(abort)));
+                    None
+                }
+            };
+        // The cancel clocks this step started (a stop's grace), timed by the request's
+        // watchdog: started here when none runs yet, woken below when one does.
+        let watchdog = match Shared::record_clocks(&shared, acts, None) {
+            Watch::Spawn => Some(Watchdog::new(shared.clone())),
+            Watch::Nothing | Watch::Wake(_) => None,
+        };
+        let runtime = &*shared.adapter.runtime;
+        match (unfinished, watchdog) {
+            // An unfinished abort moves to a task of its own; the watchdog rides along.
+            (Some(abort), Some(watchdog)) => {
+                runtime.spawn(Box::pin(AbortAndWatch::new(abort, watchdog)));
+            }
+            (None, Some(watchdog)) => runtime.spawn(Box::pin(watchdog)),
+            (unfinished, None) => {
+                if let Some(abort) = unfinished {
+                    runtime.spawn(abort);
+                }
+                // A watchdog waiting on this abort's deadline, or draining for it, is
+                // done.
+                Shared::wake_watchdog(&shared);
+            }
+        }
+    }
+}
+
+impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let this = self.get_mut();
         for _ in 0..BUDGET {
             // Take the next job, or park under the lock: a job queued after this look
             // finds the waker and wakes us.
             let job = {
-                let mut state = lock(&self.queue.state);
+                let mut state = lock(&this.queue.state);
                 let job = state.jobs.pop_front();
                 state.running_job = job.is_some();
                 match job {
@@ -143,51 +215,11 @@ impl Future for AbortTask {
                     }
                 }
             };
-            run(job, cx);
+            this.run(job, cx);
         }
         // Let the executor run others; the queue is looked at again right away.
-        lock(&self.queue.state).running_job = false;
+        lock(&this.queue.state).running_job = false;
         cx.waker().wake_by_ref();
         Poll::Pending
-    }
-}
-
-/// Carry out one abort: enter the engine's `abort` (its first poll, here), then start
-/// the clocks the step started and the watchdog if one is due.
-fn run(job: Job, cx: &mut TaskContext<'_>) {
-    let Job { shared, acts } = job;
-    let ctx = Shared::generate_context(&shared);
-    let adapter = shared.adapter.clone();
-    let mut abort: SpawnFuture = Box::pin(async move { adapter.engine.abort(ctx).await });
-    let unfinished = match catch_unwind(AssertUnwindSafe(|| abort.as_mut().poll(cx))) {
-        Ok(Poll::Ready(())) => None,
-        Ok(Poll::Pending) => Some(abort),
-        Err(_) => {
-            log::engine_misbehaved(&shared, "abort panicked");
-            // Dropping what panicked may panic again: nothing of it is kept.
-            let _ = catch_unwind(AssertUnwindSafe(move || drop(abort)));
-            None
-        }
-    };
-    // The cancel clocks this step started (a stop's grace), timed by the request's
-    // watchdog: started here when none runs yet, woken below when one does.
-    let watchdog = match Shared::record_clocks(&shared, acts, None) {
-        Watch::Spawn => Some(Watchdog::new(shared.clone())),
-        Watch::Nothing | Watch::Wake(_) => None,
-    };
-    let runtime = &*shared.adapter.runtime;
-    match (unfinished, watchdog) {
-        // An unfinished abort moves to a task of its own; the watchdog rides along.
-        (Some(abort), Some(watchdog)) => {
-            runtime.spawn(Box::pin(AbortAndWatch::new(abort, watchdog)));
-        }
-        (None, Some(watchdog)) => runtime.spawn(Box::pin(watchdog)),
-        (unfinished, None) => {
-            if let Some(abort) = unfinished {
-                runtime.spawn(abort);
-            }
-            // A watchdog waiting on this abort's deadline, or draining for it, is done.
-            Shared::wake_watchdog(&shared);
-        }
     }
 }
