@@ -112,11 +112,8 @@ impl AbortQueue {
 }
 
 /// The engine's abort of one request, as a future that owns what it borrows.
-fn call_abort(
-    adapter: Arc<AdapterInner>,
-    ctx: GenerateContext,
-) -> impl Future<Output = ()> + Send + 'static {
-    async move { adapter.engine.abort(ctx).await }
+async fn call_abort(adapter: Arc<AdapterInner>, ctx: GenerateContext) {
+    adapter.engine.abort(ctx).await;
 }
 
 /// The adapter's abort task. `F` is [`call_abort`]'s future (a type with no name).
