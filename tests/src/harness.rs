@@ -139,11 +139,23 @@ impl<R: ScenarioRuntime> Harness<R> {
     }
 
     /// Wait until the adapter's abort task has no abort queued or in hand.
+    ///
+    /// The count has no waker, so this yields in a loop; on tokio's paused clock a busy
+    /// loop keeps the guard's timer from ever firing, so the loop is also bounded by a
+    /// number of turns (seconds of spinning), after which it fails instead of hanging.
     async fn settle_abort_task(&self) {
+        const TURNS: u32 = 10_000_000;
         guarded(&self.rt, "the abort task to carry out every abort", async {
-            while self.adapter.unfinished_aborts() > 0 {
+            for _ in 0..TURNS {
+                if self.adapter.unfinished_aborts() == 0 {
+                    return;
+                }
                 yield_now().await;
             }
+            panic!(
+                "the abort task left {} abort(s) unfinished after {TURNS} turns",
+                self.adapter.unfinished_aborts()
+            );
         })
         .await;
     }
