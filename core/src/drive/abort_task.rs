@@ -23,7 +23,9 @@ use std::task::{Context as TaskContext, Poll, Waker};
 
 use super::log;
 use super::shared::Shared;
-use super::watchdog::{AbortAndWatch, Watch, Watchdog};
+use pin_project::pin_project;
+
+use super::watchdog::{Watch, Watchdog};
 use super::{AdapterInner, Runtime, SpawnFuture};
 use crate::engine::GenerateContext;
 use crate::lifecycle::Actions;
@@ -121,7 +123,7 @@ struct AbortTask<F> {
     queue: Arc<AbortQueue>,
     call: fn(Arc<AdapterInner>, GenerateContext) -> F,
     /// The allocation of the last abort that finished in its first poll, reused for
-    /// the next one (a finished `async` block holds nothing, not even its adapter).
+    /// the next one (a finished `async fn` future holds nothing, not even its adapter).
     spare: Option<Pin<Box<F>>>,
 }
 
@@ -146,25 +148,32 @@ impl<F: Future<Output = ()> + Send + 'static> AbortTask<F> {
             }
             None => Box::pin(fresh),
         };
-        let unfinished: Option<SpawnFuture> =
-            match catch_unwind(AssertUnwindSafe(|| abort.as_mut().poll(cx))) {
-                Ok(Poll::Ready(())) => {
-                    self.spare = Some(abort);
-                    None
-                }
-                Ok(Poll::Pending) => Some(abort),
-                Err(_) => {
-                    log::engine_misbehaved(&shared, "abort panicked");
-                    // Dropping what panicked may panic again: nothing of it is kept.
-                    let _ = catch_unwind(AssertUnwindSafe(move || drop(abort)));
-                    None
-                }
-            };
+        let unfinished: Option<SpawnFuture> = match poll_abort(abort.as_mut(), cx, Some(&shared)) {
+            Some(Poll::Ready(())) => {
+                self.spare = Some(abort);
+                None
+            }
+            Some(Poll::Pending) => Some(abort),
+            None => {
+                // Dropping what panicked may panic again: nothing of it is kept.
+                let _ = catch_unwind(AssertUnwindSafe(move || drop(abort)));
+                None
+            }
+        };
         // The cancel clocks this step started (a stop's grace), timed by the request's
-        // watchdog: started here when none runs yet, woken below when one does.
+        // watchdog: started here when none runs yet, woken when one does. A running
+        // watchdog waiting on this abort's deadline, or draining for it, is done: it
+        // is woken either way.
         let watchdog = match Shared::record_clocks(&shared, acts, None) {
             Watch::Spawn => Some(Watchdog::new(shared.clone())),
-            Watch::Nothing | Watch::Wake(_) => None,
+            Watch::Wake(waker) => {
+                waker.wake();
+                None
+            }
+            Watch::Nothing => {
+                Shared::wake_watchdog(&shared);
+                None
+            }
         };
         let runtime = &*shared.adapter.runtime;
         match (unfinished, watchdog) {
@@ -172,15 +181,9 @@ impl<F: Future<Output = ()> + Send + 'static> AbortTask<F> {
             (Some(abort), Some(watchdog)) => {
                 runtime.spawn(Box::pin(AbortAndWatch::new(abort, watchdog)));
             }
+            (Some(abort), None) => runtime.spawn(abort),
             (None, Some(watchdog)) => runtime.spawn(Box::pin(watchdog)),
-            (unfinished, None) => {
-                if let Some(abort) = unfinished {
-                    runtime.spawn(abort);
-                }
-                // A watchdog waiting on this abort's deadline, or draining for it, is
-                // done.
-                Shared::wake_watchdog(&shared);
-            }
+            (None, None) => {}
         }
     }
 }
@@ -218,5 +221,71 @@ impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
         lock(&this.queue.state).running_job = false;
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+/// Poll an engine's abort once, catching a panic: `None` if it panicked (logged as
+/// engine misbehaviour for `shared`'s request when given; the caller drops it, itself
+/// under `catch_unwind`).
+fn poll_abort<F: Future<Output = ()> + ?Sized>(
+    abort: Pin<&mut F>,
+    cx: &mut TaskContext<'_>,
+    shared: Option<&Shared>,
+) -> Option<Poll<()>> {
+    match catch_unwind(AssertUnwindSafe(|| abort.poll(cx))) {
+        Ok(polled) => Some(polled),
+        Err(_) => {
+            if let Some(shared) = shared {
+                log::engine_misbehaved(shared, "abort panicked");
+            }
+            None
+        }
+    }
+}
+
+/// An engine's abort that did not finish in its first poll and the request's watchdog
+/// in one task: the abort is polled first, then the watchdog; the task ends when both
+/// have. An abort that panics is logged as engine misbehaviour and dropped: the
+/// watchdog's clocks still run.
+#[pin_project]
+struct AbortAndWatch<F> {
+    #[pin]
+    abort: Option<F>,
+    watchdog: Option<Watchdog>,
+}
+
+impl<F: Future<Output = ()>> AbortAndWatch<F> {
+    fn new(abort: F, watchdog: Watchdog) -> Self {
+        AbortAndWatch {
+            abort: Some(abort),
+            watchdog: Some(watchdog),
+        }
+    }
+}
+
+impl<F: Future<Output = ()>> Future for AbortAndWatch<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if let Some(abort) = this.abort.as_mut().as_pin_mut() {
+            let shared = this.watchdog.as_ref().map(|w| &*w.shared);
+            match poll_abort(abort, cx, shared) {
+                Some(Poll::Pending) => {}
+                Some(Poll::Ready(())) => this.abort.set(None),
+                // Dropping what panicked may panic again: nothing of it is kept.
+                None => drop(catch_unwind(AssertUnwindSafe(|| this.abort.set(None)))),
+            }
+        }
+        if let Some(watchdog) = this.watchdog.as_mut() {
+            if Pin::new(watchdog).poll(cx).is_ready() {
+                *this.watchdog = None;
+            }
+        }
+        if this.abort.is_none() && this.watchdog.is_none() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }

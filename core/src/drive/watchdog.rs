@@ -12,15 +12,12 @@
 //! It is spawned by whichever actor first arms a cancel deadline or hands over the
 //! engine (for a stop: the adapter's abort task, right after it entered the engine's
 //! `abort`), and ends as soon as nothing it owns still matters. When that abort did
-//! not finish in its first poll, the two share one task ([`AbortAndWatch`]). It must
+//! not finish in its first poll, the two share one task (`abort_task::AbortAndWatch`). It must
 //! not forward, emit or record anything: the consumer's side is over or is the poller's.
 
 use std::future::Future;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, Waker};
-
-use pin_project::pin_project;
 
 use super::log;
 use super::shared::Shared;
@@ -157,57 +154,6 @@ impl Future for Watchdog {
                     break;
                 }
             }
-        }
-    }
-}
-
-/// An engine's abort that did not finish in its first poll and the request's watchdog
-/// in one task: the abort is polled first, then the watchdog; the task ends
-/// when both have. An abort that panics is logged as engine misbehaviour and dropped:
-/// the watchdog's clocks still run.
-#[pin_project]
-pub(crate) struct AbortAndWatch<F> {
-    #[pin]
-    abort: Option<F>,
-    watchdog: Option<Watchdog>,
-}
-
-impl<F: Future<Output = ()>> AbortAndWatch<F> {
-    pub(crate) fn new(abort: F, watchdog: Watchdog) -> Self {
-        AbortAndWatch {
-            abort: Some(abort),
-            watchdog: Some(watchdog),
-        }
-    }
-}
-
-impl<F: Future<Output = ()>> Future for AbortAndWatch<F> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let mut this = self.project();
-        if let Some(abort) = this.abort.as_mut().as_pin_mut() {
-            match catch_unwind(AssertUnwindSafe(|| abort.poll(cx))) {
-                Ok(Poll::Pending) => {}
-                Ok(Poll::Ready(())) => this.abort.set(None),
-                Err(_) => {
-                    if let Some(w) = this.watchdog.as_ref() {
-                        log::engine_misbehaved(&w.shared, "abort panicked");
-                    }
-                    // Dropping what panicked may panic again: nothing of it is kept.
-                    let _ = catch_unwind(AssertUnwindSafe(|| this.abort.set(None)));
-                }
-            }
-        }
-        if let Some(watchdog) = this.watchdog.as_mut() {
-            if Pin::new(watchdog).poll(cx).is_ready() {
-                *this.watchdog = None;
-            }
-        }
-        if this.abort.is_none() && this.watchdog.is_none() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
         }
     }
 }
