@@ -50,23 +50,47 @@ impl fmt::Debug for Step {
     }
 }
 
+/// A step of the engine (`generate`'s setup, `abort`) that a test holds pending until
+/// it lets it go.
+#[derive(Debug, Default)]
+struct Hold {
+    held: bool,
+    waker: Option<Waker>,
+}
+
+impl Hold {
+    /// Ready unless held; held, the waker is kept for [`Hold::release`].
+    fn wait(&mut self, cx: &mut TaskContext<'_>) -> Poll<()> {
+        if self.held {
+            self.waker = Some(cx.waker().clone());
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
+    /// Stop holding; the waker of whoever waits, to wake outside the lock.
+    fn release(&mut self) -> Option<Waker> {
+        self.held = false;
+        self.waker.take()
+    }
+}
+
 /// What the engine knows about one request id.
 #[derive(Debug, Default)]
 struct Slot {
     steps: VecDeque<Step>,
     waker: Option<Waker>,
     setup_error: Option<EngineError>,
-    /// `generate` waits (pending) while this is set, as a slow admission would.
-    hold_setup: bool,
-    setup_waker: Option<Waker>,
+    /// `generate` waits (pending) while this is held, as a slow admission would.
+    setup_hold: Hold,
     /// `generate` panics with this message.
     setup_panic: Option<String>,
     /// The stream panics with this message when dropped.
     drop_panic: Option<String>,
     abort_reply: Vec<Step>,
-    /// `abort` does not return while this is set (an abort stuck in the engine).
-    hold_abort: bool,
-    abort_waker: Option<Waker>,
+    /// `abort` does not return while this is held (an abort stuck in the engine).
+    abort_hold: Hold,
     /// `abort` panics with this message once it has counted itself.
     abort_panic: Option<String>,
     context: Option<GenerateContext>,
@@ -215,16 +239,7 @@ impl LlmEngine for ScriptEngine {
                 s.generates += 1;
                 s.context = Some(context.clone());
             }
-            poll_fn(|cx| {
-                let mut s = lock(&slot);
-                if s.hold_setup {
-                    s.setup_waker = Some(cx.waker().clone());
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            })
-            .await;
+            poll_fn(|cx| lock(&slot).setup_hold.wait(cx)).await;
             {
                 let mut s = lock(&slot);
                 if let Some(msg) = s.setup_panic.take() {
@@ -270,16 +285,7 @@ impl LlmEngine for ScriptEngine {
             if let Some(msg) = lock(&slot).abort_panic.take() {
                 panic!("{msg}");
             }
-            std::future::poll_fn(|cx| {
-                let mut s = lock(&slot);
-                if s.hold_abort {
-                    s.abort_waker = Some(cx.waker().clone());
-                    Poll::Pending
-                } else {
-                    Poll::Ready(())
-                }
-            })
-            .await;
+            poll_fn(|cx| lock(&slot).abort_hold.wait(cx)).await;
         })
     }
 
@@ -441,17 +447,13 @@ impl Script {
     /// Make `generate` for this id wait (pending) until [`Script::release_setup`], as a
     /// slow admission or KV transfer would.
     pub fn hold_setup(&self) -> &Self {
-        lock(&self.slot).hold_setup = true;
+        lock(&self.slot).setup_hold.held = true;
         self
     }
 
     /// Let a held `generate` go on.
     pub fn release_setup(&self) -> &Self {
-        let waker = {
-            let mut s = lock(&self.slot);
-            s.hold_setup = false;
-            s.setup_waker.take()
-        };
+        let waker = lock(&self.slot).setup_hold.release();
         if let Some(w) = waker {
             w.wake();
         }
@@ -473,17 +475,13 @@ impl Script {
     /// Make `abort` for this id stay pending (after counting itself) until
     /// [`Script::release_abort`].
     pub fn hold_abort(&self) -> &Self {
-        lock(&self.slot).hold_abort = true;
+        lock(&self.slot).abort_hold.held = true;
         self
     }
 
     /// Let a held `abort` return.
     pub fn release_abort(&self) -> &Self {
-        let waker = {
-            let mut s = lock(&self.slot);
-            s.hold_abort = false;
-            s.abort_waker.take()
-        };
+        let waker = lock(&self.slot).abort_hold.release();
         if let Some(w) = waker {
             w.wake();
         }
