@@ -103,11 +103,23 @@ impl<R: ScenarioRuntime> Harness<R> {
     /// # Panics
     /// If `generate` fails.
     pub async fn start(&self, id: &str) -> (ResponseStream, Script, Context) {
+        self.start_on(&self.adapter, id).await
+    }
+
+    /// [`Harness::start`] on `adapter`: another adapter a test built on this harness's
+    /// engine and counted runtime (one it can drop, or one with its own engine wrapper).
+    ///
+    /// # Panics
+    /// If `generate` fails.
+    pub async fn start_on(&self, adapter: &Adapter, id: &str) -> (ResponseStream, Script, Context) {
         let context = Context::new(id);
-        let stream = self
-            .generate(self.request(id), context.clone())
-            .await
-            .expect("generate succeeds");
+        let stream = guarded(
+            &self.rt,
+            "generate",
+            adapter.generate(self.request(id), context.clone()),
+        )
+        .await
+        .expect("generate succeeds");
         (stream, self.engine.script(id), context)
     }
 

@@ -119,15 +119,7 @@ pub(crate) async fn the_abort_task_ends_with_its_adapter<R: ScenarioRuntime>(rt:
     let h = Harness::with_config(rt, no_grace());
     // A second adapter on the same engine and counted runtime, which the test can drop.
     let adapter = Adapter::new(Arc::new(h.engine.clone()), h.counting.clone(), no_grace());
-    let ctx = tether_core::Context::new("r");
-    let stream = guarded(
-        &h.rt,
-        "generate",
-        adapter.generate(h.request("r"), ctx.clone()),
-    )
-    .await
-    .expect("generate succeeds");
-    let script = h.engine.script("r");
+    let (stream, script, ctx) = h.start_on(&adapter, "r").await;
     ctx.stop();
     h.wait_aborts(&script, 1).await;
     assert_eq!((adapter.background_tasks(), h.counting.live()), (1, 1));
@@ -186,15 +178,7 @@ pub(crate) async fn aborts_not_yet_carried_out_are_counted<R: ScenarioRuntime>(r
     *engine.adapter.lock().unwrap() = Some(adapter.clone());
     let mut started = Vec::new();
     for id in ["a", "b", "c"] {
-        let ctx = tether_core::Context::new(id);
-        let stream = guarded(
-            &h.rt,
-            "generate",
-            adapter.generate(h.request(id), ctx.clone()),
-        )
-        .await
-        .expect("generate succeeds");
-        started.push((stream, h.engine.script(id), ctx));
+        started.push(h.start_on(&adapter, id).await);
     }
     assert_eq!(adapter.unfinished_aborts(), 0);
     for (_, _, ctx) in &started {
