@@ -3,6 +3,7 @@
 //! cancel grace), nothing after a terminal, exactly one record per request; plus the
 //! probe adapter and the `ResponseStream` bounds.
 
+use std::future::IntoFuture;
 use std::task::Poll;
 use tether_core::{AbortStatus, Request};
 
@@ -34,6 +35,7 @@ on_both_runtimes!(
     cancel_grace_expiry_after_stop_forces_cancelled,
     cancel_grace_expires_while_the_engines_abort_never_returns,
     cancel_grace_expires_after_the_engines_abort_panicked,
+    graces_of_several_requests_each_expire_at_their_own_deadline,
     nothing_is_yielded_after_terminal,
     one_record_per_request_across_mixed_batch,
     probe_reports_unhealthy_on_error_finish_reason,
@@ -238,10 +240,9 @@ async fn cancel_grace_expiry_after_stop_forces_cancelled<R: ScenarioRuntime>(rt:
     script.tokens(&[1]);
     stop_and_wait_out_the_grace(&h, &mut s, &script, &ctx).await;
     assert_eq!(h.observer.aborts("r"), 1);
-    // Two tasks: the adapter's abort task, and the watchdog that runs the grace off
-    // the consumer's path (rule 11), started by the abort task once it entered the
-    // engine's abort.
-    assert_eq!(h.counting.spawned(), 2);
+    // One task and one timer: the adapter's abort task runs the grace off the
+    // consumer's path (rule 11), on its own timer, once it entered the engine's abort.
+    assert_eq!(h.counting.spawned(), 1);
     assert_eq!(h.counting.timers(), 1);
     h.assert_clean().await;
 }
@@ -275,15 +276,14 @@ async fn stop_and_wait_out_the_grace<R: ScenarioRuntime>(
 }
 
 /// An abort stuck in the engine moves from the adapter's abort task to a task of its
-/// own, with the stop's watchdog riding in it: it must not hold the grace back (the two
-/// are polled side by side).
+/// own: it must not hold the grace back (the abort task times it).
 async fn cancel_grace_expires_while_the_engines_abort_never_returns<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
     let (mut s, script, ctx) = h.start("r").await;
     script.tokens(&[1]).hold_abort();
     stop_and_wait_out_the_grace(&h, &mut s, &script, &ctx).await;
-    // The abort task, and the stuck abort's own task (with the watchdog in it), still
-    // in the engine's abort: it ends once the engine lets go.
+    // The abort task, and the stuck abort's own task, still in the engine's abort: it
+    // ends once the engine lets go.
     assert_eq!(h.counting.spawned(), 2);
     assert_eq!(h.counting.live(), 2);
     script.release_abort();
@@ -292,8 +292,7 @@ async fn cancel_grace_expires_while_the_engines_abort_never_returns<R: ScenarioR
 }
 
 /// An engine's abort that panics is dropped (a warning, see the logs tests); the
-/// adapter's abort task survives it and still starts the watchdog, which runs the
-/// grace.
+/// adapter's abort task survives it and still times the grace.
 async fn cancel_grace_expires_after_the_engines_abort_panicked<R: ScenarioRuntime>(rt: R) {
     let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(DEADLINE)));
     let (mut s, script, ctx) = h.start("r").await;
@@ -306,10 +305,64 @@ async fn cancel_grace_expires_after_the_engines_abort_panicked<R: ScenarioRuntim
         vec![terminal(FinishReason::Cancelled)]
     );
     assert_eq!(h.observer.record("r").outcome, Outcome::Cancelled);
-    // The abort task and the watchdog it started.
-    assert_eq!(h.counting.spawned(), 2);
+    // The abort task, which timed the grace on its timer.
+    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
     h.assert_clean().await;
     assert_eq!(script.aborts(), 1);
+}
+
+/// Two stopped requests whose graces the adapter's abort task times on its one timer:
+/// `a` under the adapter's long grace, then `b` under a short one of its own (a later
+/// deadline queued first, an earlier one after it). Each is forced exactly when its own
+/// grace runs out, counted from its own stop.
+async fn graces_of_several_requests_each_expire_at_their_own_deadline<R: ScenarioRuntime>(rt: R) {
+    let long = 10 * DEADLINE;
+    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(long)));
+    let (mut a, script_a, ctx_a) = h.start("a").await;
+    let ctx_b = tether_core::Context::new("b");
+    let generate = h
+        .adapter
+        .request(h.request("b"))
+        .cancel_grace(Some(DEADLINE))
+        .context(ctx_b.clone());
+    let mut b = guarded(&h.rt, "generate", generate.into_future())
+        .await
+        .expect("generate succeeds");
+    let script_b = h.engine.script("b");
+    let stopped = h.rt.now();
+    ctx_a.stop();
+    h.wait_aborts(&script_a, 1).await;
+    ctx_b.stop();
+    h.wait_aborts(&script_b, 1).await;
+    let b_from = h.rt.now();
+    assert_eq!(
+        h.collect(&mut b).await,
+        vec![terminal(FinishReason::Cancelled)]
+    );
+    let b_waited = h.rt.now() - b_from;
+    assert_eq!(
+        h.collect(&mut a).await,
+        vec![terminal(FinishReason::Cancelled)]
+    );
+    let a_waited = h.rt.now() - stopped;
+    if h.rt.exact_clock() {
+        assert_eq!((b_waited, a_waited), (DEADLINE, long));
+    } else {
+        assert!(
+            b_waited >= DEADLINE && a_waited >= long,
+            "{b_waited:?} {a_waited:?}"
+        );
+    }
+    for id in ["a", "b"] {
+        let rec = h.observer.record(id);
+        assert_eq!(
+            (rec.outcome, rec.abort),
+            (Outcome::Cancelled, AbortStatus::Sent)
+        );
+    }
+    // One task, one timer (re-armed for each grace).
+    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
+    h.assert_clean().await;
 }
 
 async fn nothing_is_yielded_after_terminal<R: ScenarioRuntime>(rt: R) {

@@ -11,29 +11,40 @@
 //!
 //! An abort that does not finish in its first poll moves on to a task of its own, so a
 //! slow abort never holds up the next one. After an abort's first poll, the task starts
-//! the cancel clocks the same step started (a stop's grace) and the request's watchdog
-//! when one is due: that work is off the stop's path. A panic in the engine's `abort`
-//! is logged as engine misbehaviour and does not stop the task.
+//! the cancel clocks the same step started (a stop's grace) and times them itself: one
+//! runtime timer per adapter, armed at the earliest grace of a heap of
+//! `(deadline, weak request)`, so a stop costs no watchdog task and no timer of its own
+//! (a request that already has a watchdog, for a deferred abort, is timed by it). A
+//! grace that passes is fed to the request's machine exactly as the watchdog would; one
+//! whose request ended is dropped when it comes up, or earlier when the heap grows. A
+//! panic in the engine's `abort` is logged as engine misbehaviour and does not stop
+//! the task.
 
-use std::collections::VecDeque;
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, VecDeque};
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::Instant;
 
 use super::log;
 use super::shared::Shared;
-use pin_project::pin_project;
-
-use super::watchdog::{Watch, Watchdog};
-use super::{AdapterInner, Runtime, SpawnFuture};
+use super::timers::Timer;
+use super::watchdog::{self, Watch, Watchdog};
+use super::{AdapterInner, Runtime};
 use crate::engine::GenerateContext;
+use crate::lifecycle::deadlines;
 use crate::lifecycle::Actions;
-use crate::sync::{lock, Arc, Mutex};
+use crate::sync::{downgrade, is_dead, lock, upgrade, Arc, Mutex, Weak};
 
 /// Aborts run per poll before the task yields to its executor (a killed parent with
 /// thousands of children queues thousands at once).
 const BUDGET: usize = 64;
+
+/// The grace heap's size below which ended requests are left until their grace comes
+/// up; above it, they are swept out whenever the heap doubled since the last sweep.
+const SWEEP_FLOOR: usize = 64;
 
 /// The queue between the deciders of aborts (any thread) and the adapter's abort task.
 #[derive(Default)]
@@ -125,7 +136,41 @@ struct AbortTask<F> {
     /// The allocation of the last abort that finished in its first poll, reused for
     /// the next one (a finished `async fn` future holds nothing, not even its adapter).
     spare: Option<Pin<Box<F>>>,
+    /// The graces this task times, earliest first.
+    graces: BinaryHeap<Grace>,
+    /// Armed at the earliest grace (created at the first, kept afterwards).
+    timer: Timer,
+    /// The heap's size at which ended requests are next swept out.
+    sweep_at: usize,
 }
+
+/// A cancel deadline of one request, timed by the abort task. The request is held
+/// weakly: its grace does not keep it (or its adapter) alive.
+struct Grace {
+    at: Instant,
+    shared: Weak<Shared>,
+}
+
+impl Ord for Grace {
+    /// Reversed: `BinaryHeap` is a max-heap, the earliest deadline comes first.
+    fn cmp(&self, other: &Grace) -> Ordering {
+        other.at.cmp(&self.at)
+    }
+}
+
+impl PartialOrd for Grace {
+    fn partial_cmp(&self, other: &Grace) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for Grace {
+    fn eq(&self, other: &Grace) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Grace {}
 
 impl<F: Future<Output = ()> + Send + 'static> AbortTask<F> {
     fn new(queue: Arc<AbortQueue>, call: fn(Arc<AdapterInner>, GenerateContext) -> F) -> Self {
@@ -133,11 +178,15 @@ impl<F: Future<Output = ()> + Send + 'static> AbortTask<F> {
             queue,
             call,
             spare: None,
+            graces: BinaryHeap::new(),
+            timer: Timer::default(),
+            sweep_at: SWEEP_FLOOR,
         }
     }
 
     /// Carry out one abort: enter the engine's `abort` (its first poll, here), then
-    /// start the clocks the step started and the watchdog if one is due.
+    /// start the clocks the step started: timed here, unless the request's watchdog
+    /// runs (it is woken: it has new anchors, or its deadline or draining is over).
     fn run(&mut self, job: Job, cx: &mut TaskContext<'_>) {
         let Job { shared, acts } = job;
         let fresh = (self.call)(shared.adapter.clone(), Shared::generate_context(&shared));
@@ -148,44 +197,81 @@ impl<F: Future<Output = ()> + Send + 'static> AbortTask<F> {
             }
             None => Box::pin(fresh),
         };
-        let unfinished: Option<SpawnFuture> = match poll_abort(abort.as_mut(), cx, Some(&shared)) {
-            Some(Poll::Ready(())) => {
-                self.spare = Some(abort);
-                None
-            }
-            Some(Poll::Pending) => Some(abort),
+        match poll_abort(abort.as_mut(), cx, &shared) {
+            Some(Poll::Ready(())) => self.spare = Some(abort),
+            // An unfinished abort moves to a task of its own.
+            Some(Poll::Pending) => shared.adapter.runtime.spawn(abort),
             None => {
                 // Dropping what panicked may panic again: nothing of it is kept.
                 let _ = catch_unwind(AssertUnwindSafe(move || drop(abort)));
-                None
             }
-        };
-        // The cancel clocks this step started (a stop's grace), timed by the request's
-        // watchdog: started here when none runs yet, woken when one does. A running
-        // watchdog waiting on this abort's deadline, or draining for it, is done: it
-        // is woken either way.
-        let watchdog = match Shared::record_clocks(&shared, acts, None) {
-            Watch::Spawn => Some(Watchdog::new(shared.clone())),
-            Watch::Wake(waker) => {
-                waker.wake();
-                None
+        }
+        match Shared::record_clocks(&shared, acts, None, false) {
+            Watch::Unwatched(anchors) => {
+                let next = deadlines::poll_timeout(shared.cell.load(), shared.limits(), &anchors);
+                if let Some(at) = next {
+                    self.time(at, &shared);
+                }
             }
-            Watch::Nothing => {
-                Shared::wake_watchdog(&shared);
-                None
-            }
-        };
-        let runtime = &*shared.adapter.runtime;
-        match (unfinished, watchdog) {
-            // An unfinished abort moves to a task of its own; the watchdog rides along.
-            (Some(abort), Some(watchdog)) => {
-                runtime.spawn(Box::pin(AbortAndWatch::new(abort, watchdog)));
-            }
-            (Some(abort), None) => runtime.spawn(abort),
-            (None, Some(watchdog)) => runtime.spawn(Box::pin(watchdog)),
-            (None, None) => {}
+            Watch::Wake(waker) => waker.wake(),
+            Watch::Nothing => Shared::wake_watchdog(&shared),
+            // Not asked for (`spawn` is false); were it, the lock marked it spawned.
+            Watch::Spawn => shared
+                .adapter
+                .runtime
+                .spawn(Box::pin(Watchdog::new(shared.clone()))),
         }
     }
+
+    /// Time a cancel deadline of `shared`'s request, at `at`.
+    fn time(&mut self, at: Instant, shared: &Arc<Shared>) {
+        if self.graces.len() >= self.sweep_at {
+            self.graces.retain(|g| !is_dead(&g.shared));
+            self.sweep_at = SWEEP_FLOOR.max(2 * self.graces.len());
+        }
+        self.graces.push(Grace {
+            at,
+            shared: downgrade(shared),
+        });
+    }
+
+    /// Fire the graces that passed, then arm the timer at the next one (registering
+    /// the task's waker with it).
+    fn tend_graces(&mut self, cx: &mut TaskContext<'_>) {
+        while let Some(first) = self.graces.peek() {
+            let at = first.at;
+            let Some(shared) = upgrade(&first.shared) else {
+                // The request ended: its grace no longer matters.
+                self.graces.pop();
+                continue;
+            };
+            let rt = &*shared.adapter.runtime;
+            if !self.timer.poll_until(at, cx, rt) {
+                return;
+            }
+            // The timer fired at its armed deadline, which may be earlier than `at`
+            // (the earliest grace ended meanwhile): re-armed on the next turn.
+            let now = rt.now();
+            if at > now {
+                continue;
+            }
+            self.graces.pop();
+            if let Some(next) = fire_due(&shared, now) {
+                self.time(next, &shared);
+            }
+        }
+    }
+}
+
+/// The request's cancel deadlines at `now`: fire the first that passed, say when the
+/// next one that still matters is due (the watchdog's turn, without draining).
+fn fire_due(shared: &Arc<Shared>, now: Instant) -> Option<Instant> {
+    let anchors = lock(&shared.off).as_ref()?.anchors;
+    let limits = shared.limits();
+    if let Some(due) = deadlines::handle_timeout(shared.cell.load(), limits, &anchors, now) {
+        watchdog::fire(shared, due);
+    }
+    deadlines::poll_timeout(shared.cell.load(), limits, &anchors)
 }
 
 impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
@@ -202,6 +288,7 @@ impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
                 state.running_job = job.is_some();
                 match job {
                     Some(job) => job,
+                    // Every request is gone: so is every grace that mattered.
                     None if state.closed => return Poll::Ready(()),
                     None => {
                         if !state
@@ -211,6 +298,9 @@ impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
                         {
                             state.waker = Some(cx.waker().clone());
                         }
+                        drop(state);
+                        // A grace that fires may queue an abort: it finds the waker.
+                        this.tend_graces(cx);
                         return Poll::Pending;
                     }
                 }
@@ -225,67 +315,94 @@ impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
 }
 
 /// Poll an engine's abort once, catching a panic: `None` if it panicked (logged as
-/// engine misbehaviour for `shared`'s request when given; the caller drops it, itself
-/// under `catch_unwind`).
+/// engine misbehaviour for `shared`'s request; the caller drops it, itself under
+/// `catch_unwind`).
 fn poll_abort<F: Future<Output = ()> + ?Sized>(
     abort: Pin<&mut F>,
     cx: &mut TaskContext<'_>,
-    shared: Option<&Shared>,
+    shared: &Shared,
 ) -> Option<Poll<()>> {
     match catch_unwind(AssertUnwindSafe(|| abort.poll(cx))) {
         Ok(polled) => Some(polled),
         Err(_) => {
-            if let Some(shared) = shared {
-                log::engine_misbehaved(shared, "abort panicked");
-            }
+            log::engine_misbehaved(shared, "abort panicked");
             None
         }
     }
 }
 
-/// An engine's abort that did not finish in its first poll and the request's watchdog
-/// in one task: the abort is polled first, then the watchdog; the task ends when both
-/// have. An abort that panics is logged as engine misbehaviour and dropped: the
-/// watchdog's clocks still run.
-#[pin_project]
-struct AbortAndWatch<F> {
-    #[pin]
-    abort: Option<F>,
-    watchdog: Option<Watchdog>,
-}
+#[cfg(all(test, not(tether_loom)))]
+mod tests {
+    use std::time::{Duration, Instant};
 
-impl<F: Future<Output = ()>> AbortAndWatch<F> {
-    fn new(abort: F, watchdog: Watchdog) -> Self {
-        AbortAndWatch {
-            abort: Some(abort),
-            watchdog: Some(watchdog),
-        }
+    use super::*;
+    use crate::drive::tests::{Frozen, Idle};
+    use crate::drive::{Adapter, AdapterConfig};
+    use crate::lifecycle::{SharedState, State};
+    use crate::protocol::Mode;
+    use crate::Context;
+
+    fn request(adapter: &Adapter, at: Instant) -> Arc<Shared> {
+        Arc::new(Shared::new(
+            SharedState::new(State::new(Mode::Aggregated)),
+            adapter.inner.clone(),
+            Context::new("c"),
+            std::sync::Arc::from("r"),
+            None,
+            None,
+            at,
+        ))
     }
-}
 
-impl<F: Future<Output = ()>> Future for AbortAndWatch<F> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
-        let mut this = self.project();
-        if let Some(abort) = this.abort.as_mut().as_pin_mut() {
-            let shared = this.watchdog.as_ref().map(|w| &*w.shared);
-            match poll_abort(abort, cx, shared) {
-                Some(Poll::Pending) => {}
-                Some(Poll::Ready(())) => this.abort.set(None),
-                // Dropping what panicked may panic again: nothing of it is kept.
-                None => drop(catch_unwind(AssertUnwindSafe(|| this.abort.set(None)))),
+    /// Graces of requests that ended stay in the heap until they come up, unless the
+    /// heap reaches its sweep size: then only live requests' graces are kept, and the
+    /// next sweep waits until the heap doubled (never below the floor).
+    #[test]
+    fn graces_of_ended_requests_are_swept_once_the_heap_doubled() {
+        let t0 = Instant::now();
+        let adapter = Adapter::new(Arc::new(Idle), Frozen(t0), AdapterConfig::default());
+        let mut task = AbortTask::new(adapter.inner.aborts.clone(), call_abort);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut live: Vec<Arc<Shared>> = Vec::new();
+        for i in 0..SWEEP_FLOOR {
+            let shared = request(&adapter, t0);
+            task.time(at(i as u64), &shared);
+            if i % 2 == 0 {
+                live.push(shared);
             }
         }
-        if let Some(watchdog) = this.watchdog.as_mut() {
-            if Pin::new(watchdog).poll(cx).is_ready() {
-                *this.watchdog = None;
-            }
+        assert_eq!(
+            (task.graces.len(), task.sweep_at),
+            (SWEEP_FLOOR, SWEEP_FLOOR)
+        );
+        // The push that finds the heap at its sweep size sweeps first.
+        let kept = request(&adapter, t0);
+        task.time(at(1000), &kept);
+        live.push(kept);
+        assert_eq!(task.graces.len(), SWEEP_FLOOR / 2 + 1);
+        assert_eq!(task.sweep_at, SWEEP_FLOOR);
+        // Earliest first, live ones only.
+        assert_eq!(task.graces.peek().map(|g| g.at), Some(at(0)));
+        let mut order = Vec::new();
+        while let Some(grace) = task.graces.pop() {
+            assert!(upgrade(&grace.shared).is_some());
+            order.push(grace.at);
         }
-        if this.abort.is_none() && this.watchdog.is_none() {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, sorted);
+        // A heap of live graces only: the next sweep is at twice its size.
+        for shared in &live {
+            task.time(at(1), shared);
         }
+        for shared in &live[..SWEEP_FLOOR - live.len()] {
+            task.time(at(2), shared);
+        }
+        assert_eq!(task.graces.len(), SWEEP_FLOOR);
+        task.time(at(3), &live[0]);
+        assert_eq!(
+            (task.graces.len(), task.sweep_at),
+            (SWEEP_FLOOR + 1, 2 * SWEEP_FLOOR)
+        );
     }
 }

@@ -160,8 +160,8 @@ impl Shared {
     /// spawn the watchdog the first time, wake it afterwards. Nothing (no clock read,
     /// no lock) when there is nothing to arm or hand over.
     pub(super) fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
-        match Shared::record_clocks(this, acts, engine) {
-            Watch::Nothing => {}
+        match Shared::record_clocks(this, acts, engine, true) {
+            Watch::Nothing | Watch::Unwatched(_) => {}
             Watch::Wake(waker) => waker.wake(),
             Watch::Spawn => this
                 .adapter
@@ -171,11 +171,15 @@ impl Shared {
     }
 
     /// Start the clocks `acts` starts and hand over `engine`, under the watchdog's lock;
-    /// say whether a watchdog must now be started (the caller starts it) or woken.
+    /// say whether a watchdog must now be started (the caller starts it) or woken. With
+    /// `spawn` false (the abort task, which times a stop's grace itself), none is
+    /// marked started for clocks alone: they are `Unwatched`, and a later handover
+    /// still starts one.
     pub(super) fn record_clocks(
         this: &Arc<Self>,
         acts: Actions,
         engine: Option<EngineSlot>,
+        spawn: bool,
     ) -> Watch {
         // Which clocks start, and how long they run, is the pure layer's call.
         if !this.limits().started_by(&acts) && engine.is_none() {
@@ -190,6 +194,11 @@ impl Shared {
         }
         if off.spawned {
             return off.waker.clone().map_or(Watch::Nothing, Watch::Wake);
+        }
+        if !spawn {
+            // No engine comes with this call, and an engine in the mailbox always
+            // has its watchdog: there is only timing here.
+            return Watch::Unwatched(off.anchors);
         }
         off.spawned = true;
         Watch::Spawn

@@ -20,7 +20,7 @@ impl AsyncTimer for Never {
 
 /// A clock stopped at `.0`, timers that never fire, spawned futures dropped unpolled.
 #[derive(Debug)]
-struct Frozen(Instant);
+pub(super) struct Frozen(pub(super) Instant);
 
 impl Runtime for Frozen {
     fn spawn(&self, future: SpawnFuture) {
@@ -34,7 +34,8 @@ impl Runtime for Frozen {
     }
 }
 
-struct Idle;
+/// An engine that refuses every request.
+pub(super) struct Idle;
 
 impl LlmEngine for Idle {
     fn start(&self, worker_id: u64) -> BoxFuture<'_, Result<EngineConfig, EngineError>> {

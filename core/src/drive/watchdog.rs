@@ -10,9 +10,9 @@
 //!   the abort was sent or discarded.
 //!
 //! It is spawned by whichever actor first arms a cancel deadline or hands over the
-//! engine (for a stop: the adapter's abort task, right after it entered the engine's
-//! `abort`), and ends as soon as nothing it owns still matters. When that abort did
-//! not finish in its first poll, the two share one task (`abort_task::AbortAndWatch`). It must
+//! engine, and ends as soon as nothing it owns still matters. A stop's grace alone,
+//! started by the adapter's abort task right after it entered the engine's `abort`,
+//! needs none: that task times it (`abort_task`), with [`fire`] as here. It must
 //! not forward, emit or record anything: the consumer's side is over or is the poller's.
 
 use std::future::Future;
@@ -53,6 +53,9 @@ pub(crate) enum Watch {
     Wake(Waker),
     /// No watchdog runs: start one (the lock already marked it spawned).
     Spawn,
+    /// No watchdog runs and none was asked for: the clocks started at these anchors
+    /// are the caller's to time.
+    Unwatched(CancelAnchors),
 }
 
 impl Watchdog {
@@ -142,18 +145,23 @@ impl Future for Watchdog {
                 // The timer fired at its armed deadline; if nothing is due (it moved
                 // later), the next turn re-arms.
                 if let Some(due) = deadlines::handle_timeout(state, limits, &anchors, rt.now()) {
-                    let (_, acts) = shared.cell.apply(due.event());
-                    match due {
-                        Due::Deferral if acts.abort => log::deferral_deadline_hit(shared),
-                        Due::CancelGrace if acts != Actions::default() => {
-                            log::cancel_grace_expired(shared);
-                        }
-                        _ => {}
-                    }
-                    Shared::perform_off_consumer(shared, acts);
+                    fire(shared, due);
                     break;
                 }
             }
         }
     }
+}
+
+/// A cancel deadline passed: feed it to the machine, log it if it did something, and
+/// carry out what it decided (a repeat, by the watchdog and the abort task's grace
+/// timer both, decides nothing).
+pub(crate) fn fire(shared: &Arc<Shared>, due: Due) {
+    let (_, acts) = shared.cell.apply(due.event());
+    match due {
+        Due::Deferral if acts.abort => log::deferral_deadline_hit(shared),
+        Due::CancelGrace if acts != Actions::default() => log::cancel_grace_expired(shared),
+        _ => {}
+    }
+    Shared::perform_off_consumer(shared, acts);
 }

@@ -68,10 +68,10 @@ fn race_stop_with_final_chunk(rig: &Rig) -> tether_core::ResponseStream {
 }
 
 /// `stop_races_final_chunk` with a cancel grace: the stop that sends the abort also
-/// starts the grace, whose watchdog the adapter's abort task starts after entering the
-/// engine's abort. Whichever wins, tasks are spawned only with the abort (the abort
-/// task and that watchdog), and once the request is over the watchdog retires: only
-/// the parked abort task is left, and it ends with the adapter.
+/// starts the grace, which the adapter's abort task times itself after entering the
+/// engine's abort. Whichever wins, a task is spawned only with the abort (the abort
+/// task), and once the request is over only that parked task is left, and it ends
+/// with the adapter.
 #[test]
 fn stop_with_grace_races_final_chunk() {
     let seen = Seen::default();
@@ -82,15 +82,14 @@ fn stop_with_grace_races_final_chunk() {
         let aborts = rig.aborts();
         assert_eq!(
             rig.rt.spawns(),
-            2 * aborts,
-            "the abort task and the stop's watchdog, only with the abort"
+            aborts,
+            "the abort task, only with the abort"
         );
-        // The executor's next turn: the request is over, the watchdog retires.
         rig.rt.run_pending();
         assert_eq!(
             rig.rt.pending(),
             rig.adapter.background_tasks(),
-            "a watchdog outlived its request"
+            "a task outlived its request"
         );
         reached.saw(format!("aborts={aborts}"));
         drop(stream);
@@ -99,9 +98,9 @@ fn stop_with_grace_races_final_chunk() {
     seen.expect(&["aborts=0", "aborts=1"]);
 }
 
-/// A stop with a cancel grace races a kill: one abort, the synthesized `Cancelled`, the
-/// abort task plus, when the stop came first, the watchdog it starts for the grace,
-/// which retires once the request is over (the grace no longer matters).
+/// A stop with a cancel grace races a kill: one abort, the synthesized `Cancelled`, and
+/// the abort task only (when the stop came first, it also times the grace, on its own
+/// timer, for as long as it matters).
 #[test]
 fn stop_with_grace_races_kill() {
     let seen = Seen::default();
@@ -128,20 +127,68 @@ fn stop_with_grace_races_kill() {
         assert_eq!(rig.record().outcome, Outcome::Cancelled);
         assert_eq!(rig.aborts(), 1);
         let stop_first = std_lock(&signals).len() == 2;
-        assert_eq!(
-            rig.rt.spawns(),
-            1 + usize::from(stop_first),
-            "the abort task, and the stop's watchdog when the stop sent the abort"
-        );
+        assert_eq!(rig.rt.spawns(), 1, "the abort task, whoever sent the abort");
         rig.rt.run_pending();
-        assert_eq!(rig.rt.pending(), 1, "a watchdog outlived its request");
+        assert_eq!(rig.rt.pending(), 1, "a task outlived its request");
         assert_eq!(rig.adapter.background_tasks(), 1);
         reached.saw(format!("{:?}", std_lock(&signals)));
         drop(stream);
         rig.shutdown();
     });
-    // Stop first: the abort carried the watchdog; kill first: no grace, no watchdog.
     seen.expect(&["[Stop, Kill]", "[Kill]"]);
+}
+
+/// A stopped request's cancel grace, timed by the adapter's abort task, runs out (a
+/// thread moves the clock and runs the woken tasks) while the engine's worker pushes
+/// the final chunk. Exactly one terminal, last: the engine's (`Finished`) when the
+/// consumer saw it first, the synthesized `Cancelled` when the grace won. The consumer
+/// is woken either way, one abort (the stop's), and the abort task is the only task.
+#[test]
+fn grace_expiry_races_the_engines_final_chunk() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::with_grace(Mode::Aggregated, Duration::from_secs(5));
+        let (mut stream, gctx) = rig.start();
+        drop(gctx);
+        rig.chan.push(Ok(Chunk::tokens(vec![7])), false);
+        assert!(matches!(poll_once(&mut stream), Poll::Ready(Some(_))));
+        rig.ctx.stop();
+        assert_eq!(rig.aborts(), 1, "the stop's abort, entered inline");
+        let rt = rig.rt.clone();
+        let clock = thread::spawn(move || {
+            rt.advance(Duration::from_secs(5));
+            rt.run_woken();
+        });
+        let chan = rig.chan.clone();
+        let worker = thread::spawn(move || {
+            chan.push(Ok(Chunk::terminal(FinishReason::Length)), true);
+        });
+        let items = collect(&mut stream);
+        clock.join().unwrap();
+        worker.join().unwrap();
+        assert_eq!(items.len(), 1, "{items:?}");
+        let ended = reason(one_terminal_last(&items));
+        let outcome = rig.record().outcome;
+        match ended {
+            Some(FinishReason::Length) => {
+                assert_eq!(outcome, Outcome::Finished(FinishReason::Length));
+            }
+            Some(FinishReason::Cancelled) => assert_eq!(outcome, Outcome::Cancelled),
+            other => panic!("terminal {other:?}"),
+        }
+        assert_eq!(rig.aborts(), 1);
+        rig.rt.run_woken();
+        assert_eq!(
+            (rig.rt.spawns(), rig.rt.pending()),
+            (1, 1),
+            "the abort task only"
+        );
+        reached.saw(format!("{ended:?}"));
+        drop(stream);
+        rig.shutdown();
+    });
+    seen.expect(&["Some(Length)", "Some(Cancelled)"]);
 }
 
 /// A kill races the consumer dropping the stream on another thread (after at most one

@@ -50,7 +50,7 @@ on_both_runtimes!(
     kill_inside_engine_poll_racing_final_chunk_yields_one_terminal,
     stop_then_kill_aborts_once,
     stop_after_terminal_does_not_abort,
-    a_watchdog_ends_with_its_request,
+    a_grace_ends_with_its_request,
     context_killed_before_generate_yields_cancelled,
     context_stopped_before_generate_aborts_once_and_keeps_flowing,
     tokenless_chunks_are_not_the_first_token,

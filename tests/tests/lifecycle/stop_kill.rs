@@ -2,13 +2,14 @@
 //! engine's or a synthesized `Cancelled`, the consumer woken, and a context already
 //! cancelled before `generate`.
 
+use std::sync::Arc;
 use std::task::Poll;
 use tether_core::AbortStatus;
 
 use futures_util::future::join;
 use tether_core::lifecycle::Phase;
-use tether_core::{AdapterConfig, Chunk, Context, FinishReason, Outcome, Usage};
-use tether_tests::{data, poll_once, yield_now, Harness, ScenarioRuntime, Step};
+use tether_core::{Adapter, AdapterConfig, Chunk, Context, FinishReason, Outcome, Usage};
+use tether_tests::{data, guarded, poll_once, yield_now, Harness, ScenarioRuntime, Step};
 
 use crate::{terminal, tokens, HOUR};
 
@@ -37,9 +38,9 @@ pub(crate) async fn stop_before_terminal_aborts_once_and_chunks_flow_to_engine_t
     let rec = h.observer.record("r");
     assert_eq!(rec.outcome, Outcome::Finished(FinishReason::Length));
     assert_eq!((rec.output_tokens, rec.abort), (3, AbortStatus::Sent));
-    // Two tasks: the adapter's abort task, and the watchdog holding the 5 s cancel
-    // grace (started by the abort task, ended by the terminal).
-    assert_eq!(h.counting.spawned(), 2);
+    // One task, the adapter's abort task, which also times the 5 s cancel grace on its
+    // one timer: a stop's grace needs no task of its own.
+    assert_eq!((h.counting.spawned(), h.counting.timers()), (1, 1));
     assert_eq!(script.aborts(), 1);
     h.assert_clean().await;
 }
@@ -213,28 +214,31 @@ pub(crate) async fn stop_then_kill_aborts_once<R: ScenarioRuntime>(rt: R) {
     );
     assert_eq!(h.observer.record("r").outcome, Outcome::Cancelled);
     h.wait_aborts(&script, 1).await;
-    // The abort task, and the stop's grace watchdog it started (which found the
-    // request over).
-    assert_eq!(h.counting.spawned(), 2);
+    // The abort task only. It started the stop's grace after the kill (on tokio's one
+    // thread: the stop only queued the abort), when it no longer mattered: no timer.
+    assert_eq!(h.counting.spawned(), 1);
+    if h.rt.exact_clock() {
+        assert_eq!(h.counting.timers(), 0);
+    }
     assert_eq!(script.aborts(), 1);
     h.assert_clean().await;
 }
 
-pub(crate) async fn a_watchdog_ends_with_its_request<R: ScenarioRuntime>(rt: R) {
-    // A grace far longer than any guard: the watchdog holding it must end when the
-    // request does, not when the grace runs out.
-    let h = Harness::with_config(rt, AdapterConfig::default().cancel_grace(Some(HOUR)));
-    let (mut s, script, ctx) = h.start("r").await;
+pub(crate) async fn a_grace_ends_with_its_request<R: ScenarioRuntime>(rt: R) {
+    // A grace far longer than any guard, timed by the abort task of an adapter the
+    // test can drop: once the request is over, the grace must not hold the request or
+    // its adapter, so the task ends with the adapter, with no time passing.
+    let config = AdapterConfig::default().cancel_grace(Some(HOUR));
+    let h = Harness::with_config(rt, config.clone());
+    let adapter = Adapter::new(Arc::new(h.engine.clone()), h.counting.clone(), config);
+    let (mut s, script, ctx) = h.start_on(&adapter, "r").await;
     assert_eq!(s.request_id(), "r");
     ctx.stop();
     h.wait_aborts(&script, 1).await;
-    // On smol the abort task may still be starting the watchdog on another thread
-    // after the engine counted its abort.
-    assert_eq!(h.counting.spawned(), 2);
     assert_eq!(
-        h.counting.live(),
-        2,
-        "the parked abort task, and the watchdog holding the grace"
+        (h.counting.spawned(), h.counting.live(), h.counting.timers()),
+        (1, 1, 1),
+        "the parked abort task, timing the grace on its timer"
     );
     let shown = format!("{s:?}");
     assert!(
@@ -246,12 +250,14 @@ pub(crate) async fn a_watchdog_ends_with_its_request<R: ScenarioRuntime>(rt: R) 
         h.collect(&mut s).await,
         vec![terminal(FinishReason::Cancelled)]
     );
-    // Woken by the end: no time passes (on the paused clock) before it is gone.
     let before = h.rt.now();
-    h.assert_clean().await;
+    drop((s, adapter));
+    guarded(&h.rt, "the abort task to end", h.counting.until_idle()).await;
+    // On the paused clock, a grace that kept the adapter would have been waited out.
     if h.rt.exact_clock() {
         assert_eq!(h.rt.now(), before);
     }
+    assert_eq!(script.aborts(), 1);
 }
 
 pub(crate) async fn stop_after_terminal_does_not_abort<R: ScenarioRuntime>(rt: R) {

@@ -130,10 +130,13 @@ impl Harness {
                         self.g.cancel = Cancel::Stop;
                         expect_abort = self.request_abort();
                         if let Some(grace) = self.cfg_grace {
-                            // Timed by the watchdog (started by the abort task after
-                            // it entered the abort, when the stop sent one).
+                            // Timed by the abort task's own timer when the stop sent
+                            // the abort (no task of its own), by the watchdog the
+                            // deferral started otherwise.
                             self.g.grace_due = Some(self.now() + grace);
-                            self.need_watchdog();
+                            if !expect_abort {
+                                self.need_watchdog();
+                            }
                         }
                     }
                 } else if raises && !self.g.live {
@@ -234,10 +237,9 @@ impl Harness {
         }
     }
 
-    /// The spawned tasks run (the watchdog is the only one that can still have work; the
-    /// abort task, parked, has none):
-    /// it drains a handed-over engine, then fires the deadlines that passed. Returns
-    /// whether it must have aborted and whether it must have woken the consumer.
+    /// The spawned tasks run: the watchdog drains a handed-over engine, then fires the
+    /// deadlines that passed; the parked abort task fires a grace it times. Returns
+    /// whether they must have aborted and whether they must have woken the consumer.
     fn run_watchdog(&mut self) -> Result<(bool, bool), String> {
         lock(&self.track).log.clear();
         self.rt.run_spawned();
@@ -250,7 +252,8 @@ impl Harness {
                     "the engine was polled with nobody reading: {log:?}"
                 ));
             }
-            return Ok((false, false));
+            // A grace is still timed by the abort task (a stop that sent the abort).
+            return Ok(self.grace_passed());
         }
         // 1. Draining: only while the consumer is over and the abort is still deferred.
         let mut polls = log.into_iter();
@@ -291,12 +294,9 @@ impl Harness {
             // moved: `update_deadline_passed`.)
             aborted |= self.abort_now();
         }
-        let grace_pending =
-            self.g.live && self.g.cancel == Cancel::Stop && self.g.pending_terminal.is_none();
-        if grace_pending && self.g.grace_due.is_some_and(|at| at <= now) {
-            aborted |= self.force(cancelled());
-            woken = self.g.waiting;
-        }
+        let (forced, woken_by_grace) = self.grace_passed();
+        aborted |= forced;
+        woken |= woken_by_grace;
         // 3. It ends once nothing it owns matters.
         let grace_left = self.g.live
             && self.g.cancel == Cancel::Stop
@@ -307,5 +307,16 @@ impl Harness {
             self.g.handed_over = false;
         }
         Ok((aborted, woken))
+    }
+
+    /// The cancel grace, if it passed while it still matters: the request is forced.
+    /// Returns whether that must have aborted and woken the waiting consumer.
+    fn grace_passed(&mut self) -> (bool, bool) {
+        let grace_pending =
+            self.g.live && self.g.cancel == Cancel::Stop && self.g.pending_terminal.is_none();
+        if grace_pending && self.g.grace_due.is_some_and(|at| at <= self.now()) {
+            return (self.force(cancelled()), self.g.waiting);
+        }
+        (false, false)
     }
 }
