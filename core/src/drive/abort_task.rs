@@ -404,5 +404,12 @@ mod tests {
             (task.graces.len(), task.sweep_at),
             (SWEEP_FLOOR + 1, 2 * SWEEP_FLOOR)
         );
+        // Graces compare by deadline alone, the earlier one greater (it comes out first).
+        let grace = |s: u64| Grace {
+            at: at(s),
+            shared: downgrade(&live[0]),
+        };
+        assert!(grace(1) == grace(1) && grace(1) != grace(2));
+        assert!(grace(1) > grace(2) && grace(2) < grace(1));
     }
 }

@@ -165,3 +165,86 @@ pub(crate) fn fire(shared: &Arc<Shared>, due: Due) {
     }
     Shared::perform_off_consumer(shared, acts);
 }
+
+#[cfg(all(test, not(tether_loom)))]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event as TracingEvent, Metadata, Subscriber};
+
+    use super::*;
+    use crate::drive::tests::{Frozen, Idle};
+    use crate::drive::{Adapter, AdapterConfig};
+    use crate::lifecycle::{Event, SharedState, State};
+    use crate::protocol::Mode;
+    use crate::Context;
+
+    /// Counts the warnings of tether's target.
+    #[derive(Default)]
+    struct Warnings(AtomicUsize);
+
+    impl Subscriber for &'static Warnings {
+        fn enabled(&self, _metadata: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _span: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _span: &Id, _values: &Record<'_>) {}
+        fn record_follows_from(&self, _span: &Id, _follows: &Id) {}
+        fn event(&self, event: &TracingEvent<'_>) {
+            let meta = event.metadata();
+            if meta.target() == log::TARGET && *meta.level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _span: &Id) {}
+        fn exit(&self, _span: &Id) {}
+    }
+
+    /// A stopped request of `mode`, its stop applied (not carried out).
+    fn stopped(adapter: &Adapter, mode: Mode) -> Arc<Shared> {
+        let shared = Arc::new(Shared::new(
+            SharedState::new(State::new(mode)),
+            adapter.inner.clone(),
+            Context::new("c"),
+            std::sync::Arc::from("r"),
+            None,
+            None,
+            Instant::now(),
+        ));
+        let _ = shared.cell.apply(Event::Stop);
+        shared
+    }
+
+    /// A deadline is logged only when feeding it did something: a repeat (the
+    /// watchdog and the abort task's grace timer may both fire one) is silent.
+    #[test]
+    fn a_deadline_that_decides_nothing_is_not_logged() {
+        let warnings: &'static Warnings = Box::leak(Box::default());
+        let adapter = Adapter::new(
+            std::sync::Arc::new(Idle),
+            Frozen(Instant::now()),
+            AdapterConfig::default(),
+        );
+        let count = || warnings.0.load(Ordering::SeqCst);
+        tracing::subscriber::with_default(warnings, || {
+            let shared = stopped(&adapter, Mode::Aggregated);
+            fire(&shared, Due::CancelGrace);
+            assert_eq!(count(), 1, "the grace that forced the request");
+            fire(&shared, Due::CancelGrace);
+            assert_eq!(count(), 1, "a repeat");
+            // No deferred abort: the deadline releases nothing.
+            fire(&shared, Due::Deferral);
+            assert_eq!(count(), 1, "a deferral deadline with nothing deferred");
+            // Decode mode before the first token: the stop deferred the abort.
+            let deferred = stopped(&adapter, Mode::Decode);
+            fire(&deferred, Due::Deferral);
+            assert_eq!(count(), 2, "the deferral deadline that sent the abort");
+            fire(&deferred, Due::Deferral);
+            assert_eq!(count(), 2, "a repeat");
+        });
+    }
+}
