@@ -307,8 +307,11 @@ impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
             };
             this.run(job, cx);
         }
-        // Let the executor run others; the queue is looked at again right away.
+        // Let the executor run others; the queue is looked at again right away. The
+        // graces are tended here too: a flood of aborts that never empties the queue
+        // must not hold them back.
         lock(&this.queue.state).running_job = false;
+        this.tend_graces(cx);
         cx.waker().wake_by_ref();
         Poll::Pending
     }
@@ -337,10 +340,127 @@ mod tests {
 
     use super::*;
     use crate::drive::tests::{Frozen, Idle};
-    use crate::drive::{Adapter, AdapterConfig};
-    use crate::lifecycle::{SharedState, State};
+    use crate::drive::{Adapter, AdapterConfig, AsyncTimer, SpawnFuture};
+    use crate::lifecycle::{Event, SharedState, State};
     use crate::protocol::Mode;
     use crate::Context;
+
+    /// A runtime the test drives: spawned futures are kept for it to poll, the clock
+    /// moves when it says, and a timer is ready once the clock reached its deadline.
+    #[derive(Clone)]
+    struct Manual(std::sync::Arc<ManualState>);
+
+    impl std::fmt::Debug for Manual {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Manual")
+        }
+    }
+
+    struct ManualState {
+        tasks: std::sync::Mutex<Vec<SpawnFuture>>,
+        now: std::sync::Mutex<Instant>,
+    }
+
+    impl Manual {
+        fn new(at: Instant) -> Manual {
+            Manual(std::sync::Arc::new(ManualState {
+                tasks: std::sync::Mutex::new(Vec::new()),
+                now: std::sync::Mutex::new(at),
+            }))
+        }
+        fn set(&self, at: Instant) {
+            *self.0.now.lock().unwrap() = at;
+        }
+        fn take(&self) -> SpawnFuture {
+            self.0.tasks.lock().unwrap().remove(0)
+        }
+    }
+
+    #[derive(Debug)]
+    struct ManualTimer {
+        rt: Manual,
+        deadline: Instant,
+    }
+
+    impl AsyncTimer for ManualTimer {
+        fn reset(self: Pin<&mut Self>, deadline: Instant) {
+            self.get_mut().deadline = deadline;
+        }
+        fn poll(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<()> {
+            if self.rt.now() >= self.deadline {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    impl Runtime for Manual {
+        fn spawn(&self, future: SpawnFuture) {
+            self.0.tasks.lock().unwrap().push(future);
+        }
+        fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn AsyncTimer>> {
+            Box::pin(ManualTimer {
+                rt: self.clone(),
+                deadline,
+            })
+        }
+        fn now(&self) -> Instant {
+            *self.0.now.lock().unwrap()
+        }
+    }
+
+    /// Stop `shared`'s request and queue the abort the stop decided.
+    fn stop(shared: &Arc<Shared>) {
+        let (_, acts) = shared.cell.apply(Event::Stop);
+        assert!(acts.abort && acts.arm_grace);
+        AbortQueue::push(
+            &shared.adapter.aborts,
+            &*shared.adapter.runtime,
+            shared,
+            acts,
+        );
+    }
+
+    /// A flood of aborts that fills more than one poll's budget, queued while a grace
+    /// passes: the poll that stops at the budget still fires the grace.
+    #[test]
+    fn a_flood_of_aborts_does_not_hold_back_a_grace() {
+        let t0 = Instant::now();
+        let rt = Manual::new(t0);
+        let grace = Duration::from_secs(1);
+        let config = AdapterConfig::default().cancel_grace(Some(grace));
+        let adapter = Adapter::new(Arc::new(Idle), rt.clone(), config);
+        let waker = Waker::noop();
+        let mut cx = TaskContext::from_waker(waker);
+        let first = request(&adapter, t0);
+        stop(&first);
+        let mut task = rt.take();
+        assert!(task.as_mut().poll(&mut cx).is_pending());
+        assert!(first.cell.load().grace_pending(), "the grace runs");
+        let flood: Vec<Arc<Shared>> = (0..2 * BUDGET)
+            .map(|_| {
+                let shared = request(&adapter, t0);
+                stop(&shared);
+                shared
+            })
+            .collect();
+        rt.set(t0 + 2 * grace);
+        assert!(task.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(
+            adapter.unfinished_aborts(),
+            BUDGET,
+            "one poll's budget carried out"
+        );
+        assert!(!first.cell.load().grace_pending(), "the grace fired");
+        // The flood's own graces run from their aborts, at the new time.
+        assert!(task.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(adapter.unfinished_aborts(), 0);
+        assert!(flood.iter().all(|s| s.cell.load().grace_pending()));
+        rt.set(t0 + 3 * grace);
+        assert!(task.as_mut().poll(&mut cx).is_pending());
+        assert!(flood.iter().all(|s| !s.cell.load().grace_pending()));
+    }
 
     fn request(adapter: &Adapter, at: Instant) -> Arc<Shared> {
         Arc::new(Shared::new(
