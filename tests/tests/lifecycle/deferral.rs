@@ -6,7 +6,7 @@ use tether_core::AbortStatus;
 
 use tether_core::lifecycle::Abort;
 use tether_core::{FinishReason, Outcome};
-use tether_tests::{poll_once, sleep, Harness, ScenarioRuntime, DEADLINE};
+use tether_tests::{guarded, poll_once, sleep, Harness, ScenarioRuntime, DEADLINE};
 
 use crate::{decode, terminal, tokens, HOUR};
 
@@ -200,6 +200,44 @@ pub(crate) async fn decode_engine_terminal_discards_deferred_abort<R: ScenarioRu
     assert_eq!(h.observer.aborts("r"), 0);
     // The watchdog armed by the stop, ended by the engine's terminal.
     assert_eq!(h.counting.spawned(), 1);
+    h.assert_clean().await;
+}
+
+/// A deferral's watchdog ends when its request does. A decode-mode stop before the
+/// first token defers the abort and starts the watchdog (the deferral and the grace,
+/// both an hour here); the first token releases the abort, and the watchdog then waits
+/// on the grace alone. The engine's own terminal ends the request: the consumer's end
+/// wakes the watchdog, which retires with no time passing.
+pub(crate) async fn a_deferrals_watchdog_ends_with_its_request<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::with_config(rt, decode(HOUR).cancel_grace(Some(HOUR)));
+    let (mut s, script, ctx) = h.start("r").await;
+    ctx.stop();
+    assert_eq!(
+        (h.counting.spawned(), h.counting.live()),
+        (1, 1),
+        "the watchdog, spawned by the stop that deferred the abort"
+    );
+    script.tokens(&[1]);
+    assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
+    h.wait_aborts(&script, 1).await;
+    script.terminal(FinishReason::Length);
+    assert_eq!(
+        h.collect(&mut s).await,
+        vec![terminal(FinishReason::Length)]
+    );
+    let before = h.rt.now();
+    guarded(
+        &h.rt,
+        "the watchdog to end",
+        h.counting.until_live_at_most(h.adapter.background_tasks()),
+    )
+    .await;
+    // On the paused clock, a watchdog left asleep would have waited out the hour.
+    if h.rt.exact_clock() {
+        assert_eq!(h.rt.now(), before);
+    }
+    assert_eq!(h.observer.record("r").abort, AbortStatus::Sent);
+    assert_eq!((h.counting.spawned(), script.aborts()), (2, 1));
     h.assert_clean().await;
 }
 

@@ -61,6 +61,7 @@ on_both_runtimes!(
     decode_kill_before_first_token_cancels_now_and_aborts_on_hint,
     decode_kill_before_first_token_aborts_at_deadline_after_stream_ended,
     decode_engine_terminal_discards_deferred_abort,
+    a_deferrals_watchdog_ends_with_its_request,
     decode_drop_before_first_token_aborts_at_the_deadline,
     decode_drop_before_first_token_aborts_at_the_drained_first_token,
     decode_drop_then_engine_end_discards_the_abort,
