@@ -339,11 +339,10 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::drive::tests::{Frozen, Idle};
+    use crate::drive::tests::{shared_part, Frozen, Idle};
     use crate::drive::{Adapter, AdapterConfig, AsyncTimer, SpawnFuture};
-    use crate::lifecycle::{Event, SharedState, State};
+    use crate::lifecycle::Event;
     use crate::protocol::Mode;
-    use crate::Context;
 
     /// A runtime the test drives: spawned futures are kept for it to poll, the clock
     /// moves when it says, and a timer is ready once the clock reached its deadline.
@@ -463,15 +462,7 @@ mod tests {
     }
 
     fn request(adapter: &Adapter, at: Instant) -> Arc<Shared> {
-        Arc::new(Shared::new(
-            SharedState::new(State::new(Mode::Aggregated)),
-            adapter.inner.clone(),
-            Context::new("c"),
-            std::sync::Arc::from("r"),
-            None,
-            None,
-            at,
-        ))
+        shared_part(adapter, Mode::Aggregated, at)
     }
 
     /// Graces of requests that ended stay in the heap until they come up, unless the

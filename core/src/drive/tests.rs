@@ -60,6 +60,20 @@ impl LlmEngine for Idle {
     }
 }
 
+/// A request of `mode` on `adapter`, as the driver's shared part alone (no stream, no
+/// engine call), created at `at`.
+pub(super) fn shared_part(adapter: &Adapter, mode: Mode, at: Instant) -> Arc<shared::Shared> {
+    Arc::new(shared::Shared::new(
+        crate::lifecycle::SharedState::new(crate::lifecycle::State::new(mode)),
+        adapter.inner.clone(),
+        Context::new("c"),
+        std::sync::Arc::from("r"),
+        None,
+        None,
+        at,
+    ))
+}
+
 #[test]
 fn an_arc_of_a_runtime_is_that_runtime() {
     let at = Instant::now() + Duration::from_secs(7);

@@ -175,11 +175,10 @@ mod tests {
     use tracing::{Event as TracingEvent, Metadata, Subscriber};
 
     use super::*;
-    use crate::drive::tests::{Frozen, Idle};
+    use crate::drive::tests::{shared_part, Frozen, Idle};
     use crate::drive::{Adapter, AdapterConfig};
-    use crate::lifecycle::{Event, SharedState, State};
+    use crate::lifecycle::Event;
     use crate::protocol::Mode;
-    use crate::Context;
 
     /// Counts the warnings of tether's target.
     #[derive(Default)]
@@ -206,15 +205,7 @@ mod tests {
 
     /// A stopped request of `mode`, its stop applied (not carried out).
     fn stopped(adapter: &Adapter, mode: Mode) -> Arc<Shared> {
-        let shared = Arc::new(Shared::new(
-            SharedState::new(State::new(mode)),
-            adapter.inner.clone(),
-            Context::new("c"),
-            std::sync::Arc::from("r"),
-            None,
-            None,
-            Instant::now(),
-        ));
+        let shared = shared_part(adapter, mode, Instant::now());
         let _ = shared.cell.apply(Event::Stop);
         shared
     }
