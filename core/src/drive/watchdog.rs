@@ -154,8 +154,9 @@ impl Future for Watchdog {
 }
 
 /// A cancel deadline passed: feed it to the machine, log it if it did something, and
-/// carry out what it decided (a repeat, by the watchdog and the abort task's grace
-/// timer both, decides nothing).
+/// carry out what it decided. The caller read the state before this step, so the
+/// deadline may have lost a race meanwhile (a kill, the engine's end): it then decides
+/// nothing and logs nothing.
 pub(crate) fn fire(shared: &Arc<Shared>, due: Due) {
     let (_, acts) = shared.cell.apply(due.event());
     match due {
@@ -210,8 +211,8 @@ mod tests {
         shared
     }
 
-    /// A deadline is logged only when feeding it did something: a repeat (the
-    /// watchdog and the abort task's grace timer may both fire one) is silent.
+    /// A deadline is logged only when feeding it did something: one that lost a race
+    /// (here, fed again after it fired) is silent.
     #[test]
     fn a_deadline_that_decides_nothing_is_not_logged() {
         let warnings: &'static Warnings = Box::leak(Box::default());
