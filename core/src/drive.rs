@@ -13,11 +13,11 @@
 //! one task per adapter, started at the adapter's first abort and parked between aborts
 //! (a stop queues the abort and wakes it; an abort that does not finish in its first
 //! poll moves to a task of its own). The token timeouts (time to first token, inter-token) run
-//! on the consumer's poller with one lazily created timer, re-armed in place. On the
-//! cancel path only, one watchdog per request runs the cancel grace and the deferral
-//! deadline (which must fire whether or not the consumer polls) and drains an engine
-//! whose abort is still deferred after the consumer's end; a stop's watchdog is started
-//! by the abort task, after the engine's `abort` was entered.
+//! on the consumer's poller with one lazily created timer, re-armed in place. The
+//! cancel deadlines must fire whether or not the consumer polls: a stop's grace is
+//! timed by the abort task (one timer per adapter), after the engine's `abort` was
+//! entered; a deferred abort gets a watchdog for its request, which times the deferral
+//! deadline and the grace and drains the engine after the consumer's end.
 
 mod abort_task;
 mod counting;
@@ -291,8 +291,8 @@ impl Adapter {
 
     /// Aborts decided and not yet carried out by the abort task: queued, or being
     /// entered (the engine's `abort` polled once, the request's cancel clocks started).
-    /// 0 once every decided abort was entered in the engine and the tasks it needs
-    /// (the request's watchdog, an unfinished abort) were spawned.
+    /// 0 once every decided abort was entered in the engine, an unfinished one moved to
+    /// a task of its own, and the cancel clocks its step started were taken on.
     pub fn unfinished_aborts(&self) -> usize {
         self.inner.aborts.unfinished()
     }

@@ -31,7 +31,7 @@ use std::time::Instant;
 use super::log;
 use super::shared::Shared;
 use super::timers::Timer;
-use super::watchdog::{self, Watch, Watchdog};
+use super::watchdog;
 use super::{AdapterInner, Runtime};
 use crate::engine::GenerateContext;
 use crate::lifecycle::deadlines;
@@ -206,20 +206,25 @@ impl<F: Future<Output = ()> + Send + 'static> AbortTask<F> {
                 let _ = catch_unwind(AssertUnwindSafe(move || drop(abort)));
             }
         }
-        match Shared::record_clocks(&shared, acts, None, false) {
-            Watch::Unwatched(anchors) => {
+        // With no watchdog running, the clocks are this task's to time (none is marked
+        // started: a later handover of the engine still starts one); a running one
+        // gets the new anchors, or its deadline or draining is over: it is woken.
+        let timing = Shared::with_clocks(&shared, acts, None, |off| {
+            if off.spawned {
+                Err(off.waker.clone())
+            } else {
+                Ok(off.anchors)
+            }
+        });
+        match timing {
+            Some(Ok(anchors)) => {
                 let next = deadlines::poll_timeout(shared.cell.load(), shared.limits(), &anchors);
                 if let Some(at) = next {
                     self.time(at, &shared);
                 }
             }
-            Watch::Wake(waker) => waker.wake(),
-            Watch::Nothing => Shared::wake_watchdog(&shared),
-            // Not asked for (`spawn` is false); were it, the lock marked it spawned.
-            Watch::Spawn => shared
-                .adapter
-                .runtime
-                .spawn(Box::pin(Watchdog::new(shared.clone()))),
+            Some(Err(Some(waker))) => waker.wake(),
+            Some(Err(None)) | None => Shared::wake_watchdog(&shared),
         }
     }
 

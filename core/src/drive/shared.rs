@@ -160,8 +160,15 @@ impl Shared {
     /// spawn the watchdog the first time, wake it afterwards. Nothing (no clock read,
     /// no lock) when there is nothing to arm or hand over.
     pub(super) fn arm(this: &Arc<Self>, acts: Actions, engine: Option<EngineSlot>) {
-        match Shared::record_clocks(this, acts, engine, true) {
-            Watch::Nothing | Watch::Unwatched(_) => {}
+        let watch = Shared::with_clocks(this, acts, engine, |off| {
+            if off.spawned {
+                return off.waker.clone().map_or(Watch::Nothing, Watch::Wake);
+            }
+            off.spawned = true;
+            Watch::Spawn
+        });
+        match watch.unwrap_or(Watch::Nothing) {
+            Watch::Nothing => {}
             Watch::Wake(waker) => waker.wake(),
             Watch::Spawn => this
                 .adapter
@@ -170,20 +177,19 @@ impl Shared {
         }
     }
 
-    /// Start the clocks `acts` starts and hand over `engine`, under the watchdog's lock;
-    /// say whether a watchdog must now be started (the caller starts it) or woken. With
-    /// `spawn` false (the abort task, which times a stop's grace itself), none is
-    /// marked started for clocks alone: they are `Unwatched`, and a later handover
-    /// still starts one.
-    pub(super) fn record_clocks(
+    /// Start the clocks `acts` starts and hand over `engine`, then let `decide` say,
+    /// under the watchdog's lock, what follows (start a watchdog, wake it, time the
+    /// clocks itself). `None`, with no clock read and no lock, when there is nothing to
+    /// start or hand over.
+    pub(super) fn with_clocks<R>(
         this: &Arc<Self>,
         acts: Actions,
         engine: Option<EngineSlot>,
-        spawn: bool,
-    ) -> Watch {
+        decide: impl FnOnce(&mut OffPoller) -> R,
+    ) -> Option<R> {
         // Which clocks start, and how long they run, is the pure layer's call.
         if !this.limits().started_by(&acts) && engine.is_none() {
-            return Watch::Nothing;
+            return None;
         }
         let now = this.adapter.runtime.now();
         let mut off = lock(&this.off);
@@ -192,16 +198,7 @@ impl Shared {
         if engine.is_some() {
             off.handoff = engine;
         }
-        if off.spawned {
-            return off.waker.clone().map_or(Watch::Nothing, Watch::Wake);
-        }
-        if !spawn {
-            // No engine comes with this call, and an engine in the mailbox always
-            // has its watchdog: there is only timing here.
-            return Watch::Unwatched(off.anchors);
-        }
-        off.spawned = true;
-        Watch::Spawn
+        Some(decide(off))
     }
 
     pub(super) fn wake_watchdog(this: &Arc<Self>) {

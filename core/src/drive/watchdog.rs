@@ -53,9 +53,6 @@ pub(crate) enum Watch {
     Wake(Waker),
     /// No watchdog runs: start one (the lock already marked it spawned).
     Spawn,
-    /// No watchdog runs and none was asked for: the clocks started at these anchors
-    /// are the caller's to time.
-    Unwatched(CancelAnchors),
 }
 
 impl Watchdog {
