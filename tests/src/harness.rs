@@ -113,13 +113,10 @@ impl<R: ScenarioRuntime> Harness<R> {
     /// If `generate` fails.
     pub async fn start_on(&self, adapter: &Adapter, id: &str) -> (ResponseStream, Script, Context) {
         let context = Context::new(id);
-        let stream = guarded(
-            &self.rt,
-            "generate",
-            adapter.generate(self.request(id), context.clone()),
-        )
-        .await
-        .expect("generate succeeds");
+        let stream = self
+            .generate_from(adapter.generate(self.request(id), context.clone()))
+            .await
+            .expect("generate succeeds");
         (stream, self.engine.script(id), context)
     }
 
@@ -139,7 +136,7 @@ impl<R: ScenarioRuntime> Harness<R> {
 
     /// Wait until `n` aborts of `script`'s request were entered in the engine, and the
     /// adapter's abort task has carried out every abort decided so far (so the tasks
-    /// it spawns for them, the watchdogs, are counted).
+    /// it spawns for them, an unfinished abort's own, are counted).
     pub async fn wait_aborts(&self, script: &Script, n: u32) {
         guarded(
             &self.rt,

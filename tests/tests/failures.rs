@@ -325,7 +325,8 @@ async fn graces_of_several_requests_each_expire_at_their_own_deadline<R: Scenari
         .request(h.request("b"))
         .cancel_grace(Some(DEADLINE))
         .context(ctx_b.clone());
-    let mut b = guarded(&h.rt, "generate", generate.into_future())
+    let mut b = h
+        .generate_from(generate.into_future())
         .await
         .expect("generate succeeds");
     let script_b = h.engine.script("b");
