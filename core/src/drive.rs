@@ -290,9 +290,10 @@ impl Adapter {
     }
 
     /// Aborts decided and not yet carried out by the abort task: queued, or being
-    /// entered (the engine's `abort` polled once, the request's cancel clocks started).
-    /// 0 once every decided abort was entered in the engine, an unfinished one moved to
-    /// a task of its own, and the cancel clocks its step started were taken on.
+    /// entered (the engine's `abort` polled once, the request's cancel clocks started
+    /// and its grace put on the task's timer). 0 once every decided abort was entered
+    /// in the engine, an unfinished one moved to a task of its own, and the cancel
+    /// clocks its step started were taken on.
     pub fn unfinished_aborts(&self) -> usize {
         self.inner.aborts.unfinished()
     }

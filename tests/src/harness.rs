@@ -138,32 +138,39 @@ impl<R: ScenarioRuntime> Harness<R> {
     /// adapter's abort task has carried out every abort decided so far (so the tasks
     /// it spawns for them, an unfinished abort's own, are counted).
     pub async fn wait_aborts(&self, script: &Script, n: u32) {
+        self.wait_aborts_on(&self.adapter, script, n).await;
+    }
+
+    /// [`wait_aborts`](Self::wait_aborts) for a request of `adapter` (one a test made
+    /// itself, see [`start_on`](Self::start_on)): its abort task is the one settled.
+    pub async fn wait_aborts_on(&self, adapter: &Adapter, script: &Script, n: u32) {
         guarded(
             &self.rt,
             "the engine abort",
             self.engine.until(|_| script.aborts() >= n),
         )
         .await;
-        self.settle_abort_task().await;
+        self.settle_abort_task(adapter).await;
     }
 
-    /// Wait until the adapter's abort task has no abort queued or in hand.
+    /// Wait until `adapter`'s abort task has no abort queued or in hand (an abort in
+    /// hand until its grace is on the timer).
     ///
     /// The count has no waker, so this yields in a loop; on tokio's paused clock a busy
     /// loop keeps the guard's timer from ever firing, so the loop is also bounded by a
     /// number of turns (seconds of spinning), after which it fails instead of hanging.
-    async fn settle_abort_task(&self) {
+    async fn settle_abort_task(&self, adapter: &Adapter) {
         const TURNS: u32 = 10_000_000;
         guarded(&self.rt, "the abort task to carry out every abort", async {
             for _ in 0..TURNS {
-                if self.adapter.unfinished_aborts() == 0 {
+                if adapter.unfinished_aborts() == 0 {
                     return;
                 }
                 yield_now().await;
             }
             panic!(
                 "the abort task left {} abort(s) unfinished after {TURNS} turns",
-                self.adapter.unfinished_aborts()
+                adapter.unfinished_aborts()
             );
         })
         .await;
@@ -229,7 +236,7 @@ impl<R: ScenarioRuntime> Harness<R> {
         // Spawned tasks (unfinished aborts, watchdogs) end and let go of the engine's
         // streams on their own schedule: wait for both to reach zero, guarded. The
         // adapter's own abort task, once started, parks for the adapter's life.
-        self.settle_abort_task().await;
+        self.settle_abort_task(&self.adapter).await;
         let parked = self.adapter.background_tasks();
         guarded(
             &self.rt,

@@ -57,8 +57,9 @@ struct QueueState {
     jobs: VecDeque<Job>,
     /// The parked task's waker.
     waker: Option<Waker>,
-    /// The task took a job and has not come back for the next one yet.
-    running_job: bool,
+    /// The task took a job and has not parked or yielded since: the abort may still be
+    /// running, or its grace not yet on the timer.
+    busy: bool,
     /// The task was spawned (it stays until `closed`).
     started: bool,
     /// The adapter is gone: the task ends once the queue is empty.
@@ -117,10 +118,10 @@ impl AbortQueue {
         lock(&self.state).started
     }
 
-    /// Aborts queued or being carried out.
+    /// Aborts queued or being carried out (entered, and their graces put on the timer).
     pub(crate) fn unfinished(&self) -> usize {
         let state = lock(&self.state);
-        state.jobs.len() + usize::from(state.running_job)
+        state.jobs.len() + usize::from(state.busy)
     }
 }
 
@@ -289,12 +290,16 @@ impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
             // finds the waker and wakes us.
             let job = {
                 let mut state = lock(&this.queue.state);
-                let job = state.jobs.pop_front();
-                state.running_job = job.is_some();
-                match job {
-                    Some(job) => job,
+                match state.jobs.pop_front() {
+                    Some(job) => {
+                        state.busy = true;
+                        job
+                    }
                     // Every request is gone: so is every grace that mattered.
-                    None if state.closed => return Poll::Ready(()),
+                    None if state.closed => {
+                        state.busy = false;
+                        return Poll::Ready(());
+                    }
                     None => {
                         if !state
                             .waker
@@ -303,9 +308,14 @@ impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
                         {
                             state.waker = Some(cx.waker().clone());
                         }
+                        let busy = state.busy;
                         drop(state);
                         // A grace that fires may queue an abort: it finds the waker.
                         this.tend_graces(cx);
+                        if busy {
+                            // Only now are the aborts' graces on the timer.
+                            lock(&this.queue.state).busy = false;
+                        }
                         return Poll::Pending;
                     }
                 }
@@ -315,8 +325,8 @@ impl<F: Future<Output = ()> + Send + 'static> Future for AbortTask<F> {
         // Let the executor run others; the queue is looked at again right away. The
         // graces are tended here too: a flood of aborts that never empties the queue
         // must not hold them back.
-        lock(&this.queue.state).running_job = false;
         this.tend_graces(cx);
+        lock(&this.queue.state).busy = false;
         cx.waker().wake_by_ref();
         Poll::Pending
     }

@@ -121,7 +121,7 @@ pub(crate) async fn the_abort_task_ends_with_its_adapter<R: ScenarioRuntime>(rt:
     let adapter = Adapter::new(Arc::new(h.engine.clone()), h.counting.clone(), no_grace());
     let (stream, script, ctx) = h.start_on(&adapter, "r").await;
     ctx.stop();
-    h.wait_aborts(&script, 1).await;
+    h.wait_aborts_on(&adapter, &script, 1).await;
     assert_eq!((adapter.background_tasks(), h.counting.live()), (1, 1));
     drop(adapter);
     // The stream still holds the adapter: the task stays parked.
@@ -192,7 +192,7 @@ pub(crate) async fn aborts_not_yet_carried_out_are_counted<R: ScenarioRuntime>(r
         );
     }
     for (_, script, _) in &started {
-        h.wait_aborts(script, 1).await;
+        h.wait_aborts_on(&adapter, script, 1).await;
     }
     guarded(&h.rt, "the abort task to be done", async {
         while adapter.unfinished_aborts() > 0 {

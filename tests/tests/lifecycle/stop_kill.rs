@@ -234,7 +234,7 @@ pub(crate) async fn a_grace_ends_with_its_request<R: ScenarioRuntime>(rt: R) {
     let (mut s, script, ctx) = h.start_on(&adapter, "r").await;
     assert_eq!(s.request_id(), "r");
     ctx.stop();
-    h.wait_aborts(&script, 1).await;
+    h.wait_aborts_on(&adapter, &script, 1).await;
     assert_eq!(
         (h.counting.spawned(), h.counting.live(), h.counting.timers()),
         (1, 1, 1),
