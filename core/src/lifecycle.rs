@@ -197,6 +197,13 @@ impl Actions {
         *self == Actions::default()
     }
 
+    /// The steady state of a stream: a non-terminal chunk to pass on, and nothing else
+    /// to do.
+    #[inline]
+    pub fn is_steady(&self) -> bool {
+        self.deliver == Delivery::Forward && !self.abort
+    }
+
     /// Whether the engine's item goes to the consumer.
     pub fn forward(&self) -> bool {
         matches!(self.deliver, Delivery::Forward | Delivery::ForwardLast(_))

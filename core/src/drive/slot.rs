@@ -24,12 +24,10 @@ use crate::protocol::Chunk;
 pub(crate) type SetupFuture =
     Pin<Box<dyn Future<Output = Result<ChunkStream, EngineError>> + Send>>;
 
-/// What the engine produced, kept until the machine decides about it.
-pub(crate) enum Item {
-    Chunk(Chunk),
-    Error(EngineError),
-    None,
-}
+/// What the engine produced, kept until the machine decides about it: a chunk, an
+/// error, or the end of the stream (`None`). It is the stream's own item type, so a
+/// chunk is not moved into another shape on its way (each move copies the chunk).
+pub(crate) type Item = Option<Result<Chunk, EngineError>>;
 
 /// The engine while `generate` is pending, then its stream.
 pub(crate) enum EngineSlot {
@@ -66,18 +64,22 @@ impl EngineSlot {
         }
     }
 
-    /// The next engine event (setup first, then the stream's items).
+    /// The next engine event (setup first, then the stream's items), with its item put
+    /// in `item` (an out-parameter: a chunk returned in a tuple would be copied on its
+    /// way out, on every chunk).
     #[inline]
     pub(crate) fn poll_event(
         &mut self,
         cx: &mut TaskContext<'_>,
         shared: &Shared,
-    ) -> Poll<(Event, Item)> {
+        item: &mut Item,
+    ) -> Poll<Event> {
         if let EngineSlot::Setup(_) = self {
             match self.poll_setup(cx, shared) {
                 Poll::Ready(None) => {}
                 Poll::Ready(Some(err)) => {
-                    return Poll::Ready((Event::EngineError, Item::Error(err)))
+                    *item = Some(Err(err));
+                    return Poll::Ready(Event::EngineError);
                 }
                 Poll::Pending => return Poll::Pending,
             }
@@ -86,25 +88,28 @@ impl EngineSlot {
             // `poll_setup` answers `Ready(None)` only once the stream exists.
             return Poll::Pending;
         };
-        let polled = catch_unwind(AssertUnwindSafe(|| stream.as_mut().poll_next(cx)));
-        Poll::Ready(match polled {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(Some(Ok(chunk)))) => {
-                let event = if chunk.is_terminal() {
-                    Event::TerminalChunk
-                } else if chunk.has_tokens() {
-                    Event::Chunk
-                } else {
-                    Event::TokenlessChunk
-                };
-                (event, Item::Chunk(chunk))
+        // The closure stores the item itself: one returned through `catch_unwind` would
+        // be copied out of its result.
+        let ready = catch_unwind(AssertUnwindSafe(|| match stream.as_mut().poll_next(cx) {
+            Poll::Ready(polled) => {
+                *item = polled;
+                true
             }
-            Ok(Poll::Ready(Some(Err(err)))) => (Event::EngineError, Item::Error(err)),
-            Ok(Poll::Ready(None)) => (Event::EngineEnded, Item::None),
-            Err(panic) => (
-                Event::EngineError,
-                Item::Error(panicked(shared, "stream", panic.as_ref())),
-            ),
+            Poll::Pending => false,
+        }));
+        Poll::Ready(match ready {
+            Ok(false) => return Poll::Pending,
+            Ok(true) => match item {
+                Some(Ok(chunk)) if chunk.is_terminal() => Event::TerminalChunk,
+                Some(Ok(chunk)) if chunk.has_tokens() => Event::Chunk,
+                Some(Ok(_)) => Event::TokenlessChunk,
+                Some(Err(_)) => Event::EngineError,
+                None => Event::EngineEnded,
+            },
+            Err(panic) => {
+                *item = Some(Err(panicked(shared, "stream", panic.as_ref())));
+                Event::EngineError
+            }
         })
     }
 }

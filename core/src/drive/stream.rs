@@ -262,7 +262,7 @@ impl ResponseStream {
                         return Poll::Ready(Err(err));
                     }
                     // A kill won the race: the stream yields what is owed.
-                    local.stash = perform(shared, local, acts, state, Item::None).map(Box::new);
+                    local.stash = perform(shared, local, acts, state, None).map(Box::new);
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Pending => {}
@@ -332,7 +332,7 @@ fn poll_silence(
             }
             // Timer events never forward; a timeout owes a terminal that the next
             // turn of the poller's loop delivers.
-            let _ = perform(shared, local, acts, state, Item::None);
+            let _ = perform(shared, local, acts, state, None);
             return true;
         }
     }
@@ -351,7 +351,6 @@ impl Stream for ResponseStream {
             return Poll::Ready(None);
         }
         register(shared, local, cx);
-        let rt = &*shared.adapter.runtime;
         loop {
             let state = shared.cell.load_cached(&mut local.step_cache);
             if state.is_over() {
@@ -360,7 +359,7 @@ impl Stream for ResponseStream {
             }
             if state.pending_terminal().is_some() {
                 let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
-                if let Some(item) = perform(shared, local, acts, state, Item::None) {
+                if let Some(item) = perform(shared, local, acts, state, None) {
                     return Poll::Ready(Some(item));
                 }
                 continue;
@@ -368,40 +367,57 @@ impl Stream for ResponseStream {
             let Some(engine) = local.engine.as_mut() else {
                 // Unreachable by the machine (engine_done implies finished), kept total.
                 let (state, acts) = shared.cell.apply(Event::EngineEnded);
-                if let Some(item) = perform(shared, local, acts, state, Item::None) {
+                if let Some(item) = perform(shared, local, acts, state, None) {
                     return Poll::Ready(Some(item));
                 }
                 continue;
             };
             // The engine first: an item it already has wins over a deadline, so a
             // consumer that was slow to come back never times the engine out.
-            let (event, item) = match engine.poll_event(cx, shared) {
-                Poll::Ready(polled) => polled,
+            let mut item = None;
+            let event = match engine.poll_event(cx, shared, &mut item) {
+                Poll::Ready(event) => event,
                 Poll::Pending => {
-                    if poll_silence(shared, local, cx, rt) {
+                    if poll_silence(shared, local, cx, &*shared.adapter.runtime) {
                         continue;
                     }
                     return Poll::Pending;
                 }
             };
-            let (state, acts) = shared.cell.apply_cached(event, &mut local.step_cache);
-            if state.engine_done() {
-                // Never poll a finished (or panicked) engine stream again: an item after
-                // the terminal reaches nobody (the conformance kit reports such engines).
-                release(local.engine.take(), &shared.request_id);
+            // `None`: the steady step once more, nothing decided and nothing to check.
+            if let Some((state, acts)) = shared.cell.apply_steady(event, &mut local.step_cache) {
+                if state.engine_done() {
+                    // Never poll a finished (or panicked) engine stream again: an item
+                    // after the terminal reaches nobody (the conformance kit reports such
+                    // engines).
+                    release(local.engine.take(), &shared.request_id);
+                }
+                if !acts.is_steady() {
+                    if let Some(item) = perform(shared, local, acts, state, item) {
+                        return Poll::Ready(Some(item));
+                    }
+                    continue;
+                }
             }
-            if let Some(item) = perform(shared, local, acts, state, item) {
-                return Poll::Ready(Some(item));
+            // The steady state, kept in this frame so that the chunk is moved once: a
+            // non-terminal chunk to pass on, nothing else to do.
+            if let Some(Ok(chunk)) = &mut item {
+                note_chunk(shared, local, chunk);
+            }
+            if let Some(Ok(chunk)) = item {
+                return Poll::Ready(Some(Annotated::from_data(chunk)));
             }
         }
     }
 }
 
-/// Pass an engine chunk on: time its tokens, end the silence, take a token-less chunk
-/// before the first token as the scheduling signal, and stamp `worker_trace_link` (from
-/// the [`TraceIdHook`](super::TraceIdHook)) on the first token and, in prefill mode, on
-/// the terminal, wherever the engine set none itself.
-fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annotated<Chunk> {
+/// An engine chunk on its way to the consumer: time its tokens, end the silence, take a
+/// token-less chunk before the first token as the scheduling signal, and stamp
+/// `worker_trace_link` (from the [`TraceIdHook`](super::TraceIdHook)) on the first token
+/// and, in prefill mode, on the terminal, wherever the engine set none itself. The
+/// chunk is changed in place: the caller moves it once, into the item it yields.
+#[inline(always)]
+fn note_chunk(shared: &Shared, local: &mut Local, chunk: &mut Chunk) {
     let adapter = &shared.adapter;
     let n = u32::try_from(chunk.token_ids.len()).unwrap_or(u32::MAX);
     let terminal = chunk.is_terminal();
@@ -425,6 +441,11 @@ fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annota
             chunk.worker_trace_link = hook.trace_link(&local.span);
         }
     }
+}
+
+/// [`note_chunk`], then the chunk as the item to yield.
+fn forward_chunk(shared: &Shared, local: &mut Local, mut chunk: Chunk) -> Annotated<Chunk> {
+    note_chunk(shared, local, &mut chunk);
     Annotated::from_data(chunk)
 }
 
@@ -436,7 +457,7 @@ pub(super) fn perform(
     state: State,
     item: Item,
 ) -> Option<Annotated<Chunk>> {
-    if acts.deliver == Delivery::Forward && !acts.abort {
+    if acts.is_steady() {
         // The steady state: a non-terminal chunk to pass on, nothing else to do.
         return pass_on(shared, local, item);
     }
@@ -469,8 +490,8 @@ pub(super) fn perform(
 /// A non-terminal engine chunk, passed on.
 fn pass_on(shared: &Shared, local: &mut Local, item: Item) -> Option<Annotated<Chunk>> {
     match item {
-        Item::Chunk(chunk) => Some(forward_chunk(shared, local, chunk)),
-        Item::Error(_) | Item::None => None,
+        Some(Ok(chunk)) => Some(forward_chunk(shared, local, chunk)),
+        Some(Err(_)) | None => None,
     }
 }
 
@@ -481,7 +502,7 @@ fn forward_last(
     item: Item,
 ) -> (Option<Annotated<Chunk>>, Outcome) {
     match item {
-        Item::Chunk(chunk) => {
+        Some(Ok(chunk)) => {
             let outcome = match &chunk.finish_reason {
                 Some(FinishReason::Cancelled) => Outcome::Cancelled,
                 Some(reason) => Outcome::Finished(reason.clone()),
@@ -491,13 +512,13 @@ fn forward_last(
             };
             (Some(forward_chunk(shared, local, chunk)), outcome)
         }
-        Item::Error(err) => {
+        Some(Err(err)) => {
             let kind = err.kind();
             (Some(Annotated::from_error(err)), Outcome::Failed(kind))
         }
         // The machine forwards only engine items (`EngineSlot::poll_event` pairs each
         // event with its item).
-        Item::None => (
+        None => (
             None,
             Outcome::Failed(ErrorKind::Backend(BackendError::StreamIncomplete)),
         ),
@@ -608,7 +629,7 @@ impl PinnedDrop for ResponseStream {
             shared.context.kill_with(Cause::ClientDisconnect);
             Shared::signal(shared, Signal::Kill);
             let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
-            let _ = perform(shared, local, acts, state, Item::None);
+            let _ = perform(shared, local, acts, state, None);
             if local.done {
                 return;
             }
@@ -616,6 +637,6 @@ impl PinnedDrop for ResponseStream {
         let (state, acts) = shared.cell.apply(Event::ConsumerDropped);
         // Finishes (records Dropped, lets go of the listener, hands a still-owed
         // engine to the watchdog) and queues the abort when one is due.
-        let _ = perform(shared, local, acts, state, Item::None);
+        let _ = perform(shared, local, acts, state, None);
     }
 }

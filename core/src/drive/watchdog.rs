@@ -109,7 +109,7 @@ impl Future for Watchdog {
             let mut state = shared.cell.load();
             if let Some(engine) = this.engine.as_mut() {
                 if state.drains_engine() {
-                    if let Poll::Ready((event, _item)) = engine.poll_event(cx, shared) {
+                    if let Poll::Ready(event) = engine.poll_event(cx, shared, &mut None) {
                         // The item itself goes nowhere: the consumer is over.
                         let (_, acts) = shared.cell.apply(event);
                         Shared::perform_off_consumer(shared, acts);

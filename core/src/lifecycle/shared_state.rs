@@ -60,11 +60,13 @@ impl SharedState {
 pub struct StepCache {
     loaded: Option<(u32, State)>,
     noop: Option<(u32, Event, State, Actions)>,
+    /// The word and event of the last steady no-op (see [`SharedState::apply_steady`]).
+    steady: Option<(u32, Event)>,
 }
 
 impl SharedState {
     /// [`load`](Self::load), skipping the unpack when the word is the one seen last.
-    #[inline]
+    #[inline(always)]
     pub fn load_cached(&self, cache: &mut StepCache) -> State {
         // Acquire: as in `load`.
         let word = self.word.load(Ordering::Acquire);
@@ -105,5 +107,26 @@ impl SharedState {
             Ok(_) => (new, acts),
             Err(_) => self.apply(event),
         }
+    }
+
+    /// [`apply_cached`](Self::apply_cached) for the poller's hot path: `None` for the
+    /// step it takes on almost every chunk, the remembered steady no-op (the state
+    /// unchanged, the actions [`is_steady`](Actions::is_steady), the engine not done),
+    /// which leaves nothing to copy out or to check; otherwise the step's state and
+    /// actions.
+    #[inline(always)]
+    pub fn apply_steady(&self, event: Event, cache: &mut StepCache) -> Option<(State, Actions)> {
+        // Acquire: as in `apply`.
+        let word = self.word.load(Ordering::Acquire);
+        if cache.steady == Some((word, event)) {
+            return None;
+        }
+        let stepped = self.apply_cached(event, cache);
+        if let Some((w, e, state, acts)) = cache.noop {
+            if w == word && e == event && acts.is_steady() && !state.engine_done() {
+                cache.steady = Some((word, event));
+            }
+        }
+        Some(stepped)
     }
 }

@@ -49,11 +49,22 @@ fn cell_apply_cached_agrees_with_step() {
     fn walk(mode: Mode, path: &mut Vec<Event>, depth: usize) {
         let cell = SharedState::new(State::new(mode));
         let mut cache = StepCache::default();
+        let steady_cell = SharedState::new(State::new(mode));
+        let mut steady_cache = StepCache::default();
         let mut s = State::new(mode);
         for &e in path.iter() {
             let expected = step(s, e);
             assert_eq!(cell.apply_cached(e, &mut cache), expected, "{path:?}");
             assert_eq!(cell.load_cached(&mut cache), expected.0, "{path:?}");
+            match steady_cell.apply_steady(e, &mut steady_cache) {
+                // Only a step that changes nothing and only forwards may be skipped.
+                None => assert!(
+                    expected.0 == s && expected.1.is_steady() && !s.engine_done(),
+                    "{path:?}"
+                ),
+                Some(got) => assert_eq!(got, expected, "{path:?}"),
+            }
+            assert_eq!(steady_cell.load(), expected.0, "{path:?}");
             s = expected.0;
         }
         if depth > 0 {
@@ -67,4 +78,34 @@ fn cell_apply_cached_agrees_with_step() {
     for mode in [Mode::Aggregated, Mode::Prefill, Mode::Decode] {
         walk(mode, &mut Vec::new(), 4);
     }
+}
+
+/// The steady step is skipped from its second time on, and only while the word and the
+/// event stay the same: a stop between two chunks is stepped again.
+#[test]
+fn apply_steady_skips_only_the_repeated_steady_step() {
+    let cell = SharedState::new(State::new(Mode::Aggregated));
+    let mut cache = StepCache::default();
+    let first = cell
+        .apply_steady(Chunk, &mut cache)
+        .expect("the first chunk is stepped");
+    assert!(first.1.is_steady());
+    let second = cell
+        .apply_steady(Chunk, &mut cache)
+        .expect("the first token changed the state");
+    assert!(second.1.is_steady());
+    assert_eq!(
+        cell.apply_steady(Chunk, &mut cache),
+        None,
+        "the same no-op again"
+    );
+    assert!(
+        cell.apply_steady(TokenlessChunk, &mut cache).is_some(),
+        "another event"
+    );
+    let (stopped, _) = cell.apply(Stop);
+    let after_stop = cell
+        .apply_steady(Chunk, &mut cache)
+        .expect("the word changed");
+    assert_eq!(after_stop, step(stopped, Chunk));
 }
