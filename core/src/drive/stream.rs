@@ -352,17 +352,19 @@ impl Stream for ResponseStream {
         }
         register(shared, local, cx);
         loop {
-            let state = shared.cell.load_cached(&mut local.step_cache);
-            if state.is_over() {
-                local.done = true;
-                return Poll::Ready(None);
-            }
-            if state.pending_terminal().is_some() {
-                let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
-                if let Some(item) = perform(shared, local, acts, state, None) {
-                    return Poll::Ready(Some(item));
+            if !shared.cell.is_steady_cached(&local.step_cache) {
+                let state = shared.cell.load_cached(&mut local.step_cache);
+                if state.is_over() {
+                    local.done = true;
+                    return Poll::Ready(None);
                 }
-                continue;
+                if state.pending_terminal().is_some() {
+                    let (state, acts) = shared.cell.apply(Event::ConsumerPoll);
+                    if let Some(item) = perform(shared, local, acts, state, None) {
+                        return Poll::Ready(Some(item));
+                    }
+                    continue;
+                }
             }
             let Some(engine) = local.engine.as_mut() else {
                 // Unreachable by the machine (engine_done implies finished), kept total.

@@ -109,6 +109,16 @@ impl SharedState {
         }
     }
 
+    /// Whether the word is the one of the remembered steady step (see
+    /// [`apply_steady`](Self::apply_steady)): the request is live and owes the consumer
+    /// no terminal (a step that only forwards a chunk is taken in no other state), so
+    /// the poller has nothing to look at before it polls the engine.
+    #[inline(always)]
+    pub fn is_steady_cached(&self, cache: &StepCache) -> bool {
+        // Acquire: as in `load`.
+        matches!(cache.steady, Some((w, _)) if w == self.word.load(Ordering::Acquire))
+    }
+
     /// [`apply_cached`](Self::apply_cached) for the poller's hot path: `None` for the
     /// step it takes on almost every chunk, the remembered steady no-op (the state
     /// unchanged, the actions [`is_steady`](Actions::is_steady), the engine not done),

@@ -65,6 +65,13 @@ fn cell_apply_cached_agrees_with_step() {
                 Some(got) => assert_eq!(got, expected, "{path:?}"),
             }
             assert_eq!(steady_cell.load(), expected.0, "{path:?}");
+            if steady_cell.is_steady_cached(&steady_cache) {
+                let now = steady_cell.load();
+                assert!(
+                    now.is_live() && now.pending_terminal().is_none(),
+                    "{path:?}"
+                );
+            }
             s = expected.0;
         }
         if depth > 0 {
