@@ -33,9 +33,11 @@ use std::mem;
 use crate::sync::atomic::{AtomicU8, Ordering};
 use crate::sync::{downgrade, is_dead, lock, upgrade, Arc, Mutex, MutexGuard, Weak};
 
+use listeners::Listeners;
 use waiters::{Key, Waiters};
 
 mod cause;
+mod listeners;
 mod waiters;
 
 pub use cause::Cause;
@@ -81,9 +83,10 @@ pub enum Signal {
 }
 
 /// Handle to a listener registered with [`Context::add_listener`]; only meaningful for
-/// the context that issued it (ids are numbered per context).
+/// the context that issued it (ids are numbered per context, from 1: non-zero, so an
+/// `Option<ListenerId>` takes no more room than the id).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ListenerId(u64);
+pub struct ListenerId(std::num::NonZeroU64);
 
 type ListenerFn = Box<dyn Fn(Signal) + Send + Sync + 'static>;
 
@@ -113,7 +116,7 @@ struct State {
     next_listener: u64,
     /// Held weakly so a long-lived parent does not keep every request alive.
     children: Vec<Weak<Inner>>,
-    listeners: Vec<Listener>,
+    listeners: Listeners<Listener>,
     stop_waiters: Waiters,
     kill_waiters: Waiters,
 }
@@ -141,7 +144,7 @@ impl Context {
                     late: false,
                     next_listener: 0,
                     children: Vec::new(),
-                    listeners: Vec::new(),
+                    listeners: Listeners::default(),
                     stop_waiters: Waiters::new(),
                     kill_waiters: Waiters::new(),
                 }),
@@ -257,12 +260,9 @@ impl Context {
     /// calling them, since nothing can follow `Kill`.
     pub fn add_listener(&self, f: impl Fn(Signal) + Send + Sync + 'static) -> ListenerId {
         let mut st = lock(&self.inner.state);
-        let id = ListenerId(st.next_listener);
+        let id = ListenerId(std::num::NonZeroU64::MIN.saturating_add(st.next_listener));
         st.next_listener += 1;
-        // Most contexts carry one listener (the driver's): avoid the default 4-slot growth.
-        if st.listeners.capacity() == 0 {
-            st.listeners.reserve_exact(1);
-        }
+        // Most contexts carry one listener (the driver's): it is held inline.
         st.listeners.push(Listener {
             id,
             seen: Level::Live,
@@ -286,8 +286,7 @@ impl Context {
     pub fn remove_listener(&self, id: ListenerId) -> bool {
         let removed = {
             let mut st = lock(&self.inner.state);
-            let pos = st.listeners.iter().position(|l| l.id == id);
-            pos.map(|i| st.listeners.remove(i))
+            st.listeners.remove_first(|l| l.id == id)
         };
         // Dropped here, outside the lock: the closure's captures may run arbitrary code.
         removed.is_some()
@@ -338,11 +337,11 @@ impl Inner {
         let mut guard = DeliveryGuard {
             inner: self,
             armed: true,
-            in_flight: Vec::new(),
+            in_flight: Listeners::default(),
         };
         let mut st = first;
         let mut wake = Woken::default();
-        let mut orphans: Vec<Listener> = Vec::new();
+        let mut orphans: Listeners<Listener> = Listeners::default();
         loop {
             let target = st.level;
             let cause = st.cause;
@@ -375,7 +374,7 @@ impl Inner {
             }
             drop(children);
             let signal = target.signal();
-            for l in &guard.in_flight {
+            for l in guard.in_flight.as_slice() {
                 if let Some(f) = &l.f {
                     f(signal);
                 }
@@ -383,7 +382,7 @@ impl Inner {
             let mut back = mem::take(&mut guard.in_flight);
             if target == Level::Killed {
                 // Nothing follows `Kill`: release them here, outside the lock.
-                back = Vec::new();
+                back = Listeners::default();
             }
 
             st = lock(&self.state);
@@ -401,7 +400,7 @@ impl Inner {
 /// One round of delivery, taken under the lock and run outside it.
 struct Round {
     children: Vec<Weak<Inner>>,
-    listeners: Vec<Listener>,
+    listeners: Listeners<Listener>,
 }
 
 impl Round {
@@ -420,6 +419,7 @@ impl Round {
             mem::take(&mut st.listeners)
         } else {
             st.listeners
+                .as_mut_slice()
                 .iter_mut()
                 .filter(|l| l.seen < target)
                 .filter_map(|l| {
@@ -442,13 +442,20 @@ impl Round {
 
 /// Return called listeners to their entries; those removed meanwhile come back as
 /// orphans, to be dropped once the lock is released.
-fn put_back(st: &mut State, mut back: Vec<Listener>) -> Vec<Listener> {
-    back.retain_mut(|l| match st.listeners.iter_mut().find(|e| e.id == l.id) {
-        Some(entry) => {
-            entry.f = l.f.take();
-            false
+fn put_back(st: &mut State, mut back: Listeners<Listener>) -> Listeners<Listener> {
+    back.retain_mut(|l| {
+        match st
+            .listeners
+            .as_mut_slice()
+            .iter_mut()
+            .find(|e| e.id == l.id)
+        {
+            Some(entry) => {
+                entry.f = l.f.take();
+                false
+            }
+            None => true,
         }
-        None => true,
     });
     back
 }
@@ -484,7 +491,7 @@ struct DeliveryGuard<'a> {
     inner: &'a Inner,
     armed: bool,
     /// Listeners taken out for the current round, returned to their entries on unwind.
-    in_flight: Vec<Listener>,
+    in_flight: Listeners<Listener>,
 }
 
 impl Drop for DeliveryGuard<'_> {

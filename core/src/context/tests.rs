@@ -551,11 +551,21 @@ fn a_killed_context_does_not_remember_children() {
 }
 
 #[test]
-fn the_first_listener_takes_one_slot() {
+fn the_first_listener_is_held_inline() {
     let ctx = Context::new("r");
-    let (_log, _id) = recorder(&ctx);
-    // The driver's one listener per request: no 4-slot default growth.
-    assert_eq!(lock(&ctx.inner.state).listeners.capacity(), 1);
+    let (_log, id) = recorder(&ctx);
+    // The driver's one listener per request: no allocation for the list.
+    assert!(matches!(
+        lock(&ctx.inner.state).listeners,
+        listeners::Listeners::One(_)
+    ));
+    let (_second, _) = recorder(&ctx);
+    assert!(matches!(
+        lock(&ctx.inner.state).listeners,
+        listeners::Listeners::Many(_)
+    ));
+    assert!(ctx.remove_listener(id));
+    assert!(!ctx.remove_listener(id), "removed once");
 }
 
 #[test]
