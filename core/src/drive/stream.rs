@@ -31,7 +31,7 @@ use crate::lifecycle::deadlines::{Due, Silence};
 use crate::lifecycle::{
     Actions, Delivery, Event, OutcomeKind, SharedState, State, StepCache, Synthesized, Timeout,
 };
-use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request};
+use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
 use crate::sync::{downgrade, upgrade, Arc};
 
 /// The consumer's stream for one request: engine chunks as [`Annotated`] items, ending
@@ -55,7 +55,9 @@ pub(super) struct Local {
     /// requests have none, and every idle request carries this word).
     silence: Option<Box<SilenceClock>>,
     stats: StatsRecorder,
-    span: Span,
+    /// The request's span, only when it is enabled (spans on, and listened to), and
+    /// boxed: most streams carry one word here, not the 40 bytes of a disabled span.
+    span: Option<Box<Span>>,
     listener: Option<ListenerId>,
     /// The waker last registered in `shared.waker` (skips the lock on repeat polls).
     registered: Option<Waker>,
@@ -195,14 +197,13 @@ impl ResponseStream {
         let gctx = Shared::generate_context(&shared);
         let engine = adapter.engine.clone();
         // The engine's setup runs inside the request span.
-        let setup: SetupFuture = if span.is_disabled() {
-            Box::pin(async move { engine.generate(request, gctx).await })
-        } else {
-            let span = span.clone();
-            Box::pin(tracing::Instrument::instrument(
+        let span = (!span.is_disabled()).then(|| Box::new(span));
+        let setup: SetupFuture = match &span {
+            None => Box::pin(async move { engine.generate(request, gctx).await }),
+            Some(span) => Box::pin(tracing::Instrument::instrument(
                 async move { engine.generate(request, gctx).await },
-                span,
-            ))
+                Span::clone(span),
+            )),
         };
         let weak = downgrade(&shared);
         // A context already stopped or killed calls it at once.
@@ -303,7 +304,7 @@ fn poll_silence(
     let Some(clock) = local.silence.as_deref_mut() else {
         return false;
     };
-    if shared.cell.load_cached(&mut local.step_cache).first_token() {
+    if shared.cell.load().first_token() {
         // A hint without a token: the first-token limit is met.
         clock.silence.first_token_seen();
     }
@@ -353,7 +354,7 @@ impl Stream for ResponseStream {
         register(shared, local, cx);
         loop {
             if !shared.cell.is_steady_cached(&local.step_cache) {
-                let state = shared.cell.load_cached(&mut local.step_cache);
+                let state = shared.cell.load();
                 if state.is_over() {
                     local.done = true;
                     return Poll::Ready(None);
@@ -440,8 +441,18 @@ fn note_chunk(shared: &Shared, local: &mut Local, chunk: &mut Chunk) {
     };
     if stamp && chunk.worker_trace_link.is_none() {
         if let Some(hook) = &adapter.config.trace_id_hook {
-            chunk.worker_trace_link = hook.trace_link(&local.span);
+            chunk.worker_trace_link = trace_link(&**hook, local.span.as_deref());
         }
+    }
+}
+
+/// The hook's trace link for the request's span (a disabled span when it has none).
+/// Once or twice per request: out of line.
+#[cold]
+fn trace_link(hook: &dyn super::TraceIdHook, span: Option<&Span>) -> Option<TraceLink> {
+    match span {
+        Some(span) => hook.trace_link(span),
+        None => hook.trace_link(&Span::none()),
     }
 }
 
@@ -587,7 +598,9 @@ pub(super) fn end_for_consumer(
     };
     let itl = local.stats.itl();
     let rec = local.record_of(&shared.request_id, &ended, itl);
-    span::record(&local.span, &rec, note);
+    if let Some(span) = local.span.as_deref() {
+        span::record(span, &rec, note);
+    }
     log::stream_complete(shared, &rec, note == SpanNote::SetupFailed);
     if let Some(obs) = &shared.adapter.config.observer {
         obs.on_record(&rec);

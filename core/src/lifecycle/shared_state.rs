@@ -55,31 +55,16 @@ impl SharedState {
 }
 
 /// A one-entry memo of a transition that left the state unchanged, for
-/// [`SharedState::apply_cached`] and [`SharedState::load_cached`]. Owned by one caller (the poller).
+/// [`SharedState::apply_cached`] and [`SharedState::apply_steady`]. Owned by one caller (the
+/// poller).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StepCache {
-    loaded: Option<(u32, State)>,
     noop: Option<(u32, Event, State, Actions)>,
     /// The word and event of the last steady no-op (see [`SharedState::apply_steady`]).
     steady: Option<(u32, Event)>,
 }
 
 impl SharedState {
-    /// [`load`](Self::load), skipping the unpack when the word is the one seen last.
-    #[inline(always)]
-    pub fn load_cached(&self, cache: &mut StepCache) -> State {
-        // Acquire: as in `load`.
-        let word = self.word.load(Ordering::Acquire);
-        match cache.loaded {
-            Some((w, state)) if w == word => state,
-            _ => {
-                let state = State::unpack(word).expect("cell holds a packed state");
-                cache.loaded = Some((word, state));
-                state
-            }
-        }
-    }
-
     /// [`apply`](Self::apply) for a caller that repeats an event (the poller, one chunk
     /// after another): a transition that leaves the state unchanged decides nothing
     /// and needs no exchange, and since [`step`] is pure, the same packed state and

@@ -55,7 +55,7 @@ fn cell_apply_cached_agrees_with_step() {
         for &e in path.iter() {
             let expected = step(s, e);
             assert_eq!(cell.apply_cached(e, &mut cache), expected, "{path:?}");
-            assert_eq!(cell.load_cached(&mut cache), expected.0, "{path:?}");
+            assert_eq!(cell.load(), expected.0, "{path:?}");
             match steady_cell.apply_steady(e, &mut steady_cache) {
                 // Only a step that changes nothing and only forwards may be skipped.
                 None => assert!(
@@ -107,10 +107,15 @@ fn apply_steady_skips_only_the_repeated_steady_step() {
         "the same no-op again"
     );
     assert!(
+        cell.is_steady_cached(&cache),
+        "the word is the steady step's"
+    );
+    assert!(
         cell.apply_steady(TokenlessChunk, &mut cache).is_some(),
         "another event"
     );
     let (stopped, _) = cell.apply(Stop);
+    assert!(!cell.is_steady_cached(&cache), "a stop changed the word");
     let after_stop = cell
         .apply_steady(Chunk, &mut cache)
         .expect("the word changed");
