@@ -116,12 +116,25 @@ impl SharedState {
         if cache.steady == Some((word, event)) {
             return None;
         }
+        Some(self.apply_and_remember(word, event, cache))
+    }
+
+    /// [`apply_steady`](Self::apply_steady) off its steady step: step, and remember the
+    /// step if it is the steady one. Out of line, so that the poller's loop carries
+    /// none of it.
+    #[inline(never)]
+    fn apply_and_remember(
+        &self,
+        word: u32,
+        event: Event,
+        cache: &mut StepCache,
+    ) -> (State, Actions) {
         let stepped = self.apply_cached(event, cache);
         if let Some((w, e, state, acts)) = cache.noop {
             if w == word && e == event && acts.is_steady() && !state.engine_done() {
                 cache.steady = Some((word, event));
             }
         }
-        Some(stepped)
+        stepped
     }
 }
