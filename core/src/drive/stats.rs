@@ -255,10 +255,9 @@ pub fn itl_stats(gaps_us: &mut [u32]) -> ItlStats {
 /// the few gaps above a p99 (m = 0 below 51 gaps), the m + 1 largest seen are kept in a
 /// min-heap: one comparison for most gaps, where a selection would partition them all.
 fn top_two_ranks(gaps: &[u32], m: usize) -> (u32, u32) {
-    let max = || gaps.iter().copied().max().unwrap_or(0);
     if m == 0 {
-        let max = max();
-        return (max, max);
+        let largest = gaps.iter().copied().max().unwrap_or(0);
+        return (largest, largest);
     }
     let (first, rest) = gaps.split_at((m + 1).min(gaps.len()));
     let mut kept: BinaryHeap<Reverse<u32>> = first.iter().copied().map(Reverse).collect();
