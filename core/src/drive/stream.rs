@@ -470,10 +470,8 @@ pub(super) fn perform(
     state: State,
     item: Item,
 ) -> Option<Annotated<Chunk>> {
-    if acts.is_steady() {
-        // The steady state: a non-terminal chunk to pass on, nothing else to do.
-        return pass_on(shared, local, item);
-    }
+    // The steady state (a chunk to pass on, nothing else to do) never gets here:
+    // `poll_next` passes it on itself.
     Shared::abort_and_arm(shared, acts);
     let (out, outcome, note) = match acts.deliver {
         Delivery::Nothing => return None,
