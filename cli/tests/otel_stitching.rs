@@ -103,7 +103,7 @@ impl Worker {
     /// Every item of `request`'s stream; the stream is dropped (its span closed) when
     /// this returns.
     async fn run(&self, request: Request) -> Vec<Annotated<Chunk>> {
-        let context = Context::new(request.id.clone());
+        let context = Context::new(request.id.as_str());
         let stream = self
             .adapter
             .generate(request, context)

@@ -90,6 +90,38 @@ pub struct ListenerId(std::num::NonZeroU64);
 
 type ListenerFn = Box<dyn Fn(Signal) + Send + Sync + 'static>;
 
+/// A listener that is a weakly held object rather than a closure: the driver's
+/// request, registered with no allocation of its own ([`Context::add_sink`]).
+#[cfg(not(tether_loom))]
+pub(crate) trait Sink: Send + Sync + 'static {
+    /// A stop or kill reached the context.
+    fn signal(self: std::sync::Arc<Self>, signal: Signal);
+}
+
+/// What a listener calls: a boxed closure, or a weakly held [`Sink`] (upgraded for the
+/// call, skipped once it is gone).
+enum Callback {
+    Fn(ListenerFn),
+    // The loom build registers its sinks as closures: loom's `Weak` does not coerce to
+    // a trait object.
+    #[cfg(not(tether_loom))]
+    Sink(std::sync::Weak<dyn Sink>),
+}
+
+impl Callback {
+    fn call(&self, signal: Signal) {
+        match self {
+            Callback::Fn(f) => f(signal),
+            #[cfg(not(tether_loom))]
+            Callback::Sink(sink) => {
+                if let Some(sink) = sink.upgrade() {
+                    sink.signal(signal);
+                }
+            }
+        }
+    }
+}
+
 /// Cheap clonable cancellation handle for one request. Clones share the same state.
 #[derive(Clone)]
 pub struct Context {
@@ -97,7 +129,8 @@ pub struct Context {
 }
 
 struct Inner {
-    id: String,
+    /// Shared with the request driven under this context when their ids are equal.
+    id: std::sync::Arc<str>,
     /// Lock-free mirror of `State::level` (low 2 bits) and of the cause (the next 2
     /// bits, meaningful once the level is above `Live`); written only under the lock.
     level: AtomicU8,
@@ -126,12 +159,15 @@ struct Listener {
     /// Highest level this listener has been (or is being) told about.
     seen: Level,
     /// `None` while the deliverer has it out to call it without the lock.
-    f: Option<ListenerFn>,
+    f: Option<Callback>,
 }
 
 impl Context {
     /// Create a live context named `id` (used in logs and `Debug` only).
-    pub fn new(id: impl Into<String>) -> Context {
+    ///
+    /// A request driven under a context with its own id shares the context's copy of
+    /// the id (no second allocation): name a request's context after the request.
+    pub fn new(id: impl Into<std::sync::Arc<str>>) -> Context {
         Context {
             inner: Arc::new(Inner {
                 id: id.into(),
@@ -154,6 +190,11 @@ impl Context {
 
     /// The id given to [`Context::new`].
     pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The id, shared (for a request whose id it equals).
+    pub(crate) fn id_shared(&self) -> &std::sync::Arc<str> {
         &self.inner.id
     }
 
@@ -259,6 +300,17 @@ impl Context {
     /// sees `Kill` before `Stop`). A context that is killed releases its listeners after
     /// calling them, since nothing can follow `Kill`.
     pub fn add_listener(&self, f: impl Fn(Signal) + Send + Sync + 'static) -> ListenerId {
+        self.add_callback(Callback::Fn(Box::new(f)))
+    }
+
+    /// [`add_listener`](Self::add_listener) for a weakly held [`Sink`] (nothing
+    /// allocated for it, where a closure capturing the weak handle would be boxed).
+    #[cfg(not(tether_loom))]
+    pub(crate) fn add_sink(&self, sink: std::sync::Weak<dyn Sink>) -> ListenerId {
+        self.add_callback(Callback::Sink(sink))
+    }
+
+    fn add_callback(&self, f: Callback) -> ListenerId {
         let mut st = lock(&self.inner.state);
         let id = ListenerId(std::num::NonZeroU64::MIN.saturating_add(st.next_listener));
         st.next_listener += 1;
@@ -266,7 +318,7 @@ impl Context {
         st.listeners.push(Listener {
             id,
             seen: Level::Live,
-            f: Some(Box::new(f)),
+            f: Some(f),
         });
         // Check and push under the same lock, so a racing stop() either includes this
         // listener in its round or leaves `delivered` raised for us to see here.
@@ -376,7 +428,7 @@ impl Inner {
             let signal = target.signal();
             for l in guard.in_flight.as_slice() {
                 if let Some(f) = &l.f {
-                    f(signal);
+                    f.call(signal);
                 }
             }
             let mut back = mem::take(&mut guard.in_flight);

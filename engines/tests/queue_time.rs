@@ -19,7 +19,7 @@ use common::{observed_adapter, tokio_rt, Records};
 
 fn record(records: &Records, id: &str) -> RequestRecord {
     let recs = records.0.lock().unwrap();
-    let mine: Vec<&RequestRecord> = recs.iter().filter(|r| r.id == id).collect();
+    let mine: Vec<&RequestRecord> = recs.iter().filter(|r| *r.id == *id).collect();
     assert_eq!(mine.len(), 1, "one record for {id}: {recs:?}");
     mine[0].clone()
 }

@@ -169,7 +169,7 @@ async fn abort_frees_gpu_memory() {
     for i in 0..SEQS {
         let id = format!("long-{i}");
         engine
-            .abort(GenerateContext::new(Context::new(&id), id))
+            .abort(GenerateContext::new(Context::new(id.as_str()), id))
             .await;
     }
     let g = engine.gauges();
@@ -196,7 +196,7 @@ async fn abort_frees_gpu_memory() {
 async fn tokens_of(engine: &TinyEngine, request: Request) -> Vec<u32> {
     let id = request.id.clone();
     let stream = engine
-        .generate(request, GenerateContext::new(Context::new(&id), id))
+        .generate(request, GenerateContext::new(Context::new(id.as_str()), id))
         .await
         .unwrap();
     let items: Vec<Result<Chunk, EngineError>> = stream.collect().await;

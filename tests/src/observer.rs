@@ -55,7 +55,7 @@ impl RecordingObserver {
         lock(&self.seen)
             .records
             .iter()
-            .filter(|r| r.id == id)
+            .filter(|r| *r.id == *id)
             .cloned()
             .collect()
     }

@@ -290,7 +290,10 @@ async fn a_setup_failure_logs_its_end_as_setup_failed<R: ScenarioRuntime>(rt: R)
     h.engine
         .script(&id)
         .fail_setup(EngineError::invalid_argument("no"));
-    assert!(h.generate(h.request(&id), Context::new(&id)).await.is_err());
+    assert!(h
+        .generate(h.request(&id), Context::new(id.as_str()))
+        .await
+        .is_err());
     h.assert_clean().await;
     assert_eq!(messages(&id), expect(&[(DEBUG, "stream complete")]));
     let end = event(&id, "stream complete");
@@ -310,7 +313,7 @@ async fn a_malformed_migration_link_is_a_warning<R: ScenarioRuntime>(rt: R) {
         span_id: "0000000000000001".into(),
     });
     let mut s = h
-        .generate(request, Context::new(&id))
+        .generate(request, Context::new(id.as_str()))
         .await
         .expect("the request runs");
     h.engine

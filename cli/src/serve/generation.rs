@@ -42,7 +42,7 @@ pub(crate) async fn start(
     labels: RequestLabels,
     client_id: Option<&str>,
 ) -> Result<ResponseStream, EngineError> {
-    let context = Context::new(request.id.clone());
+    let context = Context::new(request.id.as_str());
     // A graceful shutdown kills the root after its grace period, and with it every
     // request still running (a request arriving later is killed at once).
     app.root.link_child(&context);

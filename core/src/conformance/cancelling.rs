@@ -42,7 +42,7 @@ use crate::drive::{AsyncTimer, Runtime};
 /// ```
 pub fn cancelling_context(
     runtime: &dyn Runtime,
-    id: impl Into<String>,
+    id: impl Into<std::sync::Arc<str>>,
     after: Duration,
 ) -> Context {
     let context = Context::new(id);

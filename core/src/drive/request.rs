@@ -193,7 +193,7 @@ impl IntoFuture for Generate<'_> {
     fn into_future(self) -> Generating {
         let context = self
             .context
-            .unwrap_or_else(|| Context::new(self.request.id.clone()));
+            .unwrap_or_else(|| Context::new(self.request.id.as_str()));
         let own = Own {
             limits: self.limits,
             on_record: self.on_record,

@@ -229,6 +229,13 @@ impl Shared {
 }
 
 #[cfg(not(tether_loom))]
+impl crate::context::Sink for Shared {
+    fn signal(self: Arc<Self>, signal: Signal) {
+        Shared::heard(&self, signal);
+    }
+}
+
+#[cfg(not(tether_loom))]
 impl HintSink for Shared {
     fn first_token(self: Arc<Self>) {
         Shared::first_token_hint(&self);

@@ -98,8 +98,8 @@ impl From<Abort> for AbortStatus {
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct RequestRecord {
-    /// The request id.
-    pub id: String,
+    /// The request id (shared with the request: a clone copies no text).
+    pub id: std::sync::Arc<str>,
     /// How it ended.
     pub outcome: Outcome,
     /// Why it was cancelled, if it was: the first cause given to its context
@@ -128,7 +128,7 @@ pub struct RequestRecord {
 impl RequestRecord {
     /// A record for `id` with `outcome` and nothing measured (for observers' tests and
     /// for code that replays records); set the public fields to fill in the rest.
-    pub fn new(id: impl Into<String>, outcome: Outcome) -> RequestRecord {
+    pub fn new(id: impl Into<std::sync::Arc<str>>, outcome: Outcome) -> RequestRecord {
         RequestRecord {
             id: id.into(),
             outcome,

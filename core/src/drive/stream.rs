@@ -32,7 +32,7 @@ use crate::lifecycle::{
     Actions, Delivery, Event, OutcomeKind, SharedState, State, StepCache, Synthesized, Timeout,
 };
 use crate::protocol::{Annotated, Chunk, FinishReason, Mode, Request, TraceLink};
-use crate::sync::{downgrade, upgrade, Arc};
+use crate::sync::{downgrade, Arc};
 
 /// The consumer's stream for one request: engine chunks as [`Annotated`] items, ending
 /// with exactly one terminal (a chunk with a finish reason, or an error item).
@@ -119,15 +119,15 @@ pub(super) struct Ended {
 impl Local {
     /// The finished request's record (`None` before its end): the stats are read
     /// again, without disturbing them.
-    pub(super) fn record(&self, id: &str) -> Option<RequestRecord> {
+    pub(super) fn record(&self, id: &std::sync::Arc<str>) -> Option<RequestRecord> {
         let ended = self.ended.as_ref()?;
         Some(self.record_of(id, ended, self.stats.itl_snapshot()))
     }
 
     /// The record of a request that ended as `ended`, with its stats and `itl`.
-    fn record_of(&self, id: &str, ended: &Ended, itl: ItlStats) -> RequestRecord {
+    fn record_of(&self, id: &std::sync::Arc<str>, ended: &Ended, itl: ItlStats) -> RequestRecord {
         RequestRecord {
-            id: id.to_owned(),
+            id: id.clone(),
             outcome: ended.outcome.clone(),
             cause: ended.cause,
             ttft: self.stats.ttft(),
@@ -185,11 +185,12 @@ impl ResponseStream {
             .then(|| Box::from(request.model.as_str()));
         let extras = (metadata.is_some() || model.is_some())
             .then(|| Box::new(SharedExtras { metadata, model }));
+        let request_id = shared_id(&context, &request.id);
         let shared = Arc::new(Shared::new(
             SharedState::new(State::new(limits.mode)),
             adapter.clone(),
             context,
-            std::sync::Arc::from(request.id.as_str()),
+            request_id,
             cancel_override,
             extras,
             start,
@@ -205,13 +206,8 @@ impl ResponseStream {
                 Span::clone(span),
             )),
         };
-        let weak = downgrade(&shared);
         // A context already stopped or killed calls it at once.
-        let listener = shared.context.add_listener(move |signal| {
-            if let Some(shared) = upgrade(&weak) {
-                Shared::heard(&shared, signal);
-            }
-        });
+        let listener = listen(&shared);
         ResponseStream {
             shared,
             local: Local {
@@ -276,6 +272,37 @@ impl ResponseStream {
                 return Poll::Pending;
             }
         }
+    }
+}
+
+/// Register the request with its context: a weak handle, so a context that outlives
+/// the request does not keep it alive.
+fn listen(shared: &Arc<Shared>) -> ListenerId {
+    #[cfg(not(tether_loom))]
+    {
+        let weak: std::sync::Weak<Shared> = downgrade(shared);
+        shared.context.add_sink(weak)
+    }
+    #[cfg(tether_loom)]
+    {
+        let weak = downgrade(shared);
+        shared.context.add_listener(move |signal| {
+            if let Some(shared) = crate::sync::upgrade(&weak) {
+                Shared::heard(&shared, signal);
+            }
+        })
+    }
+}
+
+/// The request's id as an `Arc<str>`: the context's own copy when the two are equal
+/// (a context named after its request, as [`Generate`](super::Generate) makes), else a
+/// new one.
+fn shared_id(context: &Context, id: &str) -> std::sync::Arc<str> {
+    let named = context.id_shared();
+    if **named == *id {
+        named.clone()
+    } else {
+        std::sync::Arc::from(id)
     }
 }
 

@@ -126,7 +126,6 @@ fn stop_with_grace_races_kill() {
         );
         assert_eq!(rig.record().outcome, Outcome::Cancelled);
         assert_eq!(rig.aborts(), 1);
-        let stop_first = std_lock(&signals).len() == 2;
         assert_eq!(rig.rt.spawns(), 1, "the abort task, whoever sent the abort");
         rig.rt.run_pending();
         assert_eq!(rig.rt.pending(), 1, "a task outlived its request");

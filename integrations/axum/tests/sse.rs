@@ -403,7 +403,7 @@ async fn a_full_stream_arrives_as_events_in_order_with_the_trailer() {
     let record = within("the record", f.records.recv())
         .await
         .expect("a record");
-    assert_eq!(record.id, "req-1");
+    assert_eq!(&*record.id, "req-1");
     assert_eq!(record.outcome, Outcome::Finished(FinishReason::Length));
     assert_eq!(record.cause, None);
     assert_eq!(record.output_tokens, 8);
@@ -484,7 +484,7 @@ async fn a_client_that_disconnects_mid_stream_cancels_the_request_once() {
     let record = within("the record", f.records.recv())
         .await
         .expect("a record");
-    assert_eq!(record.id, "req-1");
+    assert_eq!(&*record.id, "req-1");
     assert_eq!(record.outcome, Outcome::Cancelled);
     assert_eq!(record.cause, Some(Cause::ClientDisconnect));
     assert_eq!(record.abort, AbortStatus::Sent);

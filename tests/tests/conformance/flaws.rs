@@ -143,7 +143,7 @@ async fn overlapping_setup_flaws_pass_setups_awaited_one_at_a_time() {
         for n in 0..8 {
             let id = format!("sequential-{n}");
             let request = Request::new(&id, MODEL, vec![1, 2, 3]).with_max_tokens(16);
-            let gctx = GenerateContext::new(Context::new(&id), id.as_str());
+            let gctx = GenerateContext::new(Context::new(id.as_str()), id.as_str());
             let setup = engine.generate(request, gctx);
             let stream = tokio::time::timeout(Duration::from_secs(1), setup).await;
             streams.push(stream.expect("no hang").expect("no failure"));

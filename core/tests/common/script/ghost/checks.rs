@@ -253,7 +253,7 @@ impl Harness {
                         rec.abort
                     ));
                 }
-                if rec.id != "script" {
+                if *rec.id != *"script" {
                     return fail("record for the wrong request");
                 }
             }
