@@ -12,6 +12,7 @@ on_both_runtimes!(
     notify_scheduled_ends_the_queue_time,
     a_tokenless_chunk_before_the_first_token_ends_the_queue_time,
     without_a_signal_there_is_no_queue_time,
+    a_signal_after_the_end_changes_no_record,
     a_tokenless_terminal_is_no_scheduling_signal,
     metadata_reaches_generate_and_abort,
     the_minimal_canary_probes_with_health_check_defaults,
@@ -76,6 +77,24 @@ async fn without_a_signal_there_is_no_queue_time<R: ScenarioRuntime>(rt: R) {
     let rec = h.observer.record("r");
     assert_eq!(rec.queue_time, None);
     assert!(rec.ttft.is_some());
+    h.assert_clean().await;
+}
+
+async fn a_signal_after_the_end_changes_no_record<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::new(rt);
+    let (mut s, script, _ctx) = h.start("r").await;
+    script.tokens(&[1]).terminal(FinishReason::Eos);
+    drop(h.collect(&mut s).await);
+    sleep(&h.rt, Duration::from_millis(2)).await;
+    // An engine that reports late: the request is over, its record stays as it was.
+    script.notify_scheduled();
+    let rec = h.observer.record("r");
+    assert_eq!(rec.queue_time, None);
+    assert_eq!(
+        s.record(),
+        Some(rec),
+        "the stream's record is the observer's"
+    );
     h.assert_clean().await;
 }
 

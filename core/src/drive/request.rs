@@ -288,9 +288,7 @@ impl ResponseStream {
             return false;
         }
         Shared::abort_and_arm(shared, acts);
-        local.stash = Some(Box::new(Annotated::from_data(Chunk::terminal(
-            reason.clone(),
-        ))));
+        let terminal = Annotated::from_data(Chunk::terminal(reason.clone()));
         end_for_consumer(
             shared,
             local,
@@ -298,6 +296,7 @@ impl ResponseStream {
             state,
             SpanNote::None,
         );
+        local.stash(terminal);
         true
     }
 
@@ -305,7 +304,7 @@ impl ResponseStream {
     /// same record the adapter's observer got, with outcome, cause, TTFT, ITL and
     /// tokens, for a handler that puts usage and timings in its response.
     pub fn record(&self) -> Option<RequestRecord> {
-        self.local.record(&self.shared.request_id)
+        self.local.record(&self.shared)
     }
 
     /// Make a drop before the terminal a kill of the context with cause

@@ -26,20 +26,29 @@ pub(crate) struct Shared {
     pub(super) adapter: Arc<AdapterInner>,
     pub(super) context: Context,
     pub(super) request_id: std::sync::Arc<str>,
-    /// This request's own cancel limits, when they differ from the adapter's (boxed:
-    /// most requests use the adapter's, and every request carries this word).
-    pub(super) cancel_override: Option<Box<CancelLimits>>,
     /// The watchdog's side: `None` until a cancel deadline is armed or the engine is
     /// handed over, so the happy path carries one empty word here.
     pub(super) off: Mutex<Option<Box<OffPoller>>>,
     /// When the request was created, on the runtime's clock.
     pub(super) start: Instant,
     /// When the engine said the request was scheduled, as nanoseconds after `start`
-    /// plus one (0: not yet). The first signal wins.
+    /// plus one (0: not yet; `ENDED_UNSCHEDULED`: the request ended without one). The
+    /// first signal wins, and none counts after the end.
     scheduled: AtomicU64,
     /// What few requests carry: the caller's metadata, the model (only while tether's
-    /// log events are listened to). `None` on the hot path.
+    /// log events are listened to), cancel limits of their own. `None` on the hot path.
     pub(super) extras: Option<Box<SharedExtras>>,
+}
+
+/// `Shared::scheduled` of a request that ended with no scheduling signal (0: none yet;
+/// any other code is the signal's time after the start in ns, plus one).
+const ENDED_UNSCHEDULED: u64 = u64::MAX;
+
+fn decode_queue_time(code: u64) -> Option<Duration> {
+    match code {
+        0 | ENDED_UNSCHEDULED => None,
+        code => Some(Duration::from_nanos(code - 1)),
+    }
 }
 
 /// The rarely present parts of [`Shared`].
@@ -47,6 +56,8 @@ pub(crate) struct Shared {
 pub(crate) struct SharedExtras {
     pub(super) metadata: Option<std::sync::Arc<Metadata>>,
     pub(super) model: Option<Box<str>>,
+    /// This request's own cancel limits, when they differ from the adapter's.
+    pub(super) cancel: Option<CancelLimits>,
 }
 
 impl Shared {
@@ -56,7 +67,6 @@ impl Shared {
         adapter: Arc<AdapterInner>,
         context: Context,
         request_id: std::sync::Arc<str>,
-        cancel_override: Option<Box<CancelLimits>>,
         extras: Option<Box<SharedExtras>>,
         start: Instant,
     ) -> Shared {
@@ -66,7 +76,6 @@ impl Shared {
             adapter,
             context,
             request_id,
-            cancel_override,
             off: Mutex::new(None),
             start,
             scheduled: AtomicU64::new(0),
@@ -82,9 +91,11 @@ impl Shared {
     /// The engine's scheduling signal arrived at `now` (only the first one counts).
     pub(super) fn mark_scheduled(&self, now: Instant) {
         let after = now.saturating_duration_since(self.start);
+        // At most `ENDED - 1`: the two codes above a time are "none" and "ended".
         let code = u64::try_from(after.as_nanos())
-            .unwrap_or(u64::MAX - 1)
-            .saturating_add(1);
+            .unwrap_or(u64::MAX)
+            .min(ENDED_UNSCHEDULED - 2)
+            + 1;
         let _ = self
             .scheduled
             .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire);
@@ -92,16 +103,27 @@ impl Shared {
 
     /// How long the request waited in the engine's queue, if the engine said.
     pub(super) fn queue_time(&self) -> Option<Duration> {
-        match self.scheduled.load(Ordering::Acquire) {
-            0 => None,
-            code => Some(Duration::from_nanos(code - 1)),
-        }
+        decode_queue_time(self.scheduled.load(Ordering::Acquire))
+    }
+
+    /// The queue time as the request ends, kept as it is from now on: a scheduling
+    /// signal after the end (an engine that reports late) no longer changes it, so the
+    /// record the observer got and [`ResponseStream::record`](super::ResponseStream::record)
+    /// agree.
+    pub(super) fn end_queue_time(&self) {
+        let _ = self.scheduled.compare_exchange(
+            0,
+            ENDED_UNSCHEDULED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// The cancel limits this request runs under.
     pub(super) fn limits(&self) -> &CancelLimits {
-        self.cancel_override
-            .as_deref()
+        self.extras
+            .as_ref()
+            .and_then(|extras| extras.cancel.as_ref())
             .unwrap_or(&self.adapter.limits.cancel)
     }
 

@@ -160,21 +160,34 @@ impl fmt::Debug for dyn Observer {
 }
 
 /// Measures one stream: first token time, per-token gaps, token count.
+///
+/// Times are kept as nanoseconds after the request's start, plus one (0: none yet):
+/// 8 bytes each where an `Option<Instant>` takes 16, on a struct every in-flight
+/// request carries.
 #[derive(Debug)]
 pub(crate) struct StatsRecorder {
-    /// Time to the first token (the request's start is the shared state's).
-    ttft: Option<Duration>,
-    last: Option<Instant>,
+    /// The first token's time after the start, in ns, plus one (0: no token yet).
+    first: u64,
+    /// The last token's time after the start, in ns, plus one (0: no token yet).
+    last: u64,
     tokens: u32,
     /// Per-token gaps in microseconds (a multi-token chunk spreads its gap).
     gaps_us: Vec<u32>,
 }
 
+/// `now` as nanoseconds after `start`, plus one (so never 0; saturating, 584 years on).
+#[inline(always)]
+fn offset(now: Instant, start: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(start).as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
 impl StatsRecorder {
     pub(crate) fn new() -> StatsRecorder {
         StatsRecorder {
-            ttft: None,
-            last: None,
+            first: 0,
+            last: 0,
             tokens: 0,
             gaps_us: Vec::new(),
         }
@@ -184,23 +197,22 @@ impl StatsRecorder {
     /// `start`. Inlined: it is on every chunk's path.
     #[inline(always)]
     pub(crate) fn tokens(&mut self, n: u32, now: Instant, start: Instant) {
-        match self.last {
-            None => self.ttft = Some(now.saturating_duration_since(start)),
-            Some(last) => {
-                // u64, not u128: a 128-bit division is a libcall on every chunk.
-                let gap = u64::try_from(now.saturating_duration_since(last).as_micros())
-                    .unwrap_or(u64::MAX);
-                if n == 1 {
-                    // The common chunk: no division, no loop.
-                    self.gaps_us.push(u32::try_from(gap).unwrap_or(u32::MAX));
-                } else {
-                    let per = u32::try_from(gap / u64::from(n)).unwrap_or(u32::MAX);
-                    let len = self.gaps_us.len().saturating_add(n as usize);
-                    self.gaps_us.resize(len, per);
-                }
+        let at = offset(now, start);
+        if self.last == 0 {
+            self.first = at;
+        } else {
+            // A clock read before the last one (never, on a monotonic clock) is a 0 gap.
+            let gap = at.saturating_sub(self.last) / 1000;
+            if n == 1 {
+                // The common chunk: no division by n, no loop.
+                self.gaps_us.push(u32::try_from(gap).unwrap_or(u32::MAX));
+            } else {
+                let per = u32::try_from(gap / u64::from(n)).unwrap_or(u32::MAX);
+                let len = self.gaps_us.len().saturating_add(n as usize);
+                self.gaps_us.resize(len, per);
             }
         }
-        self.last = Some(now);
+        self.last = at;
         self.tokens = self.tokens.saturating_add(n);
     }
 
@@ -209,7 +221,7 @@ impl StatsRecorder {
     }
 
     pub(crate) fn ttft(&self) -> Option<Duration> {
-        self.ttft
+        (self.first != 0).then(|| Duration::from_nanos(self.first - 1))
     }
 
     /// Summarize the gaps (reorders them in place).
@@ -342,6 +354,36 @@ mod tests {
         let s = r.itl();
         assert_eq!(s.count, 4);
         assert_eq!((s.p50_ms, s.max_ms, s.avg_ms), (2.0, 2.0, 2.0));
+    }
+
+    #[test]
+    fn a_token_at_the_start_is_a_first_token_with_zero_ttft() {
+        // A paused clock gives the first token the start's own instant.
+        let t0 = Instant::now();
+        let mut r = StatsRecorder::new();
+        r.tokens(1, t0, t0);
+        assert_eq!(r.ttft(), Some(Duration::ZERO));
+        r.tokens(1, t0 + Duration::from_micros(1_500), t0);
+        assert_eq!(
+            r.ttft(),
+            Some(Duration::ZERO),
+            "the first token stays first"
+        );
+        let s = r.itl();
+        assert_eq!((s.count, s.max_ms), (1, 1.5));
+    }
+
+    #[test]
+    fn gaps_are_whole_microseconds_of_the_exact_difference() {
+        // Gaps of 999 ns, then 1 001 ns: 0 us and 1 us, floored.
+        let t0 = Instant::now();
+        let mut r = StatsRecorder::new();
+        r.tokens(1, t0 + Duration::from_nanos(1), t0);
+        r.tokens(1, t0 + Duration::from_nanos(1_000), t0);
+        r.tokens(1, t0 + Duration::from_nanos(2_001), t0);
+        assert_eq!(r.ttft(), Some(Duration::from_nanos(1)));
+        let s = r.itl();
+        assert_eq!((s.count, s.max_ms, s.avg_ms), (2, 0.001, 0.0005));
     }
 
     #[test]

@@ -55,22 +55,18 @@ pub(super) struct Local {
     /// requests have none, and every idle request carries this word).
     silence: Option<Box<SilenceClock>>,
     stats: StatsRecorder,
-    /// The request's span, only when it is enabled (spans on, and listened to), and
-    /// boxed: most streams carry one word here, not the 40 bytes of a disabled span.
-    span: Option<Box<Span>>,
     listener: Option<ListenerId>,
     /// The waker last registered in `shared.waker` (skips the lock on repeat polls).
     registered: Option<Waker>,
-    /// An item decided while `generate` was pending, for the first poll (boxed: it is
-    /// rare, and an inline `Annotated<Chunk>` would grow every stream by its size).
-    pub(super) stash: Option<Box<Annotated<Chunk>>>,
     stamped: bool,
     pub(super) done: bool,
     step_cache: StepCache,
     /// A drop before the terminal is a kill with cause client disconnect (rule 4).
     pub(super) kill_on_drop: bool,
-    /// What few requests use (a record callback, an attached value): boxed, so every
-    /// other stream stays small (streams are moved on their way to the consumer).
+    /// What few requests use (a record callback, an attached value, an enabled span, a
+    /// terminal decided before the first poll): boxed, so every other stream stays
+    /// small (streams are moved on their way to the consumer, and every idle request
+    /// carries one).
     pub(super) extras: Option<Box<Extras>>,
     /// How the request ended, once it did (the rest of its record is in `stats`).
     pub(super) ended: Option<Ended>,
@@ -105,6 +101,12 @@ pub(super) struct Extras {
     pub(super) on_record: Option<RecordFn>,
     /// Kept alive until the request is over for the consumer (a concurrency permit).
     pub(super) attached: Option<Box<dyn std::any::Any + Send>>,
+    /// The request's span, only when it is enabled (spans on, and listened to).
+    pub(super) span: Option<Span>,
+    /// The terminal decided before the consumer's first poll (while `generate` was
+    /// pending, or by an early finish), for that poll (boxed: an inline
+    /// `Annotated<Chunk>` would make every `Extras` as large).
+    pub(super) stash: Option<Box<Annotated<Chunk>>>,
 }
 
 /// What a finished request's record holds beyond its stats.
@@ -113,25 +115,42 @@ pub(super) struct Ended {
     pub(super) outcome: Outcome,
     pub(super) abort: AbortStatus,
     pub(super) cause: Option<Cause>,
-    pub(super) queue_time: Option<std::time::Duration>,
 }
 
 impl Local {
-    /// The finished request's record (`None` before its end): the stats are read
-    /// again, without disturbing them.
-    pub(super) fn record(&self, id: &std::sync::Arc<str>) -> Option<RequestRecord> {
-        let ended = self.ended.as_ref()?;
-        Some(self.record_of(id, ended, self.stats.itl_snapshot()))
+    /// The request's span, when it is enabled.
+    fn span(&self) -> Option<&Span> {
+        self.extras.as_ref()?.span.as_ref()
     }
 
-    /// The record of a request that ended as `ended`, with its stats and `itl`.
-    fn record_of(&self, id: &std::sync::Arc<str>, ended: &Ended, itl: ItlStats) -> RequestRecord {
+    /// Keep `item`, the terminal of a stream that is over, for the consumer's next
+    /// poll.
+    pub(super) fn stash(&mut self, item: Annotated<Chunk>) {
+        debug_assert!(self.done, "only a terminal is stashed");
+        self.extras.get_or_insert_with(Box::default).stash = Some(Box::new(item));
+    }
+
+    /// The stashed terminal, once.
+    fn take_stash(&mut self) -> Option<Annotated<Chunk>> {
+        Some(*self.extras.as_mut()?.stash.take()?)
+    }
+
+    /// The finished request's record (`None` before its end): the stats are read
+    /// again, without disturbing them.
+    pub(super) fn record(&self, shared: &Shared) -> Option<RequestRecord> {
+        let ended = self.ended.as_ref()?;
+        Some(self.record_of(shared, ended, self.stats.itl_snapshot()))
+    }
+
+    /// The record of a request that ended as `ended`, with its stats and `itl` (its
+    /// queue time was kept as it stood at the end: [`Shared::end_queue_time`]).
+    fn record_of(&self, shared: &Shared, ended: &Ended, itl: ItlStats) -> RequestRecord {
         RequestRecord {
-            id: id.clone(),
+            id: shared.request_id.clone(),
             outcome: ended.outcome.clone(),
             cause: ended.cause,
             ttft: self.stats.ttft(),
-            queue_time: ended.queue_time,
+            queue_time: shared.queue_time(),
             itl,
             output_tokens: self.stats.output_tokens(),
             abort: ended.abort,
@@ -159,11 +178,11 @@ impl ResponseStream {
         own: Option<Own>,
     ) -> Self {
         // `None`: the adapter's limits (the hot path: nothing to compare or box).
-        let (limits, cancel_override, on_record, metadata) = match own {
+        let (limits, cancel, on_record, metadata) = match own {
             None => (adapter.limits, None, None, None),
             Some(own) => (
                 own.limits,
-                (own.limits.cancel != adapter.limits.cancel).then(|| Box::new(own.limits.cancel)),
+                (own.limits.cancel != adapter.limits.cancel).then_some(own.limits.cancel),
                 own.on_record,
                 (!own.metadata.is_empty()).then(|| std::sync::Arc::new(own.metadata)),
             ),
@@ -183,27 +202,31 @@ impl ResponseStream {
         // The model is kept only while tether's log events are listened to.
         let model = tracing::enabled!(target: "tether", tracing::Level::WARN)
             .then(|| Box::from(request.model.as_str()));
-        let extras = (metadata.is_some() || model.is_some())
-            .then(|| Box::new(SharedExtras { metadata, model }));
+        let extras = (metadata.is_some() || model.is_some() || cancel.is_some()).then(|| {
+            Box::new(SharedExtras {
+                metadata,
+                model,
+                cancel,
+            })
+        });
         let request_id = shared_id(&context, &request.id);
         let shared = Arc::new(Shared::new(
             SharedState::new(State::new(limits.mode)),
             adapter.clone(),
             context,
             request_id,
-            cancel_override,
             extras,
             start,
         ));
         let gctx = Shared::generate_context(&shared);
         let engine = adapter.engine.clone();
         // The engine's setup runs inside the request span.
-        let span = (!span.is_disabled()).then(|| Box::new(span));
+        let span = (!span.is_disabled()).then_some(span);
         let setup: SetupFuture = match &span {
             None => Box::pin(async move { engine.generate(request, gctx).await }),
             Some(span) => Box::pin(tracing::Instrument::instrument(
                 async move { engine.generate(request, gctx).await },
-                Span::clone(span),
+                span.clone(),
             )),
         };
         // A context already stopped or killed calls it at once.
@@ -217,18 +240,17 @@ impl ResponseStream {
                     limits.inter_token_timeout,
                 ),
                 stats: StatsRecorder::new(),
-                span,
                 listener: Some(listener),
                 registered: None,
-                stash: None,
                 stamped: false,
                 done: false,
                 step_cache: StepCache::default(),
                 kill_on_drop: limits.kill_on_drop,
-                extras: on_record.map(|f| {
+                extras: (on_record.is_some() || span.is_some()).then(|| {
                     Box::new(Extras {
-                        on_record: Some(f),
-                        attached: None,
+                        on_record,
+                        span,
+                        ..Extras::default()
                     })
                 }),
                 ended: None,
@@ -259,7 +281,9 @@ impl ResponseStream {
                         return Poll::Ready(Err(err));
                     }
                     // A kill won the race: the stream yields what is owed.
-                    local.stash = perform(shared, local, acts, state, None).map(Box::new);
+                    if let Some(item) = perform(shared, local, acts, state, None) {
+                        local.stash(item);
+                    }
                     return Poll::Ready(Ok(()));
                 }
                 Poll::Pending => {}
@@ -372,11 +396,9 @@ impl Stream for ResponseStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
         let this = self.project();
         let (shared, local): (&Arc<Shared>, &mut Local) = (this.shared, this.local);
-        if let Some(item) = local.stash.take() {
-            return Poll::Ready(Some(*item));
-        }
         if local.done {
-            return Poll::Ready(None);
+            // A terminal decided before this poll is the stream's last item.
+            return Poll::Ready(local.take_stash());
         }
         register(shared, local, cx);
         loop {
@@ -468,7 +490,7 @@ fn note_chunk(shared: &Shared, local: &mut Local, chunk: &mut Chunk) {
     };
     if stamp && chunk.worker_trace_link.is_none() {
         if let Some(hook) = &adapter.config.trace_id_hook {
-            chunk.worker_trace_link = trace_link(&**hook, local.span.as_deref());
+            chunk.worker_trace_link = trace_link(&**hook, local.span());
         }
     }
 }
@@ -619,23 +641,24 @@ pub(super) fn end_for_consumer(
         outcome,
         abort: state.abort().into(),
         cause,
-        queue_time: shared.queue_time(),
     };
+    shared.end_queue_time();
     let itl = local.stats.itl();
-    let rec = local.record_of(&shared.request_id, &ended, itl);
-    if let Some(span) = local.span.as_deref() {
+    let rec = local.record_of(shared, &ended, itl);
+    if let Some(span) = local.span() {
         span::record(span, &rec, note);
     }
     log::stream_complete(shared, &rec, note == SpanNote::SetupFailed);
     if let Some(obs) = &shared.adapter.config.observer {
         obs.on_record(&rec);
     }
-    if let Some(extras) = local.extras.take() {
-        if let Some(f) = extras.on_record {
+    if let Some(extras) = local.extras.as_deref_mut() {
+        if let Some(f) = extras.on_record.take() {
             f(&rec);
         }
         // Released now that the consumer is done (a concurrency permit frees its slot).
-        drop(extras.attached);
+        // The span stays until the stream is dropped.
+        drop(extras.attached.take());
     }
     local.ended = Some(ended);
     let engine = local.engine.take();

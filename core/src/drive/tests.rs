@@ -69,7 +69,6 @@ pub(super) fn shared_part(adapter: &Adapter, mode: Mode, at: Instant) -> Arc<sha
         Context::new("c"),
         std::sync::Arc::from("r"),
         None,
-        None,
         at,
     ))
 }

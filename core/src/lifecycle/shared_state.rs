@@ -54,46 +54,16 @@ impl SharedState {
     }
 }
 
-/// A one-entry memo of a transition that left the state unchanged, for
-/// [`SharedState::apply_cached`] and [`SharedState::apply_steady`]. Owned by one caller (the
-/// poller).
+/// The poller's memo of its steady step (see [`SharedState::apply_steady`]): the packed
+/// word and the event of the last step that changed nothing and only passed a chunk
+/// on. Owned by one caller (the poller); 8 bytes, on a struct every in-flight request
+/// carries.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StepCache {
-    noop: Option<(u32, Event, State, Actions)>,
-    /// The word and event of the last steady no-op (see [`SharedState::apply_steady`]).
     steady: Option<(u32, Event)>,
 }
 
 impl SharedState {
-    /// [`apply`](Self::apply) for a caller that repeats an event (the poller, one chunk
-    /// after another): a transition that leaves the state unchanged decides nothing
-    /// and needs no exchange, and since [`step`] is pure, the same packed state and
-    /// event give the same result: it is remembered and returned without stepping.
-    #[inline]
-    pub fn apply_cached(&self, event: Event, cache: &mut StepCache) -> (State, Actions) {
-        // Acquire: as in `apply`.
-        let word = self.word.load(Ordering::Acquire);
-        if let Some((w, e, state, acts)) = cache.noop {
-            if w == word && e == event {
-                return (state, acts);
-            }
-        }
-        let old = State::unpack(word).expect("cell holds a packed state");
-        let (new, acts) = step(old, event);
-        if new == old {
-            cache.noop = Some((word, event, new, acts));
-            return (new, acts);
-        }
-        // AcqRel/Acquire: as in `apply`; on contention, `apply` retries from scratch.
-        match self
-            .word
-            .compare_exchange(word, new.pack(), Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => (new, acts),
-            Err(_) => self.apply(event),
-        }
-    }
-
     /// Whether the word is the one of the remembered steady step (see
     /// [`apply_steady`](Self::apply_steady)): the request is live and owes the consumer
     /// no terminal (a step that only forwards a chunk is taken in no other state), so
@@ -104,11 +74,11 @@ impl SharedState {
         matches!(cache.steady, Some((w, _)) if w == self.word.load(Ordering::Acquire))
     }
 
-    /// [`apply_cached`](Self::apply_cached) for the poller's hot path: `None` for the
-    /// step it takes on almost every chunk, the remembered steady no-op (the state
-    /// unchanged, the actions [`is_steady`](Actions::is_steady), the engine not done),
-    /// which leaves nothing to copy out or to check; otherwise the step's state and
-    /// actions.
+    /// [`apply`](Self::apply) for the poller's hot path: `None` for the step it takes
+    /// on almost every chunk, the remembered steady no-op (the state unchanged, the
+    /// actions [`is_steady`](Actions::is_steady), the engine not done), which leaves
+    /// nothing to copy out or to check; otherwise the step's state and actions. Since
+    /// [`step`] is pure, the same packed state and event give the same result.
     #[inline(always)]
     pub fn apply_steady(&self, event: Event, cache: &mut StepCache) -> Option<(State, Actions)> {
         // Acquire: as in `apply`.
@@ -119,9 +89,9 @@ impl SharedState {
         Some(self.apply_and_remember(word, event, cache))
     }
 
-    /// [`apply_steady`](Self::apply_steady) off its steady step: step, and remember the
-    /// step if it is the steady one. Out of line, so that the poller's loop carries
-    /// none of it.
+    /// [`apply_steady`](Self::apply_steady) off its steady step: step from `word`, and
+    /// remember the step if it is the steady one. Out of line, so that the poller's
+    /// loop carries none of it.
     #[inline(never)]
     fn apply_and_remember(
         &self,
@@ -129,12 +99,22 @@ impl SharedState {
         event: Event,
         cache: &mut StepCache,
     ) -> (State, Actions) {
-        let stepped = self.apply_cached(event, cache);
-        if let Some((w, e, state, acts)) = cache.noop {
-            if w == word && e == event && acts.is_steady() && !state.engine_done() {
+        let old = State::unpack(word).expect("cell holds a packed state");
+        let (new, acts) = step(old, event);
+        if new == old {
+            // A no-op needs no exchange.
+            if acts.is_steady() && !new.engine_done() {
                 cache.steady = Some((word, event));
             }
+            return (new, acts);
         }
-        stepped
+        // AcqRel/Acquire: as in `apply`; on contention, `apply` retries from scratch.
+        match self
+            .word
+            .compare_exchange(word, new.pack(), Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => (new, acts),
+            Err(_) => self.apply(event),
+        }
     }
 }
