@@ -21,6 +21,7 @@
 
 mod abort_task;
 mod counting;
+mod ended;
 mod log;
 mod probe;
 mod request;

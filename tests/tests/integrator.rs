@@ -47,6 +47,8 @@ on_both_runtimes!(
     results_view_gives_chunks_as_ok_and_the_error_as_err,
     an_attached_value_lives_until_the_request_is_over,
     a_request_without_a_context_gets_its_own,
+    a_context_named_otherwise_keeps_the_request_id,
+    the_streams_record_keeps_an_error_finish_text,
 );
 
 async fn early_finish_ends_the_stream_with_the_reason_and_aborts_once<R: ScenarioRuntime>(rt: R) {
@@ -373,5 +375,42 @@ async fn a_request_without_a_context_gets_its_own<R: ScenarioRuntime>(rt: R) {
     s.context().kill();
     ends_cancelled(&h, &mut s, Cause::Caller).await;
     h.wait_aborts(&h.engine.script("r"), 1).await;
+    h.assert_clean().await;
+}
+
+async fn a_context_named_otherwise_keeps_the_request_id<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::new(rt);
+    // A router's child context, named after the route, not the request.
+    let ctx = Context::new("route-7");
+    let mut s = guarded(
+        &h.rt,
+        "generate",
+        h.adapter.generate(h.request("r"), ctx.clone()),
+    )
+    .await
+    .expect("generate succeeds");
+    assert_eq!((s.context().id(), s.request_id()), ("route-7", "r"));
+    // The engine is told the request's id (its script is found by it), in `generate`
+    // and in `abort`; the record and the abort's report carry it too.
+    let script = h.engine.script("r");
+    script.tokens(&[1]);
+    assert_eq!(h.next(&mut s).await, Some(tokens(&[1])));
+    ctx.kill();
+    ends_cancelled(&h, &mut s, Cause::Caller).await;
+    h.wait_aborts(&script, 1).await;
+    assert_eq!(&*h.observer.record("r").id, "r");
+    assert_eq!(h.observer.aborts("r"), 1);
+    h.assert_clean().await;
+}
+
+async fn the_streams_record_keeps_an_error_finish_text<R: ScenarioRuntime>(rt: R) {
+    let h = Harness::new(rt);
+    let (mut s, script, _ctx) = h.start("r").await;
+    let reason = FinishReason::Error("the sampler gave up".to_owned());
+    script.tokens(&[1]).terminal(reason.clone());
+    assert_eq!(h.collect(&mut s).await.len(), 2);
+    let rec = h.observer.record("r");
+    assert_eq!(rec.outcome, Outcome::Finished(reason));
+    assert_eq!(s.record().as_ref(), Some(&rec), "read again, with its text");
     h.assert_clean().await;
 }

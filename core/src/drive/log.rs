@@ -46,7 +46,7 @@ macro_rules! request_event {
     ($level:ident, $shared:expr, $($rest:tt)*) => {
         tracing::$level!(
             target: "tether",
-            request_id = %$shared.request_id,
+            request_id = %$shared.request_id(),
             model = $shared.model(),
             mode = mode($shared),
             elapsed_ms = elapsed_ms($shared),

@@ -247,7 +247,7 @@ impl Future for Generating {
 impl ResponseStream {
     /// The id of the request.
     pub fn request_id(&self) -> &str {
-        &self.shared.request_id
+        self.shared.request_id()
     }
 
     /// The request's lifecycle state, for tether's own tests and proofs (not part of

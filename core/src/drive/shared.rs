@@ -25,7 +25,6 @@ pub(crate) struct Shared {
     pub(super) waker: Mutex<Option<Waker>>,
     pub(super) adapter: Arc<AdapterInner>,
     pub(super) context: Context,
-    pub(super) request_id: std::sync::Arc<str>,
     /// The watchdog's side: `None` until a cancel deadline is armed or the engine is
     /// handed over, so the happy path carries one empty word here.
     pub(super) off: Mutex<Option<Box<OffPoller>>>,
@@ -36,7 +35,8 @@ pub(crate) struct Shared {
     /// first signal wins, and none counts after the end.
     scheduled: AtomicU64,
     /// What few requests carry: the caller's metadata, the model (only while tether's
-    /// log events are listened to), cancel limits of their own. `None` on the hot path.
+    /// log events are listened to), cancel limits of their own, an id their context
+    /// does not have. `None` on the hot path.
     pub(super) extras: Option<Box<SharedExtras>>,
 }
 
@@ -58,6 +58,9 @@ pub(crate) struct SharedExtras {
     pub(super) model: Option<Box<str>>,
     /// This request's own cancel limits, when they differ from the adapter's.
     pub(super) cancel: Option<CancelLimits>,
+    /// The request's id, when its context has another (a router's child context named
+    /// otherwise); when they are equal, the context's is used.
+    pub(super) request_id: Option<std::sync::Arc<str>>,
 }
 
 impl Shared {
@@ -66,7 +69,6 @@ impl Shared {
         cell: SharedState,
         adapter: Arc<AdapterInner>,
         context: Context,
-        request_id: std::sync::Arc<str>,
         extras: Option<Box<SharedExtras>>,
         start: Instant,
     ) -> Shared {
@@ -75,11 +77,18 @@ impl Shared {
             waker: Mutex::new(None),
             adapter,
             context,
-            request_id,
             off: Mutex::new(None),
             start,
             scheduled: AtomicU64::new(0),
             extras,
+        }
+    }
+
+    /// The request's id: its context's, unless the two differ.
+    pub(super) fn request_id(&self) -> &std::sync::Arc<str> {
+        match self.extras.as_ref().and_then(|e| e.request_id.as_ref()) {
+            Some(own) => own,
+            None => self.context.id_shared(),
         }
     }
 
@@ -173,7 +182,7 @@ impl Shared {
         }
         log::abort_sent(this);
         if let Some(obs) = &this.adapter.config.observer {
-            obs.on_abort(&this.request_id);
+            obs.on_abort(this.request_id());
         }
         AbortQueue::push(&this.adapter.aborts, &*this.adapter.runtime, this, acts);
     }
@@ -238,7 +247,7 @@ impl Shared {
         let metadata = this.extras.as_ref().and_then(|e| e.metadata.clone());
         GenerateContext::with_hint(
             this.context.clone(),
-            this.request_id.clone(),
+            this.request_id().clone(),
             metadata,
             hint,
         )

@@ -17,12 +17,13 @@ use futures_core::Stream;
 use pin_project::{pin_project, pinned_drop};
 use tracing::Span;
 
+use super::ended::Ended;
 use super::log;
 use super::request::{Own, RecordFn};
 use super::shared::{Shared, SharedExtras};
 use super::slot::{release, EngineSlot, Item, SetupFuture};
 use super::span::{self, SpanNote};
-use super::stats::{AbortStatus, ItlStats, Outcome, RequestRecord, StatsRecorder};
+use super::stats::{ItlStats, Outcome, RequestRecord, StatsRecorder};
 use super::timers::Timer;
 use super::AdapterInner;
 use crate::context::{Cause, Context, ListenerId, Signal};
@@ -107,14 +108,9 @@ pub(super) struct Extras {
     /// pending, or by an early finish), for that poll (boxed: an inline
     /// `Annotated<Chunk>` would make every `Extras` as large).
     pub(super) stash: Option<Box<Annotated<Chunk>>>,
-}
-
-/// What a finished request's record holds beyond its stats.
-#[derive(Clone, Debug)]
-pub(super) struct Ended {
-    pub(super) outcome: Outcome,
-    pub(super) abort: AbortStatus,
-    pub(super) cause: Option<Cause>,
+    /// The text of the engine's `FinishReason::Error`, once the request ended so (the
+    /// rest of how it ended is in `Local::ended`).
+    pub(super) finish_text: Option<String>,
 }
 
 impl Local {
@@ -139,15 +135,23 @@ impl Local {
     /// again, without disturbing them.
     pub(super) fn record(&self, shared: &Shared) -> Option<RequestRecord> {
         let ended = self.ended.as_ref()?;
-        Some(self.record_of(shared, ended, self.stats.itl_snapshot()))
+        let text = self.extras.as_ref().and_then(|e| e.finish_text.as_deref());
+        let outcome = ended.outcome(text);
+        Some(self.record_of(shared, ended, outcome, self.stats.itl_snapshot()))
     }
 
-    /// The record of a request that ended as `ended`, with its stats and `itl` (its
-    /// queue time was kept as it stood at the end: [`Shared::end_queue_time`]).
-    fn record_of(&self, shared: &Shared, ended: &Ended, itl: ItlStats) -> RequestRecord {
+    /// The record of a request that ended as `ended` with `outcome`, with its stats and
+    /// `itl` (its queue time was kept as it stood at the end: [`Shared::end_queue_time`]).
+    fn record_of(
+        &self,
+        shared: &Shared,
+        ended: &Ended,
+        outcome: Outcome,
+        itl: ItlStats,
+    ) -> RequestRecord {
         RequestRecord {
-            id: shared.request_id.clone(),
-            outcome: ended.outcome.clone(),
+            id: shared.request_id().clone(),
+            outcome,
             cause: ended.cause,
             ttft: self.stats.ttft(),
             queue_time: shared.queue_time(),
@@ -161,7 +165,7 @@ impl Local {
 impl fmt::Debug for ResponseStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseStream")
-            .field("request_id", &self.shared.request_id)
+            .field("request_id", self.shared.request_id())
             .field("state", &self.shared.cell.load())
             .field("done", &self.local.done)
             .finish_non_exhaustive()
@@ -202,19 +206,23 @@ impl ResponseStream {
         // The model is kept only while tether's log events are listened to.
         let model = tracing::enabled!(target: "tether", tracing::Level::WARN)
             .then(|| Box::from(request.model.as_str()));
-        let extras = (metadata.is_some() || model.is_some() || cancel.is_some()).then(|| {
-            Box::new(SharedExtras {
-                metadata,
-                model,
-                cancel,
-            })
-        });
-        let request_id = shared_id(&context, &request.id);
+        // The context's id is the request's, unless it is named otherwise.
+        let request_id =
+            (context.id() != request.id).then(|| std::sync::Arc::from(request.id.as_str()));
+        let extras =
+            (metadata.is_some() || model.is_some() || cancel.is_some() || request_id.is_some())
+                .then(|| {
+                    Box::new(SharedExtras {
+                        metadata,
+                        model,
+                        cancel,
+                        request_id,
+                    })
+                });
         let shared = Arc::new(Shared::new(
             SharedState::new(State::new(limits.mode)),
             adapter.clone(),
             context,
-            request_id,
             extras,
             start,
         ));
@@ -315,18 +323,6 @@ fn listen(shared: &Arc<Shared>) -> ListenerId {
                 Shared::heard(&shared, signal);
             }
         })
-    }
-}
-
-/// The request's id as an `Arc<str>`: the context's own copy when the two are equal
-/// (a context named after its request, as [`Generate`](super::Generate) makes), else a
-/// new one.
-fn shared_id(context: &Context, id: &str) -> std::sync::Arc<str> {
-    let named = context.id_shared();
-    if **named == *id {
-        named.clone()
-    } else {
-        std::sync::Arc::from(id)
     }
 }
 
@@ -442,7 +438,7 @@ impl Stream for ResponseStream {
                     // Never poll a finished (or panicked) engine stream again: an item
                     // after the terminal reaches nobody (the conformance kit reports such
                     // engines).
-                    release(local.engine.take(), &shared.request_id);
+                    release(local.engine.take(), shared.request_id());
                 }
                 if !acts.is_steady() {
                     if let Some(item) = perform(shared, local, acts, state, item) {
@@ -637,14 +633,13 @@ pub(super) fn end_for_consumer(
         (None, Outcome::TimedOut) => Some(Cause::Timeout),
         (cause, _) => cause,
     };
-    let ended = Ended {
-        outcome,
-        abort: state.abort().into(),
-        cause,
-    };
+    let (ended, text) = Ended::pack(&outcome, state.abort().into(), cause);
+    if let Some(text) = text {
+        local.extras.get_or_insert_with(Box::default).finish_text = Some(text);
+    }
     shared.end_queue_time();
     let itl = local.stats.itl();
-    let rec = local.record_of(shared, &ended, itl);
+    let rec = local.record_of(shared, &ended, outcome, itl);
     if let Some(span) = local.span() {
         span::record(span, &rec, note);
     }
@@ -665,7 +660,7 @@ pub(super) fn end_for_consumer(
     if state.drains_engine() && engine.is_some() {
         Shared::arm(shared, Actions::default(), engine);
     } else {
-        release(engine, &shared.request_id);
+        release(engine, shared.request_id());
         // Here, a watchdog exists only if a stop, kill or timeout armed one (a drop that
         // defers hands the engine over above); one waiting on a grace that no longer
         // matters can end now. The check keeps the happy path off the lock.

@@ -67,8 +67,10 @@ pub(super) fn shared_part(adapter: &Adapter, mode: Mode, at: Instant) -> Arc<sha
         crate::lifecycle::SharedState::new(crate::lifecycle::State::new(mode)),
         adapter.inner.clone(),
         Context::new("c"),
-        std::sync::Arc::from("r"),
-        None,
+        Some(Box::new(shared::SharedExtras {
+            request_id: Some(std::sync::Arc::from("r")),
+            ..shared::SharedExtras::default()
+        })),
         at,
     ))
 }

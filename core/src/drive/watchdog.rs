@@ -120,7 +120,7 @@ impl Future for Watchdog {
                 }
                 if !state.drains_engine() {
                     // The abort was sent or discarded: now the engine may go (rule 2).
-                    release(this.engine.take(), &shared.request_id);
+                    release(this.engine.take(), shared.request_id());
                 }
             }
             // The deadlines: wait for the next one that still matters, fire what is due.
