@@ -52,9 +52,6 @@ pub struct ResponseStream {
 /// What only the consumer's side (poller, setup, `Drop`) touches.
 pub(super) struct Local {
     engine: Option<EngineSlot>,
-    /// The token timeouts and their timer: boxed, and only when a limit is set (most
-    /// requests have none, and every idle request carries this word).
-    silence: Option<Box<SilenceClock>>,
     stats: StatsRecorder,
     listener: Option<ListenerId>,
     /// The waker last registered in `shared.waker` (skips the lock on repeat polls).
@@ -64,10 +61,10 @@ pub(super) struct Local {
     step_cache: StepCache,
     /// A drop before the terminal is a kill with cause client disconnect (rule 4).
     pub(super) kill_on_drop: bool,
-    /// What few requests use (a record callback, an attached value, an enabled span, a
-    /// terminal decided before the first poll): boxed, so every other stream stays
-    /// small (streams are moved on their way to the consumer, and every idle request
-    /// carries one).
+    /// What few requests use (token timeouts, a record callback, an attached value, an
+    /// enabled span, a terminal decided before the first poll): boxed, so every other
+    /// stream stays small (streams are moved on their way to the consumer, and every
+    /// idle request carries one).
     pub(super) extras: Option<Box<Extras>>,
     /// How the request ended, once it did (the rest of its record is in `stats`).
     pub(super) ended: Option<Ended>,
@@ -84,13 +81,11 @@ impl SilenceClock {
     fn for_limits(
         first_token: Option<std::time::Duration>,
         inter_token: Option<std::time::Duration>,
-    ) -> Option<Box<SilenceClock>> {
+    ) -> Option<SilenceClock> {
         let silence = Silence::new(first_token, inter_token);
-        silence.any().then(|| {
-            Box::new(SilenceClock {
-                silence,
-                timer: Timer::default(),
-            })
+        silence.any().then(|| SilenceClock {
+            silence,
+            timer: Timer::default(),
         })
     }
 }
@@ -98,6 +93,8 @@ impl SilenceClock {
 /// The rarely used per-request extras.
 #[derive(Default)]
 pub(super) struct Extras {
+    /// The token timeouts and their timer, when a limit is set.
+    silence: Option<SilenceClock>,
     /// The per-request record callback, called once at the end.
     pub(super) on_record: Option<RecordFn>,
     /// Kept alive until the request is over for the consumer (a concurrency permit).
@@ -114,6 +111,12 @@ pub(super) struct Extras {
 }
 
 impl Local {
+    /// The token timeouts' clock, when a limit is set.
+    #[inline]
+    fn silence_mut(&mut self) -> Option<&mut SilenceClock> {
+        self.extras.as_deref_mut()?.silence.as_mut()
+    }
+
     /// The request's span, when it is enabled.
     fn span(&self) -> Option<&Span> {
         self.extras.as_ref()?.span.as_ref()
@@ -239,14 +242,12 @@ impl ResponseStream {
         };
         // A context already stopped or killed calls it at once.
         let listener = listen(&shared);
+        let silence =
+            SilenceClock::for_limits(limits.first_token_timeout, limits.inter_token_timeout);
         ResponseStream {
             shared,
             local: Local {
                 engine: Some(EngineSlot::Setup(setup)),
-                silence: SilenceClock::for_limits(
-                    limits.first_token_timeout,
-                    limits.inter_token_timeout,
-                ),
                 stats: StatsRecorder::new(),
                 listener: Some(listener),
                 registered: None,
@@ -254,8 +255,9 @@ impl ResponseStream {
                 done: false,
                 step_cache: StepCache::default(),
                 kill_on_drop: limits.kill_on_drop,
-                extras: (on_record.is_some() || span.is_some()).then(|| {
+                extras: (silence.is_some() || on_record.is_some() || span.is_some()).then(|| {
                     Box::new(Extras {
+                        silence,
                         on_record,
                         span,
                         ..Extras::default()
@@ -348,7 +350,7 @@ fn poll_silence(
     cx: &mut TaskContext<'_>,
     rt: &dyn super::Runtime,
 ) -> bool {
-    let Some(clock) = local.silence.as_deref_mut() else {
+    let Some(clock) = local.silence_mut() else {
         return false;
     };
     if shared.cell.load().first_token() {
@@ -472,7 +474,7 @@ fn note_chunk(shared: &Shared, local: &mut Local, chunk: &mut Chunk) {
     if n > 0 {
         let now = adapter.runtime.now();
         local.stats.tokens(n, now, shared.start);
-        if let Some(clock) = local.silence.as_deref_mut() {
+        if let Some(clock) = local.silence_mut() {
             clock.silence.token();
         }
     } else if !terminal && local.stats.ttft().is_none() {
@@ -584,8 +586,9 @@ fn forward_last(
 /// A terminal of tether's own, the outcome it makes, and the timeout kind for the span.
 fn synthesize(local: &Local, synth: Synthesized) -> (Annotated<Chunk>, Outcome, SpanNote) {
     let (first_token_timeout, inter_token_timeout) = local
-        .silence
-        .as_deref()
+        .extras
+        .as_ref()
+        .and_then(|extras| extras.silence.as_ref())
         .map_or((None, None), |clock| clock.silence.limits());
     match synth {
         Synthesized::Cancelled => (
