@@ -61,16 +61,13 @@ impl LlmEngine for Idle {
 }
 
 /// A request of `mode` on `adapter`, as the driver's shared part alone (no stream, no
-/// engine call), created at `at`.
+/// engine call), created at `at`; its context is named after it ("r").
 pub(super) fn shared_part(adapter: &Adapter, mode: Mode, at: Instant) -> Arc<shared::Shared> {
     Arc::new(shared::Shared::new(
         crate::lifecycle::SharedState::new(crate::lifecycle::State::new(mode)),
         adapter.inner.clone(),
-        Context::new("c"),
-        Some(Box::new(shared::SharedExtras {
-            request_id: Some(std::sync::Arc::from("r")),
-            ..shared::SharedExtras::default()
-        })),
+        Context::new("r"),
+        None,
         at,
     ))
 }
@@ -146,4 +143,31 @@ fn the_engine_side_and_the_request_builder_show_what_they_hold() {
         ),
         "{shown}"
     );
+}
+
+#[test]
+fn queue_times_count_in_nanoseconds_and_saturate_below_the_end_marker() {
+    let start = Instant::now();
+    let adapter = Adapter::new(Arc::new(Idle), Frozen(start), AdapterConfig::default());
+    let year = Duration::from_secs(365 * 24 * 3600);
+    // 300 years: still counted exactly (u64 nanoseconds reach 584 years).
+    let shared = shared_part(&adapter, crate::protocol::Mode::Aggregated, start);
+    shared.mark_scheduled(start + 300 * year);
+    assert_eq!(shared.queue_time(), Some(300 * year));
+    // 600 years: the longest time there is, never "none" and never the end's marker.
+    let shared = shared_part(&adapter, crate::protocol::Mode::Aggregated, start);
+    shared.mark_scheduled(start + 600 * year);
+    let longest = Duration::from_nanos(u64::MAX - 2);
+    assert_eq!(shared.queue_time(), Some(longest));
+    shared.end_queue_time();
+    assert_eq!(
+        shared.queue_time(),
+        Some(longest),
+        "a signal that came stays"
+    );
+    // Ended without a signal: none, and a late signal changes nothing.
+    let shared = shared_part(&adapter, crate::protocol::Mode::Aggregated, start);
+    shared.end_queue_time();
+    shared.mark_scheduled(start + year);
+    assert_eq!(shared.queue_time(), None);
 }
