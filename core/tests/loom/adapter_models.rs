@@ -460,3 +460,38 @@ fn kill_races_slow_setup() {
     });
     seen.expect(&["killed after setup", "killed during setup"]);
 }
+
+/// The engine's scheduling signal (from its own thread) races the request's end. The
+/// end freezes the queue time: whichever wins, the record the observer got and the
+/// stream's record agree, and a signal after the end counts for nothing.
+#[test]
+fn scheduling_signal_races_the_end() {
+    let seen = Seen::default();
+    let reached = seen.clone();
+    model(move || {
+        let rig = Rig::new(Mode::Aggregated, None);
+        let (mut stream, gctx) = rig.start();
+        let signaller = thread::spawn(move || gctx.notify_scheduled());
+        rig.chan
+            .push(Ok(Chunk::terminal(FinishReason::Length)), true);
+        let items = collect(&mut stream);
+        signaller.join().unwrap();
+        assert_eq!(
+            reason(one_terminal_last(&items)),
+            Some(FinishReason::Length)
+        );
+        let record = rig.record();
+        assert_eq!(
+            stream.record(),
+            Some(record.clone()),
+            "one record, read twice"
+        );
+        reached.saw(format!(
+            "queue time {:?}",
+            record.queue_time.map(|_| "kept")
+        ));
+        drop(stream);
+        rig.shutdown();
+    });
+    seen.expect(&["queue time None", "queue time Some(\"kept\")"]);
+}
