@@ -100,7 +100,7 @@ impl Shared {
     /// The engine's scheduling signal arrived at `now` (only the first one counts).
     pub(super) fn mark_scheduled(&self, now: Instant) {
         let after = now.saturating_duration_since(self.start);
-        // At most `ENDED - 1`: the two codes above a time are "none" and "ended".
+        // At most `ENDED_UNSCHEDULED - 1`: 0 is "none yet", `ENDED_UNSCHEDULED` is "ended".
         let code = u64::try_from(after.as_nanos())
             .unwrap_or(u64::MAX)
             .min(ENDED_UNSCHEDULED - 2)
