@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 mod abort;
+pub mod gguf;
 pub mod sim;
 pub mod tiny;
 mod util;
