@@ -112,6 +112,11 @@ pub(super) struct Extras {
 
 impl Local {
     /// The token timeouts' clock, when a limit is set.
+    fn silence(&self) -> Option<&SilenceClock> {
+        self.extras.as_ref()?.silence.as_ref()
+    }
+
+    /// [`silence`](Self::silence), to advance or time.
     #[inline]
     fn silence_mut(&mut self) -> Option<&mut SilenceClock> {
         self.extras.as_deref_mut()?.silence.as_mut()
@@ -586,9 +591,7 @@ fn forward_last(
 /// A terminal of tether's own, the outcome it makes, and the timeout kind for the span.
 fn synthesize(local: &Local, synth: Synthesized) -> (Annotated<Chunk>, Outcome, SpanNote) {
     let (first_token_timeout, inter_token_timeout) = local
-        .extras
-        .as_ref()
-        .and_then(|extras| extras.silence.as_ref())
+        .silence()
         .map_or((None, None), |clock| clock.silence.limits());
     match synth {
         Synthesized::Cancelled => (
