@@ -123,6 +123,12 @@ pub struct SupportedParams {
     /// [`StopConditions::ignore_eos`](crate::protocol::StopConditions::ignore_eos):
     /// generation goes on past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// [`SamplingOptions::presence_penalty`](crate::protocol::SamplingOptions::presence_penalty).
+    pub presence_penalty: bool,
+    /// [`SamplingOptions::frequency_penalty`](crate::protocol::SamplingOptions::frequency_penalty).
+    pub frequency_penalty: bool,
+    /// [`SamplingOptions::repetition_penalty`](crate::protocol::SamplingOptions::repetition_penalty).
+    pub repetition_penalty: bool,
 }
 
 impl SupportedParams {
@@ -134,6 +140,9 @@ impl SupportedParams {
         seed: false,
         min_tokens: false,
         ignore_eos: false,
+        presence_penalty: false,
+        frequency_penalty: false,
+        repetition_penalty: false,
     };
 
     /// [`SupportedParams::NONE`], as a function.
@@ -180,6 +189,27 @@ impl SupportedParams {
     #[must_use]
     pub const fn with_ignore_eos(mut self, honoured: bool) -> Self {
         self.ignore_eos = honoured;
+        self
+    }
+
+    /// Set [`presence_penalty`](SupportedParams::presence_penalty).
+    #[must_use]
+    pub const fn with_presence_penalty(mut self, honoured: bool) -> Self {
+        self.presence_penalty = honoured;
+        self
+    }
+
+    /// Set [`frequency_penalty`](SupportedParams::frequency_penalty).
+    #[must_use]
+    pub const fn with_frequency_penalty(mut self, honoured: bool) -> Self {
+        self.frequency_penalty = honoured;
+        self
+    }
+
+    /// Set [`repetition_penalty`](SupportedParams::repetition_penalty).
+    #[must_use]
+    pub const fn with_repetition_penalty(mut self, honoured: bool) -> Self {
+        self.repetition_penalty = honoured;
         self
     }
 }

@@ -26,9 +26,9 @@
 //! | `seed` | absent, `null` | `>= 0` | `sampling.seed` |
 //! | `min_tokens` (vLLM) | absent, `0` | `0..=max_tokens` | `stop.min_tokens` |
 //! | `ignore_eos` (vLLM) | absent, `false` | | `stop.ignore_eos` |
-//! | `presence_penalty` | absent, `0` | `-2..=2` | (none: never honoured) |
-//! | `frequency_penalty` | absent, `0` | `-2..=2` | (none) |
-//! | `repetition_penalty` (vLLM) | absent, `1` | `> 0` | (none) |
+//! | `presence_penalty` | absent, `0` | `-2..=2` | `sampling.presence_penalty` |
+//! | `frequency_penalty` | absent, `0` | `-2..=2` | `sampling.frequency_penalty` |
+//! | `repetition_penalty` (vLLM) | absent, `1` | `> 0` | `sampling.repetition_penalty` |
 //! | `logit_bias` | absent, `null`, `{}` | | (none) |
 //! | `response_format` | absent, `null`, `{"type": "text"}` | `text`, `json_object`, `json_schema` | (none) |
 //! | `best_of` (completions) | absent, `1` | `>= 1` | (none) |
@@ -180,27 +180,32 @@ pub(crate) const TABLE: &[Row] = &[
         name: "presence_penalty",
         default: "0",
         check: |p, _| penalty(p.presence_penalty, "presence_penalty"),
-        honoured_by: None,
-        put: |_, _| {},
+        honoured_by: Some(|s| s.presence_penalty),
+        put: |p, r| r.sampling.presence_penalty = narrow(p.presence_penalty).filter(|&v| v != 0.0),
     },
     Row {
         name: "frequency_penalty",
         default: "0",
         check: |p, _| penalty(p.frequency_penalty, "frequency_penalty"),
-        honoured_by: None,
-        put: |_, _| {},
+        honoured_by: Some(|s| s.frequency_penalty),
+        put: |p, r| {
+            r.sampling.frequency_penalty = narrow(p.frequency_penalty).filter(|&v| v != 0.0);
+        },
     },
     Row {
         name: "repetition_penalty",
         default: "1",
         check: |p, _| {
             in_range(p.repetition_penalty, "repetition_penalty", "above 0", |v| {
-                v > 0.0 && v.is_finite()
+                // Also within f32's range, where the request carries it.
+                v > 0.0 && (v as f32).is_finite()
             })?;
             Ok(p.repetition_penalty.is_some_and(|v| v != 1.0))
         },
-        honoured_by: None,
-        put: |_, _| {},
+        honoured_by: Some(|s| s.repetition_penalty),
+        put: |p, r| {
+            r.sampling.repetition_penalty = narrow(p.repetition_penalty).filter(|&v| v != 1.0);
+        },
     },
     Row {
         name: "logit_bias",
@@ -284,6 +289,11 @@ fn in_range<T: Copy + std::fmt::Display>(
         Some(v) if !ok(v) => Err(invalid(name, format!("`{name}` must be {range}, got {v}"))),
         _ => Ok(()),
     }
+}
+
+/// A checked value as the request carries it.
+fn narrow(value: Option<f64>) -> Option<f32> {
+    value.map(|v| v as f32)
 }
 
 /// A penalty: `-2..=2`, its default 0.

@@ -132,6 +132,9 @@ fn request_round_trips() {
         top_p: Some(0.9),
         top_k: Some(40),
         seed: Some(u64::MAX),
+        presence_penalty: Some(0.5),
+        frequency_penalty: Some(-1.25),
+        repetition_penalty: Some(1.1),
     };
     req.eos_token_ids = vec![0];
     req.migration_link = TraceLink::from_ids(1, 2);
@@ -154,6 +157,20 @@ fn out_of_range_temperature_is_rejected() {
         serde_json::from_str::<SamplingOptions>("{}").ok(),
         Some(SamplingOptions::default())
     );
+}
+
+#[test]
+fn penalties_are_left_out_when_unset_and_checked_when_set() {
+    let json = serde_json::to_string(&SamplingOptions::default()).expect("encodes");
+    assert!(!json.contains("penalty"), "{json}");
+    let err = serde_json::from_str::<SamplingOptions>(r#"{"repetition_penalty":1e39}"#)
+        .expect_err("1e39 overflows f32");
+    assert!(err.to_string().contains("not a finite f32"), "{err}");
+    let opts = SamplingOptions {
+        presence_penalty: Some(f32::INFINITY),
+        ..SamplingOptions::default()
+    };
+    assert!(serde_json::to_string(&opts).is_err());
 }
 
 #[test]

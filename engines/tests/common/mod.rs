@@ -29,6 +29,7 @@ pub fn smol_rt() -> Rt {
 }
 
 /// Run each `scenario(rt)` of the test crate on tokio with a paused clock and on smol.
+#[allow(unused_macros)] // a test crate uses one of the two
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
@@ -43,7 +44,29 @@ macro_rules! on_both {
         }
     )*};
 }
+#[allow(unused_imports)]
 pub(crate) use on_both;
+
+/// Run each `scenario(rt)` on tokio with a real clock and on smol: for an engine that
+/// computes on threads of its own (a paused clock would jump every deadline while the
+/// runtime waits for them).
+#[allow(unused_macros)]
+macro_rules! on_both_real {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test]
+            async fn tokio() {
+                super::$name($crate::common::tokio_rt()).await;
+            }
+            #[test]
+            fn smol() {
+                smol::block_on(super::$name($crate::common::smol_rt()));
+            }
+        }
+    )*};
+}
+#[allow(unused_imports)]
+pub(crate) use on_both_real;
 
 pub fn gctx(id: &str) -> GenerateContext {
     GenerateContext::new(Context::new(id), id)

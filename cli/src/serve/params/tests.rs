@@ -126,6 +126,9 @@ fn the_table_has_one_row_per_parameter_and_one_per_flag() {
         ("seed", none.with_seed(true)),
         ("min_tokens", none.with_min_tokens(true)),
         ("ignore_eos", none.with_ignore_eos(true)),
+        ("presence_penalty", none.with_presence_penalty(true)),
+        ("frequency_penalty", none.with_frequency_penalty(true)),
+        ("repetition_penalty", none.with_repetition_penalty(true)),
     ];
     for (name, flag) in flags {
         let honoured: Vec<&str> = TABLE
@@ -266,6 +269,38 @@ fn honoured_parameters_reach_the_request() {
         let p = prepare("top_k", &k, TinyEngine::SUPPORTED).unwrap();
         assert_eq!(p.request.sampling.top_k, None, "{k}");
     }
+}
+
+#[test]
+fn honoured_penalties_reach_the_request_and_their_defaults_do_not() {
+    let penalties = SupportedParams::NONE
+        .with_presence_penalty(true)
+        .with_frequency_penalty(true)
+        .with_repetition_penalty(true);
+    let body = json!({
+        "model": "m", "prompt": "hi", "presence_penalty": 0.5,
+        "frequency_penalty": -1.25, "repetition_penalty": 1.1,
+    });
+    let p = parse_json::<CompletionRequest>(body.to_string().as_bytes())
+        .unwrap()
+        .prepare(&limits(penalties))
+        .unwrap();
+    let mut sampling = SamplingOptions::default();
+    sampling.presence_penalty = Some(0.5);
+    sampling.frequency_penalty = Some(-1.25);
+    sampling.repetition_penalty = Some(1.1);
+    assert_eq!(p.request.sampling, sampling);
+    for (param, value) in [
+        ("presence_penalty", json!(0)),
+        ("frequency_penalty", json!(0.0)),
+        ("repetition_penalty", json!(1)),
+    ] {
+        let p = prepare(param, &value, penalties).unwrap();
+        assert_eq!(p.request.sampling, SamplingOptions::default(), "{param}");
+    }
+    // Beyond f32's range is out of range, not infinity.
+    let e = prepare("repetition_penalty", &json!(1e300), penalties).unwrap_err();
+    assert_eq!(e.body.code, Some("invalid_value"));
 }
 
 #[test]
