@@ -2,13 +2,11 @@
 //! ([`tether_core::conformance`]) against an engine on a chosen runtime, within the
 //! limits given on the command line, and list the checks it passed.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tether_core::conformance::{
     run_conformance_with, ConformanceConfig, ConformanceFailure, ConformanceReport, CHECKS,
 };
-use tether_core::LlmEngine;
 
 use crate::engine::{EngineArgs, EngineSpec, StartError};
 use crate::load::parse_duration;
@@ -112,13 +110,18 @@ pub fn run(
     let device = spec.tiny.device;
     let outcome = runtime::block_on(kind, runtime::default_threads(), |rt| async move {
         let engine_rt = rt.clone();
-        let factory = move || -> Arc<dyn LlmEngine> { spec.build(engine_rt.clone(), None).llm() };
-        run_conformance_with(&*rt, &factory, config).await
-    })?;
+        // Built once (llama.cpp's loads its model here); each check gets a fresh one.
+        let built = spec.build(rt.clone(), None)?;
+        let factory = move || built.fresh(spec, engine_rt.clone());
+        Ok::<_, ConformanceError>(run_conformance_with(&*rt, &factory, config).await)
+    })??;
     outcome.map_err(|failure| match failure {
         ConformanceFailure::StartFailed(err) => match StartError::of(device, err) {
             unavailable @ StartError::Unavailable { .. } => ConformanceError::Start(unavailable),
-            StartError::Failed(err) => ConformanceFailure::StartFailed(err).into(),
+            StartError::Failed(err) | StartError::Load(err) => {
+                ConformanceFailure::StartFailed(err).into()
+            }
+            StartError::NotBuilt => ConformanceError::Start(StartError::NotBuilt),
         },
         failure => failure.into(),
     })

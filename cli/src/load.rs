@@ -41,7 +41,7 @@ pub use args::{
 pub use plan::{Action, ChaosRates, HangRange, PlanCounts};
 pub use report::{Leaks, Outcomes, Percentiles, Report, SHOWN_VIOLATIONS};
 
-use crate::engine::{EngineKind, EngineSpec, StartError};
+use crate::engine::{EngineKind, EngineSpec, LlamaSpec, StartError};
 use crate::runtime::{self, RuntimeKind};
 use client::{Clients, WorkerOut};
 use ledger::Ledger;
@@ -81,6 +81,8 @@ pub struct LoadOptions {
     /// TinyEngine's configuration, its device included (its `seed` is replaced by
     /// [`LoadOptions::seed`]).
     pub tiny: TinyConfig,
+    /// llama.cpp's (`--model`, `--ctx-size`, ...).
+    pub llama: LlamaSpec,
     /// How long to wait for in-flight aborts and tasks once the requests are done.
     pub settle_timeout: Duration,
 }
@@ -103,6 +105,7 @@ impl Default for LoadOptions {
             deferral_deadline: Duration::from_millis(50),
             sim: SimConfig::default(),
             tiny: TinyConfig::default(),
+            llama: LlamaSpec::default(),
             settle_timeout: Duration::from_secs(5),
         }
     }
@@ -152,6 +155,16 @@ impl LoadOptions {
                 inter_token_timeout: Some(Duration::from_secs(2)),
                 ..LoadOptions::default()
             },
+            // A real model on the CPU: fewer requests, and 10 s between tokens (a
+            // step of a large batch can take a while; a stuck engine is still caught).
+            EngineKind::LlamaCpp => LoadOptions {
+                engine,
+                requests: 200,
+                concurrency: 16,
+                chaos: ChaosRates::default().without_engine_faults(),
+                inter_token_timeout: Some(Duration::from_secs(10)),
+                ..LoadOptions::default()
+            },
         }
     }
 
@@ -194,6 +207,7 @@ impl LoadOptions {
                 seed: self.seed,
                 ..self.tiny.clone()
             },
+            llama: self.llama.clone(),
         }
     }
 
@@ -218,11 +232,13 @@ impl LoadOptions {
             ));
         }
         let faults = self.chaos.engine_faults();
-        if self.engine == EngineKind::Tiny && !faults.is_empty() {
+        if self.engine != EngineKind::Sim && !faults.is_empty() {
             return bad(format!(
-                "--engine tiny cannot inject engine faults ({}): error, hang and panic chaos \
-                 need --engine sim; set them to 0 (tiny takes stop, kill and drop)",
-                faults.join(", ")
+                "--engine {} cannot inject engine faults ({}): error, hang and panic chaos \
+                 need --engine sim; set them to 0 ({} takes stop, kill and drop)",
+                self.engine,
+                faults.join(", "),
+                self.engine
             ));
         }
         if self.chaos.hang > 0.0 {
@@ -264,7 +280,12 @@ impl LoadOptions {
                  TinyEngine's context of {}",
                 spec.tiny.max_context
             )),
-            EngineKind::Sim | EngineKind::Tiny => Ok(()),
+            EngineKind::LlamaCpp if longest > spec.llama.n_ctx as usize => bad(format!(
+                "a request of {longest} tokens (--prompt-max plus --max-tokens) does not fit \
+                 the llama.cpp context of {} (--ctx-size)",
+                spec.llama.n_ctx
+            )),
+            EngineKind::Sim | EngineKind::Tiny | EngineKind::LlamaCpp => Ok(()),
         }
     }
 }
@@ -318,7 +339,7 @@ pub async fn run_on(
         Some(Arc::new(move |id, receipt| {
             hook_ledger.engine_abort(id, receipt);
         })),
-    );
+    )?;
     let started = engine.start(0).await?;
     let adapter = Adapter::new(
         engine.llm(),
@@ -337,7 +358,10 @@ pub async fn run_on(
         ledger: ledger.clone(),
         model: started.model,
         max_tokens: opts.max_tokens,
-        vocab: spec.vocab_size(),
+        vocab: engine.vocab_size(),
+        // A real model emits its end-of-sequence token now and then; the plan expects
+        // every unstopped request to run to `max_tokens`.
+        ignore_eos: opts.engine == EngineKind::LlamaCpp,
         progress: progress.clone(),
         next: AtomicUsize::new(0),
     });
@@ -372,6 +396,7 @@ pub async fn run_on(
         adapter_tasks.live() <= clients.adapter.background_tasks()
             && g.live_sequences == 0
             && g.queue_len == 0
+            && g.kv_sequences == 0
             && g.aborts_received == ledger.aborts_sent()
     })
     .await;
@@ -389,6 +414,8 @@ pub async fn run_on(
         engine_slots: gauges.live_sequences as u64,
         kv_blocks: gauges.kv_blocks as u64,
         kv_bytes: gauges.kv_bytes as u64,
+        kv_cells: gauges.kv_cells as u64,
+        kv_sequences: gauges.kv_sequences as u64,
         queue: gauges.queue_len as u64,
         in_flight: ledger.in_flight(),
         tasks: (adapter_alive + engine_tasks.live()) as u64,

@@ -113,7 +113,12 @@ fn serve_main(args: &ServeArgs) -> ExitCode {
         }
         Err(err) => {
             eprintln!("tether serve: error: {err}");
-            usage_or_failure(matches!(err, ServeError::InvalidOptions(_)))
+            let usage = match &err {
+                ServeError::InvalidOptions(_) => true,
+                ServeError::EngineBuild(e) => e.is_usage(),
+                _ => false,
+            };
+            usage_or_failure(usage)
         }
     }
 }

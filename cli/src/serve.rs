@@ -107,6 +107,7 @@ pub use args::{log_engine_abort, run, ServeArgs, ENGINE_LOG_TARGET};
 pub use auth::ApiKey;
 pub use metrics::{EngineGauges, GaugeFn, Metrics};
 pub use ops::LivenessFn;
+pub use tokenizer::Tokenizer;
 
 use crate::engine::Engine;
 use api::Limits;
@@ -197,6 +198,8 @@ pub struct ServedEngine {
     /// request: see [`LivenessFn`]). `None`: the engine is alive while it is started
     /// and not shut down.
     pub alive: Option<LivenessFn>,
+    /// The engine's vocabulary: text in, text out (byte tokens but for llama.cpp's).
+    pub tokenizer: Tokenizer,
 }
 
 impl fmt::Debug for ServedEngine {
@@ -204,6 +207,7 @@ impl fmt::Debug for ServedEngine {
         f.debug_struct("ServedEngine")
             .field("gauges", &self.gauges.is_some())
             .field("alive", &self.alive.is_some())
+            .field("tokenizer", &self.tokenizer)
             .finish_non_exhaustive()
     }
 }
@@ -212,13 +216,27 @@ impl ServedEngine {
     /// A SimEngine, with its slots, queue and aborts exported, alive while its
     /// scheduler loop runs.
     pub fn sim(engine: Arc<SimEngine>) -> ServedEngine {
-        ServedEngine::from(Engine::Sim(engine))
+        ServedEngine::with(Engine::Sim(engine), Tokenizer::bytes())
     }
 
     /// A TinyEngine, with its sequences, queue and aborts exported, alive while its
     /// scheduler loop runs.
     pub fn tiny(engine: Arc<TinyEngine>) -> ServedEngine {
-        ServedEngine::from(Engine::Tiny(engine))
+        ServedEngine::with(Engine::Tiny(engine), Tokenizer::bytes())
+    }
+
+    /// Any engine [`EngineSpec::build`](crate::engine::EngineSpec::build) makes, with
+    /// its sequences, queue and aborts exported, alive while its scheduler loop (or
+    /// thread) runs ([`Engine::liveness`]), and its vocabulary: llama.cpp's model's
+    /// own (an error when its chat template does not compile), byte tokens for the
+    /// others.
+    pub fn of(engine: Engine) -> Result<ServedEngine, String> {
+        let tokenizer = match &engine {
+            #[cfg(feature = "llama-cpp")]
+            Engine::LlamaCpp(e) => Tokenizer::gguf(e.tokenizer().clone())?,
+            Engine::Sim(_) | Engine::Tiny(_) => Tokenizer::bytes(),
+        };
+        Ok(ServedEngine::with(engine, tokenizer))
     }
 
     /// Any engine, without engine gauges or a liveness check of its own.
@@ -227,18 +245,18 @@ impl ServedEngine {
             engine,
             gauges: None,
             alive: None,
+            tokenizer: Tokenizer::bytes(),
         }
     }
 }
 
-impl From<Engine> for ServedEngine {
-    /// Either engine, with its sequences, queue and aborts exported, alive while its
-    /// scheduler loop runs ([`Engine::liveness`]).
-    fn from(engine: Engine) -> ServedEngine {
+impl ServedEngine {
+    fn with(engine: Engine, tokenizer: Tokenizer) -> ServedEngine {
         let llm = engine.llm();
         let probed = engine.clone();
         ServedEngine {
             engine: llm,
+            tokenizer,
             alive: Some(Arc::new(move || probed.liveness())),
             gauges: Some(Arc::new(move || {
                 let g = engine.gauges();
@@ -268,6 +286,10 @@ pub enum ServeError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The engine could not be built (llama.cpp's model did not load, or the feature
+    /// is not built in).
+    #[error("{0}")]
+    EngineBuild(crate::engine::StartError),
     /// The engine did not start.
     #[error("engine failed to start: {0}")]
     EngineStart(EngineError),
@@ -455,6 +477,7 @@ pub async fn start(
             default_max_tokens: config.default_max_tokens,
             allow_chaos: config.allow_chaos,
             supported: started.supported,
+            tokenizer: engine.tokenizer.clone(),
         },
         metrics: metrics.clone(),
         runtime,

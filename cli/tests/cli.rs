@@ -225,3 +225,37 @@ fn an_unavailable_cuda_device_exits_2_with_a_message() {
         assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
     }
 }
+
+/// Without the `llama-cpp` feature, `--engine llama-cpp` is a usage error that says how
+/// to build a tether that has it; with it, a missing model file is one.
+#[test]
+fn llama_cpp_without_the_feature_or_the_file_exits_2_saying_why() {
+    for command in ["load", "conformance"] {
+        let out = tether(&[
+            command,
+            "--engine",
+            "llama-cpp",
+            "--model",
+            "/nonexistent.gguf",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{command}: {}", stderr(&out));
+        let expected = if cfg!(feature = "llama-cpp") {
+            "no model file at /nonexistent.gguf"
+        } else {
+            "--engine llama-cpp needs a tether built with the `llama-cpp` feature"
+        };
+        assert!(
+            stderr(&out).contains(expected),
+            "{command}: {}",
+            stderr(&out)
+        );
+    }
+    let out = tether(&["load", "--ctx-size", "512", "--no-progress"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out)
+            .contains("--ctx-size, --batch-size and --compute-threads need --engine llama-cpp"),
+        "{}",
+        stderr(&out)
+    );
+}

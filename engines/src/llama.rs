@@ -108,6 +108,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new() -> Shared {
+        Shared {
+            books: Mutex::new(Books::new()),
+            wake: Condvar::new(),
+            kv_cells: AtomicUsize::new(0),
+            kv_sequences: AtomicUsize::new(0),
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Books> {
         // The books are only changed by code that cannot panic halfway (no llama.cpp
         // call under this lock), so a poisoned lock still holds consistent books.
@@ -198,17 +207,25 @@ impl LlamaCppEngine {
         })?;
         let model = Arc::new(model);
         Ok(LlamaCppEngine {
-            shared: Arc::new(Shared {
-                books: Mutex::new(Books::new()),
-                wake: Condvar::new(),
-                kv_cells: AtomicUsize::new(0),
-                kv_sequences: AtomicUsize::new(0),
-            }),
+            shared: Arc::new(Shared::new()),
             tokenizer: LlamaTokenizer::new(model.clone()),
             model,
             config,
             abort_hook: None,
         })
+    }
+
+    /// A new engine (not started, its own thread, books and abort hook: none) on the
+    /// same loaded weights: for a check that wants a fresh engine each time without
+    /// reading the file again.
+    pub fn with_same_model(&self) -> LlamaCppEngine {
+        LlamaCppEngine {
+            shared: Arc::new(Shared::new()),
+            model: self.model.clone(),
+            config: self.config.clone(),
+            tokenizer: self.tokenizer.clone(),
+            abort_hook: None,
+        }
     }
 
     /// Call `hook` for every abort received: [`AbortReceipt::Live`] when it ended a

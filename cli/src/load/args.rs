@@ -10,7 +10,7 @@ use tether_engines::{SimConfig, TinyConfig};
 use super::http::{EndpointMix, MetricNames, Preset, Selector, StreamMix, UrlOptions};
 use super::plan::{CHAOS_KINDS, ENGINE_FAULTS};
 use super::{ChaosRates, LoadError, LoadOptions};
-use crate::engine::{EngineArgs, EngineKind};
+use crate::engine::{EngineArgs, EngineKind, LlamaSpec};
 use crate::runtime::{self, RuntimeKind};
 
 /// `tether load`: drive requests with chaos through the adapter against an engine
@@ -127,9 +127,6 @@ pub struct UrlArgs {
     /// Streaming: `true`, `false` or `mixed` (each request draws).
     #[arg(long, value_enum, default_value_t = StreamMix::Mixed)]
     pub stream: StreamMix,
-    /// Model to ask for [default: the first id of GET /v1/models].
-    #[arg(long)]
-    pub model: Option<String>,
     /// Send `Authorization: Bearer KEY`.
     #[arg(long, value_name = "KEY")]
     pub api_key: Option<String>,
@@ -176,9 +173,12 @@ pub struct UrlArgs {
 }
 
 /// The flags (argument id, flag) that only an in-process run takes.
-const IN_PROCESS_ONLY: [(&str, &str); 12] = [
+const IN_PROCESS_ONLY: [(&str, &str); 15] = [
     ("kind", "--engine"),
     ("device", "--device"),
+    ("ctx_size", "--ctx-size"),
+    ("batch_size", "--batch-size"),
+    ("compute_threads", "--compute-threads"),
     ("runtime", "--runtime"),
     ("mode", "--mode"),
     ("first_token_timeout", "--first-token-timeout"),
@@ -192,10 +192,9 @@ const IN_PROCESS_ONLY: [(&str, &str); 12] = [
 ];
 
 /// The flags (argument id, flag) that only a `--url` run takes.
-const URL_ONLY: [(&str, &str); 15] = [
+const URL_ONLY: [(&str, &str); 14] = [
     ("endpoint", "--endpoint"),
     ("stream", "--stream"),
-    ("model", "--model"),
     ("api_key", "--api-key"),
     ("allow_server_chaos", "--allow-server-chaos"),
     ("preset", "--preset"),
@@ -353,7 +352,8 @@ impl LoadArgs {
             url: url.clone(),
             endpoint: h.endpoint,
             stream: h.stream,
-            model: h.model.clone(),
+            // `--model`: with --url, the model to ask for.
+            model: self.engine.model.clone(),
             api_key: h.api_key.clone(),
             requests: self.requests.unwrap_or(1000),
             concurrency: self.concurrency,
@@ -380,9 +380,9 @@ impl LoadArgs {
     }
 
     /// The options these arguments ask for, checked, and a note for the user when a
-    /// default was changed to fit the engine: `--engine tiny` has no engine faults, so
-    /// error, hang and panic chaos left at their defaults become 0 (set explicitly,
-    /// they are an error).
+    /// default was changed to fit the engine: only `--engine sim` has engine faults, so
+    /// for the others error, hang and panic chaos left at their defaults become 0 (set
+    /// explicitly, they are an error).
     pub fn to_options_with_note(&self) -> Result<(LoadOptions, Option<String>), LoadError> {
         let engine = self.engine.kind;
         let base = LoadOptions::for_engine(engine);
@@ -399,7 +399,7 @@ impl LoadArgs {
                 Some(v) => {
                     chaos.set(name, v);
                 }
-                None if engine == EngineKind::Tiny
+                None if engine != EngineKind::Sim
                     && self.chaos.is_none()
                     && ENGINE_FAULTS.contains(&name) =>
                 {
@@ -411,8 +411,8 @@ impl LoadArgs {
         }
         let note = (!zeroed.is_empty()).then(|| {
             format!(
-                "note: --engine tiny has no engine faults: {} chaos set to 0 (stop, kill and \
-                 drop apply)",
+                "note: --engine {engine} has no engine faults: {} chaos set to 0 (stop, kill \
+                 and drop apply)",
                 zeroed.join(", ")
             )
         });
@@ -445,6 +445,10 @@ impl LoadArgs {
             tiny: TinyConfig {
                 max_sequences: max_seqs(spec.tiny.max_sequences),
                 ..spec.tiny
+            },
+            llama: LlamaSpec {
+                max_sequences: max_seqs(spec.llama.max_sequences),
+                ..spec.llama
             },
             ..base
         };

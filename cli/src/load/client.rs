@@ -26,6 +26,8 @@ pub(crate) struct Clients {
     pub(crate) model: String,
     pub(crate) max_tokens: u32,
     pub(crate) vocab: u32,
+    /// Ask the engine to ignore end-of-sequence tokens (a real model's).
+    pub(crate) ignore_eos: bool,
     pub(crate) progress: ProgressBar,
     pub(crate) next: AtomicUsize,
 }
@@ -71,6 +73,7 @@ async fn run_one(clients: &Clients, index: usize, planned: &Planned, out: &mut W
         prompt(index, planned.prompt_len, clients.vocab),
     )
     .with_max_tokens(clients.max_tokens);
+    request.stop.ignore_eos = clients.ignore_eos;
     if let Some(chaos) = planned.action.chaos() {
         request.annotations.push(chaos.annotation());
     }

@@ -73,6 +73,10 @@ pub struct Leaks {
     pub kv_blocks: u64,
     /// TinyEngine: bytes of KV cache still held.
     pub kv_bytes: u64,
+    /// llama.cpp: KV cells still held, as llama.cpp counts them.
+    pub kv_cells: u64,
+    /// llama.cpp: sequence ids still holding cells (or owed a removal).
+    pub kv_sequences: u64,
     /// Requests still queued in the engine.
     pub queue: u64,
     /// Requests started without a record.
@@ -189,7 +193,7 @@ impl Report {
         // TinyEngine forgets ended sequences, so it cannot tell a late abort.
         let late = match self.engine {
             EngineKind::Sim => format!("  late {}", self.late_aborts),
-            EngineKind::Tiny => String::new(),
+            EngineKind::Tiny | EngineKind::LlamaCpp => String::new(),
         };
         let _ = writeln!(
             s,
@@ -216,6 +220,10 @@ impl Report {
             EngineKind::Tiny => (
                 format!("sequences {}", l.engine_slots),
                 format!("kv bytes {}", l.kv_bytes),
+            ),
+            EngineKind::LlamaCpp => (
+                format!("sequences {}", l.engine_slots),
+                format!("kv cells {}  kv sequences {}", l.kv_cells, l.kv_sequences),
             ),
         };
         let _ = writeln!(

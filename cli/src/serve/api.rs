@@ -43,6 +43,8 @@ pub(crate) struct Limits {
     pub(crate) allow_chaos: bool,
     /// The output-changing parameters the engine honours (from its `start`).
     pub(crate) supported: SupportedParams,
+    /// The engine's vocabulary.
+    pub(crate) tokenizer: tokenizer::Tokenizer,
 }
 
 /// `stream_options`.
@@ -403,9 +405,9 @@ impl CompletionRequest {
             return Err(unsupported("echo", "echo is not supported"));
         }
         let token_ids = match std::mem::replace(&mut self.prompt, Prompt::Text(String::new())) {
-            Prompt::Text(text) => tokenizer::encode(&text),
+            Prompt::Text(text) => limits.tokenizer.encode(&text),
             Prompt::Texts(texts) => match <[String; 1]>::try_from(texts) {
-                Ok([text]) => tokenizer::encode(&text),
+                Ok([text]) => limits.tokenizer.encode(&text),
                 Err(texts) => {
                     return Err(unsupported(
                         "prompt",
@@ -420,11 +422,11 @@ impl CompletionRequest {
                 let mut out = Vec::with_capacity(ids.len());
                 for (i, id) in ids.into_iter().enumerate() {
                     match u32::try_from(id) {
-                        Ok(t) if t < tokenizer::VOCAB_SIZE => out.push(t),
+                        Ok(t) if t < limits.tokenizer.vocab_size() => out.push(t),
                         _ => {
                             return Err(invalid(
                                 &format!("prompt[{i}]"),
-                                format!("token id {id} is not a byte token (0..=255)"),
+                                format!("token id {id} is not {}", limits.tokenizer.id_range()),
                             ))
                         }
                     }
@@ -489,7 +491,10 @@ impl ChatRequest {
                 content,
             });
         }
-        let token_ids = tokenizer::encode(&tokenizer::render_chat(&messages));
+        let token_ids = limits
+            .tokenizer
+            .chat(&messages)
+            .map_err(|message| invalid("messages", message))?;
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
             (Some(n), _) => Some((n, "max_completion_tokens")),
             (None, Some(n)) => Some((n, "max_tokens")),
@@ -513,6 +518,7 @@ mod tests {
             default_max_tokens: 16,
             allow_chaos: false,
             supported: tether_engines::SimEngine::SUPPORTED,
+            tokenizer: crate::serve::tokenizer::Tokenizer::bytes(),
         }
     }
 

@@ -13,7 +13,7 @@ use tether_core::Runtime;
 use tether_engines::{AbortHook, AbortReceipt, SimConfig, TinyConfig};
 
 use super::{ApiKey, ServeConfig, ServeError, ServedEngine};
-use crate::engine::{EngineArgs, EngineKind, EngineSpec};
+use crate::engine::{EngineArgs, EngineKind, EngineSpec, LlamaSpec};
 use crate::load::{parse_duration, parse_timeout, Timeout};
 use crate::runtime::{self, RuntimeKind};
 
@@ -35,9 +35,10 @@ pub struct ServeArgs {
     /// Worker threads of each runtime (default: the machine's parallelism).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Model name clients must ask for (default: the engine's, `sim` or `tiny`).
-    #[arg(long)]
-    pub model: Option<String>,
+    /// Model name clients must ask for (default: the engine's: `--model` for sim and
+    /// tiny, else `sim` or `tiny`; the GGUF file's name without `.gguf` for llama-cpp).
+    #[arg(long, value_name = "NAME")]
+    pub served_model_name: Option<String>,
     /// Time-to-first-token limit (`none`, `500ms`, `2s`); a timed-out request gets a
     /// 504 or an SSE error event.
     #[arg(long, value_parser = parse_timeout, default_value = "none")]
@@ -48,7 +49,8 @@ pub struct ServeArgs {
     /// How long a shutdown lets in-flight requests finish before killing them.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub shutdown_grace: Duration,
-    /// Longest prompt accepted, in byte tokens (default: 4096; tiny: its context).
+    /// Longest prompt accepted, in tokens (default: 4096; tiny: its context;
+    /// llama-cpp: `--ctx-size` less one).
     #[arg(long)]
     pub max_prompt_tokens: Option<usize>,
     /// Largest `max_tokens` accepted.
@@ -76,7 +78,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1000)]
     pub prefill_ns: u64,
     /// Engine: sequences in the batch; more requests wait in the engine's queue
-    /// [default: 256; 32 with --engine tiny].
+    /// [default: 256; 32 with --engine tiny; 8 with --engine llama-cpp].
     #[arg(long)]
     pub max_seqs: Option<usize>,
     /// Seed of the engine (SimEngine's tokens, TinyEngine's weights).
@@ -130,9 +132,10 @@ impl ServeArgs {
         let max_prompt_tokens = self.max_prompt_tokens.unwrap_or(match self.engine.kind {
             EngineKind::Sim => 4096,
             EngineKind::Tiny => TinyConfig::default().max_context,
+            EngineKind::LlamaCpp => self.engine_spec().llama.n_ctx.saturating_sub(1) as usize,
         });
         ServeConfig {
-            model: self.model.clone(),
+            model: self.served_model_name.clone(),
             first_token_timeout: self.first_token_timeout.0,
             inter_token_timeout: self.inter_token_timeout.0,
             shutdown_grace: self.shutdown_grace,
@@ -171,15 +174,24 @@ impl ServeArgs {
                 max_sequences: self.max_seqs.unwrap_or(spec.tiny.max_sequences),
                 ..spec.tiny
             },
+            llama: LlamaSpec {
+                max_sequences: self.max_seqs.unwrap_or(spec.llama.max_sequences),
+                default_max_tokens: self.default_max_tokens,
+                ..spec.llama
+            },
             ..spec
         }
     }
 
     /// Build the engine these arguments ask for, on `runtime`, logging every abort it
     /// receives ([`log_engine_abort`]).
-    pub fn engine(&self, runtime: Arc<dyn Runtime>) -> ServedEngine {
+    pub fn engine(&self, runtime: Arc<dyn Runtime>) -> Result<ServedEngine, ServeError> {
         let hook: AbortHook = Arc::new(log_engine_abort);
-        ServedEngine::from(self.engine_spec().build(runtime, Some(hook)))
+        let engine = self
+            .engine_spec()
+            .build(runtime, Some(hook))
+            .map_err(ServeError::EngineBuild)?;
+        ServedEngine::of(engine).map_err(ServeError::InvalidOptions)
     }
 }
 
@@ -346,7 +358,7 @@ pub fn run(args: &ServeArgs) -> Result<(), ServeError> {
                 context: "cannot listen",
                 source,
             })?;
-        let engine = args.engine(engine_rt.clone());
+        let engine = args.engine(engine_rt.clone())?;
         let server = super::start(engine, engine_rt, listener, args.config()).await?;
         println!(
             "tether serve: listening on http://{} (model `{}`, engine {}, runtime {})",

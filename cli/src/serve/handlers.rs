@@ -111,7 +111,7 @@ async fn run(
                 clock: TokenClock::new(&app),
                 head,
                 texts: None,
-                decoder: tokenizer::Utf8Decoder::new(),
+                decoder: app.limits.tokenizer.decoder(),
                 stops: StopMatcher::new(&prepared.stops),
                 finish_asked: false,
                 prompt_tokens,
@@ -135,7 +135,7 @@ struct Reply {
     head: Head,
     /// A streamed reply's text chunks (`None`: a unary reply, which has none).
     texts: Option<TextChunks>,
-    decoder: tokenizer::Utf8Decoder,
+    decoder: tokenizer::TextDecoder,
     /// The request's stop strings, if it has any.
     stops: Option<StopMatcher>,
     /// The early finish a matched stop string needs was asked for.

@@ -47,7 +47,7 @@ use tether_core::protocol::Request;
 use super::access::RequestIdSlot;
 use super::api::{ChatRequest, Limits};
 use super::error::{parse_value, ApiError, OpenAiJson};
-use super::{tokenizer, App};
+use super::App;
 
 const JSON: &str = "application/json";
 
@@ -138,8 +138,12 @@ async fn run_canary(app: &App, slot: &RequestIdSlot) -> Result<(), String> {
     }
     let id = app.ids.next("health");
     slot.set(&id);
-    let canary =
-        Request::new(id, app.limits.model.clone(), tokenizer::encode("ok")).with_max_tokens(1);
+    let canary = Request::new(
+        id,
+        app.limits.model.clone(),
+        app.limits.tokenizer.encode("ok"),
+    )
+    .with_max_tokens(1);
     match tokio::time::timeout(app.health_timeout, app.probe.probe(canary)).await {
         Ok(Ok(items)) if ProbeAdapter::is_healthy(&items) => Ok(()),
         Ok(Ok(items)) => Err(items
@@ -205,7 +209,7 @@ fn tokenize_body(limits: &Limits, body: serde_json::Value) -> Result<Vec<u32>, A
     let fields: TokenizeFields = parse_value(body.clone())?;
     check_model(&fields.model, limits)?;
     match (fields.prompt, fields.messages) {
-        (Some(prompt), None) => Ok(tokenizer::encode(&prompt)),
+        (Some(prompt), None) => Ok(limits.tokenizer.encode(&prompt)),
         (None, Some(_)) => {
             // The chat endpoint's own validation and template; only the length limit
             // is lifted: an over-long conversation is counted, not refused.
@@ -255,17 +259,17 @@ fn detokenize_body(limits: &Limits, body: DetokenizeRequest) -> Result<String, A
     let mut ids = Vec::with_capacity(body.tokens.len());
     for (i, id) in body.tokens.into_iter().enumerate() {
         match u32::try_from(id) {
-            Ok(t) if t < tokenizer::VOCAB_SIZE => ids.push(t),
+            Ok(t) if t < limits.tokenizer.vocab_size() => ids.push(t),
             _ => {
                 return Err(ApiError::invalid(
                     "invalid_value",
                     Some(&format!("tokens[{i}]")),
-                    format!("token id {id} is not a byte token (0..=255)"),
+                    format!("token id {id} is not {}", limits.tokenizer.id_range()),
                 ))
             }
         }
     }
-    let mut decoder = tokenizer::Utf8Decoder::new();
+    let mut decoder = limits.tokenizer.decoder();
     let mut text = decoder.push(&ids);
     text.push_str(&decoder.finish());
     Ok(text)

@@ -1,9 +1,19 @@
-//! The byte-level tokenizer `tether serve` uses, so that SimEngine and TinyEngine can
-//! be served without downloading a vocabulary: a text's UTF-8 bytes are its token ids
-//! (`0..=255`), and token ids are turned back into text by an incremental UTF-8
-//! decoder. Also the chat template that renders a conversation into one prompt.
+//! Text ↔ token ids for `tether serve`: [`Tokenizer`], the engine's vocabulary, and
+//! [`TextDecoder`], which turns a stream of ids back into text without ever splitting
+//! a UTF-8 sequence.
+//!
+//! - SimEngine and TinyEngine are served with a byte-level vocabulary, so nothing is
+//!   downloaded: a text's UTF-8 bytes are its token ids (`0..=255`), and a chat is
+//!   rendered with a fixed template ([`render_chat`]).
+//! - `--engine llama-cpp` (the `llama-cpp` feature) uses the GGUF model's own
+//!   vocabulary ([`Tokenizer::gguf`]): llama.cpp's tokenizer, each token's bytes as
+//!   output, and the GGUF's `tokenizer.chat_template` rendered with minijinja (with
+//!   `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, Hugging Face's
+//!   block trimming, Python's string methods, and `raise_exception`).
 //!
 //! Owns text ↔ token conversion only; nothing here knows about HTTP or engines.
+
+use std::fmt;
 
 /// Token ids of this tokenizer are the byte values `0..=255`.
 pub const VOCAB_SIZE: u32 = 256;
@@ -25,6 +35,14 @@ impl Utf8Decoder {
     /// A decoder with nothing held back.
     pub fn new() -> Utf8Decoder {
         Utf8Decoder::default()
+    }
+
+    /// The text `bytes` complete (possibly empty while a sequence is incomplete).
+    pub fn push_bytes(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        self.drain_valid(&mut out);
+        out
     }
 
     /// The text the ids complete (possibly empty while a sequence is incomplete).
@@ -92,6 +110,133 @@ impl Utf8Decoder {
         self.pending.drain(..start);
     }
 }
+
+/// The engine's vocabulary, as `tether serve` uses it (cheap to clone).
+#[derive(Clone, Default)]
+pub struct Tokenizer {
+    kind: Kind,
+}
+
+#[derive(Clone, Default)]
+enum Kind {
+    /// Byte tokens (SimEngine, TinyEngine).
+    #[default]
+    Bytes,
+    /// A GGUF model's vocabulary and chat template.
+    #[cfg(feature = "llama-cpp")]
+    Gguf(std::sync::Arc<gguf::Gguf>),
+}
+
+impl fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Bytes => f.write_str("Tokenizer::Bytes"),
+            #[cfg(feature = "llama-cpp")]
+            Kind::Gguf(g) => f
+                .debug_tuple("Tokenizer::Gguf")
+                .field(&g.tokenizer)
+                .finish(),
+        }
+    }
+}
+
+impl Tokenizer {
+    /// Byte tokens: a text's UTF-8 bytes.
+    pub fn bytes() -> Tokenizer {
+        Tokenizer::default()
+    }
+
+    /// A GGUF model's vocabulary and chat template. An error when the template does
+    /// not compile (the message says where).
+    #[cfg(feature = "llama-cpp")]
+    pub fn gguf(tokenizer: tether_engines::LlamaTokenizer) -> Result<Tokenizer, String> {
+        Ok(Tokenizer {
+            kind: Kind::Gguf(std::sync::Arc::new(gguf::Gguf::new(tokenizer)?)),
+        })
+    }
+
+    /// Token ids are `0..vocab_size`.
+    pub fn vocab_size(&self) -> u32 {
+        match &self.kind {
+            Kind::Bytes => VOCAB_SIZE,
+            #[cfg(feature = "llama-cpp")]
+            Kind::Gguf(g) => g.tokenizer.n_vocab(),
+        }
+    }
+
+    /// What a token id must be, for an error message.
+    pub fn id_range(&self) -> String {
+        match &self.kind {
+            Kind::Bytes => "a byte token (0..=255)".to_owned(),
+            #[cfg(feature = "llama-cpp")]
+            Kind::Gguf(g) => format!(
+                "a token of the model's vocabulary (0..{})",
+                g.tokenizer.n_vocab()
+            ),
+        }
+    }
+
+    /// A prompt's token ids (a GGUF model's BOS first when it asks for one).
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        match &self.kind {
+            Kind::Bytes => encode(text),
+            #[cfg(feature = "llama-cpp")]
+            Kind::Gguf(g) => g.tokenizer.encode(text, g.tokenizer.adds_bos()),
+        }
+    }
+
+    /// A conversation's prompt, rendered by the chat template and encoded. An error
+    /// (for the client) when the template refuses the conversation or the model has
+    /// no template.
+    pub fn chat(&self, messages: &[Message]) -> Result<Vec<u32>, String> {
+        match &self.kind {
+            Kind::Bytes => Ok(encode(&render_chat(messages))),
+            #[cfg(feature = "llama-cpp")]
+            Kind::Gguf(g) => g.chat(messages),
+        }
+    }
+
+    /// A decoder for one response's token ids.
+    pub fn decoder(&self) -> TextDecoder {
+        TextDecoder {
+            tokenizer: self.clone(),
+            bytes: Utf8Decoder::new(),
+        }
+    }
+}
+
+/// Turns one response's token ids into text, chunk by chunk, holding back a UTF-8
+/// sequence split across tokens until it is complete.
+#[derive(Clone, Debug)]
+pub struct TextDecoder {
+    tokenizer: Tokenizer,
+    bytes: Utf8Decoder,
+}
+
+impl TextDecoder {
+    /// The text `ids` complete.
+    pub fn push(&mut self, ids: &[u32]) -> String {
+        match &self.tokenizer.kind {
+            Kind::Bytes => self.bytes.push(ids),
+            #[cfg(feature = "llama-cpp")]
+            Kind::Gguf(g) => {
+                let mut out = String::new();
+                for &id in ids {
+                    out.push_str(&self.bytes.push_bytes(g.tokenizer.piece(id)));
+                }
+                out
+            }
+        }
+    }
+
+    /// The end of the response: whatever is still held back, lossily.
+    pub fn finish(&mut self) -> String {
+        self.bytes.finish()
+    }
+}
+
+#[cfg(feature = "llama-cpp")]
+mod gguf;
 
 /// One message of a conversation, already validated.
 #[derive(Clone, Debug, PartialEq, Eq)]

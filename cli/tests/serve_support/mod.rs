@@ -226,7 +226,12 @@ pub async fn start_listening(
     listener: tokio::net::TcpListener,
 ) -> TestServer {
     let sim = Arc::new(SimEngine::new(sim, runtime.clone()));
-    let ServedEngine { gauges, alive, .. } = ServedEngine::sim(sim.clone());
+    let ServedEngine {
+        gauges,
+        alive,
+        tokenizer,
+        ..
+    } = ServedEngine::sim(sim.clone());
     let engine = Arc::new(CountingEngine {
         inner: sim,
         cleanups: AtomicUsize::new(0),
@@ -237,6 +242,7 @@ pub async fn start_listening(
         engine: engine.clone(),
         gauges,
         alive,
+        tokenizer,
     };
     let server = serve::start(served, runtime, listener, config)
         .await

@@ -11,6 +11,7 @@ fn limits() -> Limits {
         default_max_tokens: 16,
         allow_chaos: false,
         supported: tether_engines::SimEngine::SUPPORTED,
+        tokenizer: crate::serve::tokenizer::Tokenizer::bytes(),
     }
 }
 
@@ -87,7 +88,7 @@ fn tokenize_encodes_a_prompt_or_renders_a_conversation() {
     );
     assert_eq!(
         tokens(json!({"model": "sim", "messages": [{"role": "user", "content": "hi"}]})).unwrap(),
-        tokenizer::encode("<|user|>\nhi\n<|assistant|>\n")
+        crate::serve::tokenizer::encode("<|user|>\nhi\n<|assistant|>\n")
     );
 }
 

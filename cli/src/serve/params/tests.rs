@@ -18,6 +18,7 @@ fn limits(supported: SupportedParams) -> Limits {
         default_max_tokens: 16,
         allow_chaos: false,
         supported,
+        tokenizer: crate::serve::tokenizer::Tokenizer::bytes(),
     }
 }
 
