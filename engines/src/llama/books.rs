@@ -475,10 +475,16 @@ impl Books {
     /// removal's item goes out, and no thread is current. The cells go with the
     /// thread's context.
     pub(crate) fn shutdown(&mut self) -> Vec<Outgoing> {
+        self.fail(&shutdown_error())
+    }
+
+    /// No thread serves any more (cleaned up, or the thread died): every live sequence
+    /// ends with `error`, every removal's item goes out as it was decided.
+    pub(crate) fn fail(&mut self, error: &EngineError) -> Vec<Outgoing> {
         self.run = Run::Stopped;
         let mut out: Vec<Outgoing> = self.removals.drain(..).filter_map(|r| r.last).collect();
         for (_, seq) in self.seqs.drain() {
-            out.push((seq.tx, Err(shutdown_error())));
+            out.push((seq.tx, Err(error.clone())));
         }
         self.ids.clear();
         self.waiting.clear();
@@ -533,3 +539,6 @@ fn finish(seq: &Seq, token: u32, n_ctx: usize) -> Option<FinishReason> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests;

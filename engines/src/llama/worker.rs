@@ -65,7 +65,7 @@ impl Thread {
             }
         }
         drop(started);
-        Loop {
+        let mut serving = Loop {
             shared: &shared,
             ctx,
             samplers: (0..config.max_sequences).map(|_| None).collect(),
@@ -76,11 +76,27 @@ impl Thread {
             },
             n_vocab: model.n_vocab(),
             epoch,
-        }
-        .run();
-        // The context (and with it every cell) is gone before `exited` closes.
+        };
+        // A panic on this thread must not leave a stream without an end.
+        let panicked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| serving.run())).is_err();
+        // The context (and with it every cell) is gone before anything is told.
+        drop(serving);
         shared.kv_cells.store(0, Ordering::Release);
         shared.kv_sequences.store(0, Ordering::Release);
+        if panicked {
+            let error = backend_error("the llama.cpp engine's thread panicked".to_owned());
+            let outgoing = {
+                let mut books = shared.lock();
+                if books.is_current(epoch) {
+                    books.start_error = Some(error.clone());
+                    books.fail(&error)
+                } else {
+                    Vec::new()
+                }
+            };
+            send_all(outgoing);
+        }
         drop(exited);
     }
 }
