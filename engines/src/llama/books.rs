@@ -145,7 +145,8 @@ pub struct LlamaCppGauges {
     pub aborts_queued: u64,
     /// Steps decoded.
     pub steps: u64,
-    /// Prompt tokens decoded, over all sequences.
+    /// Prompt tokens decoded, over all sequences (a chunk whose sequence ended while
+    /// its step was decoding is not counted).
     pub prefill_tokens: u64,
     /// Tokens emitted, over all sequences.
     pub tokens_emitted: u64,
