@@ -3,7 +3,7 @@
 //! Engines that tether drives: [`SimEngine`], a continuous-batching simulator with
 //! chaos hooks, for tests, the conformance kit and `tether load`; and [`TinyEngine`], a
 //! tiny real transformer (CPU always, CUDA behind the `cuda` feature); and, behind the
-//! `llama-cpp` feature, [`llama::LlamaCppEngine`], llama.cpp serving a GGUF model.
+//! `llama-cpp` feature, `llama::LlamaCppEngine`, llama.cpp serving a GGUF model.
 // deny, not forbid: only `tiny::cuda` (the `cuda` feature's backend) allows it, for its
 // kernel launches; nothing else in this crate may use `unsafe`.
 #![deny(unsafe_code)]

@@ -6,7 +6,7 @@
 //!   downloaded: a text's UTF-8 bytes are its token ids (`0..=255`), and a chat is
 //!   rendered with a fixed template ([`render_chat`]).
 //! - `--engine llama-cpp` (the `llama-cpp` feature) uses the GGUF model's own
-//!   vocabulary ([`Tokenizer::gguf`]): llama.cpp's tokenizer, each token's bytes as
+//!   vocabulary (`Tokenizer::gguf`): llama.cpp's tokenizer, each token's bytes as
 //!   output, and the GGUF's `tokenizer.chat_template` rendered with minijinja (with
 //!   `messages`, `add_generation_prompt`, `bos_token` and `eos_token`, Hugging Face's
 //!   block trimming, Python's string methods, and `raise_exception`).
