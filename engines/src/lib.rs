@@ -10,10 +10,12 @@
 #![deny(missing_docs)]
 
 mod abort;
+mod ends;
 pub mod gguf;
 #[cfg(feature = "llama-cpp")]
 pub mod llama;
 pub mod sim;
+mod stream;
 pub mod tiny;
 mod util;
 

@@ -48,7 +48,6 @@
 mod books;
 mod config;
 mod sampling;
-mod stream;
 mod tokenizer;
 mod worker;
 
@@ -66,11 +65,11 @@ use tether_core::error::{EngineError, ErrorKind};
 use tether_core::protocol::Request;
 
 pub use crate::abort::{AbortHook, AbortReceipt};
+use crate::stream::{Detach, SeqStream};
 pub use books::LlamaCppGauges;
 use books::{Admission, Books, Effects, Outgoing, Run};
 pub use config::{LlamaCppConfig, LlamaCppConfigError};
 use sampling::Sampling;
-use stream::LlamaStream;
 pub use tokenizer::LlamaTokenizer;
 
 /// llama.cpp's backend, initialized once per process (its logs go to `tracing`, target
@@ -135,6 +134,14 @@ impl Shared {
         for gctx in fx.hints {
             gctx.notify_first_token();
         }
+    }
+}
+
+impl Detach for Shared {
+    fn detach(&self, seq: u64) {
+        let mut fx = Effects::default();
+        self.lock().detach(seq, &mut fx);
+        self.settle(fx);
     }
 }
 
@@ -400,7 +407,7 @@ impl LlmEngine for LlamaCppEngine {
                 books.insert(request, admission, context)
             };
             self.shared.wake.notify_one();
-            let stream = LlamaStream::new(self.shared.clone(), seq, rx);
+            let stream = SeqStream::new(self.shared.clone(), seq, rx);
             Ok(Box::pin(stream) as ChunkStream)
         })
     }

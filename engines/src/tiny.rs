@@ -59,7 +59,6 @@ mod model;
 mod sampler;
 mod scheduler;
 mod state;
-mod stream;
 mod weights;
 
 use std::fmt;
@@ -80,10 +79,10 @@ pub use cuda::{cuda_mem_info, CudaMemInfo};
 pub use model::TinyModel;
 pub use state::TinyGauges;
 
+use crate::stream::{Detach, SeqStream};
 use model::Runner;
 use sampler::Decoding;
 use state::{Admission, Effects, State};
-use stream::TinyStream;
 
 /// The model of one started epoch.
 type Loaded = Option<(u64, Box<dyn Runner>)>;
@@ -133,6 +132,14 @@ impl Core {
         for gctx in fx.hints {
             gctx.notify_first_token();
         }
+    }
+}
+
+impl Detach for Core {
+    fn detach(&self, seq: u64) {
+        let mut fx = Effects::default();
+        self.lock().detach(seq, &mut fx);
+        self.settle(fx);
     }
 }
 
@@ -330,7 +337,7 @@ impl LlmEngine for TinyEngine {
                 }
                 st.insert(request, admission, context)
             };
-            let stream = TinyStream::new(self.core.clone(), seq, rx);
+            let stream = SeqStream::new(self.core.clone(), seq, rx);
             Ok(Box::pin(stream) as ChunkStream)
         })
     }

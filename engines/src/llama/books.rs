@@ -20,10 +20,10 @@ use tether_core::error::EngineError;
 use tether_core::protocol::{Chunk, FinishReason, Request, Usage};
 
 use super::sampling::Sampling;
+use crate::ends::Ends;
 use crate::util::{shutdown_error, splitmix64};
 
-/// What flows through a request's channel to its stream.
-pub(crate) type Item = Result<Chunk, EngineError>;
+pub(crate) use crate::stream::Item;
 
 /// A sequence's last item and where it goes.
 pub(crate) type Outgoing = (Sender<Item>, Item);
@@ -60,11 +60,8 @@ struct Seq {
     /// The last token emitted: the next decode step's input.
     last: Option<u32>,
     emitted: u32,
-    max_tokens: u32,
     cells: usize,
-    stop_token_ids: Vec<u32>,
-    eos: Vec<u32>,
-    min_tokens: u32,
+    ends: Ends,
     sampling: Sampling,
     /// The llama.cpp sequence id it holds, once admitted into the batch.
     slot: Option<i32>,
@@ -262,11 +259,12 @@ impl Books {
     /// request with `max_tokens = 0` ends at once with `Length`.
     pub(crate) fn insert(
         &mut self,
-        request: Request,
+        mut request: Request,
         admission: Admission,
         gctx: GenerateContext,
     ) -> (u64, Receiver<Item>) {
         let (tx, rx) = async_channel::unbounded();
+        let ends = Ends::of(&mut request, admission.max_tokens, admission.eos);
         let id = self.next_seq;
         self.next_seq += 1;
         self.accepted += 1;
@@ -284,15 +282,8 @@ impl Books {
             prefilled: 0,
             last: None,
             emitted: 0,
-            max_tokens: admission.max_tokens,
             cells: admission.cells,
-            stop_token_ids: request.stop.stop_token_ids,
-            eos: if request.stop.ignore_eos {
-                Vec::new()
-            } else {
-                admission.eos
-            },
-            min_tokens: request.stop.min_tokens.unwrap_or(0),
+            ends,
             sampling,
             slot: None,
         };
@@ -439,7 +430,8 @@ impl Books {
             if seq.emitted == 1 {
                 fx.hints.extend(seq.gctx.take());
             }
-            if let Some(reason) = finish(seq, token, limits.n_ctx) {
+            let context_full = seq.prompt.len() + seq.emitted as usize >= limits.n_ctx;
+            if let Some(reason) = seq.ends.reason(seq.emitted, token, context_full) {
                 let usage = seq.usage();
                 let item = Ok(Chunk::terminal(reason).with_usage(usage));
                 self.end(w.seq, Some(item), fx);
@@ -523,22 +515,6 @@ impl Books {
             }
         }
     }
-}
-
-/// Why `seq`'s output ends after `token`, if it does.
-fn finish(seq: &Seq, token: u32, n_ctx: usize) -> Option<FinishReason> {
-    if seq.emitted >= seq.min_tokens {
-        if seq.stop_token_ids.contains(&token) {
-            return Some(FinishReason::Stop);
-        }
-        if seq.eos.contains(&token) {
-            return Some(FinishReason::Eos);
-        }
-    }
-    if seq.emitted >= seq.max_tokens || seq.prompt.len() + seq.emitted as usize >= n_ctx {
-        return Some(FinishReason::Length);
-    }
-    None
 }
 
 #[cfg(test)]

@@ -22,10 +22,10 @@ use tether_core::protocol::{Chunk, FinishReason, Request, Usage};
 
 use super::config::TinyConfig;
 use super::sampler::{Decoding, Draw, Sampler};
+use crate::ends::Ends;
 use crate::util::{shutdown_error, splitmix64, LoopControl};
 
-/// What flows through a request's channel to its stream.
-pub(crate) type Item = Result<Chunk, EngineError>;
+pub(crate) use crate::stream::Item;
 
 /// A sequence's last item, to send once its KV cache is gone.
 pub(crate) type Outgoing = (Sender<Item>, Item);
@@ -51,11 +51,8 @@ struct Seq {
     /// The last token emitted: the next decode step's input.
     last: Option<u32>,
     kv_rows: usize,
-    max_tokens: u32,
     emitted: u32,
-    stop_token_ids: Vec<u32>,
-    eos_token_ids: Vec<u32>,
-    min_tokens: u32,
+    ends: Ends,
     /// `None`: greedy.
     sampler: Option<Sampler>,
 }
@@ -213,11 +210,13 @@ impl State {
     /// request with `max_tokens = 0` ends at once with `Length`.
     pub(crate) fn insert(
         &mut self,
-        request: Request,
+        mut request: Request,
         admission: Admission,
         gctx: GenerateContext,
     ) -> (u64, Receiver<Item>) {
         let (tx, rx) = async_channel::unbounded();
+        let eos = std::mem::take(&mut request.eos_token_ids);
+        let ends = Ends::of(&mut request, admission.max_tokens, eos);
         let id = self.next_seq;
         self.next_seq += 1;
         self.accepted += 1;
@@ -230,15 +229,8 @@ impl State {
             prefilled: 0,
             last: None,
             kv_rows: admission.kv_rows,
-            max_tokens: admission.max_tokens,
             emitted: 0,
-            stop_token_ids: request.stop.stop_token_ids,
-            eos_token_ids: if request.stop.ignore_eos {
-                Vec::new()
-            } else {
-                request.eos_token_ids
-            },
-            min_tokens: request.stop.min_tokens.unwrap_or(0),
+            ends,
             sampler: admission.decoding.sampler(|| self.fresh_seed(id)),
         };
         if admission.max_tokens == 0 {
@@ -369,7 +361,9 @@ impl State {
             if seq.emitted == 1 {
                 fx.hints.extend(seq.gctx.take());
             }
-            if let Some(reason) = finish(seq, token) {
+            // Its reserved KV rows are its context: prompt plus output never exceed them.
+            let context_full = seq.prompt.len() + seq.emitted as usize >= seq.kv_rows;
+            if let Some(reason) = seq.ends.reason(seq.emitted, token, context_full) {
                 let usage = seq.usage();
                 self.end(w.seq, Ok(Chunk::terminal(reason).with_usage(usage)), fx);
             }
@@ -438,22 +432,5 @@ impl State {
             }
         }
         Some(seq)
-    }
-}
-
-/// Whether `seq`, having just emitted `token`, is done, and why. Its reserved KV rows
-/// are its context: prompt plus output never exceed them.
-fn finish(seq: &Seq, token: u32) -> Option<FinishReason> {
-    let may_stop = seq.emitted >= seq.min_tokens;
-    if may_stop && seq.stop_token_ids.contains(&token) {
-        Some(FinishReason::Stop)
-    } else if may_stop && seq.eos_token_ids.contains(&token) {
-        Some(FinishReason::Eos)
-    } else if seq.emitted >= seq.max_tokens
-        || seq.prompt.len() + seq.emitted as usize >= seq.kv_rows
-    {
-        Some(FinishReason::Length)
-    } else {
-        None
     }
 }
