@@ -27,3 +27,22 @@ pub enum AbortReceipt {
 
 /// Called with the request id and what the engine found, for every abort it receives.
 pub type AbortHook = Arc<dyn Fn(&str, AbortReceipt) + Send + Sync>;
+
+impl AbortReceipt {
+    /// What an engine that forgets a sequence as soon as it ends found: `Live` when
+    /// the abort ended a live sequence, `AfterEnd` otherwise.
+    pub(crate) fn forgetful(live: bool) -> AbortReceipt {
+        if live {
+            AbortReceipt::Live
+        } else {
+            AbortReceipt::AfterEnd
+        }
+    }
+
+    /// Tell `hook`, if there is one.
+    pub(crate) fn tell(self, hook: Option<&AbortHook>, request_id: &str) {
+        if let Some(hook) = hook {
+            hook(request_id, self);
+        }
+    }
+}

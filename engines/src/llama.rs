@@ -417,14 +417,7 @@ impl LlmEngine for LlamaCppEngine {
             let mut fx = Effects::default();
             let live = self.shared.lock().abort(context.request_id(), &mut fx);
             self.shared.settle(fx);
-            if let Some(hook) = &self.abort_hook {
-                let receipt = if live {
-                    AbortReceipt::Live
-                } else {
-                    AbortReceipt::AfterEnd
-                };
-                hook(context.request_id(), receipt);
-            }
+            AbortReceipt::forgetful(live).tell(self.abort_hook.as_ref(), context.request_id());
         })
     }
 

@@ -251,9 +251,7 @@ impl LlmEngine for SimEngine {
     fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let receipt = self.core.lock().abort(context.request_id());
-            if let Some(hook) = &self.abort_hook {
-                hook(context.request_id(), receipt);
-            }
+            receipt.tell(self.abort_hook.as_ref(), context.request_id());
         })
     }
 

@@ -347,14 +347,7 @@ impl LlmEngine for TinyEngine {
             let mut fx = Effects::default();
             let live = self.core.lock().abort(context.request_id(), &mut fx);
             self.core.settle(fx);
-            if let Some(hook) = &self.abort_hook {
-                let receipt = if live {
-                    AbortReceipt::Live
-                } else {
-                    AbortReceipt::AfterEnd
-                };
-                hook(context.request_id(), receipt);
-            }
+            AbortReceipt::forgetful(live).tell(self.abort_hook.as_ref(), context.request_id());
         })
     }
 
