@@ -144,7 +144,8 @@ impl LoadOptions {
     /// The defaults for `engine`. TinyEngine does real compute (about 15,000 tokens/s
     /// on one CPU core), so by default it runs 1000 requests, has no engine faults, and
     /// allows 2 s between tokens (a busy host must not fire the limit; it still
-    /// catches a stuck engine).
+    /// catches a stuck engine). llama.cpp runs 200 requests, no engine faults, 10 s
+    /// between tokens.
     pub fn for_engine(engine: EngineKind) -> LoadOptions {
         match engine {
             EngineKind::Sim => LoadOptions::default(),
@@ -160,7 +161,6 @@ impl LoadOptions {
             EngineKind::LlamaCpp => LoadOptions {
                 engine,
                 requests: 200,
-                concurrency: 16,
                 chaos: ChaosRates::default().without_engine_faults(),
                 inter_token_timeout: Some(Duration::from_secs(10)),
                 ..LoadOptions::default()
