@@ -278,3 +278,24 @@ fn a_dropped_stream_frees_its_sequence_without_an_item() {
     assert!(ra.try_recv().is_err());
     assert!(b.is_idle(LIMITS));
 }
+
+#[test]
+fn requests_sharing_an_id_are_aborted_oldest_first_each_once() {
+    let mut b = books(2);
+    let (_a, ra) = insert(&mut b, "dup", 3, 10);
+    let (_c, rc) = insert(&mut b, "dup", 3, 10);
+    let mut fx = Effects::default();
+    assert!(b.abort("dup", &mut fx));
+    send_all_for_test(fx.outgoing);
+    assert_eq!(terminal(&ra).finish_reason, Some(FinishReason::Cancelled));
+    assert!(rc.try_recv().is_err(), "the younger one still runs");
+    let mut fx = Effects::default();
+    assert!(
+        b.abort("dup", &mut fx),
+        "the second abort finds the younger one"
+    );
+    send_all_for_test(fx.outgoing);
+    assert_eq!(terminal(&rc).finish_reason, Some(FinishReason::Cancelled));
+    assert!(!b.abort("dup", &mut Effects::default()));
+    assert_eq!(abort_counts(&b), (0, 2));
+}
