@@ -41,10 +41,22 @@ struct Pipeline {
     _subscriber: tracing::subscriber::DefaultGuard,
     provider: SdkTracerProvider,
     collector: Collector,
+    /// One pipeline at a time in this binary: each installs a thread-local subscriber,
+    /// and tracing-core rebuilds every callsite's interest when one comes or goes; a
+    /// span callsite first hit while another test's subscriber is being dropped can
+    /// be cached as disabled (CI once exported 2 of 3 spans under load).
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Serializes the pipelines (see [`Pipeline::_one_at_a_time`]).
+static PIPELINES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Pipeline {
     fn new() -> Pipeline {
+        // A test that failed while holding it poisoned it; the next may still run.
+        let one_at_a_time = PIPELINES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let collector = Collector::start();
         // Built outside any runtime: the exporter's blocking HTTP client must not be
         // created in one.
@@ -60,6 +72,7 @@ impl Pipeline {
             _subscriber: guard,
             provider,
             collector,
+            _one_at_a_time: one_at_a_time,
         }
     }
 
