@@ -1,0 +1,78 @@
+"""The pump: one asyncio task per request that runs the engine's generator.
+
+Internal to tether (the Rust driver starts it); see ``src/engine.rs`` for the protocol
+with its ``Sink``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any
+
+from ._errors import EngineError
+
+
+async def pump(agen: Any, sink: Any) -> None:
+    """Pull the engine's items into ``sink`` until the generator ends or the driver
+    drops the stream, then close the generator (``aclose``), however it ended."""
+    close = True
+    try:
+        if inspect.isawaitable(agen) and not hasattr(agen, "__anext__"):
+            # `async def generate(...)` that returns an async iterable.
+            agen = await agen
+        if not hasattr(agen, "__anext__"):
+            agen = agen.__aiter__()
+        anext = agen.__anext__
+        push = sink.push
+        while True:
+            item = await anext()
+            wait = push(item)
+            if wait is not None and (wait is False or not await wait):
+                return
+    except StopAsyncIteration:
+        sink.end()
+    except asyncio.CancelledError:
+        if not sink.closed:
+            sink.end(EngineError("the engine's task was cancelled", "BackendCancelled"))
+        raise
+    except GeneratorExit:
+        # The pump itself is being closed (its loop is gone, or it was collected while
+        # suspended): nothing may be awaited now. asyncio's async-generator hooks
+        # finalize the engine's generator.
+        close = False
+        if not sink.closed:
+            sink.end(EngineError("the engine's task was closed", "BackendCancelled"))
+        raise
+    except Exception as exc:  # noqa: BLE001 - every engine failure is an error terminal
+        sink.end(exc)
+    except BaseException as exc:
+        # KeyboardInterrupt, SystemExit: end the stream, then let it go.
+        sink.end(EngineError(f"{type(exc).__name__} in the engine", "BackendUnknown"))
+        raise
+    finally:
+        if close:
+            await _close(agen, sink)
+
+
+async def _close(agen: Any, sink: Any) -> None:
+    aclose = getattr(agen, "aclose", None)
+    if aclose is None:
+        return
+    # An engine that swallows GeneratorExit (and yields again) gets a second close: the
+    # `GeneratorExit` then arrives at that `yield`, outside its handler.
+    for attempt in (1, 2):
+        try:
+            await aclose()
+            return
+        except StopAsyncIteration:
+            # CPython's answer to a second close of a generator that ignored the first.
+            return
+        except RuntimeError as exc:
+            # "async generator ignored GeneratorExit"
+            sink.warn(f"closing the engine's generator failed (attempt {attempt}): {exc}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            sink.warn(f"closing the engine's generator raised {type(exc).__name__}: {exc}")
+            return

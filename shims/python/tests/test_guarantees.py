@@ -1,0 +1,399 @@
+"""What tether guarantees a Python engine beyond a cooperative binding: each one a test,
+on asyncio, asyncio with a virtual clock, and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+from typing import Any
+
+import pytest
+
+import tether
+from conftest import LOOPS
+from script import Harness, collect, settle, terminal, tokens
+
+HOUR = 3600.0
+SHORT = 0.05
+
+
+class Warnings(logging.Handler):
+    """Collects what tether logs on the ``tether`` logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> Warnings:
+        logging.getLogger("tether").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.getLogger("tether").removeHandler(self)
+
+
+# -- abort exactly once, whatever the engine swallows -----------------------------------
+
+
+def test_abort_is_sent_once_when_the_engine_swallows_cancelled_error(run):
+    async def main():
+        h = Harness(swallow_cancel=True)
+        s, script, ctx = await h.start("r")
+        await settle(lambda: script.ctx is not None)
+        ctx.kill()
+        assert await collect(s) == [terminal("cancelled")]
+        # The engine was inside its generator: the pump's task was cancelled, and the
+        # engine swallowed the CancelledError and went on waiting.
+        await settle(lambda: script.cancelled_seen == 1)
+        assert (script.aborts, script.closed) == (1, False)
+        # Its next item goes nowhere; the pump closes the generator instead.
+        script.tokens(5)
+        await settle(lambda: script.closed)
+        await h.clean()
+        assert script.aborts == 1
+        assert h.records.one("r").outcome == "cancelled"
+
+    run(main())
+
+
+def test_abort_is_sent_once_when_the_engine_swallows_generator_exit(run):
+    async def main():
+        with Warnings() as warned:
+            h = Harness(swallow_exit=True)
+            s, script, ctx = await h.start("r")
+            # The item waits in the pipe; the pump is parked at its `yield`.
+            script.tokens(1)
+            await settle(lambda: script.yielded == 1)
+            ctx.kill()
+            assert await collect(s) == [terminal("cancelled")]
+            # The engine yielded again instead of closing: the second close took.
+            await settle(lambda: script.closed)
+            assert script.exits_seen == 1
+            assert len(warned.messages) == 1
+            assert "ignored GeneratorExit" in warned.messages[0]
+            del s
+            await h.clean()
+            assert script.aborts == 1
+            assert h.records.one("r").outcome == "cancelled"
+
+    run(main())
+
+
+# -- the generator is closed, however the request ends, after any deferred abort -----
+
+
+@pytest.mark.parametrize("ending", ["terminal", "kill", "drop", "error", "finish", "timeout"])
+def test_the_generator_is_closed_however_the_request_ends(run, ending):
+    async def main():
+        h = Harness(first_token_timeout=SHORT if ending == "timeout" else None)
+        s, script, ctx = await h.start("r")
+        if ending != "timeout":
+            script.tokens(1)
+            assert await s.__anext__() == tokens(1)
+        if ending == "terminal":
+            script.terminal("eos")
+            await collect(s)
+        elif ending == "kill":
+            ctx.kill()
+            await collect(s)
+        elif ending == "drop":
+            s.close()
+        elif ending == "error":
+            script.error(RuntimeError("engine fault"))
+            await collect(s)
+        elif ending == "finish":
+            s.finish("stop")
+            await collect(s)
+        else:
+            await collect(s)
+        await settle(lambda: script.closed)
+        await h.clean()
+        assert len(h.records.by_id["r"]) == 1
+        assert script.aborts == (0 if ending in ("terminal", "error") else 1)
+
+    run(main())
+
+
+def test_decode_kill_before_first_token_cancels_now_and_closes_only_after_the_abort(run):
+    async def main():
+        h = Harness(mode="decode", deferral_deadline=HOUR)
+        s, script, ctx = await h.start("r")
+        await settle(lambda: script.ctx is not None)
+        ctx.kill()
+        assert await collect(s) == [terminal("cancelled")]
+        rec = h.records.one("r")
+        # The consumer is done; the abort is still owed (the engine may be mid KV
+        # transfer), so its generator stays open, drained off the consumer's path.
+        assert (rec.outcome, rec.abort) == ("cancelled", "deferred")
+        del s
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert (script.aborts, script.closed) == (0, False)
+        script.hint()
+        await settle(lambda: script.closed)
+        assert (script.aborts, script.aborts_when_closed) == (1, 1)
+        await h.clean()
+
+    run(main())
+
+
+# -- the consumer's task --------------------------------------------------------------
+
+
+def test_cancelling_the_consumers_task_kills_the_request(run):
+    async def main():
+        h = Harness()
+        s, script, ctx = await h.start("r")
+        script.tokens(1)
+        seen: list[tether.Chunk] = []
+
+        async def consume() -> None:
+            async for chunk in s:
+                seen.append(chunk)
+
+        consumer = asyncio.create_task(consume())
+        await settle(lambda: len(seen) == 1)
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        assert (ctx.is_killed(), ctx.cause) == (True, "caller")
+        await settle(lambda: script.aborts == 1)
+        del s
+        await h.clean()
+        rec = h.records.one("r")
+        assert (rec.outcome, rec.abort, rec.output_tokens) == ("cancelled", "sent", 1)
+        assert script.aborts == 1
+
+    run(main())
+
+
+def test_asyncio_timeout_around_the_consumer_kills_the_request(run):
+    async def main():
+        h = Harness()
+        s, script, ctx = await h.start("r")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(SHORT):
+                await collect(s)
+        assert ctx.is_killed()
+        del s
+        await h.clean()
+        assert script.aborts == 1
+        assert h.records.one("r").outcome == "cancelled"
+
+    run(main())
+
+
+def test_a_second_concurrent_read_is_refused(run):
+    async def main():
+        h = Harness()
+        s, script, _ = await h.start("r")
+        first = asyncio.ensure_future(s.__anext__())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="already being read"):
+            s.__anext__()
+        script.terminal("eos")
+        assert await first == terminal("eos")
+        await h.clean()
+
+    run(main())
+
+
+# -- the engine's task ----------------------------------------------------------------
+
+
+class TaskAwareEngine:
+    """Checks, from inside `generate`, that it runs in a task of its own."""
+
+    model = "task-aware"
+
+    def __init__(self) -> None:
+        self.task_names: list[str] = []
+
+    async def generate(self, request: tether.Request, ctx: tether.GenerateContext):
+        task = asyncio.current_task()
+        assert task is not None
+        self.task_names.append(task.get_name())
+        yield tether.Chunk([1])
+        async with asyncio.timeout(SHORT):
+            await asyncio.Event().wait()
+
+    async def abort(self, ctx: tether.GenerateContext) -> None:
+        pass
+
+
+def test_generate_runs_in_a_task_of_its_own_where_asyncio_timeout_works(run):
+    async def main():
+        engine = TaskAwareEngine()
+        adapter = tether.Adapter(engine)
+        s = await adapter.generate(tether.Request([1], id="r"))
+        out = await collect(s)
+        assert engine.task_names == ["tether:r"]
+        assert asyncio.current_task().get_name() != "tether:r"
+        assert out[0] == tokens(1)
+        assert (out[1].finish_reason, out[1].error) == ("error", "BackendUnknown: TimeoutError: ")
+
+    run(main())
+
+
+# -- a loop closed in the middle of a cancellation ----------------------------------------
+
+
+@pytest.mark.parametrize("loop_name", list(LOOPS))
+@pytest.mark.parametrize("mode", ["agg", "decode"])
+def test_closing_the_loop_during_a_cancellation_breaks_nothing(loop_name, mode):
+    unraisable: list[str] = []
+    old = sys.unraisablehook
+    sys.unraisablehook = lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    try:
+        loop = LOOPS[loop_name]()
+        seen: list[str] = []
+        loop.set_exception_handler(lambda _, c: seen.append(str(c.get("exception") or c["message"])))
+        h = Harness(mode=mode, deferral_deadline=SHORT)
+        stream, script, ctx = loop.run_until_complete(h.start("r"))
+        # The engine parks at a `yield` (an engine awaiting a future of the loop when it
+        # closes is asyncio's own trouble, not tether's: `Queue.get` then complains).
+        script.tokens(1)
+        loop.run_until_complete(settle(lambda: script.yielded == 1))
+        # The kill queues the abort (or, in decode mode, arms its deadline); the loop
+        # closes before either can run, then the stream goes.
+        ctx.kill()
+        loop.close()
+        stream.close()
+        del stream
+        ctx.kill()
+        assert script.aborts == 0
+        assert len(h.records.by_id["r"]) == 1
+    finally:
+        sys.unraisablehook = old
+    assert unraisable == []
+    assert not [m for m in seen if "closed" in m], seen
+
+
+# -- many requests, every ending: the invariants hold for each -------------------------------
+
+
+def test_a_mixed_load_keeps_every_invariant(run):
+    async def main():
+        rng = random.Random(7)
+        h = Harness(mode=rng.choice(["agg", "decode"]), deferral_deadline=SHORT)
+        plans = {}
+        for i in range(60):
+            rid = f"r{i}"
+            plan = rng.choice(["finish", "stop", "kill", "drop", "error", "end"])
+            plans[rid] = plan
+            s, script, ctx = await h.start(rid)
+            script.tokens(i)
+            if plan == "finish":
+                script.terminal("eos")
+            elif plan == "error":
+                script.error(ValueError("x"))
+            elif plan == "end":
+                script.end()
+            first = await s.__anext__()
+            assert first == tokens(i)
+            if plan in ("stop", "kill"):
+                getattr(ctx, plan)()
+                if plan == "stop":
+                    script.terminal("cancelled")
+            if plan == "drop":
+                s.close()
+            else:
+                out = await collect(s)
+                assert sum(1 for c in out if c.is_terminal) == 1 and out[-1].is_terminal
+        await settle(lambda: all(s.closed for s in h.engine.scripts.values()))
+        await h.clean()
+        for rid, plan in plans.items():
+            script = h.engine.scripts[rid]
+            rec = h.records.one(rid)
+            # At most once; exactly once when the record says it was due.
+            assert script.aborts == (1 if rec.abort in ("sent", "deferred") else 0), (rid, plan, rec)
+            assert script.aborts_when_closed == script.aborts, (rid, plan)
+
+    run(main())
+
+
+# -- the contracts ---------------------------------------------------------------------------
+
+
+def test_the_asyncio_runtime_passes_the_runtime_conformance_check(run):
+    async def main():
+        return await tether.run_runtime_conformance()
+
+    assert run(main()) == 9
+
+
+class Countdown:
+    """A small well-behaved engine: `max_tokens` tokens, stops when told."""
+
+    model = "countdown"
+
+    def __init__(self) -> None:
+        self.live = 0
+
+    async def generate(self, request: tether.Request, ctx: tether.GenerateContext):
+        n = request.max_tokens if request.max_tokens is not None else 16
+        for i in range(n):
+            if ctx.is_stopped():
+                yield tether.Chunk(finish_reason="cancelled")
+                return
+            await asyncio.sleep(0)
+            yield tether.Chunk([i])
+        yield tether.Chunk(finish_reason="length")
+
+    async def abort(self, ctx: tether.GenerateContext) -> None:
+        pass
+
+
+def test_a_python_engine_passes_the_conformance_kit(run):
+    async def main():
+        return await tether.run_conformance(Countdown)
+
+    assert run(main()) == 6
+
+
+# -- bad input: a typed error, never a crash ------------------------------------------------
+
+
+def test_bad_input_gets_a_clear_typed_error(run):
+    with pytest.raises(TypeError, match="has no `generate`"):
+        tether.Adapter(object())
+    with pytest.raises(ValueError):
+        tether.Adapter(Countdown(), mode="sideways")
+    with pytest.raises(ValueError, match="deferral_deadline"):
+        tether.Adapter(Countdown(), deferral_deadline=-1.0)
+    with pytest.raises(ValueError, match="first_token_timeout"):
+        tether.Adapter(Countdown(), first_token_timeout=float("nan"))
+    with pytest.raises(ValueError, match="unknown finish reason"):
+        tether.Chunk(finish_reason="done")
+    with pytest.raises(OverflowError):
+        tether.Request([-1])
+    with pytest.raises(ValueError, match="unknown cause"):
+        tether.Context("c").kill("gremlins")
+
+    class Bogus(Countdown):
+        async def generate(self, request, ctx):
+            yield {"token_ids": [1]}
+
+    async def main():
+        adapter = tether.Adapter(Bogus())
+        out = await collect(await adapter.generate(tether.Request([1], id="r")))
+        assert len(out) == 1 and out[0].error_kind == "BackendUnknown"
+        assert "yielded dict, not a tether.Chunk" in out[0].error
+
+    run(main())
+
+
+def test_an_adapter_serves_one_loop(run):
+    adapter = tether.Adapter(Countdown())
+
+    async def use() -> None:
+        await collect(await adapter.generate(tether.Request([1], id="r", max_tokens=1)))
+
+    run(use())
+    with pytest.raises(RuntimeError, match="bound to another event loop"):
+        asyncio.run(use())
