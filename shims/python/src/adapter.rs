@@ -210,14 +210,18 @@ impl Adapter {
         if let Some(on) = kill_on_drop {
             start = start.kill_on_drop(on);
         }
+        let kill_on_drop = kill_on_drop.unwrap_or(self.config.kill_on_drop);
         let generating = std::future::IntoFuture::into_future(start);
         let event_loop2 = event_loop.clone();
         future_into_py(py, event_loop, async move {
             let started = generating.await;
             Python::attach(|py| match started {
-                Ok(stream) => Ok(Bound::new(py, ResponseStream::new(stream, event_loop2))?
-                    .into_any()
-                    .unbind()),
+                Ok(stream) => Ok(Bound::new(
+                    py,
+                    ResponseStream::new(stream, event_loop2, kill_on_drop),
+                )?
+                .into_any()
+                .unbind()),
                 Err(err) => Err(to_py_error(py, &err)),
             })
         })
@@ -243,6 +247,8 @@ struct Reader {
     pending: Mutex<Option<Py<PyAny>>>,
     scheduled: AtomicBool,
     event_loop: Arc<Loop>,
+    /// The stream's kill-on-drop setting: a cancelled read is then a client disconnect.
+    kill_on_drop: AtomicBool,
 }
 
 impl Reader {
@@ -344,12 +350,15 @@ impl KillOnCancel {
                 *pending = None;
             }
             drop(pending);
-            // Kill (cause caller), then let go of the stream the way a kill-on-drop does:
-            // the owed `cancelled` terminal is taken at once, so the outcome is
-            // `cancelled`, whether or not the task is collected soon.
+            // Kill, then let go of the stream the way a kill-on-drop does: the owed
+            // `cancelled` terminal is taken at once, so the outcome is `cancelled`,
+            // whether or not the task is collected soon. The cause is the caller's,
+            // or, on a kill-on-drop stream (an HTTP edge), the client's disconnect.
             let stream = lock(&self.0.stream).take();
             if let Some(mut stream) = stream {
-                stream.context().kill_with(Cause::Caller);
+                if !self.0.kill_on_drop.load(Ordering::Acquire) {
+                    stream.context().kill_with(Cause::Caller);
+                }
                 stream.set_kill_on_drop(true);
                 drop(stream);
             }
@@ -397,7 +406,7 @@ impl fmt::Debug for ResponseStream {
 }
 
 impl ResponseStream {
-    fn new(stream: CoreStream, event_loop: Arc<Loop>) -> ResponseStream {
+    fn new(stream: CoreStream, event_loop: Arc<Loop>, kill_on_drop: bool) -> ResponseStream {
         ResponseStream {
             request_id: stream.request_id().to_owned(),
             context: stream.context().clone(),
@@ -406,6 +415,7 @@ impl ResponseStream {
                 pending: Mutex::new(None),
                 scheduled: AtomicBool::new(false),
                 event_loop,
+                kill_on_drop: AtomicBool::new(kill_on_drop),
             }),
         }
     }
@@ -474,6 +484,7 @@ impl ResponseStream {
 
     /// Make a drop before the terminal a kill with cause `client_disconnect`.
     fn set_kill_on_drop(&self, on: bool) {
+        self.reader.kill_on_drop.store(on, Ordering::Release);
         if let Some(s) = lock(&self.reader.stream).as_mut() {
             s.set_kill_on_drop(on);
         }

@@ -172,6 +172,28 @@ def test_cancelling_the_consumers_task_kills_the_request(run):
     run(main())
 
 
+def test_on_a_kill_on_drop_stream_a_cancelled_read_is_a_client_disconnect(run):
+    async def main():
+        h = Harness(kill_on_drop=True)
+        s, script, ctx = await h.start("r")
+        reader = asyncio.ensure_future(s.__anext__())
+        await asyncio.sleep(0)
+        reader.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        await settle(lambda: ctx.is_killed())
+        assert ctx.cause == "client_disconnect"
+        # The stream ended with the kill: a later read finds nothing.
+        with pytest.raises(StopAsyncIteration):
+            await s.__anext__()
+        await h.clean()
+        rec = h.records.one("r")
+        assert (rec.outcome, rec.cause, rec.abort) == ("cancelled", "client_disconnect", "sent")
+        assert script.aborts == 1
+
+    run(main())
+
+
 def test_asyncio_timeout_around_the_consumer_kills_the_request(run):
     async def main():
         h = Harness()
