@@ -17,7 +17,9 @@ use std::task::{Context as TaskContext, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures_core::Stream;
-use pyo3::exceptions::{PyRuntimeError, PyStopAsyncIteration, PyTypeError, PyValueError};
+use pyo3::exceptions::{
+    PyRuntimeError, PyStopAsyncIteration, PyStopIteration, PyTypeError, PyValueError,
+};
 use pyo3::prelude::*;
 use tether_core::drive::{AbortStatus, Outcome, RequestRecord};
 use tether_core::{
@@ -49,6 +51,8 @@ pub(crate) struct Adapter {
     engine: Py<PyAny>,
     config: AdapterConfig,
     buffer: usize,
+    /// `asyncio.get_running_loop`, looked up once.
+    get_running_loop: Py<PyAny>,
     bound: OnceLock<(Arc<Loop>, CoreAdapter)>,
 }
 
@@ -76,7 +80,7 @@ impl Observer for PyObserver {
 impl Adapter {
     /// The core adapter on the running loop, made at the first call.
     fn bound(&self, py: Python<'_>) -> PyResult<&(Arc<Loop>, CoreAdapter)> {
-        let running = py.import("asyncio")?.call_method0("get_running_loop")?;
+        let running = self.get_running_loop.bind(py).call0()?;
         if let Some(bound) = self.bound.get() {
             if !bound.0.is(py, &running) {
                 return Err(PyRuntimeError::new_err(
@@ -106,7 +110,7 @@ impl Adapter {
     #[new]
     #[pyo3(signature = (engine, *, mode = "agg", deferral_deadline = 30.0, cancel_grace = None,
         first_token_timeout = None, inter_token_timeout = None, kill_on_drop = false,
-        observer = None, buffer = 1))]
+        observer = None, buffer = 16))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         engine: Py<PyAny>,
@@ -119,7 +123,7 @@ impl Adapter {
         observer: Option<Py<PyAny>>,
         buffer: usize,
     ) -> PyResult<Adapter> {
-        Python::attach(|py| -> PyResult<()> {
+        let get_running_loop = Python::attach(|py| -> PyResult<Py<PyAny>> {
             let engine = engine.bind(py);
             for method in ["generate", "abort"] {
                 let callable = engine
@@ -133,7 +137,7 @@ impl Adapter {
                     )));
                 }
             }
-            Ok(())
+            Ok(py.import("asyncio")?.getattr("get_running_loop")?.unbind())
         })?;
         let mode: Mode = mode
             .parse()
@@ -161,6 +165,7 @@ impl Adapter {
             engine,
             config,
             buffer,
+            get_running_loop,
             bound: OnceLock::new(),
         })
     }
@@ -243,62 +248,59 @@ impl Adapter {
 /// The consumer's side of one request.
 struct Reader {
     stream: Mutex<Option<CoreStream>>,
-    /// The future a read waits on, while one does.
+    /// The future a pending read's task waits on (yielded by [`Next`]).
     pending: Mutex<Option<Py<PyAny>>>,
-    scheduled: AtomicBool,
     event_loop: Arc<Loop>,
     /// The stream's kill-on-drop setting: a cancelled read is then a client disconnect.
     kill_on_drop: AtomicBool,
+    /// The request's record, kept when the stream is let go.
+    record: Mutex<Option<RequestRecord>>,
 }
 
 impl Reader {
-    /// Poll the stream once for the read waiting on `future`.
-    fn poll(self: &Arc<Self>, py: Python<'_>) -> Poll<Option<Annotated<CoreChunk>>> {
+    /// Let go of the driver's stream (dropping it, with the locks released), keeping
+    /// its record.
+    fn release(&self, stream: Option<CoreStream>) {
+        if let Some(stream) = stream {
+            let record = stream.record();
+            drop(stream);
+            if let Some(record) = record {
+                *lock(&self.record) = Some(record);
+            }
+        }
+    }
+
+    /// Poll the stream once.
+    fn poll(self: &Arc<Self>) -> Poll<Option<Annotated<CoreChunk>>> {
         let waker = Waker::from(self.clone());
         let mut cx = TaskContext::from_waker(&waker);
         let mut slot = lock(&self.stream);
         let Some(stream) = slot.as_mut() else {
             return Poll::Ready(None);
         };
-        let _ = py;
         let polled = Pin::new(stream).poll_next(&mut cx);
         if let Poll::Ready(None) = polled {
             // Over: release the driver's stream (and the engine's) now.
             let done = slot.take();
             drop(slot);
-            drop(done);
+            self.release(done);
         }
         polled
     }
 
-    /// A loop callback: the stream woke the pending read.
-    fn resume(self: &Arc<Self>, py: Python<'_>) {
-        self.scheduled.store(false, Ordering::Release);
-        let Some(future) = lock(&self.pending).as_ref().map(|f| f.clone_ref(py)) else {
-            return;
-        };
-        let future = future.bind(py);
-        if future
-            .call_method0("done")
-            .and_then(|d| d.is_truthy())
-            .unwrap_or(true)
-        {
-            return;
-        }
-        let settled = match self.poll(py) {
-            Poll::Pending => return,
-            Poll::Ready(Some(item)) => to_chunk(py, item)
-                .and_then(|chunk| future.call_method1("set_result", (chunk,)).map(drop)),
-            Poll::Ready(None) => future
-                .call_method1(
-                    "set_exception",
-                    (PyStopAsyncIteration::new_err(()).into_value(py),),
-                )
-                .map(drop),
-        };
-        *lock(&self.pending) = None;
-        if let Err(e) = settled {
-            e.write_unraisable(py, None);
+    /// The reader's task was cancelled while it waited (or an exception was thrown
+    /// into the read): kill, then let go of the stream the way a kill-on-drop does, so
+    /// the owed `cancelled` terminal is taken at once and the outcome is `cancelled`,
+    /// whether or not the task is collected soon. The cause is the caller's, or on a
+    /// kill-on-drop stream (an HTTP edge) the client's disconnect.
+    fn cancelled(&self) {
+        let stream = lock(&self.stream).take();
+        if let Some(mut stream) = stream {
+            if !self.kill_on_drop.load(Ordering::Acquire) {
+                stream.context().kill_with(Cause::Caller);
+            }
+            stream.set_kill_on_drop(true);
+            self.release(Some(stream));
         }
     }
 }
@@ -307,63 +309,119 @@ impl Wake for Reader {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
+    /// Resolve the pending read's future: its task resumes and polls again. On the
+    /// loop's thread this is one `set_result` (no callback of ours in between);
+    /// elsewhere it goes through `call_soon_threadsafe`.
     fn wake_by_ref(self: &Arc<Self>) {
-        if self.scheduled.swap(true, Ordering::AcqRel) {
+        let Some(future) = lock(&self.pending).take() else {
             return;
-        }
+        };
         Python::attach(|py| {
-            let resumed = Bound::new(py, Resume(self.clone()))
-                .and_then(|r| self.event_loop.call_soon(py, r.into_any(), &[]));
-            if resumed.is_err() {
-                // The loop is closed: no read will be resumed.
-                self.scheduled.store(false, Ordering::Release);
+            let future = future.bind(py);
+            if self.event_loop.on_loop_thread() {
+                // A future cancelled meanwhile refuses: its task was told already.
+                let _ = future.call_method1("set_result", (py.None(),));
+            } else if let Ok(resume) = Bound::new(py, ResumeSoon(future.clone().unbind())) {
+                // On a closed loop there is no task left to resume.
+                let _ = self.event_loop.call_soon(py, resume.into_any(), &[]);
             }
         });
     }
 }
 
-/// The loop callback that resumes a pending read.
+/// Drops a stream on the loop's thread (for one collected on another).
 #[pyclass(frozen, module = "tether._native")]
-struct Resume(Arc<Reader>);
+struct ReleaseSoon(Arc<Reader>);
 
 #[pymethods]
-impl Resume {
-    fn __call__(&self, py: Python<'_>) {
-        self.0.resume(py);
+impl ReleaseSoon {
+    fn __call__(&self) {
+        let stream = lock(&self.0.stream).take();
+        self.0.release(stream);
     }
 }
 
-/// Kills the request when a pending read is cancelled (the consumer's task was), and
-/// ends the stream: a later read gets `StopAsyncIteration`.
+/// Resolves a read's future from the loop's thread (for a wake from another thread).
 #[pyclass(frozen, module = "tether._native")]
-struct KillOnCancel(Arc<Reader>);
+struct ResumeSoon(Py<PyAny>);
 
 #[pymethods]
-impl KillOnCancel {
-    fn __call__(&self, future: &Bound<'_, PyAny>) -> PyResult<()> {
-        if future.call_method0("cancelled")?.is_truthy()? {
-            let mut pending = lock(&self.0.pending);
-            if pending
-                .as_ref()
-                .is_some_and(|f| f.bind(future.py()).is(future))
-            {
-                *pending = None;
+impl ResumeSoon {
+    fn __call__(&self, py: Python<'_>) {
+        let future = self.0.bind(py);
+        let done = future
+            .call_method0("done")
+            .and_then(|d| d.is_truthy())
+            .unwrap_or(true);
+        if !done {
+            let _ = future.call_method1("set_result", (py.None(),));
+        }
+    }
+}
+
+/// One read of a [`ResponseStream`]: the awaitable `__anext__` returns. Awaiting it
+/// polls the stream; while the stream has nothing, it yields an asyncio future that
+/// the stream's waker resolves, and polls again when its task resumes. A chunk that
+/// is ready costs no loop iteration.
+#[pyclass(module = "tether._native")]
+struct Next {
+    reader: Arc<Reader>,
+}
+
+impl Next {
+    fn step(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self.reader.poll() {
+            Poll::Ready(Some(item)) => {
+                let chunk = to_chunk(py, item)?;
+                Err(PyStopIteration::new_err((chunk.unbind(),)))
             }
-            drop(pending);
-            // Kill, then let go of the stream the way a kill-on-drop does: the owed
-            // `cancelled` terminal is taken at once, so the outcome is `cancelled`,
-            // whether or not the task is collected soon. The cause is the caller's,
-            // or, on a kill-on-drop stream (an HTTP edge), the client's disconnect.
-            let stream = lock(&self.0.stream).take();
-            if let Some(mut stream) = stream {
-                if !self.0.kill_on_drop.load(Ordering::Acquire) {
-                    stream.context().kill_with(Cause::Caller);
-                }
-                stream.set_kill_on_drop(true);
-                drop(stream);
+            Poll::Ready(None) => Err(PyStopAsyncIteration::new_err(())),
+            Poll::Pending => {
+                let future = self.reader.event_loop.create_future(py)?;
+                future.setattr("_asyncio_future_blocking", true)?;
+                *lock(&self.reader.pending) = Some(future.clone().unbind());
+                Ok(future.unbind())
             }
         }
-        Ok(())
+    }
+}
+
+#[pymethods]
+impl Next {
+    fn __await__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+    fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        self.step(py)
+    }
+    fn send(&self, py: Python<'_>, _value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        self.step(py)
+    }
+    /// Something was thrown into the read: the task was cancelled (`CancelledError`),
+    /// or a timeout fired around it. The request is killed; the exception goes on.
+    #[pyo3(signature = (kind, value = None, _traceback = None))]
+    fn throw(
+        &self,
+        py: Python<'_>,
+        kind: &Bound<'_, PyAny>,
+        value: Option<&Bound<'_, PyAny>>,
+        _traceback: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        *lock(&self.reader.pending) = None;
+        self.reader.cancelled();
+        let exception = match value {
+            Some(value) if !value.is_none() => value.clone(),
+            _ if kind.is_instance_of::<pyo3::types::PyType>() => kind.call0()?,
+            _ => kind.clone(),
+        };
+        let _ = py;
+        Err(PyErr::from_value(exception))
+    }
+    fn close(&self) {
+        *lock(&self.reader.pending) = None;
     }
 }
 
@@ -406,6 +464,18 @@ impl fmt::Debug for ResponseStream {
 }
 
 impl ResponseStream {
+    /// A stream is its loop's, like every asyncio object: used from another thread it
+    /// could deadlock against the loop's own reads (its lock, then the GIL).
+    fn on_its_thread(&self) -> PyResult<()> {
+        if self.reader.event_loop.on_loop_thread() {
+            Ok(())
+        } else {
+            Err(PyRuntimeError::new_err(
+                "a tether.ResponseStream is used from its event loop's thread only (stop or kill its Context from anywhere)",
+            ))
+        }
+    }
+
     fn new(stream: CoreStream, event_loop: Arc<Loop>, kill_on_drop: bool) -> ResponseStream {
         ResponseStream {
             request_id: stream.request_id().to_owned(),
@@ -413,9 +483,9 @@ impl ResponseStream {
             reader: Arc::new(Reader {
                 stream: Mutex::new(Some(stream)),
                 pending: Mutex::new(None),
-                scheduled: AtomicBool::new(false),
                 event_loop,
                 kill_on_drop: AtomicBool::new(kill_on_drop),
+                record: Mutex::new(None),
             }),
         }
     }
@@ -425,8 +495,27 @@ impl Drop for ResponseStream {
     /// The driver's stream holds the reader's waker, so the reader outlives this object
     /// (a cycle through Rust): the stream is dropped here, with the Python object.
     fn drop(&mut self) {
-        let stream = lock(&self.reader.stream).take();
-        drop(stream);
+        if self.reader.event_loop.on_loop_thread() {
+            let stream = lock(&self.reader.stream).take();
+            drop(stream);
+            return;
+        }
+        // Collected on another thread: the loop's thread may be polling this stream
+        // (holding its lock, waiting for the GIL this thread holds), so the drop is
+        // handed to the loop. On a closed loop nobody polls: take it if it is free.
+        let handed = Python::attach(|py| {
+            Bound::new(py, ReleaseSoon(self.reader.clone()))
+                .and_then(|r| self.reader.event_loop.call_soon(py, r.into_any(), &[]))
+        });
+        if handed.is_err() {
+            let stream = self
+                .reader
+                .stream
+                .try_lock()
+                .ok()
+                .and_then(|mut s| s.take());
+            drop(stream);
+        }
     }
 }
 
@@ -436,25 +525,16 @@ impl ResponseStream {
         slf
     }
 
-    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    fn __anext__(&self) -> PyResult<Next> {
+        self.on_its_thread()?;
         if lock(&self.reader.pending).is_some() {
             return Err(PyRuntimeError::new_err(
                 "anext(): the stream is already being read by another task",
             ));
         }
-        let future = self.reader.event_loop.create_future(py)?;
-        match self.reader.poll(py) {
-            Poll::Ready(Some(item)) => {
-                future.call_method1("set_result", (to_chunk(py, item)?,))?;
-            }
-            Poll::Ready(None) => return Err(PyStopAsyncIteration::new_err(())),
-            Poll::Pending => {
-                *lock(&self.reader.pending) = Some(future.clone().unbind());
-                let on_cancel = Bound::new(py, KillOnCancel(self.reader.clone()))?;
-                future.call_method1("add_done_callback", (on_cancel,))?;
-            }
-        }
-        Ok(future)
+        Ok(Next {
+            reader: self.reader.clone(),
+        })
     }
 
     /// The request's id.
@@ -476,6 +556,7 @@ impl ResponseStream {
     /// request is already over or a terminal is already owed.
     #[pyo3(signature = (reason = "stop"))]
     fn finish(&self, reason: &str) -> PyResult<bool> {
+        self.on_its_thread()?;
         let reason = parse_reason(reason, None)?;
         Ok(lock(&self.reader.stream)
             .as_mut()
@@ -483,32 +564,38 @@ impl ResponseStream {
     }
 
     /// Make a drop before the terminal a kill with cause `client_disconnect`.
-    fn set_kill_on_drop(&self, on: bool) {
+    fn set_kill_on_drop(&self, on: bool) -> PyResult<()> {
+        self.on_its_thread()?;
         self.reader.kill_on_drop.store(on, Ordering::Release);
         if let Some(s) = lock(&self.reader.stream).as_mut() {
             s.set_kill_on_drop(on);
         }
+        Ok(())
     }
 
     /// The request's record once it is over for the consumer, else `None`.
     #[getter]
-    fn record(&self) -> Option<Record> {
-        lock(&self.reader.stream)
+    fn record(&self) -> PyResult<Option<Record>> {
+        self.on_its_thread()?;
+        let live = lock(&self.reader.stream)
             .as_ref()
-            .and_then(CoreStream::record)
-            .map(|r| Record::of(&r))
+            .and_then(CoreStream::record);
+        let record = live.or_else(|| lock(&self.reader.record).clone());
+        Ok(record.map(|r| Record::of(&r)))
     }
 
     /// Drop the stream now (what garbage collection would do): before its terminal, the
     /// request is recorded `dropped` (or killed, with kill-on-drop) and the engine aborted.
-    fn close(&self) {
+    fn close(&self) -> PyResult<()> {
+        self.on_its_thread()?;
         let stream = lock(&self.reader.stream).take();
-        drop(stream);
+        self.reader.release(stream);
+        Ok(())
     }
 
     /// `await stream.aclose()`: [`close`](ResponseStream::close) as a coroutine.
     fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        self.close();
+        self.close()?;
         let future = self.reader.event_loop.create_future(py)?;
         future.call_method1("set_result", (py.None(),))?;
         Ok(future)

@@ -29,7 +29,6 @@ use std::task::{Context as TaskContext, Poll, Waker};
 
 use futures_core::Stream;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 use tether_core::engine::{BoxFuture, ChunkStream};
 use tether_core::{
     BackendError, Chunk as CoreChunk, EngineConfig, EngineError, ErrorKind, GenerateContext,
@@ -222,14 +221,7 @@ impl LlmEngine for PyEngine {
                 let ctx = Bound::new(py, PyGenerateContext { inner: context })?;
                 let name = format!("tether:abort:{}", ctx.get().inner.request_id());
                 let call = self.engine.bind(py).call_method1("abort", (ctx,))?;
-                let kwargs = PyDict::new(py);
-                kwargs.set_item("name", name)?;
-                let task = self.event_loop.event_loop(py).call_method(
-                    "create_task",
-                    (call,),
-                    Some(&kwargs),
-                )?;
-                Ok(task.unbind())
+                Ok(self.event_loop.start_task(py, call, name)?.unbind())
             });
             let outcome = match pending {
                 Ok(task) => PyTask::new(task).await.map(drop),
@@ -273,15 +265,15 @@ impl PyEngine {
             event_loop: self.event_loop.clone(),
         });
         let sink = Bound::new(py, Sink(pipe.clone()))?;
-        let coroutine = self.pump.bind(py).call1((agen, sink))?;
-        let kwargs = PyDict::new(py);
-        kwargs.set_item("name", name)?;
-        let task = self.event_loop.event_loop(py).call_method(
-            "create_task",
-            (coroutine,),
-            Some(&kwargs),
-        )?;
-        lock(&pipe.state).task = Some(task.unbind());
+        let iterator = agen.hasattr("__anext__")?;
+        let coroutine = self.pump.bind(py).call1((agen, sink, iterator))?;
+        let task = self.event_loop.start_task(py, coroutine, name)?;
+        let mut st = lock(&pipe.state);
+        // An eager pump may be done already (the whole generator ran in this call).
+        if st.end.is_none() || !st.items.is_empty() {
+            st.task = Some(task.unbind());
+        }
+        drop(st);
         Ok(Box::pin(PumpStream(pipe)))
     }
 }

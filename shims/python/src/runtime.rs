@@ -52,7 +52,13 @@ pub(crate) struct Loop {
     call_soon_threadsafe: Py<PyAny>,
     call_at: Py<PyAny>,
     time: Py<PyAny>,
+    /// `loop.time` is asyncio's own (`time.monotonic()`, the clock [`Instant`] reads):
+    /// `now()` then reads [`Instant::now`] and spares a call into Python.
+    monotonic: bool,
     create_future: Py<PyAny>,
+    create_task: Py<PyAny>,
+    /// Python 3.12+: tasks can start eagerly (`eager_start=True`).
+    task_class: Option<Py<PyAny>>,
     /// The same moment on both clocks: `anchor` is `anchor_loop` on the loop's.
     anchor: Instant,
     anchor_loop: f64,
@@ -76,7 +82,21 @@ impl Loop {
 
     /// `event_loop`, which runs on this thread.
     pub(crate) fn of(event_loop: &Bound<'_, PyAny>) -> PyResult<Arc<Loop>> {
+        let py = event_loop.py();
+        let asyncio = py.import("asyncio")?;
         let time = event_loop.getattr("time")?;
+        let standard_time = asyncio.getattr("BaseEventLoop")?.getattr("time")?;
+        let monotonic = event_loop
+            .get_type()
+            .getattr("time")
+            .map(|t| t.is(&standard_time))
+            .unwrap_or(false);
+        let eager = py.version_info() >= (3, 12);
+        let task_class = if eager {
+            Some(asyncio.getattr("Task")?.unbind())
+        } else {
+            None
+        };
         let anchor_loop: f64 = time.call0()?.extract()?;
         let anchor = Instant::now();
         Ok(Arc::new(Loop {
@@ -85,6 +105,9 @@ impl Loop {
             call_soon_threadsafe: event_loop.getattr("call_soon_threadsafe")?.unbind(),
             call_at: event_loop.getattr("call_at")?.unbind(),
             create_future: event_loop.getattr("create_future")?.unbind(),
+            create_task: event_loop.getattr("create_task")?.unbind(),
+            task_class,
+            monotonic,
             time: time.unbind(),
             event_loop: event_loop.clone().unbind(),
             anchor,
@@ -107,7 +130,28 @@ impl Loop {
         self.create_future.bind(py).call0()
     }
 
-    fn on_loop_thread(&self) -> bool {
+    /// Run `coroutine` in a new `asyncio.Task` named `name`. On Python 3.12+ the task
+    /// starts eagerly: it runs to its first suspension now, in this call (as
+    /// `asyncio.eager_task_factory` does), saving a loop iteration per request.
+    pub(crate) fn start_task<'py>(
+        &self,
+        py: Python<'py>,
+        coroutine: Bound<'py, PyAny>,
+        name: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("name", name)?;
+        match &self.task_class {
+            Some(task) => {
+                kwargs.set_item("loop", self.event_loop.bind(py))?;
+                kwargs.set_item("eager_start", true)?;
+                task.bind(py).call((coroutine,), Some(&kwargs))
+            }
+            None => self.create_task.bind(py).call((coroutine,), Some(&kwargs)),
+        }
+    }
+
+    pub(crate) fn on_loop_thread(&self) -> bool {
         std::thread::current().id() == self.thread
     }
 
@@ -133,6 +177,9 @@ impl Loop {
 
     /// The loop's clock, as an [`Instant`].
     pub(crate) fn now(&self) -> Instant {
+        if self.monotonic {
+            return Instant::now();
+        }
         Python::attach(|py| {
             match self.time.bind(py).call0().and_then(|t| t.extract::<f64>()) {
                 Ok(t) => self.instant_at(t),
@@ -419,9 +466,21 @@ impl Drop for LoopTimer {
     }
 }
 
-/// Poll `future` on `event_loop` and resolve a new `asyncio.Future` with its output;
-/// cancelling that future drops `future`. The first poll happens now, so a future that
-/// is ready at once comes back already done (no loop iteration spent).
+/// Where a bridged future's output goes: kept for the caller while the first poll runs,
+/// then into the `asyncio.Future` made for a future that had to wait.
+enum Outlet {
+    /// The first poll is running.
+    First,
+    /// Done in the first poll.
+    Output(PyResult<Py<PyAny>>),
+    /// Pending after the first poll: resolve this future.
+    Future(Py<PyAny>),
+}
+
+/// Poll `future` on `event_loop` and give its output to Python as an awaitable. The
+/// first poll happens now: a future that is ready at once comes back as a [`Ready`]
+/// awaitable (no `asyncio.Future`, no loop iteration); one that must wait comes back
+/// as an `asyncio.Future`, and cancelling that future drops `future`.
 pub(crate) fn future_into_py<'py, F>(
     py: Python<'py>,
     event_loop: &Arc<Loop>,
@@ -430,12 +489,22 @@ pub(crate) fn future_into_py<'py, F>(
 where
     F: Future<Output = PyResult<Py<PyAny>>> + Send + 'static,
 {
-    let py_future = event_loop.create_future(py)?;
-    let target = py_future.clone().unbind();
+    let outlet = Arc::new(Mutex::new(Outlet::First));
+    let sink = outlet.clone();
     let task = Task::new(
         event_loop,
         Box::pin(async move {
             let output = future.await;
+            let target = {
+                let mut slot = lock(&sink);
+                match std::mem::replace(&mut *slot, Outlet::First) {
+                    Outlet::Future(target) => target,
+                    _ => {
+                        *slot = Outlet::Output(output);
+                        return;
+                    }
+                }
+            };
             Python::attach(|py| {
                 let target = target.bind(py);
                 // Cancelled meanwhile: nobody wants the output.
@@ -454,12 +523,44 @@ where
         }),
     );
     task.poll_now();
-    let done = py_future.call_method0("done")?.is_truthy()?;
-    if !done {
-        let on_done = Bound::new(py, CancelOnDone(task))?;
-        py_future.call_method1("add_done_callback", (on_done,))?;
+    let mut slot = lock(&outlet);
+    if let Outlet::Output(_) = &*slot {
+        let Outlet::Output(output) = std::mem::replace(&mut *slot, Outlet::First) else {
+            unreachable!("matched above");
+        };
+        drop(slot);
+        return Ok(Bound::new(py, Ready(Mutex::new(Some(output))))?.into_any());
     }
+    let py_future = event_loop.create_future(py)?;
+    *slot = Outlet::Future(py_future.clone().unbind());
+    drop(slot);
+    let on_done = Bound::new(py, CancelOnDone(task))?;
+    py_future.call_method1("add_done_callback", (on_done,))?;
     Ok(py_future)
+}
+
+/// An awaitable whose output is known already: awaiting it returns (or raises) at
+/// once, without suspending.
+#[pyclass(frozen, module = "tether._native")]
+struct Ready(Mutex<Option<PyResult<Py<PyAny>>>>);
+
+#[pymethods]
+impl Ready {
+    fn __await__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+    fn __next__(&self) -> PyResult<Py<PyAny>> {
+        match lock(&self.0).take() {
+            Some(Ok(value)) => Err(pyo3::exceptions::PyStopIteration::new_err((value,))),
+            Some(Err(err)) => Err(err),
+            None => Err(pyo3::exceptions::PyRuntimeError::new_err(
+                "cannot reuse an already awaited tether awaitable",
+            )),
+        }
+    }
 }
 
 /// Drops a bridged future when its `asyncio.Future` is cancelled.

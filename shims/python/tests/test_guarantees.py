@@ -64,9 +64,9 @@ def test_abort_is_sent_once_when_the_engine_swallows_cancelled_error(run):
 def test_abort_is_sent_once_when_the_engine_swallows_generator_exit(run):
     async def main():
         with Warnings() as warned:
-            h = Harness(swallow_exit=True)
+            h = Harness(swallow_exit=True, buffer=1)
             s, script, ctx = await h.start("r")
-            # The item waits in the pipe; the pump is parked at its `yield`.
+            # The item waits in the pipe (room for one); the pump is parked at its `yield`.
             script.tokens(1)
             await settle(lambda: script.yielded == 1)
             ctx.kill()
@@ -225,6 +225,53 @@ def test_a_second_concurrent_read_is_refused(run):
     run(main())
 
 
+def test_a_kill_from_another_thread_wakes_a_pending_reader(run):
+    import threading
+
+    async def main():
+        h = Harness()
+        s, script, ctx = await h.start("r")
+        reader = asyncio.ensure_future(s.__anext__())
+        await asyncio.sleep(0)
+        killer = threading.Thread(target=ctx.kill)
+        killer.start()
+        assert await reader == terminal("cancelled")
+        killer.join()
+        # The stream is its loop's: from another thread it refuses, typed.
+        errors: list[BaseException] = []
+
+        def misuse() -> None:
+            try:
+                s.finish("stop")
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=misuse)
+        t.start()
+        t.join()
+        assert len(errors) == 1 and "event loop's thread" in str(errors[0])
+        await h.clean()
+        assert script.aborts == 1
+
+    run(main())
+
+
+def test_the_record_is_on_the_stream_once_it_is_over(run):
+    async def main():
+        h = Harness()
+        s, script, _ = await h.start("r")
+        assert s.record is None
+        script.tokens(1, 2).terminal("eos")
+        await collect(s)
+        rec = s.record
+        assert rec is not None
+        assert (rec.outcome, rec.finish_reason, rec.output_tokens) == ("finished", "eos", 2)
+        assert rec.ttft is not None and rec.ttft >= 0
+        await h.clean()
+
+    run(main())
+
+
 # -- the engine's task ----------------------------------------------------------------
 
 
@@ -275,7 +322,7 @@ def test_closing_the_loop_during_a_cancellation_breaks_nothing(loop_name, mode):
         loop = LOOPS[loop_name]()
         seen: list[str] = []
         loop.set_exception_handler(lambda _, c: seen.append(str(c.get("exception") or c["message"])))
-        h = Harness(mode=mode, deferral_deadline=SHORT)
+        h = Harness(mode=mode, deferral_deadline=SHORT, buffer=1)
         stream, script, ctx = loop.run_until_complete(h.start("r"))
         # The engine parks at a `yield` (an engine awaiting a future of the loop when it
         # closes is asyncio's own trouble, not tether's: `Queue.get` then complains).

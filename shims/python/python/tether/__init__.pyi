@@ -236,7 +236,8 @@ class ResponseStream:
     def set_kill_on_drop(self, on: bool) -> None: ...
     @property
     def record(self) -> Record | None:
-        """Once the stream is over for its reader."""
+        """Once the stream's terminal was read (for a stream closed before it, the
+        record goes to the adapter's observer only)."""
     def close(self) -> None:
         """Drop the stream now (what garbage collection would do)."""
     async def aclose(self) -> None: ...
@@ -256,11 +257,13 @@ class Adapter:
         inter_token_timeout: float | None = None,
         kill_on_drop: bool = False,
         observer: Callable[[Record], Any] | None = None,
-        buffer: int = 1,
+        buffer: int = 16,
     ) -> Adapter:
         """Times are seconds. ``observer`` is called with each request's record, where
         the request ends (keep it short; its exceptions are reported, not raised).
-        ``buffer``: how many chunks the engine's task may run ahead of the reader."""
+        ``buffer``: how many chunks the engine's task may run ahead of the reader
+        (it waits when that many are unread: backpressure; 1 makes every chunk a
+        round trip between the two tasks)."""
     async def start(self, worker_id: int = 0) -> str:
         """Start the engine; returns its model name."""
     async def cleanup(self) -> None: ...

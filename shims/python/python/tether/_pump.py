@@ -13,16 +13,20 @@ from typing import Any
 from ._errors import EngineError
 
 
-async def pump(agen: Any, sink: Any) -> None:
+async def pump(agen: Any, sink: Any, iterator: bool) -> None:
     """Pull the engine's items into ``sink`` until the generator ends or the driver
-    drops the stream, then close the generator (``aclose``), however it ended."""
+    drops the stream, then close the generator (``aclose``), however it ended.
+
+    ``iterator``: ``agen`` has ``__anext__`` already (the driver checked); otherwise it
+    is an awaitable or an async iterable, resolved here, in the engine's task."""
     close = True
     try:
-        if inspect.isawaitable(agen) and not hasattr(agen, "__anext__"):
-            # `async def generate(...)` that returns an async iterable.
-            agen = await agen
-        if not hasattr(agen, "__anext__"):
-            agen = agen.__aiter__()
+        if not iterator:
+            if inspect.isawaitable(agen):
+                # `async def generate(...)` that returns an async iterable.
+                agen = await agen
+            if not hasattr(agen, "__anext__"):
+                agen = agen.__aiter__()
         anext = agen.__anext__
         push = sink.push
         while True:
@@ -31,6 +35,8 @@ async def pump(agen: Any, sink: Any) -> None:
             if wait is not None and (wait is False or not await wait):
                 return
     except StopAsyncIteration:
+        # Exhausted: there is nothing left to close.
+        close = False
         sink.end()
     except asyncio.CancelledError:
         if not sink.closed:
