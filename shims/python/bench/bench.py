@@ -31,7 +31,7 @@ import argparse
 import asyncio
 import statistics
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 import uvloop
 
@@ -43,7 +43,7 @@ PENDING, STREAMING, TERMINAL = 0, 1, 2
 class Engine:
     model = "bench"
 
-    async def generate(self, request: tether.Request, ctx: Any) -> AsyncIterator[tether.Chunk]:
+    async def generate(self, request: tether.Request, ctx: Any) -> AsyncGenerator[tether.Chunk, None]:
         for i in range(request.max_tokens or 0):
             yield tether.Chunk([i])
         yield tether.Chunk(finish_reason="length")
