@@ -22,7 +22,8 @@ awaiting anything, so what is measured is the layer between engine and consumer:
 A request of ``n`` tokens has ``n + 1`` chunks (the tokens, then the terminal). The
 per-request cost is the time of a 1-token request; the per-chunk cost is
 ``(t(1001 tokens) - t(1 token)) / 1000``. Each figure is the median of ``--repeat``
-runs of ``--requests`` sequential requests (one at a time: no concurrency overlap).
+runs of ``--requests`` sequential requests (one at a time: no concurrency overlap),
+the variants taking turns round by round.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
 from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
@@ -221,35 +223,46 @@ VARIANTS: dict[str, Callable[[Engine, int, int], Any]] = {
 }
 
 
-def measure(loop_factory: Callable[[], asyncio.AbstractEventLoop], drive: Any, requests: int, tokens: int, repeat: int) -> float:
-    """Median seconds per request."""
-    runs = []
-    for _ in range(repeat):
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(drive(Engine(), max(1, requests // 10), tokens))  # warm-up
-            t0 = time.perf_counter()
-            runner.run(drive(Engine(), requests, tokens))
-            runs.append((time.perf_counter() - t0) / requests)
-    return statistics.median(runs)
+def run_once(loop_factory: Callable[[], asyncio.AbstractEventLoop], drive: Any, requests: int, tokens: int) -> float:
+    """Seconds per request of one run (after a warm-up of a tenth as many)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(drive(Engine(), max(1, requests // 10), tokens))
+        t0 = time.perf_counter()
+        runner.run(drive(Engine(), requests, tokens))
+        return (time.perf_counter() - t0) / requests
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000, help="1-token requests per run")
     parser.add_argument("--long-requests", type=int, default=200, help="1001-token requests per run")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=7, help="rounds")
     parser.add_argument("--quick", action="store_true", help="tiny counts: a smoke run")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.long_requests, args.repeat = 200, 5, 1
     loops = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-    print(f"{'loop':8} {'variant':18} {'per request (µs)':>17} {'per chunk (µs)':>15}")
-    for loop_name, factory in loops.items():
-        for name, drive in VARIANTS.items():
-            short = measure(factory, drive, args.requests, 1, args.repeat)
-            long = measure(factory, drive, args.long_requests, 1001, args.repeat)
-            per_chunk = (long - short) / 1000
-            print(f"{loop_name:8} {name:18} {short * 1e6:17.2f} {per_chunk * 1e6:15.3f}")
+    # Round-robin: each round runs every variant once, so a slow spell of the machine
+    # falls on all of them alike; the figure is the median over the rounds.
+    short: dict[tuple[str, str], list[float]] = {}
+    long: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.repeat):
+        for loop_name, factory in loops.items():
+            for name, drive in VARIANTS.items():
+                key = (loop_name, name)
+                short.setdefault(key, []).append(run_once(factory, drive, args.requests, 1))
+                long.setdefault(key, []).append(run_once(factory, drive, args.long_requests, 1001))
+    print(f"python {sys.version.split()[0]}, {args.repeat} rounds (median; min in brackets)")
+    print(f"{'loop':8} {'variant':16} {'per request (µs)':>22} {'per chunk (µs)':>20}")
+    for (loop_name, name), shorts in short.items():
+        longs = long[(loop_name, name)]
+        per_request = statistics.median(shorts)
+        per_chunk = (statistics.median(longs) - per_request) / 1000
+        chunk_min = (min(longs) - min(shorts)) / 1000
+        print(
+            f"{loop_name:8} {name:16} {per_request * 1e6:12.2f} [{min(shorts) * 1e6:6.2f}]"
+            f" {per_chunk * 1e6:11.3f} [{chunk_min * 1e6:5.3f}]"
+        )
 
 
 if __name__ == "__main__":
