@@ -2,12 +2,14 @@
 //!
 //! `await adapter.generate(request, context)` runs the engine's setup under tether's
 //! watch (rules 7 and 10) and returns a [`ResponseStream`], an async iterator of
-//! [`Chunk`]s that ends after exactly one terminal chunk (rule 6). Reading it polls the
-//! Rust stream directly: an item that is ready comes back in an already-done future
-//! (no loop iteration); otherwise the stream's waker resolves the future from a loop
-//! callback. Cancelling a pending read (the consumer's task was cancelled) kills the
-//! request; dropping the stream before its terminal records `dropped` and aborts the
-//! engine (or, with `kill_on_drop`, kills with cause `client_disconnect`).
+//! [`Chunk`]s that ends after exactly one terminal chunk (rule 6). Each read is a
+//! [`Next`] awaitable that polls the Rust stream itself: an item that is ready costs no
+//! loop iteration; otherwise it yields an asyncio future that the stream's waker
+//! resolves directly (on the loop's thread; through `call_soon_threadsafe` from
+//! another), and polls again when its task resumes. Cancelling a pending read (the
+//! consumer's task was cancelled) kills the request; dropping the stream before its
+//! terminal records `dropped` and aborts the engine (or, with `kill_on_drop`, kills
+//! with cause `client_disconnect`).
 
 use std::fmt;
 use std::pin::Pin;
@@ -248,13 +250,21 @@ impl Adapter {
 /// The consumer's side of one request.
 struct Reader {
     stream: Mutex<Option<CoreStream>>,
-    /// The future a pending read's task waits on (yielded by [`Next`]).
-    pending: Mutex<Option<Py<PyAny>>>,
+    /// The future a pending read's task waits on (yielded by [`Next`]), and whether
+    /// the stream woke while no read was pending (during the read's own poll).
+    pending: Mutex<Pending>,
     event_loop: Arc<Loop>,
     /// The stream's kill-on-drop setting: a cancelled read is then a client disconnect.
     kill_on_drop: AtomicBool,
     /// The request's record, kept when the stream is let go.
     record: Mutex<Option<RequestRecord>>,
+}
+
+/// A read's wait (see [`Reader::pending`]).
+#[derive(Default)]
+struct Pending {
+    future: Option<Py<PyAny>>,
+    woken: bool,
 }
 
 impl Reader {
@@ -313,8 +323,16 @@ impl Wake for Reader {
     /// loop's thread this is one `set_result` (no callback of ours in between);
     /// elsewhere it goes through `call_soon_threadsafe`.
     fn wake_by_ref(self: &Arc<Self>) {
-        let Some(future) = lock(&self.pending).take() else {
-            return;
+        let future = {
+            let mut pending = lock(&self.pending);
+            match pending.future.take() {
+                Some(future) => future,
+                None => {
+                    // Woken within the read's own poll: the read sees it before it waits.
+                    pending.woken = true;
+                    return;
+                }
+            }
         };
         Python::attach(|py| {
             let future = future.bind(py);
@@ -370,6 +388,7 @@ struct Next {
 
 impl Next {
     fn step(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        lock(&self.reader.pending).woken = false;
         match self.reader.poll() {
             Poll::Ready(Some(item)) => {
                 let chunk = to_chunk(py, item)?;
@@ -379,7 +398,20 @@ impl Next {
             Poll::Pending => {
                 let future = self.reader.event_loop.create_future(py)?;
                 future.setattr("_asyncio_future_blocking", true)?;
-                *lock(&self.reader.pending) = Some(future.clone().unbind());
+                let woken = {
+                    let mut pending = lock(&self.reader.pending);
+                    if pending.woken {
+                        pending.woken = false;
+                        true
+                    } else {
+                        pending.future = Some(future.clone().unbind());
+                        false
+                    }
+                };
+                if woken {
+                    // The stream woke during the poll: resume at the next loop turn.
+                    future.call_method1("set_result", (py.None(),))?;
+                }
                 Ok(future.unbind())
             }
         }
@@ -410,7 +442,7 @@ impl Next {
         value: Option<&Bound<'_, PyAny>>,
         _traceback: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
-        *lock(&self.reader.pending) = None;
+        lock(&self.reader.pending).future = None;
         self.reader.cancelled();
         let exception = match value {
             Some(value) if !value.is_none() => value.clone(),
@@ -421,7 +453,7 @@ impl Next {
         Err(PyErr::from_value(exception))
     }
     fn close(&self) {
-        *lock(&self.reader.pending) = None;
+        lock(&self.reader.pending).future = None;
     }
 }
 
@@ -482,7 +514,7 @@ impl ResponseStream {
             context: stream.context().clone(),
             reader: Arc::new(Reader {
                 stream: Mutex::new(Some(stream)),
-                pending: Mutex::new(None),
+                pending: Mutex::new(Pending::default()),
                 event_loop,
                 kill_on_drop: AtomicBool::new(kill_on_drop),
                 record: Mutex::new(None),
@@ -527,7 +559,7 @@ impl ResponseStream {
 
     fn __anext__(&self) -> PyResult<Next> {
         self.on_its_thread()?;
-        if lock(&self.reader.pending).is_some() {
+        if lock(&self.reader.pending).future.is_some() {
             return Err(PyRuntimeError::new_err(
                 "anext(): the stream is already being read by another task",
             ));

@@ -105,15 +105,14 @@ impl PyEngine {
 /// exception as a typed error.
 struct PyTask {
     task: Py<PyAny>,
-    hooked: bool,
+    /// The waker of the latest poll, shared with the done callback once it is hooked
+    /// (a future may move between tasks, and so between wakers, from poll to poll).
+    waker: Option<Arc<Mutex<Option<Waker>>>>,
 }
 
 impl PyTask {
     fn new(task: Py<PyAny>) -> PyTask {
-        PyTask {
-            task,
-            hooked: false,
-        }
+        PyTask { task, waker: None }
     }
 }
 
@@ -143,14 +142,17 @@ impl std::future::Future for PyTask {
                 };
                 return Poll::Ready(result);
             }
-            if !self.hooked {
-                let wake = WakeOnDone(Mutex::new(Some(cx.waker().clone())));
-                let hooked =
-                    Bound::new(py, wake).and_then(|w| task.call_method1("add_done_callback", (w,)));
-                if let Err(e) = hooked {
-                    return Poll::Ready(Err(from_py_error(py, &e)));
+            match &self.waker {
+                Some(slot) => *lock(slot) = Some(cx.waker().clone()),
+                None => {
+                    let slot = Arc::new(Mutex::new(Some(cx.waker().clone())));
+                    let hooked = Bound::new(py, WakeOnDone(slot.clone()))
+                        .and_then(|w| task.call_method1("add_done_callback", (w,)));
+                    if let Err(e) = hooked {
+                        return Poll::Ready(Err(from_py_error(py, &e)));
+                    }
+                    self.waker = Some(slot);
                 }
-                self.hooked = true;
             }
             Poll::Pending
         })
@@ -159,7 +161,7 @@ impl std::future::Future for PyTask {
 
 /// A done callback that wakes a Rust task once.
 #[pyclass(frozen, module = "tether._native")]
-struct WakeOnDone(Mutex<Option<Waker>>);
+struct WakeOnDone(Arc<Mutex<Option<Waker>>>);
 
 #[pymethods]
 impl WakeOnDone {

@@ -142,6 +142,57 @@ def test_decode_kill_before_first_token_cancels_now_and_closes_only_after_the_ab
     run(main())
 
 
+class SlowAbortEngine:
+    """An engine whose `abort` takes a few loop turns (it awaits), so the driver's first
+    poll of it finds it unfinished and moves it to a task of its own."""
+
+    model = "slow-abort"
+
+    def __init__(self) -> None:
+        self.aborted: list[str] = []
+        self.abort_tasks: list[Any] = []
+
+    async def generate(self, request: tether.Request, ctx: tether.GenerateContext):
+        yield tether.Chunk([1])
+        await asyncio.Event().wait()
+
+    async def abort(self, ctx: tether.GenerateContext) -> None:
+        import weakref
+
+        self.abort_tasks.append(weakref.ref(asyncio.current_task()))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        self.aborted.append(ctx.request_id)
+
+
+def test_an_abort_that_takes_several_turns_completes_and_lets_go(run):
+    import gc
+
+    async def main():
+        engine = SlowAbortEngine()
+        adapter = tether.Adapter(engine)
+        streams = []
+        for rid in ("a", "b"):
+            ctx = tether.Context(rid)
+            s = await adapter.generate(tether.Request([1], id=rid), ctx)
+            assert await s.__anext__() == tokens(1)
+            ctx.kill()
+            streams.append(s)
+        for s in streams:
+            assert await collect(s) == [terminal("cancelled")]
+        await settle(lambda: engine.aborted == ["a", "b"])
+        await settle(lambda: not [t for t in asyncio.all_tasks() if t.get_name().startswith("tether:")])
+        for _ in range(10):
+            await asyncio.sleep(0)
+        gc.collect()
+        # Each abort's task finished and nothing of tether's still holds it: the Rust
+        # future that awaited it was woken, completed and dropped.
+        assert [ref() for ref in engine.abort_tasks] == [None, None]
+        assert adapter.unfinished_aborts == 0
+
+    run(main())
+
+
 # -- the consumer's task --------------------------------------------------------------
 
 
