@@ -31,7 +31,7 @@ use tether_core::{
 
 use crate::context::Context;
 use crate::engine::PyEngine;
-use crate::runtime::{future_into_py, lock, AsyncioRuntime, Loop};
+use crate::runtime::{future_into_py, lock, settle, AsyncioRuntime, Loop};
 use crate::types::{parse_reason, reason_name, to_py_error, Chunk, Request};
 
 /// Seconds (a Python float) as a [`Duration`]: a `ValueError` when negative or not finite.
@@ -366,14 +366,7 @@ struct ResumeSoon(Py<PyAny>);
 #[pymethods]
 impl ResumeSoon {
     fn __call__(&self, py: Python<'_>) {
-        let future = self.0.bind(py);
-        let done = future
-            .call_method0("done")
-            .and_then(|d| d.is_truthy())
-            .unwrap_or(true);
-        if !done {
-            let _ = future.call_method1("set_result", (py.None(),));
-        }
+        settle(self.0.bind(py), Ok(py.None()));
     }
 }
 

@@ -36,7 +36,7 @@ use tether_core::{
 };
 
 use crate::context::GenerateContext as PyGenerateContext;
-use crate::runtime::{lock, Loop};
+use crate::runtime::{is_done, lock, settle, Loop};
 use crate::types::{from_py_error, Chunk, Request as PyRequest};
 
 /// A Python engine object, driven on one event loop.
@@ -121,11 +121,7 @@ impl std::future::Future for PyTask {
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
         Python::attach(|py| {
             let task = self.task.bind(py).clone();
-            let done = task
-                .call_method0("done")
-                .and_then(|d| d.is_truthy())
-                .unwrap_or(true);
-            if done {
+            if is_done(&task) {
                 let result = if task
                     .call_method0("cancelled")
                     .and_then(|c| c.is_truthy())
@@ -315,15 +311,10 @@ struct PipeState {
 /// Resolve the pump's room future with `value`, unless it was cancelled meanwhile (a
 /// closed loop is ignored: nothing waits any more).
 fn resolve(py: Python<'_>, future: &Py<PyAny>, value: bool) {
-    let future = future.bind(py);
-    if future
-        .call_method0("done")
-        .and_then(|d| d.is_truthy())
-        .unwrap_or(true)
-    {
-        return;
-    }
-    let _ = future.call_method1("set_result", (value,));
+    let value = value
+        .into_pyobject(py)
+        .map(|v| v.to_owned().into_any().unbind());
+    settle(future.bind(py), value.map_err(Into::into));
 }
 
 /// The pump's handle on its [`Pipe`] (called from `tether/_pump.py`).

@@ -466,6 +466,27 @@ impl Drop for LoopTimer {
     }
 }
 
+/// Whether the asyncio future `future` is done (a future that cannot say counts as done:
+/// nothing is set on it).
+pub(crate) fn is_done(future: &Bound<'_, PyAny>) -> bool {
+    future
+        .call_method0("done")
+        .and_then(|d| d.is_truthy())
+        .unwrap_or(true)
+}
+
+/// Settle the asyncio future `future` with `outcome`, unless it is done already (it was
+/// cancelled meanwhile: nobody wants the outcome). A closed loop is ignored.
+pub(crate) fn settle(future: &Bound<'_, PyAny>, outcome: PyResult<Py<PyAny>>) {
+    if is_done(future) {
+        return;
+    }
+    let _ = match outcome {
+        Ok(value) => future.call_method1("set_result", (value,)),
+        Err(err) => future.call_method1("set_exception", (err.into_value(future.py()),)),
+    };
+}
+
 /// Where a bridged future's output goes: kept for the caller while the first poll runs,
 /// then into the `asyncio.Future` made for a future that had to wait.
 enum Outlet {
@@ -505,21 +526,7 @@ where
                     }
                 }
             };
-            Python::attach(|py| {
-                let target = target.bind(py);
-                // Cancelled meanwhile: nobody wants the output.
-                if target
-                    .call_method0("done")
-                    .and_then(|d| d.is_truthy())
-                    .unwrap_or(true)
-                {
-                    return;
-                }
-                let _ = match output {
-                    Ok(value) => target.call_method1("set_result", (value,)),
-                    Err(err) => target.call_method1("set_exception", (err.into_value(py),)),
-                };
-            });
+            Python::attach(|py| settle(target.bind(py), output));
         }),
     );
     task.poll_now();
