@@ -89,6 +89,12 @@ impl Context {
     fn killed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         awaitable(py, self.inner.killed())
     }
+    /// How many `stopped()`/`killed()` waits are parked on this context (0 once each
+    /// resolved or was cancelled: a cancelled wait leaves nothing behind).
+    #[getter]
+    fn waiters(&self) -> usize {
+        self.inner.waiters()
+    }
     /// Stop or kill `child` whenever this context is (at once if it already is).
     fn link_child(&self, child: &Context) {
         self.inner.link_child(&child.inner);

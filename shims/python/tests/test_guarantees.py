@@ -323,6 +323,65 @@ def test_the_record_is_on_the_stream_once_it_is_over(run):
     run(main())
 
 
+def test_context_waits_resolve_and_a_cancelled_one_leaves_nothing(run):
+    async def main():
+        ctx = tether.Context("c")
+        assert ctx.id == "c" and ctx.cause is None
+        stopped = asyncio.ensure_future(ctx.stopped())
+        killed = asyncio.ensure_future(ctx.killed())
+        await asyncio.sleep(0)
+        assert ctx.waiters == 2
+        ctx.stop("shutdown")
+        await stopped
+        assert not killed.done()
+        assert (ctx.is_stopped(), ctx.is_killed(), ctx.cause) == (True, False, "shutdown")
+        # A wait that is given up (a timeout around it) leaves no waker behind.
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(killed), SHORT)
+        killed.cancel()
+        await settle(lambda: ctx.waiters == 0)
+        ctx.kill()
+        assert ctx.cause == "shutdown"  # the first cause wins
+        await ctx.killed()  # already killed: resolves at once
+        assert ctx.waiters == 0
+
+    run(main())
+
+
+class Lifecycle:
+    """An engine with the optional `start` and `cleanup` coroutines."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def start(self, worker_id: int) -> str:
+        self.calls.append(f"start {worker_id}")
+        return "lifecycle-model"
+
+    async def cleanup(self) -> None:
+        self.calls.append("cleanup")
+
+    async def generate(self, request: tether.Request, ctx: tether.GenerateContext):
+        yield tether.Chunk(finish_reason="length")
+
+    async def abort(self, ctx: tether.GenerateContext) -> None:
+        pass
+
+
+def test_start_and_cleanup_reach_the_engine_and_name_its_model(run):
+    async def main():
+        engine = Lifecycle()
+        adapter = tether.Adapter(engine)
+        assert await adapter.start(7) == "lifecycle-model"
+        await adapter.cleanup()
+        await adapter.cleanup()
+        assert engine.calls == ["start 7", "cleanup", "cleanup"]
+        # Without `start`, the model is the engine's `model` attribute.
+        assert await tether.Adapter(SlowAbortEngine()).start() == "slow-abort"
+
+    run(main())
+
+
 # -- the engine's task ----------------------------------------------------------------
 
 

@@ -147,6 +147,10 @@ class Context:
     def stopped(self) -> Awaitable[None]:
         """Resolves once stopped or killed (cancelling it leaves nothing behind)."""
     def killed(self) -> Awaitable[None]: ...
+    @property
+    def waiters(self) -> int:
+        """``stopped()``/``killed()`` waits parked on this context (a cancelled one
+        leaves nothing behind)."""
     def link_child(self, child: Context) -> None:
         """Stop or kill ``child`` whenever this context is (at once if it already is)."""
 
