@@ -78,7 +78,7 @@ impl PyEngine {
         method: &'static str,
         args: Option<u64>,
     ) -> Result<Option<Py<PyAny>>, EngineError> {
-        let pending = Python::attach(|py| -> PyResult<Option<Py<PyAny>>> {
+        let pending = Python::attach(|py| -> PyResult<Option<Called>> {
             let engine = self.engine.bind(py);
             if !engine.hasattr(method)? {
                 return Ok(None);
@@ -87,18 +87,33 @@ impl PyEngine {
                 Some(arg) => engine.call_method1(method, (arg,))?,
                 None => engine.call_method0(method)?,
             };
-            let task = self
-                .event_loop
-                .event_loop(py)
-                .call_method1("create_task", (call,))?;
-            Ok(Some(task.unbind()))
+            self.run(py, call, format!("tether:{method}")).map(Some)
         })
         .map_err(|e| Python::attach(|py| from_py_error(py, &e)))?;
         match pending {
             None => Ok(None),
-            Some(task) => PyTask::new(task).await.map(Some),
+            Some(Called::Done(value)) => Ok(Some(value)),
+            Some(Called::Task(task)) => PyTask::new(task).await.map(Some),
         }
     }
+
+    /// What a call into the engine gave: a coroutine (any awaitable) runs in a task of
+    /// its own named `name`; anything else is the answer of a plain function.
+    fn run(&self, py: Python<'_>, call: Bound<'_, PyAny>, name: String) -> PyResult<Called> {
+        if call.hasattr("__await__")? {
+            Ok(Called::Task(
+                self.event_loop.start_task(py, call, name)?.unbind(),
+            ))
+        } else {
+            Ok(Called::Done(call.unbind()))
+        }
+    }
+}
+
+/// See [`PyEngine::run`].
+enum Called {
+    Done(Py<PyAny>),
+    Task(Py<PyAny>),
 }
 
 /// Awaits an `asyncio.Task` (or future) from Rust: resolves with its result, or its
@@ -215,14 +230,15 @@ impl LlmEngine for PyEngine {
 
     fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let pending = Python::attach(|py| -> PyResult<Py<PyAny>> {
+            let pending = Python::attach(|py| -> PyResult<Called> {
                 let ctx = Bound::new(py, PyGenerateContext { inner: context })?;
                 let name = format!("tether:abort:{}", ctx.get().inner.request_id());
                 let call = self.engine.bind(py).call_method1("abort", (ctx,))?;
-                Ok(self.event_loop.start_task(py, call, name)?.unbind())
+                self.run(py, call, name)
             });
             let outcome = match pending {
-                Ok(task) => PyTask::new(task).await.map(drop),
+                Ok(Called::Done(_)) => Ok(()),
+                Ok(Called::Task(task)) => PyTask::new(task).await.map(drop),
                 Err(e) => Err(Python::attach(|py| from_py_error(py, &e))),
             };
             if let Err(err) = outcome {
@@ -264,6 +280,12 @@ impl PyEngine {
         });
         let sink = Bound::new(py, Sink(pipe.clone()))?;
         let iterator = agen.hasattr("__anext__")?;
+        if !iterator && !agen.hasattr("__aiter__")? && !agen.hasattr("__await__")? {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "the engine's generate returned {}, not an async iterator (write it as an `async def` with `yield`)",
+                agen.get_type().name()?
+            )));
+        }
         let coroutine = self.pump.bind(py).call1((agen, sink, iterator))?;
         let task = self.event_loop.start_task(py, coroutine, name)?;
         let mut st = lock(&pipe.state);

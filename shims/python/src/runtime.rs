@@ -115,11 +115,6 @@ impl Loop {
         }))
     }
 
-    /// The Python loop object.
-    pub(crate) fn event_loop<'py>(&self, py: Python<'py>) -> &Bound<'py, PyAny> {
-        self.event_loop.bind(py)
-    }
-
     /// Whether `other` is this loop.
     pub(crate) fn is(&self, py: Python<'_>, other: &Bound<'_, PyAny>) -> bool {
         self.event_loop.bind(py).is(other)

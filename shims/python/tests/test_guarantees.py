@@ -382,6 +382,49 @@ def test_start_and_cleanup_reach_the_engine_and_name_its_model(run):
     run(main())
 
 
+class Misbehaving:
+    """An engine that yields after its terminal, and whose `abort` is a plain function
+    that raises."""
+
+    model = "misbehaving"
+
+    def __init__(self) -> None:
+        self.aborts = 0
+        self.after_terminal = 0
+
+    async def generate(self, request: tether.Request, ctx: tether.GenerateContext):
+        if request.id == "late":
+            yield tether.Chunk([1])
+            await asyncio.Event().wait()
+        yield tether.Chunk([1], finish_reason="eos")
+        self.after_terminal += 1
+        yield tether.Chunk([2])
+
+    def abort(self, ctx: tether.GenerateContext) -> None:
+        self.aborts += 1
+        raise RuntimeError("abort exploded")
+
+
+def test_nothing_follows_a_terminal_and_a_failing_abort_is_reported_once(run):
+    async def main():
+        with Warnings() as warned:
+            engine = Misbehaving()
+            adapter = tether.Adapter(engine)
+            s = await adapter.generate(tether.Request([1], id="r"))
+            assert await collect(s) == [terminal("eos", 1)]
+            ctx = tether.Context("late")
+            s = await adapter.generate(tether.Request([1], id="late"), ctx)
+            assert await s.__anext__() == tokens(1)
+            ctx.kill()
+            assert await collect(s) == [terminal("cancelled")]
+            await settle(lambda: bool(warned.messages))
+            assert engine.aborts == 1
+            assert warned.messages == ["the engine's abort failed: BackendUnknown: RuntimeError: abort exploded"]
+            assert engine.after_terminal <= 1
+
+    run(main())
+
+
 # -- the engine's task ----------------------------------------------------------------
 
 
@@ -553,6 +596,18 @@ def test_bad_input_gets_a_clear_typed_error(run):
         tether.Request([-1])
     with pytest.raises(ValueError, match="unknown cause"):
         tether.Context("c").kill("gremlins")
+
+    class NotAGenerator(Countdown):
+        def generate(self, request, ctx):  # type: ignore[override]
+            return [tether.Chunk([1])]
+
+    async def not_a_generator():
+        adapter = tether.Adapter(NotAGenerator())
+        with pytest.raises(tether.EngineError, match="not an async iterator") as err:
+            await adapter.generate(tether.Request([1], id="r"))
+        assert err.value.kind == "BackendUnknown"
+
+    run(not_a_generator())
 
     class Bogus(Countdown):
         async def generate(self, request, ctx):
