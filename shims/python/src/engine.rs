@@ -44,6 +44,10 @@ pub(crate) struct PyEngine {
     engine: Py<PyAny>,
     /// `tether._pump.pump`.
     pump: Py<PyAny>,
+    /// `tether._pump.AbortTask` and `run_abort`: the engine's `abort` runs in a task
+    /// that is never cancelled before it started.
+    abort_task: Py<PyAny>,
+    run_abort: Py<PyAny>,
     event_loop: Arc<Loop>,
     /// How many items the pipe holds before the pump waits for the driver.
     buffer: usize,
@@ -62,10 +66,12 @@ impl PyEngine {
         event_loop: Arc<Loop>,
         buffer: usize,
     ) -> PyResult<PyEngine> {
-        let pump = py.import("tether._pump")?.getattr("pump")?.unbind();
+        let module = py.import("tether._pump")?;
         Ok(PyEngine {
             engine,
-            pump,
+            pump: module.getattr("pump")?.unbind(),
+            abort_task: module.getattr("AbortTask")?.unbind(),
+            run_abort: module.getattr("run_abort")?.unbind(),
             event_loop,
             buffer: buffer.max(1),
         })
@@ -234,7 +240,13 @@ impl LlmEngine for PyEngine {
                 let ctx = Bound::new(py, PyGenerateContext { inner: context })?;
                 let name = format!("tether:abort:{}", ctx.get().inner.request_id());
                 let call = self.engine.bind(py).call_method1("abort", (ctx,))?;
-                self.run(py, call, name)
+                if !call.hasattr("__await__")? {
+                    return Ok(Called::Done(call.unbind()));
+                }
+                let body = self.run_abort.bind(py).call1((call,))?;
+                let class = self.abort_task.bind(py);
+                let task = self.event_loop.start_task_of(py, Some(class), body, name)?;
+                Ok(Called::Task(task.unbind()))
             });
             let outcome = match pending {
                 Ok(Called::Done(_)) => Ok(()),

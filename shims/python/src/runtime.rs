@@ -134,15 +134,35 @@ impl Loop {
         coroutine: Bound<'py, PyAny>,
         name: String,
     ) -> PyResult<Bound<'py, PyAny>> {
+        self.start_task_of(py, None, coroutine, name)
+    }
+
+    /// [`start_task`](Loop::start_task) with a task class of its own (a subclass of
+    /// `asyncio.Task`), or asyncio's when `None`.
+    pub(crate) fn start_task_of<'py>(
+        &self,
+        py: Python<'py>,
+        class: Option<&Bound<'py, PyAny>>,
+        coroutine: Bound<'py, PyAny>,
+        name: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let kwargs = pyo3::types::PyDict::new(py);
         kwargs.set_item("name", name)?;
-        match &self.task_class {
-            Some(task) => {
+        let eager = self.task_class.is_some();
+        match (class, &self.task_class) {
+            (Some(class), _) => {
+                kwargs.set_item("loop", self.event_loop.bind(py))?;
+                if eager {
+                    kwargs.set_item("eager_start", true)?;
+                }
+                class.call((coroutine,), Some(&kwargs))
+            }
+            (None, Some(task)) => {
                 kwargs.set_item("loop", self.event_loop.bind(py))?;
                 kwargs.set_item("eager_start", true)?;
                 task.bind(py).call((coroutine,), Some(&kwargs))
             }
-            None => self.create_task.bind(py).call((coroutine,), Some(&kwargs)),
+            (None, None) => self.create_task.bind(py).call((coroutine,), Some(&kwargs)),
         }
     }
 

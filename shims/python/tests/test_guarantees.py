@@ -193,6 +193,26 @@ def test_an_abort_that_takes_several_turns_completes_and_lets_go(run):
     run(main())
 
 
+def test_an_abort_decided_as_asyncio_run_returns_still_reaches_the_engine(run):
+    """asyncio.run cancels every pending task when `main` returns: an abort task
+    cancelled before its first step would never run the engine's `abort`."""
+    h = Harness()
+
+    async def main() -> Any:
+        s, script, ctx = await h.start("r")
+        script.tokens(1)
+        assert await s.__anext__() == tokens(1)
+        ctx.kill()
+        return script
+
+    with Warnings() as warned:
+        script = run(main())
+    assert script.aborts == 1
+    assert warned.messages == []
+    # `main` never read the owed terminal: the stream went with its frame.
+    assert h.records.one("r").outcome == "dropped"
+
+
 # -- the consumer's task --------------------------------------------------------------
 
 

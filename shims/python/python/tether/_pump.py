@@ -82,3 +82,35 @@ async def _close(agen: Any, sink: Any) -> None:
         except Exception as exc:  # noqa: BLE001
             sink.warn(f"closing the engine's generator raised {type(exc).__name__}: {exc}")
             return
+
+
+class AbortTask(asyncio.Task):  # type: ignore[type-arg]
+    """The task that runs an engine's ``abort``: never cancelled before its coroutine
+    started. ``asyncio.run`` cancels every pending task when ``main`` returns; an
+    ordinary task cancelled before its first step never runs its coroutine at all, so
+    an abort decided just before would never reach the engine (the "unowned
+    ``create_task(abort)``" bug). A cancel that arrives first is held until the
+    engine's ``abort`` has begun, then delivered at the next loop turn (at its first
+    ``await``, if it has one by then)."""
+
+    _started = False
+    _held: "tuple[Any, ...] | None" = None
+
+    def cancel(self, *args: Any, **kwargs: Any) -> bool:
+        if self._started or self.done():
+            return super().cancel(*args, **kwargs)
+        self._held = args
+        return True
+
+
+async def run_abort(coroutine: Any) -> Any:
+    """The body of an :class:`AbortTask`: the engine's ``abort`` coroutine."""
+    task = asyncio.current_task()
+    if isinstance(task, AbortTask):
+        task._started = True
+        held = task._held
+        if held is not None:
+            # Delivered at the next loop turn: an abort done in its first step is not
+            # cancelled, one that awaits gets the CancelledError there.
+            asyncio.get_running_loop().call_soon(lambda: task.cancel(*held))
+    return await coroutine
