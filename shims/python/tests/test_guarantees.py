@@ -84,6 +84,59 @@ def test_abort_is_sent_once_when_the_engine_swallows_generator_exit(run):
     run(main())
 
 
+class LeakyCleanupEngine:
+    """The bug tether exists for: the engine frees a request's slot in `except
+    Exception`, which `GeneratorExit` (a closed generator) and `CancelledError` slip
+    past. Only its `abort` frees the slot reliably."""
+
+    model = "leaky"
+
+    def __init__(self) -> None:
+        self.slots: set[str] = set()
+        self.aborts: list[str] = []
+
+    async def generate(self, request: tether.Request, ctx: tether.GenerateContext):
+        self.slots.add(request.id)
+        try:
+            for i in range(1_000_000):
+                await asyncio.sleep(0)
+                yield tether.Chunk([i])
+            yield tether.Chunk(finish_reason="length")
+        except Exception:
+            self.slots.discard(request.id)
+            raise
+
+    async def abort(self, ctx: tether.GenerateContext) -> None:
+        self.aborts.append(ctx.request_id)
+        self.slots.discard(ctx.request_id)
+
+
+@pytest.mark.parametrize("ending", ["drop", "kill", "cancelled reader"])
+def test_an_engine_whose_cleanup_misses_generator_exit_leaks_nothing(run, ending):
+    async def main():
+        engine = LeakyCleanupEngine()
+        adapter = tether.Adapter(engine)
+        ctx = tether.Context("r")
+        s = await adapter.generate(tether.Request([1], id="r"), ctx)
+        assert await s.__anext__() == tokens(0)
+        if ending == "drop":
+            s.close()
+        elif ending == "kill":
+            ctx.kill()
+            await collect(s)
+        else:
+            reader = asyncio.ensure_future(collect(s))
+            await asyncio.sleep(0)
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+        await settle(lambda: not [t for t in asyncio.all_tasks() if t.get_name().startswith("tether:")])
+        assert engine.slots == set()
+        assert engine.aborts == ["r"]
+
+    run(main())
+
+
 # -- the generator is closed, however the request ends, after any deferred abort -----
 
 
