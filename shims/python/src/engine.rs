@@ -338,7 +338,8 @@ struct PipeState {
     producer: Option<Py<PyAny>>,
     /// The pump's `asyncio.Task`.
     task: Option<Py<PyAny>>,
-    /// The driver dropped the stream.
+    /// No more items are taken: the driver dropped the stream, or the engine yielded
+    /// something that is not a chunk (the stream's end is then that error).
     closed: bool,
 }
 
@@ -373,47 +374,51 @@ impl Sink {
                 ),
             )),
         };
-        let (waker, wait) = {
+        let stop = || -> PyResult<Py<PyAny>> {
+            Ok(false.into_pyobject(py)?.to_owned().into_any().unbind())
+        };
+        let (waker, full) = {
             let mut st = lock(&self.0.state);
             if st.closed {
-                return Ok(false.into_pyobject(py)?.to_owned().into_any().unbind());
+                return stop();
             }
-            match chunk {
-                Ok(chunk) => st.items.push_back(chunk),
+            let full = match chunk {
+                Ok(chunk) => {
+                    st.items.push_back(chunk);
+                    st.items.len() >= self.0.capacity
+                }
+                // Not a chunk: the stream ends with that error, the pump stops.
                 Err(err) => {
                     st.end = Some(Err(err));
-                    let waker = st.consumer.take();
-                    drop(st);
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
-                    return Ok(false.into_pyobject(py)?.to_owned().into_any().unbind());
+                    st.closed = true;
+                    false
                 }
-            }
-            (st.consumer.take(), st.items.len() >= self.0.capacity)
-        };
-        let reply = if wait {
-            let future = self.0.event_loop.create_future(py)?.unbind();
-            let mut st = lock(&self.0.state);
-            if st.closed || st.items.len() < self.0.capacity {
-                // Taken (or closed) between the two locks: no need to wait.
-                drop(st);
-                if lock(&self.0.state).closed {
-                    false.into_pyobject(py)?.to_owned().into_any().unbind()
-                } else {
-                    py.None()
-                }
-            } else {
-                st.producer = Some(future.clone_ref(py));
-                future
-            }
-        } else {
-            py.None()
+            };
+            (st.consumer.take(), full)
         };
         if let Some(waker) = waker {
             waker.wake();
         }
-        Ok(reply)
+        if !full {
+            return if lock(&self.0.state).closed {
+                stop()
+            } else {
+                Ok(py.None())
+            };
+        }
+        // Full: the pump waits for room. The future is made without the lock held (a
+        // call into Python), so the pipe is looked at again before it is handed out.
+        let future = self.0.event_loop.create_future(py)?.unbind();
+        let mut st = lock(&self.0.state);
+        if st.closed {
+            drop(st);
+            stop()
+        } else if st.items.len() < self.0.capacity {
+            Ok(py.None())
+        } else {
+            st.producer = Some(future.clone_ref(py));
+            Ok(future)
+        }
     }
 
     /// The generator ended (`error` is `None` for `StopAsyncIteration`).
@@ -434,7 +439,7 @@ impl Sink {
         }
     }
 
-    /// Whether the driver dropped the stream.
+    /// Whether no more items are taken (see [`PipeState::closed`]).
     #[getter]
     fn closed(&self) -> bool {
         lock(&self.0.state).closed
