@@ -97,8 +97,20 @@ impl Loop {
         } else {
             None
         };
-        let anchor_loop: f64 = time.call0()?.extract()?;
-        let anchor = Instant::now();
+        // The anchor pair: an `Instant` read between two readings of the loop's clock,
+        // the narrowest of three tries (a preemption between two reads would skew every
+        // deadline by its length).
+        let mut best: Option<(f64, Instant, f64)> = None;
+        for _ in 0..3 {
+            let before: f64 = time.call0()?.extract()?;
+            let instant = Instant::now();
+            let after: f64 = time.call0()?.extract()?;
+            if best.is_none_or(|(b, _, a)| after - before < a - b) {
+                best = Some((before, instant, after));
+            }
+        }
+        let (before, anchor, after) = best.expect("three tries");
+        let anchor_loop = before + (after - before) / 2.0;
         Ok(Arc::new(Loop {
             thread: std::thread::current().id(),
             call_soon: event_loop.getattr("call_soon")?.unbind(),
