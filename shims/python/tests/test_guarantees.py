@@ -71,8 +71,14 @@ def test_abort_is_sent_once_when_the_engine_swallows_generator_exit(run):
             await settle(lambda: script.yielded == 1)
             ctx.kill()
             assert await collect(s) == [terminal("cancelled")]
-            # The engine yielded again instead of closing: the second close took.
-            await settle(lambda: script.closed)
+            # The engine yielded again instead of closing: the pump's second close took,
+            # before its task ended (not asyncio's finalizer, some turns later).
+            pump = script.task
+            assert pump is not None
+            closed_when_done: list[bool] = []
+            pump.add_done_callback(lambda _: closed_when_done.append(script.closed))
+            await settle(lambda: bool(closed_when_done))
+            assert closed_when_done == [True]
             assert script.exits_seen == 1
             assert len(warned.messages) == 1
             assert "ignored GeneratorExit" in warned.messages[0]
@@ -264,6 +270,46 @@ def test_an_abort_decided_as_asyncio_run_returns_still_reaches_the_engine(run):
     assert warned.messages == []
     # `main` never read the owed terminal: the stream went with its frame.
     assert h.records.one("r").outcome == "dropped"
+
+
+HANGING_ABORT = """
+import asyncio, sys
+import tether
+loop_factory = {"asyncio": asyncio.new_event_loop, "uvloop": __import__("uvloop").new_event_loop}[sys.argv[1]]
+began = []
+
+class Engine:
+    model = "hang"
+    async def generate(self, request, ctx):
+        yield tether.Chunk([1])
+        await asyncio.Event().wait()
+    async def abort(self, ctx):
+        began.append(ctx.request_id)
+        await asyncio.Event().wait()   # never finishes
+
+async def main():
+    ctx = tether.Context("r")
+    s = await tether.Adapter(Engine()).generate(tether.Request([1], id="r"), ctx)
+    await s.__anext__()
+    ctx.kill()
+
+with asyncio.Runner(loop_factory=loop_factory) as runner:
+    runner.run(main())
+print("began", began)
+"""
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_an_abort_that_never_finishes_is_begun_then_cancelled_by_the_teardown(loop_name):
+    """The held cancel is delivered once the engine's `abort` began: asyncio.run's
+    teardown does not wait forever for an abort that never ends."""
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", HANGING_ABORT, loop_name], capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "began ['r']"
 
 
 # -- the consumer's task --------------------------------------------------------------

@@ -65,23 +65,17 @@ async def _close(agen: Any, sink: Any) -> None:
     aclose = getattr(agen, "aclose", None)
     if aclose is None:
         return
-    # An engine that swallows GeneratorExit (and yields again) gets a second close: the
-    # `GeneratorExit` then arrives at that `yield`, outside its handler.
-    for attempt in (1, 2):
-        try:
-            await aclose()
-            return
-        except StopAsyncIteration:
-            # CPython's answer to a second close of a generator that ignored the first.
-            return
-        except RuntimeError as exc:
-            # "async generator ignored GeneratorExit"
-            sink.warn(f"closing the engine's generator failed (attempt {attempt}): {exc}")
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            sink.warn(f"closing the engine's generator raised {type(exc).__name__}: {exc}")
-            return
+    try:
+        await aclose()
+    except RuntimeError as exc:
+        # "async generator ignored GeneratorExit": the engine yielded again instead of
+        # closing. CPython finishes the generator all the same (its `finally` has run
+        # by the time this returns); the engine is told in the log.
+        sink.warn(f"closing the engine's generator failed: {exc}")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        sink.warn(f"closing the engine's generator raised {type(exc).__name__}: {exc}")
 
 
 class AbortTask(asyncio.Task):  # type: ignore[type-arg]
