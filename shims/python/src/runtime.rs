@@ -52,9 +52,14 @@ pub(crate) struct Loop {
     call_soon_threadsafe: Py<PyAny>,
     call_at: Py<PyAny>,
     time: Py<PyAny>,
-    /// `loop.time` is asyncio's own (`time.monotonic()`, the clock [`Instant`] reads):
-    /// `now()` then reads [`Instant::now`] and spares a call into Python.
-    monotonic: bool,
+    /// `now()` reads [`Instant::now`]: the loop's clock is `CLOCK_MONOTONIC` too, either
+    /// exactly (asyncio's own `loop.time`, `time.monotonic()`: reading it directly
+    /// spares a call into Python) or truncated to milliseconds (uvloop's: reading it
+    /// would give TTFT and ITL a 1 ms grain).
+    instant_clock: bool,
+    /// The loop's clock is uvloop's (see `instant_clock`): its timers can fire up to a
+    /// millisecond before an `Instant` deadline, and are re-armed a millisecond later.
+    coarse: bool,
     create_future: Py<PyAny>,
     create_task: Py<PyAny>,
     /// Python 3.12+: tasks can start eagerly (`eager_start=True`).
@@ -86,11 +91,15 @@ impl Loop {
         let asyncio = py.import("asyncio")?;
         let time = event_loop.getattr("time")?;
         let standard_time = asyncio.getattr("BaseEventLoop")?.getattr("time")?;
-        let monotonic = event_loop
-            .get_type()
+        let class = event_loop.get_type();
+        let monotonic = class
             .getattr("time")
             .map(|t| t.is(&standard_time))
             .unwrap_or(false);
+        let coarse = class
+            .getattr("__module__")
+            .and_then(|m| m.extract::<String>())
+            .is_ok_and(|m| m == "uvloop" || m.starts_with("uvloop."));
         let eager = py.version_info() >= (3, 12);
         let task_class = if eager {
             Some(asyncio.getattr("Task")?.unbind())
@@ -119,7 +128,8 @@ impl Loop {
             create_future: event_loop.getattr("create_future")?.unbind(),
             create_task: event_loop.getattr("create_task")?.unbind(),
             task_class,
-            monotonic,
+            instant_clock: monotonic || coarse,
+            coarse,
             time: time.unbind(),
             event_loop: event_loop.clone().unbind(),
             anchor,
@@ -204,7 +214,7 @@ impl Loop {
 
     /// The loop's clock, as an [`Instant`].
     pub(crate) fn now(&self) -> Instant {
-        if self.monotonic {
+        if self.instant_clock {
             return Instant::now();
         }
         Python::attach(|py| {
@@ -399,7 +409,17 @@ impl TimerShared {
                 timer: Arc::downgrade(self),
                 generation,
             };
-            let when = self.event_loop.loop_time_of(deadline);
+            let mut when = self.event_loop.loop_time_of(deadline);
+            if self.event_loop.coarse {
+                // Fired early on the millisecond clock: wait one more of its ticks
+                // rather than spin until `Instant` reaches the deadline.
+                let time = self.event_loop.time.bind(py).call0();
+                if let Ok(loop_now) = time.and_then(|t| t.extract::<f64>()) {
+                    if when <= loop_now {
+                        when = loop_now + 1e-3;
+                    }
+                }
+            }
             let armed = Bound::new(py, fire)
                 .and_then(|fire| self.event_loop.call_at.bind(py).call1((when, fire)));
             // A closed loop cannot arm: the timer then never fires, like any timer of a

@@ -544,6 +544,49 @@ def test_nothing_follows_a_terminal_and_a_failing_abort_is_reported_once(run):
     run(main())
 
 
+class BusyEngine:
+    """Computes for 0.3 ms (on the CPU, within one loop iteration) before each token."""
+
+    model = "busy"
+
+    async def generate(self, request: tether.Request, ctx: tether.GenerateContext):
+        import time
+
+        for i in range(3):
+            until = time.perf_counter() + 0.0003
+            while time.perf_counter() < until:
+                pass
+            yield tether.Chunk([i])
+        yield tether.Chunk(finish_reason="length")
+
+    async def abort(self, ctx: tether.GenerateContext) -> None:
+        pass
+
+
+def test_ttft_and_itl_are_measured_finer_than_a_millisecond(run):
+    """uvloop's `loop.time()` has a 1 ms grain; TTFT and ITL are measured on
+    `Instant` (the same clock, unrounded) on uvloop and asyncio alike."""
+
+    async def main():
+        s = await tether.Adapter(BusyEngine(), buffer=1).generate(tether.Request([1], id="r"))
+        await collect(s)
+        rec = s.record
+        assert rec is not None and rec.ttft is not None
+        return rec
+
+    rec = run(main())
+    if run.loop_name == "virtual":
+        # A virtual clock stands still while the CPU works: it is the loop's clock.
+        assert (rec.ttft, rec.itl_avg_ms) == (0.0, 0.0)
+        return
+    ttft_ms = rec.ttft * 1000
+    assert ttft_ms >= 0.3
+    # On a millisecond clock both would be whole milliseconds.
+    assert abs(ttft_ms - round(ttft_ms)) > 1e-6, ttft_ms
+    assert rec.itl_count == 2 and rec.itl_avg_ms >= 0.3
+    assert abs(rec.itl_avg_ms * 2 - round(rec.itl_avg_ms * 2)) > 1e-6, rec.itl_avg_ms
+
+
 # -- the engine's task ----------------------------------------------------------------
 
 
