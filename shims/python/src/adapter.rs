@@ -31,11 +31,11 @@ use tether_core::{
 
 use crate::context::Context;
 use crate::engine::PyEngine;
-use crate::runtime::{future_into_py, lock, settle, AsyncioRuntime, Loop};
+use crate::runtime::{future_into_py, lock, ready, settle, AsyncioRuntime, Loop};
 use crate::types::{parse_reason, reason_name, to_py_error, Chunk, Request};
 
 /// Seconds (a Python float) as a [`Duration`]: a `ValueError` when negative or not finite.
-fn seconds(name: &str, value: f64) -> PyResult<Duration> {
+pub(crate) fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     Duration::try_from_secs_f64(value).map_err(|_| {
         PyValueError::new_err(format!(
             "{name} must be a finite number of seconds >= 0, not {value}"
@@ -115,6 +115,7 @@ impl Adapter {
         observer = None, buffer = 16))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         engine: Py<PyAny>,
         mode: &str,
         deferral_deadline: f64,
@@ -125,22 +126,19 @@ impl Adapter {
         observer: Option<Py<PyAny>>,
         buffer: usize,
     ) -> PyResult<Adapter> {
-        let get_running_loop = Python::attach(|py| -> PyResult<Py<PyAny>> {
-            let engine = engine.bind(py);
-            for method in ["generate", "abort"] {
-                let callable = engine
-                    .getattr(method)
-                    .map(|m| m.is_callable())
-                    .unwrap_or(false);
-                if !callable {
-                    return Err(PyTypeError::new_err(format!(
-                        "a tether engine needs `generate(request, ctx)` and `async def abort(ctx)`; {} has no `{method}`",
-                        engine.get_type().name()?
-                    )));
-                }
+        for method in ["generate", "abort"] {
+            let callable = engine
+                .bind(py)
+                .getattr(method)
+                .is_ok_and(|m| m.is_callable());
+            if !callable {
+                return Err(PyTypeError::new_err(format!(
+                    "a tether engine needs `generate(request, ctx)` and `async def abort(ctx)`; {} has no `{method}`",
+                    engine.bind(py).get_type().name()?
+                )));
             }
-            Ok(py.import("asyncio")?.getattr("get_running_loop")?.unbind())
-        })?;
+        }
+        let get_running_loop = py.import("asyncio")?.getattr("get_running_loop")?.unbind();
         let mode: Mode = mode
             .parse()
             .map_err(|e| PyValueError::new_err(format!("{e}")))?;
@@ -268,6 +266,12 @@ struct Pending {
 }
 
 impl Reader {
+    /// Take the driver's stream and [`release`](Reader::release) it.
+    fn let_go(&self) {
+        let stream = lock(&self.stream).take();
+        self.release(stream);
+    }
+
     /// Let go of the driver's stream (dropping it, with the locks released), keeping
     /// its record.
     fn release(&self, stream: Option<CoreStream>) {
@@ -341,7 +345,7 @@ impl Wake for Reader {
                 let _ = future.call_method1("set_result", (py.None(),));
             } else if let Ok(resume) = Bound::new(py, ResumeSoon(future.clone().unbind())) {
                 // On a closed loop there is no task left to resume.
-                let _ = self.event_loop.call_soon(py, resume.into_any(), &[]);
+                let _ = self.event_loop.call_soon(py, resume.into_any());
             }
         });
     }
@@ -354,8 +358,7 @@ struct ReleaseSoon(Arc<Reader>);
 #[pymethods]
 impl ReleaseSoon {
     fn __call__(&self) {
-        let stream = lock(&self.0.stream).take();
-        self.0.release(stream);
+        self.0.let_go();
     }
 }
 
@@ -430,7 +433,6 @@ impl Next {
     #[pyo3(signature = (kind, value = None, _traceback = None))]
     fn throw(
         &self,
-        py: Python<'_>,
         kind: &Bound<'_, PyAny>,
         value: Option<&Bound<'_, PyAny>>,
         _traceback: Option<&Bound<'_, PyAny>>,
@@ -442,7 +444,6 @@ impl Next {
             _ if kind.is_instance_of::<pyo3::types::PyType>() => kind.call0()?,
             _ => kind.clone(),
         };
-        let _ = py;
         Err(PyErr::from_value(exception))
     }
     fn close(&self) {
@@ -453,8 +454,7 @@ impl Next {
 fn to_chunk(py: Python<'_>, item: Annotated<CoreChunk>) -> PyResult<Bound<'_, Chunk>> {
     let chunk = match (item.data, item.error) {
         (_, Some(err)) => {
-            let mut inner = CoreChunk::terminal(tether_core::FinishReason::Error(err.to_string()));
-            inner.token_ids = Vec::new();
+            let inner = CoreChunk::terminal(tether_core::FinishReason::Error(err.to_string()));
             Chunk {
                 inner,
                 error: Some(err),
@@ -521,8 +521,7 @@ impl Drop for ResponseStream {
     /// (a cycle through Rust): the stream is dropped here, with the Python object.
     fn drop(&mut self) {
         if self.reader.event_loop.on_loop_thread() {
-            let stream = lock(&self.reader.stream).take();
-            drop(stream);
+            self.reader.let_go();
             return;
         }
         // Collected on another thread: the loop's thread may be polling this stream
@@ -530,7 +529,7 @@ impl Drop for ResponseStream {
         // handed to the loop. On a closed loop nobody polls: take it if it is free.
         let handed = Python::attach(|py| {
             Bound::new(py, ReleaseSoon(self.reader.clone()))
-                .and_then(|r| self.reader.event_loop.call_soon(py, r.into_any(), &[]))
+                .and_then(|r| self.reader.event_loop.call_soon(py, r.into_any()))
         });
         if handed.is_err() {
             let stream = self
@@ -613,17 +612,14 @@ impl ResponseStream {
     /// request is recorded `dropped` (or killed, with kill-on-drop) and the engine aborted.
     fn close(&self) -> PyResult<()> {
         self.on_its_thread()?;
-        let stream = lock(&self.reader.stream).take();
-        self.reader.release(stream);
+        self.reader.let_go();
         Ok(())
     }
 
     /// `await stream.aclose()`: [`close`](ResponseStream::close) as a coroutine.
     fn aclose<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         self.close()?;
-        let future = self.reader.event_loop.create_future(py)?;
-        future.call_method1("set_result", (py.None(),))?;
-        Ok(future)
+        ready(py, Ok(py.None()))
     }
 
     fn __repr__(&self) -> String {

@@ -1,15 +1,16 @@
 //! [`PyEngine`]: a Python engine object as a tether [`LlmEngine`].
 //!
 //! The engine is any object with `generate(request, ctx)` returning an async iterator
-//! (an `async def` generator) and `async def abort(ctx)`; `start(worker_id)` and
-//! `cleanup()` are optional coroutines.
+//! (an `async def` generator) and `abort(ctx)`; `start(worker_id)` and `cleanup()` are
+//! optional. Each of `abort`, `start` and `cleanup` may be a coroutine (it then runs in
+//! a task of its own) or a plain function.
 //!
 //! Each request's generator runs in an `asyncio.Task` of its own, the *pump*
 //! (`tether/_pump.py`), so `asyncio.current_task()`, `asyncio.timeout()` and task-local
 //! context variables work inside the engine, and the consumer's task being cancelled
-//! never throws into the engine. The pump pulls one item, hands it to a [`Pipe`] (room
-//! for one item) and pulls the next while the driver reads; when the pipe is full it
-//! waits on a future the driver resolves when it takes the item.
+//! never throws into the engine. The pump pulls items into a [`Pipe`] (room for the
+//! adapter's `buffer` of them) while the driver reads; when the pipe is full it waits
+//! on a future the driver resolves when it takes an item.
 //!
 //! When the driver drops the engine stream (the request is over, and any deferred abort
 //! was sent or discarded: SPEC rule 2), the pump is told to close the generator:
@@ -73,7 +74,7 @@ impl PyEngine {
             abort_task: module.getattr("AbortTask")?.unbind(),
             run_abort: module.getattr("run_abort")?.unbind(),
             event_loop,
-            buffer: buffer.max(1),
+            buffer,
         })
     }
 
@@ -93,7 +94,8 @@ impl PyEngine {
                 Some(arg) => engine.call_method1(method, (arg,))?,
                 None => engine.call_method0(method)?,
             };
-            self.run(py, call, format!("tether:{method}")).map(Some)
+            self.run(py, call, format!("tether:{method}"), false)
+                .map(Some)
         })
         .map_err(|e| Python::attach(|py| from_py_error(py, &e)))?;
         match pending {
@@ -104,15 +106,26 @@ impl PyEngine {
     }
 
     /// What a call into the engine gave: a coroutine (any awaitable) runs in a task of
-    /// its own named `name`; anything else is the answer of a plain function.
-    fn run(&self, py: Python<'_>, call: Bound<'_, PyAny>, name: String) -> PyResult<Called> {
-        if call.hasattr("__await__")? {
-            Ok(Called::Task(
-                self.event_loop.start_task(py, call, name)?.unbind(),
-            ))
-        } else {
-            Ok(Called::Done(call.unbind()))
+    /// its own named `name` (for `abort`, an `AbortTask` that teardown cannot cancel
+    /// before it began); anything else is the answer of a plain function.
+    fn run(
+        &self,
+        py: Python<'_>,
+        call: Bound<'_, PyAny>,
+        name: String,
+        abort: bool,
+    ) -> PyResult<Called> {
+        if !call.hasattr("__await__")? {
+            return Ok(Called::Done(call.unbind()));
         }
+        let task = if abort {
+            let body = self.run_abort.bind(py).call1((call,))?;
+            let class = self.abort_task.bind(py);
+            self.event_loop.start_task_of(py, Some(class), body, name)?
+        } else {
+            self.event_loop.start_task(py, call, name)?
+        };
+        Ok(Called::Task(task.unbind()))
     }
 }
 
@@ -240,13 +253,7 @@ impl LlmEngine for PyEngine {
                 let ctx = Bound::new(py, PyGenerateContext { inner: context })?;
                 let name = format!("tether:abort:{}", ctx.get().inner.request_id());
                 let call = self.engine.bind(py).call_method1("abort", (ctx,))?;
-                if !call.hasattr("__await__")? {
-                    return Ok(Called::Done(call.unbind()));
-                }
-                let body = self.run_abort.bind(py).call1((call,))?;
-                let class = self.abort_task.bind(py);
-                let task = self.event_loop.start_task_of(py, Some(class), body, name)?;
-                Ok(Called::Task(task.unbind()))
+                self.run(py, call, name, true)
             });
             let outcome = match pending {
                 Ok(Called::Done(_)) => Ok(()),
@@ -278,6 +285,13 @@ impl PyEngine {
             .engine
             .bind(py)
             .call_method1("generate", (request, ctx))?;
+        let iterator = agen.hasattr("__anext__")?;
+        if !iterator && !agen.hasattr("__aiter__")? && !agen.hasattr("__await__")? {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "the engine's generate returned {}, not an async iterator (write it as an `async def` with `yield`)",
+                agen.get_type().name()?
+            )));
+        }
         let pipe = Arc::new(Pipe {
             state: Mutex::new(PipeState {
                 items: VecDeque::with_capacity(self.buffer),
@@ -291,18 +305,11 @@ impl PyEngine {
             event_loop: self.event_loop.clone(),
         });
         let sink = Bound::new(py, Sink(pipe.clone()))?;
-        let iterator = agen.hasattr("__anext__")?;
-        if !iterator && !agen.hasattr("__aiter__")? && !agen.hasattr("__await__")? {
-            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
-                "the engine's generate returned {}, not an async iterator (write it as an `async def` with `yield`)",
-                agen.get_type().name()?
-            )));
-        }
         let coroutine = self.pump.bind(py).call1((agen, sink, iterator))?;
         let task = self.event_loop.start_task(py, coroutine, name)?;
         let mut st = lock(&pipe.state);
         // An eager pump may be done already (the whole generator ran in this call).
-        if st.end.is_none() || !st.items.is_empty() {
+        if st.end.is_none() {
             st.task = Some(task.unbind());
         }
         drop(st);
@@ -461,23 +468,17 @@ impl Stream for PumpStream {
             let mut st = lock(&self.0.state);
             match st.items.pop_front() {
                 Some(item) => (Some(Ok(item)), st.producer.take()),
-                None => match st.end.take() {
-                    Some(Ok(())) => {
-                        st.end = Some(Ok(()));
-                        return Poll::Ready(None);
+                None => {
+                    // The end, once: an error is given once, then the stream is over.
+                    if let Some(end) = st.end.as_mut() {
+                        return Poll::Ready(std::mem::replace(end, Ok(())).err().map(Err));
                     }
-                    Some(Err(err)) => {
-                        st.end = Some(Ok(()));
-                        return Poll::Ready(Some(Err(err)));
+                    match &st.consumer {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => st.consumer = Some(cx.waker().clone()),
                     }
-                    None => {
-                        match &st.consumer {
-                            Some(w) if w.will_wake(cx.waker()) => {}
-                            _ => st.consumer = Some(cx.waker().clone()),
-                        }
-                        return Poll::Pending;
-                    }
-                },
+                    return Poll::Pending;
+                }
             }
         };
         if let Some(producer) = producer {
@@ -501,13 +502,9 @@ impl Drop for PumpStream {
             // Inside the generator (or not started): cancel the pump's task. On a closed
             // loop there is nothing left to cancel.
             (None, Some(task)) => {
-                let _ = self.0.event_loop.call_soon(
-                    py,
-                    task.bind(py)
-                        .getattr("cancel")
-                        .unwrap_or_else(|_| py.None().into_bound(py)),
-                    &[],
-                );
+                if let Ok(cancel) = task.bind(py).getattr("cancel") {
+                    let _ = self.0.event_loop.call_soon(py, cancel);
+                }
             }
             (None, None) => {}
         });

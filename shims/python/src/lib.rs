@@ -58,8 +58,8 @@ fn run_conformance(
         event_loop: event_loop.clone(),
     };
     let config = ConformanceConfig::default()
-        .start_timeout(adapter_seconds(start_timeout)?)
-        .check_timeout(adapter_seconds(check_timeout)?);
+        .start_timeout(adapter::seconds("start_timeout", start_timeout)?)
+        .check_timeout(adapter::seconds("check_timeout", check_timeout)?);
     let lp = event_loop.clone();
     future_into_py(py, &event_loop, async move {
         let make = move || -> Arc<dyn LlmEngine> {
@@ -82,14 +82,6 @@ fn run_conformance(
             Ok(report) => Ok(report.checks.len().into_pyobject(py)?.into_any().unbind()),
             Err(failure) => Err(PyAssertionError::new_err(failure.to_string())),
         })
-    })
-}
-
-fn adapter_seconds(value: f64) -> PyResult<std::time::Duration> {
-    std::time::Duration::try_from_secs_f64(value).map_err(|_| {
-        pyo3::exceptions::PyValueError::new_err(format!(
-            "a timeout must be a finite number of seconds >= 0, not {value}"
-        ))
     })
 }
 

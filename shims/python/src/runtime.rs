@@ -28,7 +28,6 @@ use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 use tether_core::drive::{AsyncTimer, SpawnFuture};
 use tether_core::Runtime;
 
@@ -171,45 +170,32 @@ impl Loop {
         let kwargs = pyo3::types::PyDict::new(py);
         kwargs.set_item("name", name)?;
         let eager = self.task_class.is_some();
-        match (class, &self.task_class) {
-            (Some(class), _) => {
-                kwargs.set_item("loop", self.event_loop.bind(py))?;
-                if eager {
-                    kwargs.set_item("eager_start", true)?;
-                }
-                class.call((coroutine,), Some(&kwargs))
-            }
-            (None, Some(task)) => {
-                kwargs.set_item("loop", self.event_loop.bind(py))?;
-                kwargs.set_item("eager_start", true)?;
-                task.bind(py).call((coroutine,), Some(&kwargs))
-            }
-            (None, None) => self.create_task.bind(py).call((coroutine,), Some(&kwargs)),
+        let class = class
+            .cloned()
+            .or_else(|| self.task_class.as_ref().map(|task| task.bind(py).clone()));
+        let Some(class) = class else {
+            return self.create_task.bind(py).call((coroutine,), Some(&kwargs));
+        };
+        kwargs.set_item("loop", self.event_loop.bind(py))?;
+        if eager {
+            kwargs.set_item("eager_start", true)?;
         }
+        class.call((coroutine,), Some(&kwargs))
     }
 
     pub(crate) fn on_loop_thread(&self) -> bool {
         std::thread::current().id() == self.thread
     }
 
-    /// Run `callback(*args)` on the loop soon: `call_soon` on its thread,
+    /// Run `callback()` on the loop soon: `call_soon` on its thread,
     /// `call_soon_threadsafe` elsewhere. `Err` when the loop is closed.
-    pub(crate) fn call_soon(
-        &self,
-        py: Python<'_>,
-        callback: Bound<'_, PyAny>,
-        args: &[Bound<'_, PyAny>],
-    ) -> PyResult<()> {
-        let mut all = Vec::with_capacity(1 + args.len());
-        all.push(callback);
-        all.extend(args.iter().cloned());
-        let args = PyTuple::new(py, all)?;
+    pub(crate) fn call_soon(&self, py: Python<'_>, callback: Bound<'_, PyAny>) -> PyResult<()> {
         let schedule = if self.on_loop_thread() {
             &self.call_soon
         } else {
             &self.call_soon_threadsafe
         };
-        schedule.bind(py).call1(args).map(drop)
+        schedule.bind(py).call1((callback,)).map(drop)
     }
 
     /// The loop's clock, as an [`Instant`].
@@ -345,7 +331,7 @@ impl Wake for Task {
         }
         let scheduled = Python::attach(|py| {
             let run = Bound::new(py, RunTask(self.clone()))?.into_any();
-            self.event_loop.call_soon(py, run, &[])
+            self.event_loop.call_soon(py, run)
         });
         if scheduled.is_err() {
             // The loop is closed: nothing will ever poll this future again.
@@ -583,7 +569,7 @@ where
             unreachable!("matched above");
         };
         drop(slot);
-        return Ok(Bound::new(py, Ready(Mutex::new(Some(output))))?.into_any());
+        return ready(py, output);
     }
     let py_future = event_loop.create_future(py)?;
     *slot = Outlet::Future(py_future.clone().unbind());
@@ -593,8 +579,13 @@ where
     Ok(py_future)
 }
 
-/// An awaitable whose output is known already: awaiting it returns (or raises) at
-/// once, without suspending.
+/// An awaitable for `output`, known already: awaiting it returns (or raises) at once,
+/// without suspending and without an `asyncio.Future`.
+pub(crate) fn ready(py: Python<'_>, output: PyResult<Py<PyAny>>) -> PyResult<Bound<'_, PyAny>> {
+    Ok(Bound::new(py, Ready(Mutex::new(Some(output))))?.into_any())
+}
+
+/// See [`ready`].
 #[pyclass(frozen, module = "tether._native")]
 struct Ready(Mutex<Option<PyResult<Py<PyAny>>>>);
 
