@@ -43,8 +43,8 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use tether_benches::report::{percentile, smoke_mode, write_json};
 use tether_core::{
-    Adapter, AdapterConfig, Chunk, Context, FinishReason, GenerateContext, LlmEngine, Request,
-    ResponseStream, StopConditions,
+    Adapter, AdapterConfig, Chunk, Context, EngineError, FinishReason, GenerateContext, LlmEngine,
+    Request, StopConditions,
 };
 use tether_engines::gguf::TinyLlama;
 use tether_engines::llama::{backend, LlamaCppConfig, LlamaCppEngine};
@@ -330,17 +330,16 @@ impl<'m> Plain<'m> {
 }
 
 /// Read `stream` to its terminal (which must be `Length`): its tokens and when each
-/// chunk was read.
-async fn read_all(mut stream: ResponseStream) -> (Vec<u32>, Vec<Instant>) {
+/// chunk was read. The adapter's streams are read as `Result`s
+/// (`ResponseStream::results`), the engine's own as they are.
+async fn read_all<S>(mut stream: S) -> (Vec<u32>, Vec<Instant>)
+where
+    S: futures_core::Stream<Item = Result<Chunk, EngineError>> + Unpin,
+{
     let mut tokens = Vec::new();
     let mut times = Vec::new();
     while let Some(item) = stream.next().await {
-        if let Some(error) = item.error {
-            panic!("the stream failed: {error}");
-        }
-        let Some(chunk) = item.data else {
-            continue;
-        };
+        let chunk = item.unwrap_or_else(|e| panic!("the stream failed: {e}"));
         let now = Instant::now();
         for &t in &chunk.token_ids {
             tokens.push(t);
@@ -374,7 +373,8 @@ async fn tether_run(
             .expect("the request starts");
         streams.push(stream);
     }
-    let read = futures_util::future::join_all(streams.into_iter().map(read_all)).await;
+    let read =
+        futures_util::future::join_all(streams.into_iter().map(|s| read_all(s.results()))).await;
     let (tokens, times) = read.into_iter().unzip();
     Run {
         start,
@@ -382,26 +382,6 @@ async fn tether_run(
         times,
         steps: engine.gauges().steps - steps0,
     }
-}
-
-/// Read a raw engine stream to its terminal (which must be `Length`): its tokens and
-/// when each chunk was read.
-async fn read_raw(mut stream: tether_core::ChunkStream) -> (Vec<u32>, Vec<Instant>) {
-    let mut tokens = Vec::new();
-    let mut times = Vec::new();
-    while let Some(item) = stream.next().await {
-        let chunk = item.unwrap_or_else(|e| panic!("the stream failed: {e}"));
-        let now = Instant::now();
-        for &t in &chunk.token_ids {
-            tokens.push(t);
-            times.push(now);
-        }
-        if chunk.is_terminal() {
-            assert_eq!(chunk.finish_reason, Some(FinishReason::Length), "{chunk:?}");
-            break;
-        }
-    }
-    (tokens, times)
 }
 
 /// The engine alone (no adapter): every prompt issued by `engine.generate` at once,
@@ -420,7 +400,7 @@ async fn engine_run(engine: &LlamaCppEngine, prompts: &[Vec<u32>], n: usize, tag
             .expect("the request starts");
         streams.push(stream);
     }
-    let read = futures_util::future::join_all(streams.into_iter().map(read_raw)).await;
+    let read = futures_util::future::join_all(streams.into_iter().map(read_all)).await;
     let (tokens, times) = read.into_iter().unzip();
     Run {
         start,
