@@ -113,6 +113,24 @@ def stop_strings(client):
     return 3, 2
 
 
+def settled_metrics(base, aborts, wait=15.0):
+    """/metrics once it has settled: nothing in flight, no engine sequence held, and
+    `aborts` aborts sent and received by the engine; the last reading after `wait`
+    seconds otherwise (the caller's checks then say what did not settle)."""
+    deadline = time.monotonic() + wait
+    while True:
+        m = parse_metrics(http_get(f"{base}/metrics")[1])
+        settled = (
+            m["tether_requests_in_flight"] == 0
+            and m["tether_engine_live_sequences"] == 0
+            and m["tether_engine_aborts_received_total"] == m["tether_aborts_total"]
+            and m["tether_aborts_total"] == aborts
+        )
+        if settled or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
 def percentile(values, q):
     """The q-quantile (0..1) of values, nearest rank."""
     ordered = sorted(values)
@@ -275,18 +293,7 @@ def main():
     check(status == 200 and json.loads(body)["status"] == "ok", "GET /health/canary is ok")
 
     # /metrics agrees with what happened (the abort may take a moment to land).
-    deadline = time.monotonic() + 15
-    while True:
-        m = parse_metrics(http_get(f"{base}/metrics")[1])
-        settled = (
-            m["tether_requests_in_flight"] == 0
-            and m["tether_engine_live_sequences"] == 0
-            and m["tether_engine_aborts_received_total"] == m["tether_aborts_total"]
-            and m["tether_aborts_total"] == 1 + stop_aborts
-        )
-        if settled or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    m = settled_metrics(base, 1 + stop_aborts)
     check(m["tether_requests_in_flight"] == 0, "metrics: nothing in flight")
     check(m["tether_engine_live_sequences"] == 0, "metrics: no engine slot held")
     check(

@@ -14,11 +14,10 @@ in flight, no sequence held.
 """
 
 import argparse
-import time
 
 import openai
 
-from openai_e2e import check, http_get, parse_metrics
+from openai_e2e import check, settled_metrics
 
 MODEL = "ci-tiny"
 
@@ -84,17 +83,7 @@ def main():
     stream.close()
     check(seen == 3, "closed a long stream after 3 chunks")
 
-    deadline = time.monotonic() + 15
-    while True:
-        m = parse_metrics(http_get(f"{base}/metrics")[1])
-        settled = (
-            m["tether_requests_in_flight"] == 0
-            and m["tether_engine_live_sequences"] == 0
-            and m["tether_aborts_total"] == m["tether_engine_aborts_received_total"]
-        )
-        if settled or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    m = settled_metrics(base, 2)
     check(m["tether_requests_in_flight"] == 0, "metrics: nothing in flight")
     check(m["tether_engine_live_sequences"] == 0, "metrics: no sequence held")
     check(m["tether_aborts_total"] == 2, "metrics: two aborts sent (the closed stream, the stop string)")
