@@ -1,6 +1,8 @@
 //! [`Context`] (a request's stop/kill handle) and [`GenerateContext`] (what an engine's
 //! `generate` and `abort` receive), over `tether_core`'s.
 
+use std::sync::Arc;
+
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use tether_core::context::Signalled;
@@ -31,9 +33,21 @@ fn cause_of(name: &str) -> PyResult<Cause> {
 
 /// An awaitable that resolves when `signal` does (cancelling it drops the waiter).
 #[allow(clippy::redundant_closure_for_method_calls)] // `Python::None` is not general over the lifetime
-fn awaitable<'py>(py: Python<'py>, signal: Signalled) -> PyResult<Bound<'py, PyAny>> {
-    let event_loop = Loop::running(py)?;
-    future_into_py(py, &event_loop, async move {
+/// On `event_loop`, or on the running loop when the caller has none at hand.
+fn awaitable<'py>(
+    py: Python<'py>,
+    signal: Signalled,
+    event_loop: Option<&Arc<Loop>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let running;
+    let event_loop = match event_loop {
+        Some(event_loop) => event_loop,
+        None => {
+            running = Loop::running(py)?;
+            &running
+        }
+    };
+    future_into_py(py, event_loop, async move {
         signal.await;
         Ok(Python::attach(|py| py.None()))
     })
@@ -84,10 +98,10 @@ impl Context {
         self.inner.cause().map(Cause::label)
     }
     fn stopped<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        awaitable(py, self.inner.stopped())
+        awaitable(py, self.inner.stopped(), None)
     }
     fn killed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        awaitable(py, self.inner.killed())
+        awaitable(py, self.inner.killed(), None)
     }
     /// How many `stopped()`/`killed()` waits are parked on this context (0 once each
     /// resolved or was cancelled: a cancelled wait leaves nothing behind).
@@ -114,6 +128,8 @@ impl Context {
 #[derive(Debug, Clone)]
 pub(crate) struct GenerateContext {
     pub(crate) inner: CoreGenerateContext,
+    /// The engine's loop: its waits need not look the running loop up again.
+    pub(crate) event_loop: Arc<Loop>,
 }
 
 #[pymethods]
@@ -144,10 +160,10 @@ impl GenerateContext {
         self.inner.context().is_killed()
     }
     fn stopped<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        awaitable(py, self.inner.context().stopped())
+        awaitable(py, self.inner.context().stopped(), Some(&self.event_loop))
     }
     fn killed<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        awaitable(py, self.inner.context().killed())
+        awaitable(py, self.inner.context().killed(), Some(&self.event_loop))
     }
     /// The key/value pairs the caller attached (a key attached twice: the last value).
     #[getter]

@@ -250,7 +250,13 @@ impl LlmEngine for PyEngine {
     fn abort(&self, context: GenerateContext) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let pending = Python::attach(|py| -> PyResult<Called> {
-                let ctx = Bound::new(py, PyGenerateContext { inner: context })?;
+                let ctx = Bound::new(
+                    py,
+                    PyGenerateContext {
+                        inner: context,
+                        event_loop: self.event_loop.clone(),
+                    },
+                )?;
                 let name = format!("tether:abort:{}", ctx.get().inner.request_id());
                 let call = self.engine.bind(py).call_method1("abort", (ctx,))?;
                 self.run(py, call, name, true)
@@ -280,7 +286,13 @@ impl PyEngine {
     ) -> PyResult<ChunkStream> {
         let name = format!("tether:{}", context.request_id());
         let request = Bound::new(py, PyRequest { inner: request })?;
-        let ctx = Bound::new(py, PyGenerateContext { inner: context })?;
+        let ctx = Bound::new(
+            py,
+            PyGenerateContext {
+                inner: context,
+                event_loop: self.event_loop.clone(),
+            },
+        )?;
         let agen = self
             .engine
             .bind(py)

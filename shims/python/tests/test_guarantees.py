@@ -467,6 +467,39 @@ def test_context_waits_resolve_and_a_cancelled_one_leaves_nothing(run):
     run(main())
 
 
+class WaitsForStop:
+    """An engine that yields one token, then waits for the request to be stopped."""
+
+    model = "waits"
+
+    def __init__(self) -> None:
+        self.contexts: list[tether.Context] = []
+
+    async def generate(self, request: tether.Request, ctx: tether.GenerateContext):
+        self.contexts.append(ctx.context)
+        yield tether.Chunk([1])
+        await ctx.stopped()
+        assert ctx.is_stopped() and not ctx.is_killed()
+        yield tether.Chunk(finish_reason="cancelled")
+
+    async def abort(self, ctx: tether.GenerateContext) -> None:
+        pass
+
+
+def test_an_engine_awaits_its_request_being_stopped(run):
+    async def main():
+        engine = WaitsForStop()
+        ctx = tether.Context("r")
+        s = await tether.Adapter(engine).generate(tether.Request([1], id="r"), ctx)
+        assert await s.__anext__() == tokens(1)
+        await settle(lambda: ctx.waiters == 1)
+        ctx.stop()
+        assert await collect(s) == [terminal("cancelled")]
+        assert engine.contexts[0].waiters == 0
+
+    run(main())
+
+
 class Lifecycle:
     """An engine with the optional `start` and `cleanup` coroutines."""
 
